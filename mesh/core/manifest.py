@@ -1,0 +1,256 @@
+"""Manifest entries and the strict msgpack codec (wire protocol version 1).
+
+A manifest is one msgpack map::
+
+    {"v": 1, "o": origin, "e": epoch, "s": seq, "n": [entry...], "c": [[winner, loser]...]}
+
+and an entry is an array, which is smaller and faster to decode than a map::
+
+    [path, {node: counter}, hash | nil, size, mtime_ns, mode, kind, hlc, writer]
+
+A path may appear more than once: one entry per head (concurrent write) of
+its version, see ``mesh.core.resolver.Version``.
+
+``hash`` is nil for a delete (a tombstone), 32 bytes for a file or a
+symlink (the hash of its target), empty for a directory. Conflict records
+carry the two concurrent versions only; receivers re-derive the rest
+(id, rule, copy name) with the resolver, so a peer cannot assert a verdict.
+
+Decoding is strict (DESIGN.md, wire protocol): anything malformed raises
+``RemoteProtocolError`` naming the reason, never another exception and never
+a partial result.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from mesh.core.paths import is_normalized
+from mesh.core.vclock import MAX_COUNTER, MAX_HLC, NODE_ID_RE, VersionVector
+from mesh.errors import LocalProtocolError, RemoteProtocolError
+
+SCHEMA_VERSION = 1
+HASH_BYTES = 32
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_ENTRIES = 8192
+MAX_CONFLICTS = 1024
+MAX_VECTOR_NODES = 256
+MAX_HEADS = 64  # concurrent heads of one path in one manifest
+MAX_INT64 = 2**63 - 1
+MAX_MODE = 0o7777
+
+
+class Kind(enum.IntEnum):
+    FILE = 0
+    DIR = 1
+    SYMLINK = 2
+
+
+ContentKey = tuple[Kind, bytes, int]
+"""What makes two versions "the same content": kind, hash and permission bits."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One version of one path, as announced on the wire and kept in the index."""
+
+    path: str
+    vector: VersionVector
+    hash: bytes | None
+    size: int = 0
+    mtime_ns: int = 0
+    mode: int = 0
+    kind: Kind = Kind.FILE
+    hlc: int = 0
+    writer: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not is_normalized(self.path):
+            raise LocalProtocolError(f"path not normalized: {self.path[:80]!r}")
+        if not isinstance(self.vector, VersionVector) or not self.vector:
+            raise LocalProtocolError(f"{self.path}: empty or invalid vector")
+        if self.hash is not None:
+            expected = 0 if self.kind is Kind.DIR else HASH_BYTES
+            if not isinstance(self.hash, bytes) or len(self.hash) != expected:
+                raise LocalProtocolError(f"{self.path}: bad hash for {self.kind.name}")
+        for name, value, top in (
+            ("size", self.size, MAX_INT64),
+            ("mode", self.mode, MAX_MODE),
+            ("hlc", self.hlc, MAX_HLC),
+        ):
+            if type(value) is not int or not 0 <= value <= top:
+                raise LocalProtocolError(f"{self.path}: bad {name} {value!r}")
+        if type(self.mtime_ns) is not int or abs(self.mtime_ns) > MAX_INT64:
+            raise LocalProtocolError(f"{self.path}: bad mtime {self.mtime_ns!r}")
+        if NODE_ID_RE.fullmatch(self.writer) is None:
+            raise LocalProtocolError(f"{self.path}: bad writer {self.writer!r}")
+
+    @property
+    def deleted(self) -> bool:
+        return self.hash is None
+
+    @property
+    def content(self) -> ContentKey | None:
+        """Identity of the content, or None for a delete."""
+        if self.hash is None:
+            return None
+        mode = 0 if self.kind is Kind.SYMLINK else self.mode
+        return (self.kind, self.hash, mode)
+
+    @property
+    def rank(self) -> tuple[int, str]:
+        """Order of writes for tie-breaks: HLC stamp, then node id."""
+        return (self.hlc, self.writer)
+
+    def with_vector(self, vector: VersionVector) -> Entry:
+        return Entry(
+            self.path, vector, self.hash, self.size, self.mtime_ns,
+            self.mode, self.kind, self.hlc, self.writer,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    origin: str
+    epoch: int
+    seq: int
+    entries: tuple[Entry, ...] = ()
+    conflicts: tuple[tuple[Entry, Entry], ...] = ()
+
+
+def entry_to_wire(e: Entry) -> list[Any]:
+    return [e.path, e.vector.to_dict(), e.hash, e.size, e.mtime_ns, e.mode,
+            int(e.kind), e.hlc, e.writer]
+
+
+def encode(m: Manifest) -> bytes:
+    """Serialize a manifest; raises ``LocalProtocolError`` if it is too big."""
+    if len(m.entries) > MAX_ENTRIES or len(m.conflicts) > MAX_CONFLICTS:
+        raise LocalProtocolError("manifest has too many entries; batch smaller")
+    doc = {
+        "v": SCHEMA_VERSION,
+        "o": m.origin,
+        "e": m.epoch,
+        "s": m.seq,
+        "n": [entry_to_wire(e) for e in m.entries],
+        "c": [[entry_to_wire(w), entry_to_wire(lo)] for w, lo in m.conflicts],
+    }
+    data: bytes = msgpack.packb(doc, use_bin_type=True)
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise LocalProtocolError(f"manifest is {len(data)} bytes; batch smaller")
+    return data
+
+
+def decode(data: bytes) -> Manifest:
+    """Parse and validate one manifest, or raise ``RemoteProtocolError``."""
+    doc = unpack(data)
+    if not isinstance(doc, dict):
+        raise RemoteProtocolError("manifest is not a map")
+    if doc.keys() != {"v", "o", "e", "s", "n", "c"}:
+        if doc.get("v") != SCHEMA_VERSION:
+            raise RemoteProtocolError(f"unknown schema version {doc.get('v')!r}")
+        raise RemoteProtocolError("manifest has missing or unknown fields")
+    if doc["v"] != SCHEMA_VERSION or type(doc["v"]) is not int:
+        raise RemoteProtocolError(f"unknown schema version {doc['v']!r}")
+    origin = _node(doc["o"], "origin")
+    epoch = _uint(doc["e"], "epoch")
+    seq = _uint(doc["s"], "seq")
+    raw_entries = _list(doc["n"], "entries", MAX_ENTRIES)
+    raw_conflicts = _list(doc["c"], "conflicts", MAX_CONFLICTS)
+    entries = tuple(entry_from_wire(x) for x in raw_entries)
+    heads = Counter(e.path for e in entries)
+    if heads and max(heads.values()) > MAX_HEADS:
+        raise RemoteProtocolError(f"a path lists more than {MAX_HEADS} heads")
+    conflicts = tuple(_conflict(x) for x in raw_conflicts)
+    return Manifest(origin, epoch, seq, entries, conflicts)
+
+
+def unpack(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    """msgpack with every size limit on; library errors become ours."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise RemoteProtocolError("payload is not bytes")
+    if len(data) > max_bytes:
+        raise RemoteProtocolError(f"payload of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=MAX_ENTRIES,
+            max_map_len=MAX_VECTOR_NODES,
+            max_ext_len=0,
+        )
+    except Exception as err:
+        # msgpack raises ValueError, ExtraData, FormatError, StackError,
+        # UnicodeDecodeError, TypeError...: one boundary, one error type.
+        raise RemoteProtocolError(f"undecodable msgpack ({type(err).__name__})") from None
+
+
+def entry_from_wire(raw: Any) -> Entry:
+    if not isinstance(raw, list) or len(raw) != 9:
+        raise RemoteProtocolError("entry is not a 9-item array")
+    path, vector, digest, size, mtime_ns, mode, kind, hlc, writer = raw
+    if not isinstance(path, str) or not is_normalized(path):
+        raise RemoteProtocolError(f"bad path {str(path)[:80]!r}")
+    if digest is not None and not isinstance(digest, bytes):
+        raise RemoteProtocolError(f"{path}: hash is not bytes")
+    if type(kind) is not int or kind not in _KINDS:
+        raise RemoteProtocolError(f"{path}: unknown kind {kind!r}")
+    try:
+        return Entry(
+            path, vector_from_wire(vector), digest, size, mtime_ns, mode,
+            _KINDS[kind], hlc, writer if isinstance(writer, str) else "",
+        )
+    except LocalProtocolError as err:
+        raise RemoteProtocolError(str(err)) from None
+
+
+def vector_from_wire(raw: Any) -> VersionVector:
+    if not isinstance(raw, dict) or not raw or len(raw) > MAX_VECTOR_NODES:
+        raise RemoteProtocolError("vector is not a non-empty map of bounded size")
+    for node, counter in raw.items():
+        _node(node, "vector node")
+        if type(counter) is not int or not 0 < counter <= MAX_COUNTER:
+            raise RemoteProtocolError(f"bad counter {counter!r} for {node}")
+    return VersionVector(tuple(sorted(raw.items())))
+
+
+def _conflict(raw: Any) -> tuple[Entry, Entry]:
+    if not isinstance(raw, list) or len(raw) != 2:
+        raise RemoteProtocolError("conflict is not a pair of entries")
+    winner, loser = entry_from_wire(raw[0]), entry_from_wire(raw[1])
+    if winner.path != loser.path:
+        raise RemoteProtocolError("conflict pairs two different paths")
+    return winner, loser
+
+
+def _node(value: Any, what: str) -> str:
+    if not isinstance(value, str) or NODE_ID_RE.fullmatch(value) is None:
+        raise RemoteProtocolError(f"bad {what} {str(value)[:80]!r}")
+    return value
+
+
+def _uint(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_INT64:
+        raise RemoteProtocolError(f"bad {what} {value!r}")
+    return value
+
+
+def _list(value: Any, what: str, limit: int) -> Sequence[Any]:
+    if not isinstance(value, list):
+        raise RemoteProtocolError(f"{what} is not an array")
+    if len(value) > limit:
+        raise RemoteProtocolError(f"{what}: {len(value)} items exceed {limit}")
+    return value
+
+
+_KINDS = {int(k): k for k in Kind}

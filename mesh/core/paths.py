@@ -1,0 +1,57 @@
+"""The one path normalization for everything that crosses a boundary.
+
+A synced path is relative to the data root, ``/``-separated, with no empty,
+``.`` or ``..`` parts, no NUL, and at most ``MAX_PATH_BYTES`` bytes of UTF-8.
+Unicode is kept exactly as given (no NFC/NFD folding): two names that differ
+only in normalization are two files on Linux, and we mirror the filesystem.
+"""
+
+from __future__ import annotations
+
+from mesh.errors import InvalidPath
+
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
+MAX_NAME_BYTES = 255  # NAME_MAX on Linux
+
+
+def normalize(path: str) -> str:
+    """Return the canonical form of ``path`` or raise ``InvalidPath``.
+
+    Accepted leniently: a single leading ``./`` or repeated/trailing slashes
+    are folded away. Refused: anything absolute or escaping the root.
+    """
+    if not isinstance(path, str):
+        raise InvalidPath(f"path must be text, not {type(path).__name__}")
+    if "\x00" in path:
+        raise InvalidPath("path contains NUL")
+    if path.startswith("/"):
+        raise InvalidPath(f"absolute path {path[:80]!r}")
+    try:
+        encoded_len = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        # Lone surrogates: not representable on the wire or the disk.
+        raise InvalidPath("path is not valid Unicode") from None
+    if encoded_len > MAX_PATH_BYTES:
+        raise InvalidPath(f"path longer than {MAX_PATH_BYTES} bytes")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts:
+        raise InvalidPath("empty path")
+    for part in parts:
+        if part == "..":
+            raise InvalidPath(f"path escapes the root: {path[:80]!r}")
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise InvalidPath(f"name longer than {MAX_NAME_BYTES} bytes")
+    return "/".join(parts)
+
+
+def is_normalized(path: str) -> bool:
+    try:
+        return normalize(path) == path
+    except InvalidPath:
+        return False
+
+
+def parent(path: str) -> str | None:
+    """The parent directory of a normalized path, or None at the top level."""
+    head, sep, _ = path.rpartition("/")
+    return head if sep else None

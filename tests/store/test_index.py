@@ -1,0 +1,125 @@
+"""The SQLite state database."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mesh.core.manifest import ContentKey, Entry, Kind
+from mesh.core.replica import PathState
+from mesh.core.resolver import Conflict, Version, resolve
+from mesh.core.vclock import VersionVector
+from mesh.store.index import Index
+from tests.core.sim import Cluster
+from tests.core.test_simulation import actions, check_invariants, run
+
+
+def e(vector: dict[str, int], writer: str, content: int | None, path: str = "a/b") -> Entry:
+    digest = None if content is None else bytes([content]) * 32
+    return Entry(path, VersionVector.of(vector), digest, 3, 7, 0o640, Kind.FILE, 11, writer)
+
+
+def test_schema_is_strict_wal_and_numbered(tmp_path: Path) -> None:
+    idx = Index(tmp_path / "state.db")
+    assert idx.schema_version == 1
+    assert idx.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    for (sql,) in idx.db.execute("SELECT sql FROM sqlite_master WHERE type = 'table'"):
+        assert "STRICT" in sql
+    idx.close()
+    assert Index(tmp_path / "state.db").schema_version == 1  # reopening migrates nothing
+
+
+def test_state_round_trip_with_several_heads(tmp_path: Path) -> None:
+    idx = Index(tmp_path / "s.db")
+    disk = Version.of(e({"n1": 1}, "n1", 1), e({"n2": 1}, "n2", 2))
+    target = Version.of(e({"n1": 2, "n2": 1}, "n1", 3))
+    idx.set_state("a/b", PathState(disk, target))
+    assert idx.state("a/b") == PathState(disk, target)
+    idx.set_state("a/b", PathState(target, None))
+    assert idx.state("a/b") == PathState(target, None)
+    assert idx.state("nope") == PathState()
+    idx.close()
+    again = Index(tmp_path / "s.db")
+    assert again.state("a/b") == PathState(target, None)
+    assert again.count() == 1
+
+
+def test_conflicts_are_logged_once_and_queried(tmp_path: Path) -> None:
+    idx = Index(tmp_path / "s.db")
+    c = resolve(e({"n1": 1}, "n1", 1), e({"n2": 1}, "n2", 2))
+    assert isinstance(c, Conflict)
+    assert idx.log_conflict(c, now_ms=1000)
+    assert not idx.log_conflict(c, now_ms=2000)
+    (row,) = idx.conflicts()
+    assert row.conflict == c and row.logged_ms == 1000
+    assert idx.conflicts(since_ms=1001) == []
+    assert idx.conflict(c.id) == row and idx.conflict("0" * 24) is None
+
+
+def test_a_failed_batch_leaves_nothing(tmp_path: Path) -> None:
+    idx = Index(tmp_path / "s.db")
+    v = Version.of(e({"n1": 1}, "n1", 1))
+    with pytest.raises(RuntimeError), idx.batch():
+        idx.set_state("a/b", PathState(v, None))
+        idx.set_peer_vector("n2", "a/b", v.vector)
+        raise RuntimeError("crash in the middle of a batch")
+    assert idx.state("a/b") == PathState()
+    assert idx.peer_vector("n2", "a/b") is None
+
+
+def test_a_killed_writer_loses_only_the_open_batch(tmp_path: Path) -> None:
+    """A transaction never committed (the process died) is not visible on reopen."""
+    path = tmp_path / "s.db"
+    idx = Index(path)
+    v = Version.of(e({"n1": 1}, "n1", 1))
+    idx.set_state("kept", PathState(v, None))
+    idx.db.execute("BEGIN IMMEDIATE")
+    idx.db.execute("DELETE FROM versions")
+    # Simulate death: open a second connection while the first never commits.
+    other = sqlite3.connect(str(path))
+    assert other.execute("SELECT count(*) FROM versions").fetchone()[0] == 1
+    other.close()
+
+
+def test_bulk_upsert(tmp_path: Path) -> None:
+    idx = Index(tmp_path / "s.db")
+    versions = [Version.of(e({"n1": i + 1}, "n1", i % 200, path=f"d/f{i}")) for i in range(500)]
+    idx.upsert_versions(versions)
+    assert idx.count() == 500
+    assert next(iter(idx.versions())) == versions[0]
+
+
+def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
+    from mesh.errors import StoreError
+
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(StoreError, match="open state database"):
+        Index(tmp_path / "dir.db")
+
+
+class SqlSimStore(Index):
+    """The real store under the simulation: the replica's laws hold over SQLite."""
+
+    def __init__(self) -> None:
+        self.keep: dict[ContentKey, bytes] = {}
+        super().__init__(":memory:", keep=self.keep.__contains__)
+
+    def conflict_map(self) -> dict[str, Conflict]:
+        return {r.conflict.id: r.conflict for r in self.conflicts()}
+
+    def all_states(self) -> dict[str, PathState]:
+        paths = [v.path for v in self.versions()] + [v.path for v in self.targets()]
+        return {p: self.state(p) for p in paths}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(3, 4), script=st.lists(actions, min_size=20, max_size=60))
+def test_simulation_over_sqlite(n: int, script: list[tuple[object, ...]]) -> None:
+    cluster = Cluster(n, [0, 300, -300], store=SqlSimStore)
+    run(cluster, script)
+    cluster.quiesce()
+    check_invariants(cluster)
