@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -41,16 +40,15 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from mesh.core.topics import TopicPolicy
 from mesh.errors import ConfigError, LocalProtocolError, PkiError
 from mesh.pki import NodeCredentials, NodeIdentity, identity_from_der, server_ssl_context
 
 LOG = logging.getLogger(__name__)
 
-TOPIC_ROOT = "mesh/v1"
 _LISTENER = "default"
 _IDENTITY = "meshsync.identity"  # key in amqtt's Session.attributes
 _CONNECT = 0x01  # MQTT 3.1.1 packet type of CONNECT
-_CLIENT_SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MIB = 1024 * 1024
 
 
@@ -99,70 +97,6 @@ class BrokerSettings:
             raise ConfigError("broker listen host is empty")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"broker listen port {self.port} is not in 0..65535")
-
-
-# --- the rules (pure) ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TopicPolicy:
-    """Who may do what on the broker run by ``owner``, from certificate identities.
-
-    Every method returns ``None`` when allowed, else the reason for the log line.
-    """
-
-    cluster: str
-    owner: str
-
-    @property
-    def prefix(self) -> str:
-        return f"{TOPIC_ROOT}/{self.cluster}/{self.owner}/"
-
-    def connect_refusal(
-        self, node: str, client_id: str | None, clean: bool, will_topic: str | None
-    ) -> str | None:
-        if client_id != node and not (
-            client_id is not None
-            and client_id.startswith(f"{node}/")
-            and _CLIENT_SUFFIX.fullmatch(client_id[len(node) + 1 :])
-        ):
-            return f"client id {client_id!r} is neither {node!r} nor {node + '/<name>'!r}"
-        if not clean:
-            # A persistent session queues messages for an absent client without bound;
-            # the index, not the broker, is the source of truth (DESIGN.md).
-            return "a persistent session was asked; only clean sessions are served"
-        if will_topic is not None and (why := self.publish_refusal(node, will_topic)):
-            # amqtt publishes a will without the PUBLISH ACL: check it here.
-            return f"will on {will_topic!r}: {why}"
-        return None
-
-    def publish_refusal(self, node: str, topic: str) -> str | None:
-        own = f"{self.prefix}req/{node}"
-        if node == self.owner:
-            return None if self._under_prefix(topic) else f"{self.owner} writes only {self.prefix}#"
-        if topic == own or topic.startswith(f"{own}/"):
-            return None
-        return f"{node} writes only {own}/# on this broker"
-
-    def read_refusal(self, node: str, topic: str) -> str | None:
-        """For a topic filter a client subscribes to, or a topic it would receive.
-
-        A filter is judged whole, not only each message it matches: amqtt sends the
-        retained messages to a new subscription without asking the ACL (Action.RECEIVE).
-        """
-        if not self._under_prefix(topic):
-            return f"only {self.prefix}... can be read here"
-        if node == self.owner:
-            return None
-        head, _, rest = topic[len(self.prefix) :].partition("/")
-        if head in ("#", "+", "req"):
-            return "requests are read by the owner only"
-        if head == "resp" and rest.partition("/")[0] != node:
-            return f"{node} reads only the responses under resp/{node}"
-        return None
-
-    def _under_prefix(self, topic: str) -> bool:
-        return topic.startswith(self.prefix) and len(topic) > len(self.prefix)
 
 
 # --- one connection --------------------------------------------------------------------------
