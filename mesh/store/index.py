@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from mesh.core.manifest import ContentKey, entry_from_wire, entry_to_wire
+from mesh.core.manifest import ContentKey, Entry, entry_from_wire, entry_to_wire
 from mesh.core.replica import PathState
 from mesh.core.resolver import Conflict, Rule, Version, resolve
 from mesh.core.vclock import VersionVector
@@ -190,6 +190,36 @@ class Index:
     def targets(self) -> Iterator[Version]:
         for (blob,) in self.db.execute("SELECT heads FROM targets ORDER BY path"):
             yield _unpack_heads(blob)
+
+    def disk_items(self) -> Iterator[tuple[str, VersionVector]]:
+        """(path, merged vector) of every disk version: what this node's digest covers."""
+        for path, blob in self.db.execute("SELECT path, vector FROM versions"):
+            yield path, _unpack_vector(blob)
+
+    def peer_items(self, peer: str) -> Iterator[tuple[str, VersionVector]]:
+        """(path, vector) of everything ``peer`` announced: our view of its digest."""
+        for path, blob in self.db.execute(
+                "SELECT path, vector FROM peer_vectors WHERE peer = ?", (peer,)):
+            yield path, _unpack_vector(blob)
+
+    def versions_in(self, paths: Iterable[str]) -> Iterator[Version]:
+        for path in paths:
+            v = self._get("versions", path)
+            if v is not None:
+                yield v
+
+    def paths(self) -> Iterator[str]:
+        for (path,) in self.db.execute("SELECT path FROM versions"):
+            yield path
+
+    def conflict_ids(self) -> list[str]:
+        return [i for (i,) in self.db.execute("SELECT id FROM conflicts ORDER BY id")]
+
+    def conflict_pairs(self, ids: Iterable[str]) -> Iterator[tuple[Entry, Entry]]:
+        for conflict_id in ids:
+            row = self.conflict(conflict_id)
+            if row is not None:
+                yield row.conflict.winner, row.conflict.loser
 
     def count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM versions").fetchone()[0])

@@ -1,0 +1,403 @@
+"""The node's messaging engine: what goes between the replica and the MQTT mesh.
+
+Outbound, it batches the replica's announcements into manifests (numbered by
+the ``Outbox``) on this node's own broker, publishes a head every second and a
+retained hello. Inbound, it runs one ``Inbox`` per peer: manifests are applied
+in order, gaps are repaired by a replay from the peer's log, and when that log
+no longer reaches back (or the peer restarted) by a *resync*: compare index
+digests, fetch the entries of the buckets that differ, then the conflict
+records this node lacks. It also answers the same requests from peers.
+
+Transport is behind two callables so the engine can be tested with real
+brokers or without any: ``publish`` puts a payload on one of this node's own
+topics; ``request`` puts one on our request topic at a peer's broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
+
+from mesh import __version__
+from mesh.core import wire
+from mesh.core.batcher import Batcher
+from mesh.core.delivery import Inbox, Need, Outbox
+from mesh.core.digest import Digest, bucket_of
+from mesh.core.manifest import MAX_CONFLICTS, Entry, Manifest
+from mesh.core.replica import Announce, Effect, Logged, Replica
+from mesh.core.resolver import Conflict, Version
+from mesh.core.topics import Topics
+from mesh.errors import MeshError, RemoteProtocolError
+from mesh.store.index import Index
+
+LOG = logging.getLogger("mesh.exchange")
+
+Publish = Callable[[str, bytes, int, bool], Awaitable[None]]
+Request = Callable[[str, bytes], Awaitable[None]]
+EffectSink = Callable[[list[Effect]], Awaitable[None]]
+
+ENTRIES_PER_MANIFEST = 4096
+ENTRIES_PER_REPLY = 4096
+IDS_PER_REPLY = 16384
+REQUEST_TIMEOUT = 10.0
+
+
+class RequestFailed(MeshError):
+    """A peer did not answer a catch-up request in time."""
+
+
+def conflict_digest(ids: Iterable[str]) -> int:
+    acc = 0
+    for i in ids:
+        acc ^= int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big")
+    return acc
+
+
+@dataclass
+class PeerView:
+    """What this node knows of one peer's stream."""
+
+    inbox: Inbox
+    hello: wire.Hello | None = None
+    last_head: float | None = None
+    resync: asyncio.Task[None] | None = None
+    applied_manifests: int = 0
+    resyncs: int = 0
+
+
+@dataclass
+class Exchange:
+    node: str
+    cluster: str
+    replica: Replica
+    index: Index
+    epoch: int
+    publish: Publish
+    request: Request
+    on_effects: EffectSink
+    tunnel_port: int = 0
+    quiet: float = 0.02
+    cap: float = 0.2
+    head_interval: float = 1.0
+    on_manifest: Callable[[str, Manifest], None] | None = None
+    """Test hook: called for every manifest applied, in application order."""
+
+    peers: dict[str, PeerView] = field(default_factory=dict, init=False)
+    outbox: Outbox = field(init=False)
+    topics: Topics = field(init=False)
+    _pending: dict[str, Version] = field(default_factory=dict, init=False)
+    _pending_conflicts: dict[str, Conflict] = field(default_factory=dict, init=False)
+    _batcher: Batcher = field(init=False)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _waiters: dict[int, asyncio.Queue[wire.Message]] = field(default_factory=dict, init=False)
+    _rids: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(self.node, self.epoch)
+        self.topics = Topics(self.cluster, self.node)
+        self._batcher = Batcher(quiet=self.quiet, cap=self.cap, max_paths=ENTRIES_PER_MANIFEST)
+
+    # --- outbound ------------------------------------------------------------------
+
+    def announce(self, version: Version) -> None:
+        self._pending[version.path] = version
+        self._batcher.add(version.path, time.monotonic())
+        self._wake.set()
+
+    def announce_conflict(self, conflict: Conflict) -> None:
+        self._pending_conflicts[conflict.id] = conflict
+        self._batcher.add(f"\x00conflict:{conflict.id}", time.monotonic())
+        self._wake.set()
+
+    async def handle_effects(self, effects: list[Effect]) -> None:
+        """Route the replica's effects: announcements here, file work to the data plane."""
+        rest: list[Effect] = []
+        for fx in effects:
+            if isinstance(fx, Announce):
+                self.announce(fx.version)
+            elif isinstance(fx, Logged):
+                LOG.info("conflict %s on %s: %s beats %s (%s)%s", fx.conflict.id,
+                         fx.conflict.path, fx.conflict.winner.writer, fx.conflict.loser.writer,
+                         fx.conflict.rule.value,
+                         f", loser kept at {fx.conflict.copy_path}" if fx.conflict.copy_path
+                         else "")
+                self.announce_conflict(fx.conflict)
+            else:
+                rest.append(fx)
+        if rest:
+            await self.on_effects(rest)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending) + len(self._pending_conflicts)
+
+    async def run_flusher(self) -> None:
+        """Publish pending announcements as manifests, batched (quiet delay + cap)."""
+        while True:
+            deadline = self._batcher.deadline()
+            if deadline is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = deadline - time.monotonic()
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                continue
+            self._batcher.flush()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Publish everything pending now."""
+        while self._pending or self._pending_conflicts:
+            entries: list[Entry] = []
+            while self._pending and len(entries) < ENTRIES_PER_MANIFEST:
+                _, version = self._pending.popitem()
+                entries.extend(version.heads)
+            pairs: list[tuple[Entry, Entry]] = []
+            while self._pending_conflicts and len(pairs) < MAX_CONFLICTS // 2:
+                _, c = self._pending_conflicts.popitem()
+                pairs.append((c.winner, c.loser))
+            payload = self.outbox.next(tuple(entries), tuple(pairs))
+            await self.publish(self.topics.manifest, payload, 1, False)
+
+    async def run_heads(self) -> None:
+        hello = wire.Hello(self.node, self.epoch, __version__, self.tunnel_port, _ms())
+        await self.publish(self.topics.hello, wire.encode(hello), 1, True)
+        while True:
+            head = wire.Head(self.node, self.epoch, self.outbox.seq, _ms())
+            with contextlib.suppress(MeshError):
+                await self.publish(self.topics.head, wire.encode(head), 0, False)
+            await asyncio.sleep(self.head_interval)
+
+    # --- inbound: from a peer's broker --------------------------------------------
+
+    def view(self, peer: str) -> PeerView:
+        if peer not in self.peers:
+            self.peers[peer] = PeerView(Inbox(peer))
+        return self.peers[peer]
+
+    async def on_peer_message(self, peer: str, topic: str, payload: bytes) -> None:
+        """A message from ``peer``'s broker (its origin topics or our responses)."""
+        try:
+            message = wire.decode(payload)
+        except RemoteProtocolError as err:
+            LOG.warning("refused message from %s on %s: %s", peer, topic, err.reason)
+            return
+        peer_topics = Topics(self.cluster, peer)
+        if isinstance(message, Manifest):
+            if message.origin != peer or topic not in (peer_topics.manifest,
+                                                      peer_topics.resp(self.node)):
+                LOG.warning("refused manifest from %s on %s: origin %s", peer, topic,
+                            message.origin)
+                return
+            await self._offer(peer, message)
+        elif isinstance(message, wire.Head):
+            await self._on_head(peer, message)
+        elif isinstance(message, wire.Hello):
+            if message.origin == peer:
+                self.view(peer).hello = message
+        elif topic == peer_topics.resp(self.node):
+            waiter = self._waiters.get(message.rid) if hasattr(message, "rid") else None
+            if waiter is not None:
+                waiter.put_nowait(message)
+        else:
+            LOG.warning("refused %s from %s on %s", type(message).__name__, peer, topic)
+
+    async def _on_head(self, peer: str, head: wire.Head) -> None:
+        if head.origin != peer:
+            return
+        view = self.view(peer)
+        view.last_head = time.monotonic()
+        await self._repair(peer, view.inbox.head(head.epoch, head.seq, time.monotonic()))
+
+    async def _offer(self, peer: str, m: Manifest) -> None:
+        view = self.view(peer)
+        ready, need = view.inbox.offer(m, time.monotonic())
+        for r in ready:
+            await self._apply(peer, r.entries, r.conflicts)
+            view.applied_manifests += 1
+            if self.on_manifest is not None:
+                self.on_manifest(peer, r)
+        await self._repair(peer, need)
+
+    async def _apply(self, peer: str, entries: Iterable[Entry],
+                     conflicts: Iterable[tuple[Entry, Entry]] = ()) -> None:
+        try:
+            with self.index.batch():
+                effects = self.replica.remote(peer, list(entries), list(conflicts), _ms())
+                self.index.set_meta("clock", self.replica.clock)
+        except RemoteProtocolError as err:
+            LOG.warning("refused manifest from %s: %s", peer, err.reason)
+            return
+        await self.handle_effects(effects)
+
+    async def _repair(self, peer: str, need: Need) -> None:
+        view = self.view(peer)
+        if need is Need.REPLAY:
+            from_seq = view.inbox.applied + 1
+            assert view.inbox.epoch is not None
+            rid = next(self._rids)
+            LOG.info("asking %s to replay from seq %d", peer, from_seq)
+            with contextlib.suppress(MeshError):
+                await self.request(peer, wire.encode(
+                    wire.ReplayRequest(rid, view.inbox.epoch, from_seq)))
+            # A "gone" answer arrives as a response to this rid.
+            self._expect_gone(peer, rid)
+        elif need is Need.RESYNC and (view.resync is None or view.resync.done()):
+            view.resync = asyncio.create_task(self._resync(peer), name=f"resync-{peer}")
+
+    def _expect_gone(self, peer: str, rid: int) -> None:
+        queue: asyncio.Queue[wire.Message] = asyncio.Queue()
+        self._waiters[rid] = queue
+
+        async def wait() -> None:
+            try:
+                reply = await asyncio.wait_for(queue.get(), REQUEST_TIMEOUT)
+                if isinstance(reply, wire.ReplayGone):
+                    await self._repair(peer, self.view(peer).inbox.replay_gone(time.monotonic()))
+            except TimeoutError:
+                pass  # the replay came (as manifests), or the head will ask again
+            finally:
+                self._waiters.pop(rid, None)
+
+        task = asyncio.create_task(wait())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- resync -------------------------------------------------------------------
+
+    async def _resync(self, peer: str) -> None:
+        view = self.view(peer)
+        view.resyncs += 1
+        started = time.monotonic()
+        try:
+            reply = await self._ask_one(peer, wire.DigestRequest)
+            if not isinstance(reply, wire.DigestReply):
+                raise RemoteProtocolError("digest request answered with something else", peer=peer)
+            ours = Digest.of(self.index.peer_items(peer))
+            buckets = reply.digest.differing(ours)
+            fetched = 0
+            if buckets:
+                async for chunk in self._ask_chunks(
+                        peer, lambda rid: wire.EntriesRequest(rid, tuple(buckets))):
+                    assert isinstance(chunk, wire.EntriesReply)
+                    await self._apply(peer, chunk.entries)
+                    fetched += len(chunk.entries)
+            pulled = await self._sync_conflicts(peer, reply)
+            ready = view.inbox.resynced(reply.epoch, reply.seq)
+            for r in ready:
+                await self._apply(peer, r.entries, r.conflicts)
+            LOG.info("caught up with %s: %d buckets differed, %d entries and %d conflicts "
+                     "fetched in %.2f s", peer, len(buckets), fetched, pulled,
+                     time.monotonic() - started)
+        except (RequestFailed, RemoteProtocolError) as err:
+            LOG.warning("catch-up with %s failed: %s; will retry", peer, err)
+
+    async def _sync_conflicts(self, peer: str, reply: wire.DigestReply) -> int:
+        mine = self.index.conflict_ids()
+        if conflict_digest(mine) == reply.conflicts and len(mine) == reply.conflict_count:
+            return 0
+        theirs: list[str] = []
+        async for chunk in self._ask_chunks(peer, wire.ConflictIdsRequest):
+            assert isinstance(chunk, wire.ConflictIdsReply)
+            theirs.extend(chunk.ids)
+        missing = sorted(set(theirs) - set(mine))
+        for i in range(0, len(missing), MAX_CONFLICTS):
+            part = tuple(missing[i:i + MAX_CONFLICTS])
+            async for chunk in self._ask_chunks(peer, partial(wire.ConflictsRequest, ids=part)):
+                assert isinstance(chunk, wire.ConflictsReply)
+                await self._apply(peer, (), chunk.pairs)
+        return len(missing)
+
+    async def _ask_one(self, peer: str, build: Callable[[int], wire.Message]) -> wire.Message:
+        async for reply in self._ask_chunks(peer, build, chunked=False):
+            return reply
+        raise RequestFailed(f"no answer from {peer}")
+
+    async def _ask_chunks(self, peer: str, build: Callable[[int], wire.Message], *,
+                          chunked: bool = True) -> AsyncIterator[wire.Message]:
+        rid = next(self._rids)
+        queue: asyncio.Queue[wire.Message] = asyncio.Queue()
+        self._waiters[rid] = queue
+        try:
+            request = build(rid)
+            await self.request(peer, wire.encode(request))
+            while True:
+                try:
+                    reply = await asyncio.wait_for(queue.get(), REQUEST_TIMEOUT)
+                except TimeoutError:
+                    raise RequestFailed(
+                        f"{type(request).__name__} to {peer}: no answer in "
+                        f"{REQUEST_TIMEOUT:.0f} s") from None
+                yield reply
+                if not chunked or getattr(reply, "done", True):
+                    return
+        finally:
+            self._waiters.pop(rid, None)
+
+    # --- serving peers' requests (on our own broker) ------------------------------
+
+    async def on_request(self, peer: str, payload: bytes) -> None:
+        try:
+            message = wire.decode(payload)
+        except RemoteProtocolError as err:
+            LOG.warning("refused request from %s: %s", peer, err.reason)
+            return
+        respond = self.topics.resp(peer)
+        for reply in self._answer(peer, message):
+            await self.publish(respond, reply, 1, False)
+
+    def _answer(self, peer: str, m: wire.Message | Manifest) -> Iterable[bytes]:
+        if isinstance(m, wire.ReplayRequest):
+            log = self.outbox.replay(m.epoch, m.from_seq)
+            if log is None:
+                LOG.info("%s asked for a replay from seq %d of epoch %d: gone, resync",
+                         peer, m.from_seq, m.epoch)
+                return [wire.encode(wire.ReplayGone(m.rid, self.epoch))]
+            return log
+        if isinstance(m, wire.DigestRequest):
+            ids = self.index.conflict_ids()
+            digest = Digest.of(self.index.disk_items())
+            return [wire.encode(wire.DigestReply(m.rid, self.epoch, self.outbox.seq, digest,
+                                                 conflict_digest(ids), len(ids)))]
+        if isinstance(m, wire.EntriesRequest):
+            wanted = set(m.buckets)
+            paths = [p for p in self.index.paths() if bucket_of(p) in wanted]
+            heads = [h for v in self.index.versions_in(paths) for h in v.heads]
+            return _chunks(heads, ENTRIES_PER_REPLY,
+                           lambda part, done: wire.EntriesReply(m.rid, tuple(part), done))
+        if isinstance(m, wire.ConflictIdsRequest):
+            return _chunks(self.index.conflict_ids(), IDS_PER_REPLY,
+                           lambda part, done: wire.ConflictIdsReply(m.rid, tuple(part), done))
+        if isinstance(m, wire.ConflictsRequest):
+            pairs = list(self.index.conflict_pairs(m.ids))
+            return _chunks(pairs, MAX_CONFLICTS // 2,
+                           lambda part, done: wire.ConflictsReply(m.rid, tuple(part), done))
+        LOG.warning("refused %s from %s on its request topic", type(m).__name__, peer)
+        return []
+
+
+T = TypeVar("T")
+
+
+def _chunks(items: list[T], size: int,
+            build: Callable[[list[T], bool], wire.Message]) -> list[bytes]:
+    if not items:
+        return [wire.encode(build([], True))]
+    return [wire.encode(build(items[i:i + size], i + size >= len(items)))
+            for i in range(0, len(items), size)]
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000

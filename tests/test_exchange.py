@@ -1,0 +1,195 @@
+"""The exchange over an in-memory transport that can lose messages.
+
+Real brokers and TLS are in tests/integration; here the protocol logic runs
+fast and deterministically: in-order exactly-once application, replay of
+gaps, and a digest resync for a node that missed more than the replay log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from mesh.core.manifest import Entry, Kind, Manifest
+from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.resolver import Version
+from mesh.core.vclock import VersionVector
+from mesh.exchange import Exchange
+from mesh.store.index import Index
+
+Job = Callable[[], Coroutine[Any, Any, None]]
+
+
+class Net:
+    """Delivers publishes and requests between exchanges, in order per link."""
+
+    def __init__(self, seed: int = 1) -> None:
+        self.nodes: dict[str, Exchange] = {}
+        self.drop: Callable[[str, str, str], bool] = lambda src, dst, topic: False
+        self.rng = random.Random(seed)
+        self.queues: dict[tuple[str, str], asyncio.Queue[Job]] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def link(self, src: str, dst: str) -> asyncio.Queue[Job]:
+        key = (src, dst)
+        if key not in self.queues:
+            self.queues[key] = asyncio.Queue()
+            self.tasks.append(asyncio.create_task(self._pump(self.queues[key])))
+        return self.queues[key]
+
+    @staticmethod
+    async def _pump(q: asyncio.Queue[Job]) -> None:
+        while True:
+            job = await q.get()
+            await job()
+
+    def add(self, name: str, **kw: Any) -> Exchange:
+        index = Index(":memory:")
+        ex = Exchange(name, "test", Replica(name, index), index, epoch=kw.pop("epoch", 1),
+                      publish=self._publisher(name), request=self._requester(name),
+                      on_effects=_no_effects, head_interval=0.05, **kw)
+        self.nodes[name] = ex
+        return ex
+
+    def _publisher(self, src: str) -> Callable[[str, bytes, int, bool], Coroutine[Any, Any, None]]:
+        async def publish(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+            for dst, ex in self.nodes.items():
+                if dst == src or self.drop(src, dst, topic):
+                    continue
+                if "/resp/" in topic and not topic.endswith(f"/resp/{dst}"):
+                    continue
+                self.link(src, dst).put_nowait(
+                    lambda ex=ex, t=topic, p=payload: ex.on_peer_message(src, t, p))
+        return publish
+
+    def _requester(self, src: str) -> Callable[[str, bytes], Coroutine[Any, Any, None]]:
+        async def request(peer: str, payload: bytes) -> None:
+            if self.drop(src, peer, "req"):
+                return
+            ex = self.nodes[peer]
+            self.link(src, peer).put_nowait(lambda: ex.on_request(src, payload))
+        return request
+
+    def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+
+
+async def _no_effects(effects: list[Effect]) -> None:
+    return None
+
+
+def write(ex: Exchange, path: str, n: int) -> None:
+    e = Entry(path, VersionVector.of({ex.node: n}), bytes([n % 256]) * 32, n, 0, 0o644,
+              Kind.FILE, n, ex.node)
+    v = Version((e,))
+    ex.index.set_state(path, PathState(v, None))
+    ex.announce(v)
+
+
+async def until(cond: Callable[[], bool], within: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def converged(net: Net, paths: int) -> bool:
+    """Every node heard every other node's versions, and ``paths`` exist in all."""
+    total = sum(ex.index.count() for ex in net.nodes.values())
+    if total < paths:
+        return False
+    return all(
+        sorted(ex.index.peer_items(other.node)) == sorted(other.index.disk_items())
+        for ex in net.nodes.values() for other in net.nodes.values() if other is not ex
+    )
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.2])
+def test_manifests_arrive_once_in_order_despite_loss(loss: float) -> None:
+    async def main() -> None:
+        net = Net(seed=3)
+        applied: dict[tuple[str, str], list[int]] = {}
+
+        def record(receiver: str) -> Callable[[str, Manifest], None]:
+            def hook(peer: str, m: Manifest) -> None:
+                applied.setdefault((receiver, peer), []).append(m.seq)
+            return hook
+
+        for name in ("n1", "n2", "n3"):
+            net.add(name, on_manifest=record(name), quiet=0.001, cap=0.005)
+        net.drop = lambda src, dst, topic: topic.endswith("/manifest") and net.rng.random() < loss
+        tasks = [asyncio.create_task(t) for ex in net.nodes.values()
+                 for t in (ex.run_flusher(), ex.run_heads())]
+        for i in range(300):
+            for ex in net.nodes.values():
+                write(ex, f"{ex.node}/f{i}", i + 1)
+            if i % 20 == 0:
+                await asyncio.sleep(0.01)
+        await until(lambda: converged(net, 900))
+        for ex in net.nodes.values():
+            for peer in net.nodes:
+                if peer == ex.node:
+                    continue
+                seqs = applied.get((ex.node, peer), [])
+                assert seqs == sorted(set(seqs)), "a manifest applied twice or out of order"
+                view = ex.peers[peer]
+                assert view.inbox.applied == net.nodes[peer].outbox.seq
+        for t in tasks:
+            t.cancel()
+        net.stop()
+
+    run(main())
+
+
+def test_a_node_that_missed_more_than_the_log_resyncs_by_digest() -> None:
+    async def main() -> None:
+        net = Net()
+        n1 = net.add("n1")
+        n2 = net.add("n2")
+        n1.outbox.max_log = 5
+        tasks = [asyncio.create_task(t) for t in (n1.run_flusher(), n1.run_heads(),
+                                                  n2.run_flusher(), n2.run_heads())]
+        for i in range(50):
+            write(n1, f"old/{i}", 1)
+        await until(lambda: converged(net, 50))
+        down = True
+        net.drop = lambda src, dst, topic: down and dst == "n2"
+        for i in range(2000):
+            write(n1, f"new/{i}", 1)
+            if i % 100 == 0:
+                await n1.flush()
+        await n1.flush()
+        assert sum(1 for _ in n2.index.peer_items("n1")) == 50
+        down = False
+        await until(lambda: converged(net, 2050))
+        assert n2.peers["n1"].resyncs >= 1
+        assert n2.peers["n1"].inbox.applied == n1.outbox.seq
+        for t in tasks:
+            t.cancel()
+        net.stop()
+
+    run(main())
+
+
+def test_hostile_payloads_change_nothing() -> None:
+    async def main() -> None:
+        net = Net()
+        n1 = net.add("n1")
+        for bad in (b"", b"\x81\xa1t\xa4nope", b"\x00" * 2_000_000, bytes(range(256))):
+            await n1.on_peer_message("n2", "mesh/v1/test/n2/manifest", bad)
+            await n1.on_request("n2", bad)
+        assert n1.index.count() == 0 and not n1.peers
+        net.stop()
+
+    run(main())
