@@ -208,6 +208,12 @@ class Index:
             if v is not None:
                 yield v
 
+    def paths_under(self, folder: str) -> list[str]:
+        """Indexed paths strictly inside ``folder`` ('/' sorts just before '0')."""
+        return [p for (p,) in self.db.execute(
+            "SELECT path FROM versions WHERE path > ? AND path < ? ORDER BY path",
+            (folder + "/", folder + "0"))]
+
     def paths(self) -> Iterator[str]:
         for (path,) in self.db.execute("SELECT path FROM versions"):
             yield path

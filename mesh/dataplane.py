@@ -1,0 +1,244 @@
+"""The node's data folder: scans feed the replica, and the replica's file effects
+(conflict copies, restores, deletes) are carried out here.
+
+Effects are processed from a work queue, not by recursion: a restore first
+rescans its path (so what it replaces is an indexed version, see
+``mesh.core.replica.Restore``), which can produce further effects.
+
+What a push displaced arrives in the push's backup directory; ``push_ended``
+files it into the keep area and tells the replica (``displaced``), which turns
+an edit the push overwrote before it was scanned into a write like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+from mesh.adapters.scanner import ScanError, Scanner, Unsettled
+from mesh.core.manifest import Kind
+from mesh.core.replica import Effect, Observed, Replica, Restore, Want, WriteCopy
+from mesh.core.resolver import Version
+from mesh.keep import KeepArea
+from mesh.store.index import Index
+
+LOG = logging.getLogger("mesh.data")
+
+SCAN_BATCH = 500
+
+Forward = Callable[[list[Effect]], Awaitable[None]]
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class DataPlane:
+    def __init__(self, *, root: Path, replica: Replica, index: Index, keep: KeepArea,
+                 scanner: Scanner, forward: Forward) -> None:
+        self.root = root
+        self.replica = replica
+        self.index = index
+        self.keep = keep
+        self.scanner = scanner
+        self.forward = forward  # announcements and conflicts go to the exchange
+        self.unsettled: set[str] = set()
+        self.wants = 0
+
+    # --- scanning ---------------------------------------------------------------------
+
+    async def scan(self, paths: Iterable[str]) -> None:
+        """Observe ``paths`` and feed the replica, in transactions of SCAN_BATCH."""
+        batch: list[str] = []
+        for path in paths:
+            batch.append(path)
+            if len(batch) >= SCAN_BATCH:
+                await self.apply(self._observe(batch))
+                batch = []
+        if batch:
+            await self.apply(self._observe(batch))
+
+    async def startup(self) -> int:
+        """Reconcile the index with the disk: what changed while we were down
+        becomes local edits (unchanged files are not re-hashed)."""
+        on_disk = list(self.scanner.walk())
+        gone = set(self.index.paths()) - set(on_disk)
+        await self.scan([*on_disk, *sorted(gone)])
+        return len(on_disk)
+
+    def _observe(self, paths: list[str]) -> list[Effect]:
+        effects: list[Effect] = []
+        queue = deque(paths)
+        with self.index.batch():
+            while queue:
+                path = queue.popleft()
+                try:
+                    observed = self.scanner.observe(path)
+                except Unsettled:
+                    self.unsettled.add(path)  # still being written: the next event rescans it
+                    continue
+                except ScanError as err:
+                    LOG.warning("scan %s: %s", path, err)
+                    continue
+                self.unsettled.discard(path)
+                if observed is None:
+                    # A folder moved out of the root is reported alone: what we
+                    # indexed inside it is gone too.
+                    queue.extend(self.index.paths_under(path))
+                effects += self.replica.local(path, observed, _ms())
+            self.index.set_meta("clock", self.replica.clock)
+        return effects
+
+    # --- effects ----------------------------------------------------------------------
+
+    async def apply(self, effects: list[Effect]) -> None:
+        queue: deque[Effect] = deque(effects)
+        passed: list[Effect] = []
+        for _ in range(100_000):  # bounded: every step settles a path or gives up on it
+            if not queue:
+                break
+            fx = queue.popleft()
+            if isinstance(fx, WriteCopy):
+                queue.extend(self._write_copy(fx))
+            elif isinstance(fx, Restore):
+                queue.extend(self._restore(fx.version))
+            elif isinstance(fx, Want):
+                self.wants += 1
+            else:
+                passed.append(fx)
+        if passed:
+            await self.forward(passed)
+
+    def _write_copy(self, fx: WriteCopy) -> list[Effect]:
+        dest = self.root / fx.path
+        content = fx.source.content
+        if content is None or dest.exists() or dest.is_symlink():
+            return []
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._materialize(fx.source.path, fx.source.kind, content, fx.source.mode, dest,
+                              exclusive=True)
+        except FileExistsError:
+            return []
+        except OSError as err:
+            LOG.warning("conflict copy %s: %s", fx.path, err)
+            return []
+        LOG.info("kept the losing version of %s as %s", fx.source.path, fx.path)
+        return self._observe([fx.path])
+
+    def _restore(self, version: Version) -> list[Effect]:
+        rel = version.path
+        effects = self._observe([rel])  # record anything unscanned first
+        if self.index.state(rel).target != version:
+            return effects
+        path = self.root / rel
+        try:
+            current = self.scanner.observe(rel)
+            if current is not None:
+                self.keep.file_away(path, current.content)
+            winner = version.winner
+            if version.content is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._materialize(rel, winner.kind, version.content, winner.mode, path,
+                                  exclusive=False)
+        except (OSError, ScanError) as err:
+            LOG.warning("restore %s: %s", rel, err)
+            return effects
+        return effects + self._observe([rel])
+
+    def _materialize(self, source_rel: str, kind: Kind, content: tuple[Kind, bytes, int],
+                     mode: int, dest: Path, *, exclusive: bool) -> None:
+        """Write content (from the data folder if it is there, else the keep
+        area) at ``dest``, atomically; never over an existing file if exclusive."""
+        if kind is Kind.DIR:
+            dest.mkdir(mode=mode or 0o755, exist_ok=not exclusive)
+            dest.chmod(mode)
+            return
+        tmp = self.keep.temp_name(dest)
+        at_source = self._observed_content(source_rel) == content
+        if kind is Kind.SYMLINK:
+            target = (str((self.root / source_rel).readlink()) if at_source
+                      else self.keep.read_link(content))
+            tmp.symlink_to(target)
+        else:
+            if at_source:
+                _copy(self.root / source_rel, tmp)
+            else:
+                self.keep.copy_out(content, tmp)
+            tmp.chmod(mode)
+        try:
+            if exclusive:
+                os.link(tmp, dest, follow_symlinks=False)  # fails if dest exists
+                tmp.unlink()
+            else:
+                tmp.replace(dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def _observed_content(self, rel: str) -> tuple[Kind, bytes, int] | None:
+        try:
+            observed = self.scanner.observe(rel)
+        except ScanError:
+            return None
+        return None if observed is None else observed.content
+
+    # --- pushes -----------------------------------------------------------------------
+
+    async def push_ended(self, push_id: str, paths: list[str]) -> None:
+        """An incoming push finished: file what it displaced, then scan what it wrote."""
+        backup = self.keep.push_dir(push_id)
+        effects: list[Effect] = []
+        with self.index.batch():
+            for rel in _files_under(backup):
+                displaced = backup / rel
+                try:
+                    observed = self._observe_file(displaced)
+                    if observed is not None:
+                        self.keep.file_away(displaced, observed.content)
+                except OSError as err:
+                    LOG.warning("keep %s displaced by push %s: %s", rel, push_id, err)
+                    continue
+                effects += self.replica.displaced(rel, observed, _ms())
+        await self.apply(effects)
+        self.replica.clear_intents(paths)
+        await self.scan(paths)
+        with contextlib.suppress(OSError):
+            _remove_tree(backup)
+
+    def _observe_file(self, path: Path) -> Observed | None:
+        scanner = Scanner(path.parent, ignore=lambda _: False)
+        return scanner.observe(path.name)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    with src.open("rb") as a, dst.open("xb") as b:
+        while chunk := a.read(1 << 20):
+            b.write(chunk)
+
+
+def _files_under(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath).relative_to(root)
+        for name in [*filenames, *(d for d in dirnames if (Path(dirpath) / d).is_symlink())]:
+            out.append(str(base / name) if str(base) != "." else name)
+    return sorted(out)
+
+
+def _remove_tree(root: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            (Path(dirpath) / name).unlink()
+        for name in dirnames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                p.unlink()
+            else:
+                p.rmdir()
+    root.rmdir()

@@ -1,0 +1,80 @@
+"""The keep area: content nothing may destroy, inside the data folder.
+
+``<data>/.mesh-keep`` sits on the same filesystem as the data (DESIGN.md: a
+push keeps what it replaces), so keeping is a rename, never a copy. It holds
+
+* ``objects/<sha256 hex>``: content by hash (a file's bytes, a symlink's
+  target), for restores and conflict copies;
+* ``push/<push id>/``: rsync's ``--backup-dir`` for one incoming push — what
+  that push replaced or deleted — until the agent has filed it into objects.
+
+The watcher and the scanner ignore the whole area.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from mesh.core.manifest import ContentKey, Kind
+
+KEEP_NAME = ".mesh-keep"
+
+
+class KeepArea:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / KEEP_NAME
+        self.objects = self.root / "objects"
+        self.pushes = self.root / "push"
+        self.tmp = self.root / "tmp"
+        for d in (self.objects, self.pushes, self.tmp):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def object_path(self, content: ContentKey) -> Path:
+        return self.objects / content[1].hex()
+
+    def has(self, content: ContentKey) -> bool:
+        if content[0] is Kind.DIR:
+            return True  # a directory has no content to keep
+        return self.object_path(content).exists()
+
+    def file_away(self, path: Path, content: ContentKey) -> None:
+        """Move ``path`` (whose content is ``content``) into the objects."""
+        if content[0] is Kind.DIR:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            return
+        target = self.object_path(content)
+        if content[0] is Kind.SYMLINK:
+            if not target.exists():
+                self._write_atomic(target, os.fsencode(path.readlink()))
+            path.unlink()
+            return
+        if target.exists():
+            path.unlink()  # same content is kept already
+        else:
+            path.replace(target)
+
+    def read_link(self, content: ContentKey) -> str:
+        return os.fsdecode(self.object_path(content).read_bytes())
+
+    def copy_out(self, content: ContentKey, dest: Path) -> None:
+        """Write the kept content as a new file at ``dest`` (a temp name)."""
+        shutil.copyfile(self.object_path(content), dest)
+
+    def push_dir(self, push_id: str) -> Path:
+        return self.pushes / push_id
+
+    def temp_name(self, near: Path) -> Path:
+        """A temp name next to ``near`` (same directory, so rename is atomic),
+        shaped like rsync's so the watcher ignores it."""
+        return near.with_name(f".{near.name}.{secrets.token_hex(3)}")
+
+    @staticmethod
+    def _write_atomic(target: Path, data: bytes) -> None:
+        tmp = target.with_name(target.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(target)

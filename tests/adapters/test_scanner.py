@@ -1,0 +1,318 @@
+"""The scanner on a real filesystem: kinds, walk, settledness, the stat cache."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.adapters import scanner as scanner_mod
+from mesh.adapters.scanner import RETRIES, Scanner, Unsettled, default_ignore
+from mesh.core.manifest import Kind
+from mesh.store.index import Index
+from mesh.store.statcache import CachedStat, StatCache
+
+NAMES = ["with space", "new\nline", "ünïcødé ✓", "日本語.txt", " lead", "trail "]
+
+
+def sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        time.sleep(0.005)
+
+
+def settled_for(path: Path, seconds: float) -> Callable[[], bool]:
+    """Whether ``path`` last changed (ctime) more than ``seconds`` ago."""
+    return lambda: time.time_ns() - path.lstat().st_ctime_ns > seconds * 1e9
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    return data
+
+
+@pytest.fixture
+def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the scanner's content hashes (one entry per file read)."""
+    calls: list[int] = []
+    real = scanner_mod.hash_fd
+
+    def counting(fd: int) -> tuple[bytes, int]:
+        calls.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(scanner_mod, "hash_fd", counting)
+    return calls
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[Index]:
+    idx = Index(tmp_path / "state.db")
+    yield idx
+    idx.close()
+
+
+@pytest.mark.parametrize(("rel", "ignored"), [
+    (".mesh-keep", True), (".mesh-keep/a/b", True), (".mesh-state/index.db", True),
+    ("d/.report.pdf.Ab12Z9", True), (".x.abcdef", True), (".a.b.c.123456", True),
+    ("d/.mesh-keep", False), ("report.pdf", False), (".hidden", False),
+    (".x.abcde", False), (".x.abcdefg", False), (".x.abc-12", False), ("x.abcdef", False),
+    # The documented false positive: a hidden name with a six-letter suffix.
+    (".config.backup", True),
+    (".new\nline.abcdef", True), (".x.abcdef\n", False),
+])
+def test_default_ignore(rel: str, ignored: bool) -> None:
+    assert default_ignore(rel) is ignored
+
+
+def test_observe_file_dir_and_absence(root: Path) -> None:
+    (root / "d").mkdir(mode=0o750)
+    (root / "d").chmod(0o750)
+    f = root / "d" / "f.txt"
+    f.write_bytes(b"hello")
+    f.chmod(0o640)
+    s = Scanner(root)
+    got = s.observe("d/f.txt")
+    assert got is not None
+    st = f.lstat()
+    assert (got.kind, got.hash, got.size, got.mtime_ns, got.mode) == (
+        Kind.FILE, sha(b"hello"), 5, st.st_mtime_ns, 0o640)
+    d = s.observe("./d/")
+    assert d is not None and (d.kind, d.hash, d.size, d.mode) == (Kind.DIR, b"", 0, 0o750)
+    assert s.observe("missing") is None
+    assert s.observe("d/f.txt/below") is None  # ENOTDIR is absence too
+    f.chmod(0o4755)  # setuid and friends are part of the mode
+    got = s.observe("d/f.txt")
+    assert got is not None and got.mode == 0o4755
+
+
+def test_empty_and_large_files_hash_like_hashlib(root: Path) -> None:
+    data = os.urandom(3 * scanner_mod.CHUNK + 17)
+    (root / "big").write_bytes(data)
+    (root / "empty").write_bytes(b"")
+    s = Scanner(root)
+    big, empty = s.observe("big"), s.observe("empty")
+    assert big is not None and big.hash == sha(data) and big.size == len(data)
+    assert empty is not None and empty.hash == sha(b"") and empty.size == 0
+
+
+def test_symlinks_are_not_followed(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not ours")
+    (root / "to-dir").symlink_to(outside)
+    (root / "dangling").symlink_to("no/such/target")
+    (root / "to-file").symlink_to(outside / "secret")
+    s = Scanner(root)
+    for name, target in [("to-dir", str(outside)), ("dangling", "no/such/target"),
+                         ("to-file", str(outside / "secret"))]:
+        got = s.observe(name)
+        assert got is not None
+        assert (got.kind, got.hash, got.mode) == (Kind.SYMLINK, sha(target.encode()), 0)
+    assert s.observe("to-dir/secret") is None  # never through a symlink
+    assert list(s.walk()) == ["dangling", "to-dir", "to-file"]
+
+
+def test_fifos_and_sockets_are_absent_with_one_log_line(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    os.mkfifo(root / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(root / "sock"))
+        s = Scanner(root)
+        with caplog.at_level(logging.INFO, logger="mesh.adapters.scanner"):
+            assert s.observe("fifo") is None  # and does not block opening it
+            assert s.observe("sock") is None
+    finally:
+        sock.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "'fifo'" in lines[0] and "'sock'" in lines[1]
+
+
+def test_walk_sorted_per_directory_with_dirs_and_odd_names(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in NAMES:
+        (root / name).mkdir()
+        (root / name / name).write_bytes(name.encode())
+    (root / "b").mkdir()
+    (root / "b" / "z").write_bytes(b"")
+    (root / "b" / "a").write_bytes(b"")
+    (root / ".mesh-keep" / "x").mkdir(parents=True)
+    (root / ".mesh-keep" / "x" / "kept").write_bytes(b"")
+    (root / ".mesh-state").mkdir()
+    (root / "b" / ".z.Q1w2E3").write_bytes(b"rsync temp")
+    bad = root / os.fsdecode(b"bad\xff\xfename")  # surrogate-escaped: the bytes on disk
+    bad.mkdir()
+    (bad / "inside").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="mesh.adapters.scanner"):
+        walked = list(Scanner(root).walk())
+    expected = []
+    for name in sorted([*NAMES, "b"]):
+        expected.append(name)
+        expected.extend(["b/a", "b/z"] if name == "b" else [f"{name}/{name}"])
+    assert walked == expected
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipping b'bad\\xff\\xfename' in '.': name is not valid UTF-8"]
+    s = Scanner(root)
+    for rel in walked:  # every walked name can be observed as is
+        assert s.observe(rel) is not None
+
+
+def test_file_that_keeps_changing_is_unsettled(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = root / "log"
+    f.write_bytes(b"x" * 1000)
+    real = scanner_mod.hash_fd
+    calls = 0
+
+    def appending(fd: int) -> tuple[bytes, int]:
+        nonlocal calls
+        calls += 1
+        with f.open("ab") as w:  # a writer appends while we read
+            w.write(b"more")
+        return real(fd)
+
+    monkeypatch.setattr(scanner_mod, "hash_fd", appending)
+    with pytest.raises(Unsettled) as err:
+        Scanner(root).observe("log")
+    assert err.value.path == "log" and calls == RETRIES
+
+
+def test_file_changed_once_while_hashed_is_hashed_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = root / "doc"
+    f.write_bytes(b"first version")
+    real = scanner_mod.hash_fd
+    calls = 0
+
+    def rewrite_once(fd: int) -> tuple[bytes, int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # same size: only mtime/ctime tell
+            f.write_bytes(b"final version")
+        return real(fd)
+
+    monkeypatch.setattr(scanner_mod, "hash_fd", rewrite_once)
+    got = Scanner(root).observe("doc")
+    assert got is not None and got.hash == sha(b"final version") and calls == 2
+
+
+def test_file_appended_by_a_writer_thread(root: Path) -> None:
+    f = root / "growing"
+    f.write_bytes(os.urandom(8 << 20))
+    stop = threading.Event()
+
+    def writer() -> None:
+        chunk = os.urandom(64 << 10)
+        with f.open("ab") as w:
+            for _ in range(4000):  # bounded: 256 MiB at most
+                if stop.is_set():
+                    return
+                w.write(chunk)
+                w.flush()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    outcomes: list[str] = []
+    try:
+        for _ in range(5):
+            try:
+                got = Scanner(root).observe("growing")
+            except Unsettled:
+                outcomes.append("unsettled")
+                continue
+            assert got is not None
+            with f.open("rb") as r:  # appends only: a settled hash is of a prefix
+                assert sha(r.read(got.size)) == got.hash
+            outcomes.append("hashed")
+    finally:
+        stop.set()
+        t.join()
+    assert len(outcomes) == 5
+    got = Scanner(root).observe("growing")  # once the writer stopped it settles
+    assert got is not None and got.hash == sha(f.read_bytes())
+
+
+def test_stat_cache_spares_rehashing_unchanged_files(
+    root: Path, index: Index, hash_calls: list[int]
+) -> None:
+    cache = StatCache(index.db)
+    f = root / "f"
+    f.write_bytes(b"one")
+    wait_until(settled_for(f, 0.05))
+    s = Scanner(root, cache=cache, racy_window=0.05)
+    with index.batch():
+        first = s.observe("f")
+        again = s.observe("f")
+    assert first == again and first is not None and len(hash_calls) == 1
+    assert Scanner(root, cache=StatCache(index.db)).observe("f") == first  # persisted
+    assert len(hash_calls) == 1
+
+    f.write_bytes(b"two")  # same size, new content
+    got = s.observe("f")
+    assert got is not None and got.hash == sha(b"two") and len(hash_calls) == 2
+    f.chmod(0o600)  # ctime moves: hashed again, new mode
+    got = s.observe("f")
+    assert got is not None and got.mode == 0o600 and len(hash_calls) == 3
+
+    f.unlink()
+    assert s.observe("f") is None and cache.get("f") is None
+
+
+def test_recently_changed_files_are_not_cached(
+    root: Path, index: Index, hash_calls: list[int]
+) -> None:
+    (root / "fresh").write_bytes(b"just written")
+    s = Scanner(root, cache=StatCache(index.db), racy_window=60.0)
+    s.observe("fresh")
+    s.observe("fresh")
+    assert len(hash_calls) == 2 and StatCache(index.db).get("fresh") is None
+
+
+def test_stat_cache_joins_the_callers_transaction(root: Path, index: Index) -> None:
+    cache = StatCache(index.db)
+    f = root / "f"
+    f.write_bytes(b"x")
+    wait_until(settled_for(f, 0.01))
+    s = Scanner(root, cache=cache, racy_window=0.01)
+    with pytest.raises(RuntimeError), index.batch():
+        s.observe("f")
+        assert cache.get("f") is not None
+        raise RuntimeError("the batch fails")
+    assert cache.get("f") is None  # rolled back with the batch
+    with index.batch():
+        s.observe("f")
+    assert Index(index.path or "").db.execute(  # committed: another connection sees it
+        "SELECT count(*) FROM stat_cache").fetchone()[0] == 1
+
+
+def test_stat_cache_rows(index: Index) -> None:
+    cache = StatCache(index.db)
+    high = (1 << 64) - 5  # overlayfs xino hands out inode numbers like this
+    row = CachedStat(size=10, mtime_ns=-1, ctime_ns=2, ino=high, hash=b"h" * 32)
+    cache.put_many([("a", row), ("b/c", row)])
+    assert cache.get("a") == row and cache.get("b/c") == row and len(cache) == 2
+    cache.delete("a")
+    assert cache.get("a") is None and len(cache) == 1
+    table = index.db.execute(
+        "SELECT sql FROM sqlite_master WHERE name = 'stat_cache'").fetchone()[0]
+    assert "STRICT" in table and "WITHOUT ROWID" in table
