@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from mesh.cli_agent import agent
 from mesh.cli_pki import pki_app
 
 app = typer.Typer(
@@ -13,6 +14,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(pki_app, name="pki")
+app.command("agent")(agent)
 
 
 @app.command()

@@ -8,7 +8,6 @@ place and the errors read the same whichever source was wrong.
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 from typing import Annotated, Any
@@ -75,5 +74,8 @@ def agent(
         raise typer.Exit(2) from None
     # Imported here: mesh.node pulls in the broker, the store and the rest of the node,
     # which neither `mesh agent --help` nor a config error needs.
-    node = importlib.import_module("mesh.node")
-    node.run_agent(agent_config)
+    from mesh.node import run_agent
+
+    code = run_agent(agent_config)
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,249 @@
+"""One meshsync node: every part wired together under a TaskGroup.
+
+    broker ◄── own client ◄── exchange ──► peer links (one per peer address)
+                                 ▲ │
+            watcher ─► data plane ┘ └─► replica + index (SQLite)
+
+``run_agent`` is the process entry: logging, uvloop when available, signal
+capture, a graceful shutdown within ``SHUTDOWN_S``, and start-up errors as
+one line for the operator (bad certificate, port in use, unreadable state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from mesh import logs
+from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
+from mesh.adapters.links import LinkDown, LinkState, OwnClient, PeerLink
+from mesh.adapters.peers import PeerWatcher, local_addresses
+from mesh.adapters.scanner import Scanner
+from mesh.adapters.watcher import Watcher
+from mesh.config import AgentConfig
+from mesh.core.replica import Effect, Replica
+from mesh.dataplane import DataPlane
+from mesh.errors import MeshError
+from mesh.exchange import Exchange
+from mesh.keep import KeepArea
+from mesh.pki import NodeCredentials, load_node
+from mesh.store.index import Index
+from mesh.store.statcache import StatCache
+
+LOG = logging.getLogger("mesh.node")
+SHUTDOWN_S = 5.0
+STATUS_INTERVAL = 1.0
+
+Endpoint = tuple[str, int]
+
+
+class Node:
+    """The parts of one node and the tasks that run them."""
+
+    def __init__(self, config: AgentConfig, creds: NodeCredentials) -> None:
+        self.config = config
+        self.creds = creds
+        self.me = config.node_id
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.keep = KeepArea(config.data_dir)
+        self.index = Index(config.state_db, keep=self.keep.has)
+        self.epoch = int(self.index.get_meta("epoch", 0)) + 1
+        self.index.set_meta("epoch", self.epoch)
+        clock = int(self.index.get_meta("clock", 0))
+        self.replica = Replica(self.me, self.index, clock)
+        self.broker = EmbeddedBroker(BrokerSettings(creds, config.listen.host,
+                                                    config.listen.port))
+        self.own: OwnClient | None = None
+        self.links: dict[Endpoint, tuple[PeerLink, asyncio.Task[None]]] = {}
+        self.scanner = Scanner(config.data_dir, cache=StatCache(self.index.db))
+        self.data = DataPlane(root=config.data_dir, replica=self.replica, index=self.index,
+                              keep=self.keep, scanner=self.scanner, forward=self._forward)
+        self.exchange = Exchange(
+            self.me, config.cluster, self.replica, self.index, self.epoch,
+            publish=self._publish, request=self._request, on_effects=self.data.apply,
+            tunnel_port=config.tunnel_listen.port, quiet=config.batch_quiet / 2,
+            cap=config.batch_cap / 2,
+        )
+        self.started = time.time()
+        self._group: asyncio.TaskGroup | None = None
+
+    # --- wiring ---------------------------------------------------------------------
+
+    async def _forward(self, effects: list[Effect]) -> None:
+        await self.exchange.handle_effects(effects)
+
+    async def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if self.own is None:
+            raise LinkDown("own broker client not started")
+        await self.own.publish(topic, payload, qos, retain)
+
+    async def _request(self, peer: str, payload: bytes) -> None:
+        for link, _ in self.links.values():
+            status = link.status
+            if status.peer_id == peer and status.state is LinkState.UP:
+                await link.request(payload)
+                return
+        raise LinkDown(f"no link up to {peer}")
+
+    async def _on_request(self, topic: str, payload: bytes) -> None:
+        peer = topic.rsplit("/", 1)[-1]
+        await self.exchange.on_request(peer, payload)
+
+    async def _from_link(self, link: PeerLink, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")
+        peer = link.status.peer_id
+        if len(parts) < 5 or peer is None or parts[3] != peer:
+            LOG.warning("refused message on %s from link %s", topic, link.label)
+            return
+        await self.exchange.on_peer_message(peer, topic, payload)
+
+    async def _peers_changed(self, added: frozenset[Endpoint], removed: frozenset[Endpoint],
+                             ) -> None:
+        for endpoint in removed:
+            link, task = self.links.pop(endpoint)
+            task.cancel()
+            LOG.info("peer %s:%d left", *endpoint)
+        assert self._group is not None
+        for host, port in sorted(added):
+            holder: list[PeerLink] = []  # the handler needs the link it belongs to
+
+            async def on_message(topic: str, payload: bytes, holder: list[PeerLink] = holder,
+                                 ) -> None:
+                await self._from_link(holder[0], topic, payload)
+
+            link = PeerLink(creds=self.creds, host=host, port=port, on_message=on_message)
+            holder.append(link)
+            task = self._group.create_task(link.run(), name=f"link-{host}:{port}")
+            self.links[(host, port)] = (link, task)
+            LOG.info("peer %s:%d joined", host, port)
+
+    # --- running --------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.broker.start()
+        host, port = self.broker.address
+        self.own = OwnClient(creds=self.creds, host=_dial(host), port=port,
+                             on_request=self._on_request)
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self.own.run(), name="own-client")
+                await self.own.wait_up(10)
+                group.create_task(self.exchange.run_flusher(), name="flusher")
+                group.create_task(self.exchange.run_heads(), name="heads")
+                group.create_task(self._discover(), name="discovery")
+                group.create_task(self._watch(), name="watcher")
+                group.create_task(self._write_status(), name="status")
+                await stop.wait()
+                LOG.info("stopping")
+                await asyncio.wait_for(self.exchange.flush(), SHUTDOWN_S / 2)
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            await self.broker.stop()
+            self.index.close()
+
+    async def _discover(self) -> None:
+        own = {(a, self.config.listen.port) for a in local_addresses()}
+        own.add((_dial(self.config.listen.host), self.broker.address[1]))
+        watcher = PeerWatcher(self.config.peers, exclude=own, interval=self.config.dns_interval,
+                              on_change=self._peers_changed)
+        await watcher.run()
+        await asyncio.Event().wait()  # static peers: keep the links running
+
+    async def _watch(self) -> None:
+        with Watcher(self.config.data_dir, quiet=self.config.batch_quiet,
+                     cap=self.config.batch_cap, max_paths=4096) as watcher:
+            count = await self.data.startup()
+            LOG.info("start-up scan: %d paths on disk, %d indexed", count, self.index.count())
+            async for batch in watcher.batches():
+                if batch.rescan:
+                    LOG.warning("inotify queue overflowed: rescanning everything")
+                    await self.data.startup()
+                else:
+                    await self.data.scan([*batch.paths, *self.data.unsettled])
+
+    async def _write_status(self) -> None:
+        path = self.config.status_file
+        while True:
+            doc = self.status()
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=1))
+            tmp.replace(path)
+            await asyncio.sleep(STATUS_INTERVAL)
+
+    def status(self) -> dict[str, Any]:
+        peers = {}
+        for (host, port), (link, _) in self.links.items():
+            s = link.status
+            view = self.exchange.peers.get(s.peer_id) if s.peer_id else None
+            peers[f"{host}:{port}"] = {
+                "node": s.peer_id, "state": s.state.value, "since": s.connected_since,
+                "last_message": s.last_message, "reconnects": s.reconnects,
+                "error": s.last_error,
+                "applied_seq": view.inbox.applied if view else None,
+                "epoch": view.inbox.epoch if view else None,
+                "manifests": view.applied_manifests if view else 0,
+                "resyncs": view.resyncs if view else 0,
+                "catching_up": bool(view and view.resync and not view.resync.done()),
+            }
+        return {
+            "node": self.me, "cluster": self.config.cluster, "pid": os.getpid(),
+            "epoch": self.epoch, "started": self.started, "now": time.time(),
+            "broker": "{}:{}".format(*self.broker.address),
+            "data_dir": str(self.config.data_dir), "seq": self.exchange.outbox.seq,
+            "backlog": self.exchange.backlog, "index_size": self.index.count(),
+            "wants": self.data.wants, "peers": peers,
+        }
+
+
+class _Stop(Exception):
+    pass
+
+
+def _dial(host: str) -> str:
+    """An address to connect to for a listen address (a wildcard means loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+
+
+def run_agent(config: AgentConfig) -> int:
+    """Run one node until SIGTERM or SIGINT; returns the process exit code."""
+    logs.setup(config.node_id, config.log_format, config.log_level)
+    try:
+        creds = load_node(config.pki_dir, config.node_id)
+        node = Node(config, creds)
+    except MeshError as err:
+        LOG.error("cannot start: %s", err)
+        return 2
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(_main(node))
+
+
+async def _main(node: Node) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    failures: list[BaseException] = []
+    try:
+        await node.run(stop)
+    except* (MeshError, OSError) as group:
+        failures = list(group.exceptions)
+    for err in failures:
+        LOG.error("%s", err if isinstance(err, MeshError) else f"I/O error: {err}")
+    if failures:
+        return 1 if stop.is_set() else 2
+    return 0
