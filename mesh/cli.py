@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from mesh.cli_agent import agent
+from mesh.cli_gate import register as register_gate
+from mesh.cli_local import local_app
 from mesh.cli_pki import pki_app
 
 app = typer.Typer(
@@ -15,6 +17,8 @@ app = typer.Typer(
 )
 app.add_typer(pki_app, name="pki")
 app.command("agent")(agent)
+app.add_typer(local_app, name="local")
+register_gate(app)
 
 
 @app.command()

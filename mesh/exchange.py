@@ -89,6 +89,10 @@ class Exchange:
     head_interval: float = 1.0
     on_manifest: Callable[[str, Manifest], None] | None = None
     """Test hook: called for every manifest applied, in application order."""
+    on_announce: Callable[[Version], None] | None = None
+    """Called for every new disk version this node announces."""
+    on_synced: Callable[[str], None] | None = None
+    """Called after each completed resync with a peer."""
 
     peers: dict[str, PeerView] = field(default_factory=dict, init=False)
     outbox: Outbox = field(init=False)
@@ -124,6 +128,8 @@ class Exchange:
         for fx in effects:
             if isinstance(fx, Announce):
                 self.announce(fx.version)
+                if self.on_announce is not None:
+                    self.on_announce(fx.version)
             elif isinstance(fx, Logged):
                 LOG.info("conflict %s on %s: %s beats %s (%s)%s", fx.conflict.id,
                          fx.conflict.path, fx.conflict.winner.writer, fx.conflict.loser.writer,
@@ -301,7 +307,9 @@ class Exchange:
             LOG.info("caught up with %s: %d buckets differed, %d entries and %d conflicts "
                      "fetched in %.2f s", peer, len(buckets), fetched, pulled,
                      time.monotonic() - started)
-        except (RequestFailed, RemoteProtocolError) as err:
+            if self.on_synced is not None:
+                self.on_synced(peer)
+        except MeshError as err:
             LOG.warning("catch-up with %s failed: %s; will retry", peer, err)
 
     async def _sync_conflicts(self, peer: str, reply: wire.DigestReply) -> int:

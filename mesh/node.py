@@ -22,16 +22,20 @@ from typing import Any
 from mesh import logs
 from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
 from mesh.adapters.links import LinkDown, LinkState, OwnClient, PeerLink
+from mesh.adapters.lsyncd import LsyncdSettings, LsyncdSupervisor
 from mesh.adapters.peers import PeerWatcher, local_addresses
 from mesh.adapters.scanner import Scanner
+from mesh.adapters.tunnel import TunnelServer
 from mesh.adapters.watcher import Watcher
 from mesh.config import AgentConfig
 from mesh.core.replica import Effect, Replica
 from mesh.dataplane import DataPlane
 from mesh.errors import MeshError
 from mesh.exchange import Exchange
+from mesh.gate import GateServer
 from mesh.keep import KeepArea
 from mesh.pki import NodeCredentials, load_node
+from mesh.pushes import Pushes
 from mesh.store.index import Index
 from mesh.store.statcache import StatCache
 
@@ -70,6 +74,19 @@ class Node:
             tunnel_port=config.tunnel_listen.port, quiet=config.batch_quiet / 2,
             cap=config.batch_cap / 2,
         )
+        self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
+                             exchange=self.exchange, creds=creds, data_dir=config.data_dir,
+                             endpoint=self._tunnel_endpoint)
+        self.exchange.on_announce = self.pushes.changed
+        self.exchange.on_synced = self.pushes.sweep
+        self.gate = GateServer(config.gate_socket, self.pushes)
+        self.tunnel = TunnelServer(creds, config.tunnel_listen.host, config.tunnel_listen.port,
+                                   config.data_dir, self.keep.root, self.pushes)
+        self.lsyncd = LsyncdSupervisor(
+            config.state_dir / "lsyncd.conf.lua", [],
+            settings=LsyncdSettings(config.data_dir, config.gate_socket, creds,
+                                    delay=config.lsyncd_delay,
+                                    extra_env={"MESH_LOG_LEVEL": config.log_level}))
         self.started = time.time()
         self._group: asyncio.TaskGroup | None = None
 
@@ -90,6 +107,25 @@ class Node:
                 await link.request(payload)
                 return
         raise LinkDown(f"no link up to {peer}")
+
+    def _tunnel_endpoint(self, peer: str) -> tuple[str, int] | None:
+        view = self.exchange.peers.get(peer)
+        if view is None or view.hello is None or not view.hello.tunnel_port:
+            return None
+        for (host, _), (link, _) in self.links.items():
+            status = link.status
+            if status.peer_id == peer and status.state is LinkState.UP:
+                return host, view.hello.tunnel_port
+        return None
+
+    async def _track_peers(self) -> None:
+        """Keep lsyncd's syncs and the pusher's queues to the peers we can push to."""
+        while True:
+            ready = {p for p in self.exchange.peers if self._tunnel_endpoint(p) is not None}
+            for peer in ready:
+                self.pushes.add_peer(peer)
+            self.lsyncd.update_peers(ready)
+            await asyncio.sleep(0.5)
 
     async def _on_request(self, topic: str, payload: bytes) -> None:
         peer = topic.rsplit("/", 1)[-1]
@@ -127,6 +163,9 @@ class Node:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.broker.start()
+        await self.tunnel.start()
+        self.exchange.tunnel_port = self.tunnel.address[1]
+        await self.gate.start()
         host, port = self.broker.address
         self.own = OwnClient(creds=self.creds, host=_dial(host), port=port,
                              on_request=self._on_request)
@@ -140,6 +179,9 @@ class Node:
                 group.create_task(self._discover(), name="discovery")
                 group.create_task(self._watch(), name="watcher")
                 group.create_task(self._write_status(), name="status")
+                group.create_task(self.pushes.run(), name="pusher")
+                group.create_task(self._track_peers(), name="peers")
+                await self.lsyncd.start()
                 await stop.wait()
                 LOG.info("stopping")
                 await asyncio.wait_for(self.exchange.flush(), SHUTDOWN_S / 2)
@@ -147,6 +189,9 @@ class Node:
         except* _Stop:
             pass
         finally:
+            await self.lsyncd.stop()
+            await self.gate.stop()
+            await self.tunnel.stop()
             await self.broker.stop()
             self.index.close()
 
@@ -201,6 +246,10 @@ class Node:
             "data_dir": str(self.config.data_dir), "seq": self.exchange.outbox.seq,
             "backlog": self.exchange.backlog, "index_size": self.index.count(),
             "wants": self.data.wants, "peers": peers,
+            "pushes": {"allowed": self.pushes.allowed, "denied": self.pushes.denied,
+                       "received": self.pushes.received,
+                       "pending": {p: len(q.dirty) for p, q in self.pushes.queues.items()}},
+            "lsyncd": {"pid": self.lsyncd.pid, "peers": self.lsyncd.peers},
         }
 
 

@@ -84,6 +84,7 @@ class Inbox:
     pending: dict[int, Manifest] = field(default_factory=dict)
     replay_asked_at: float | None = None
     resync_asked_at: float | None = None
+    resync_pending: bool = False  # asked and not completed: asked again after retry_s
     duplicates: int = 0
     gaps: int = 0
 
@@ -119,6 +120,8 @@ class Inbox:
         if self.epoch is None or epoch > self.epoch:
             self.epoch, self.applied, self.pending = epoch, seq, {}
             return self._ask_resync(now)
+        if self.resync_pending:
+            return self._ask_resync(now)
         if epoch == self.epoch and seq > self.applied:
             return self._ask_replay(now)
         return Need.NOTHING
@@ -131,6 +134,7 @@ class Inbox:
     def resynced(self, epoch: int, seq: int) -> list[Manifest]:
         """A resync brought us up to ``seq`` of ``epoch``: skip what it covered."""
         self.resync_asked_at = None
+        self.resync_pending = False
         if self.epoch is None or epoch > self.epoch:
             self.epoch, self.applied, self.pending = epoch, seq, {}
             return []
@@ -162,4 +166,5 @@ class Inbox:
                 and now - self.resync_asked_at < self.retry_s):
             return Need.NOTHING
         self.resync_asked_at = now
+        self.resync_pending = True
         return Need.RESYNC

@@ -218,6 +218,14 @@ class Index:
         for (path,) in self.db.execute("SELECT path FROM versions"):
             yield path
 
+    def conflicts_on(self, paths: Iterable[str]) -> list[ConflictRow]:
+        rows = []
+        for path in paths:
+            rows += [self._conflict_row(r) for r in self.db.execute(
+                "SELECT winner, loser, logged_ms, restored_ms FROM conflicts WHERE path = ?",
+                (path,))]
+        return rows
+
     def conflict_ids(self) -> list[str]:
         return [i for (i,) in self.db.execute("SELECT id FROM conflicts ORDER BY id")]
 

@@ -108,3 +108,12 @@ def test_every_manifest_is_applied_once_in_order_or_covered_by_a_resync(
     assert inbox.applied == out.seq
     assert applied == sorted(set(applied)), "applied twice or out of order"
     assert set(range(covered + 1, n + 1)) <= set(applied)
+
+
+def test_a_failed_resync_is_asked_again_on_a_later_head() -> None:
+    inbox = Inbox("o", retry_s=2.0)
+    assert inbox.head(1, 5, now=0) is Need.RESYNC
+    assert inbox.head(1, 5, now=1) is Need.NOTHING  # still in flight
+    assert inbox.head(1, 5, now=3) is Need.RESYNC  # it never completed
+    inbox.resynced(1, 5)
+    assert inbox.head(1, 5, now=10) is Need.NOTHING

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from mesh import pki
+from mesh.errors import MeshError
+from mesh.gate import PushGrant
 
 CLUSTER = "test"
 NODES = ("alpha", "bravo", "charlie")
@@ -83,3 +86,83 @@ async def until(condition: Callable[[], bool], what: str, within: float = 5.0) -
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+# --- pushes: the tunnel, the gate and lsyncd (test_tunnel, test_gate, test_lsyncd) ----------
+
+
+@dataclass
+class PushRecord:
+    """One push as a ``RecordingSink`` saw it; ``seen`` holds the watched files' bytes
+    (None: absent) at the moment ``begin`` ran, before the daemon started."""
+
+    peer: str
+    push_id: str
+    header: bytes
+    seen: dict[str, bytes | None]
+    returncode: int | None = None
+
+
+class RecordingSink:
+    """A ``PushSink`` that records each push and refuses all of them while ``refuse`` is
+    set."""
+
+    def __init__(self, data_dir: Path, watch: tuple[str, ...] = ()) -> None:
+        self.data_dir = data_dir
+        self.watch = watch
+        self.refuse: str | None = None
+        self.pushes: list[PushRecord] = []
+
+    async def begin(self, peer: str, push_id: str, header: bytes) -> object:
+        if self.refuse is not None:
+            raise MeshError(self.refuse)
+        seen = {name: _read_or_none(self.data_dir / name) for name in self.watch}
+        record = PushRecord(peer, push_id, header, seen)
+        self.pushes.append(record)
+        return record
+
+    async def end(self, ticket: object, returncode: int) -> None:
+        assert isinstance(ticket, PushRecord)
+        ticket.returncode = returncode
+
+    def finished(self) -> list[PushRecord]:
+        return [p for p in self.pushes if p.returncode is not None]
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+class GrantPolicy:
+    """A ``PushPolicy`` granting ``choose(target, paths)`` of the paths asked about, to the
+    tunnel of each target in ``tunnels``; with ``gate`` set, a call waits for it."""
+
+    def __init__(
+        self,
+        tunnels: dict[str, tuple[str, int]],
+        choose: Callable[[str, list[str]], list[str]] = lambda target, paths: paths,
+    ) -> None:
+        self.tunnels = tunnels
+        self.choose = choose
+        self.gate: asyncio.Event | None = None
+        self.calls: list[tuple[str, list[str]]] = []
+        self._count = 0
+
+    async def authorize(self, target: str, paths: list[str]) -> PushGrant:
+        self.calls.append((target, paths))
+        if self.gate is not None:
+            await self.gate.wait()
+        self._count += 1
+        host, port = self.tunnels.get(target, ("127.0.0.1", 9))
+        header = f"push {self._count} of {paths}".encode()
+        return PushGrant(
+            target,
+            host,
+            port,
+            f"p{self._count}-{uuid.uuid4().hex[:8]}",
+            self.choose(target, paths),
+            header,
+        )

@@ -1,0 +1,359 @@
+"""lsyncd as the agent's child: its config, the command line it gives the gate, and a
+supervisor that keeps it running (DESIGN.md, "Data plane").
+
+What lsyncd 2.2.3 does here (Debian 12 package, checked on this machine, not assumed):
+
+- ``settings { nodaemon = true }`` keeps it in the foreground and logs to stdout;
+  ``insist`` and ``statusFile`` are accepted; ``delay = 0.2`` (fractional) is accepted.
+- ``init = false`` skips the start-up sync, the ``rsync --delete`` of the whole tree that
+  lets an empty node wipe its peers. Nothing runs until inotify reports a change.
+- With ``default.rsync`` and ``rsync = { binary = B, archive = true }`` it runs::
+
+      B -<flags> -r --delete --ignore-errors --force --from0 --include-from=- --exclude=* \
+        SRC/ TARGET
+
+  where ``<flags>`` is ``archive``'s ``p l o g t D`` plus ``s`` (``protect_args``, a
+  default of its own), in an order that changes from run to run (Lua table order; seen:
+  ``-plogstD``), and writes NUL-separated include patterns on stdin: each changed path
+  with a leading ``/``, every parent directory with a trailing ``/``, ``/``; a deleted
+  directory also as ``/dir/***``; a move as both names. It escapes ``?``, ``*`` and ``[``
+  with a backslash (not ``]``, not ``\\``). Excluded paths produce no call at all.
+- Its exit-code table treats 0, 23 and 24 as done, 3, 5, 6, 10-14, 20-22, 30, 35 and 255
+  as "again" (the batch is retried after ``delay``), and 1, 2, 4, 25 or any code not in
+  the table as fatal: lsyncd exits ("Critical exitcode"). The gate exits 10 when the
+  agent cannot be asked, 1 for a command line it does not understand (a bug, so lsyncd
+  dies and this supervisor restarts it), and rsync's own status otherwise.
+- The TARGET is ``<peer node id>::data/``: the gate reads the peer from it; host and port
+  come from the agent's grant, never from the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shlex
+import signal
+import string
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mesh.adapters import rsyncd
+from mesh.adapters.tunnel import credentials_env
+from mesh.core.paths import normalize
+from mesh.core.vclock import NODE_ID_RE
+from mesh.errors import ConfigError, InvalidPath, LocalProtocolError, MeshError
+from mesh.pki import NodeCredentials
+
+LOG = logging.getLogger(__name__)
+
+LSYNCD = "/usr/bin/lsyncd"
+TEMPLATE = Path(__file__).resolve().parents[2] / "lsyncd" / "lsyncd.conf.lua.tmpl"
+_FLAGS = re.compile(r"-(?!.*(.).*\1)[rlptgoDs]+")  # lsyncd's short flags, each at most once
+_TAIL = ("--force", "--from0", "--include-from=-", "--exclude=*")
+_TARGET = re.compile(rf"({NODE_ID_RE.pattern})::{rsyncd.MODULE}/")
+_UNESCAPE = re.compile(r"\\([?*\[])")
+
+
+# --- what lsyncd hands the gate ----------------------------------------------------------------
+
+
+class CallError(MeshError):
+    """lsyncd called the gate with a command line of an unknown shape."""
+
+
+@dataclass(frozen=True)
+class RsyncCall:
+    source: Path
+    peer: str
+
+
+def target_of(peer: str) -> str:
+    """The lsyncd target of one peer."""
+    if NODE_ID_RE.fullmatch(peer) is None:
+        raise ValueError(f"invalid peer node id {peer!r}")
+    return f"{peer}::{rsyncd.MODULE}/"
+
+
+def parse_rsync_call(argv: Iterable[str]) -> RsyncCall:
+    """Accept exactly the command line of lsyncd's ``default.rsync`` action (module
+    docstring); anything else raises ``CallError``: the gate never runs rsync with
+    arguments it did not understand."""
+    args = list(argv)
+    rest = args[1:]
+    if rest[:1] == ["-r"] and rest[1:3] == ["--delete", "--ignore-errors"]:
+        rest = ["-r", *rest[3:]]
+    shape_ok = (
+        len(args) >= 1
+        and _FLAGS.fullmatch(args[0]) is not None
+        and len(rest) == 7
+        and rest[0] == "-r"
+        and tuple(rest[1:5]) == _TAIL
+    )
+    if not shape_ok:
+        raise CallError(f"unexpected rsync command line: {shlex.join(args)[:300]}")
+    source, target = rest[5], rest[6]
+    if not source.startswith("/") or not source.endswith("/"):
+        raise CallError(f"source {source!r} is not an absolute directory with a trailing /")
+    match = _TARGET.fullmatch(target)
+    if match is None:
+        raise CallError(f"target {target!r} is not <peer>::{rsyncd.MODULE}/")
+    return RsyncCall(Path(source), match[1])
+
+
+def paths_from_patterns(data: bytes) -> list[str]:
+    """The normalized paths named by lsyncd's NUL-separated include patterns, parents
+    included (the agent decides about directories too), sorted, without ``/`` itself.
+    A name that cannot be a synced path (not UTF-8, too long) is skipped with a warning."""
+    paths: dict[str, None] = {}
+    for raw in data.split(b"\0"):
+        if not raw or raw == b"/":
+            continue
+        pattern = os.fsdecode(raw)
+        if not pattern.startswith("/"):
+            LOG.warning("skipping include pattern without a leading /: %r", pattern[:200])
+            continue
+        body = pattern[1:]
+        # "***" is lsyncd's own suffix for a deleted directory: a "*" of the name is escaped.
+        body = body.removesuffix("/***") if body.endswith("/***") else body.rstrip("/")
+        try:
+            paths[normalize(_UNESCAPE.sub(r"\1", body))] = None
+        except InvalidPath as err:
+            LOG.warning("skipping %r: %s", pattern[:200], err)
+    return sorted(paths)
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LsyncdSettings:
+    """What the rendered config and the gate wrapper script need."""
+
+    data_dir: Path
+    gate_socket: Path
+    creds: NodeCredentials
+    keep_name: str = rsyncd.DEFAULT_KEEP_NAME
+    delay: float = 0.2
+    excludes: tuple[str, ...] = ()  # extra lsyncd exclude patterns
+    lsyncd: str = LSYNCD
+    python: str = sys.executable
+    rsync: str = rsyncd.RSYNC
+    template: Path = TEMPLATE
+    stop_timeout: float = 5.0
+    backoff: tuple[float, float] = (0.5, 30.0)  # first and longest wait before a restart
+    stable_after: float = 60.0  # a run this long resets the backoff
+    extra_env: dict[str, str] = field(default_factory=dict)  # for the gate, e.g. MESH_LOG_LEVEL
+
+
+def lua_string(value: str) -> str:
+    """A Lua string literal of ``value``: printable ASCII as is, every other byte as a
+    decimal escape (valid in Lua 5.1 to 5.4)."""
+    out = []
+    for byte in value.encode("utf-8", "surrogateescape"):
+        if byte in b'"\\':
+            out.append("\\" + chr(byte))
+        elif 0x20 <= byte < 0x7F:
+            out.append(chr(byte))
+        else:
+            out.append(f"\\{byte:03d}")
+    return '"' + "".join(out) + '"'
+
+
+def _lua_list(values: Iterable[str]) -> str:
+    return "{ " + ", ".join(map(lua_string, values)) + " }"
+
+
+def render_config(
+    settings: LsyncdSettings, peers: Iterable[str], *, gate: Path, status_file: Path
+) -> str:
+    """The lsyncd config: one sync per peer (lsyncd/lsyncd.conf.lua.tmpl)."""
+    targets = [target_of(peer) for peer in sorted(set(peers))]
+    excludes = [f"/{settings.keep_name}/", rsyncd.RSYNC_TEMP_GLOB, *settings.excludes]
+    template = string.Template(settings.template.read_text())
+    return template.substitute(
+        source=lua_string(f"{str(settings.data_dir).rstrip('/')}/"),
+        gate=lua_string(str(gate)),
+        status_file=lua_string(str(status_file)),
+        delay=repr(float(settings.delay)),
+        excludes=_lua_list(excludes),
+        targets=_lua_list(targets),
+    )
+
+
+def render_gate_wrapper(settings: LsyncdSettings) -> str:
+    """The script lsyncd runs as ``rsync.binary``: a single path, so the gate's
+    settings ride in its environment."""
+    env = {
+        "MESH_GATE_SOCKET": str(settings.gate_socket),
+        "MESH_DATA_DIR": str(settings.data_dir),
+        "MESH_KEEP_NAME": settings.keep_name,
+        "MESH_RSYNC": settings.rsync,
+        **credentials_env(settings.creds),
+        **settings.extra_env,
+    }
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+    command = shlex.join([settings.python, "-m", "mesh.cli_gate", "gate"])
+    return f'#!/bin/sh\n# written by mesh.adapters.lsyncd\n{exports}exec {command} "$@"\n'
+
+
+# --- supervisor --------------------------------------------------------------------------------
+
+
+class LsyncdSupervisor:
+    """Run lsyncd with a config for the current peers; restart it when the peers change or
+    when it dies (with backoff); stop it, and every process it started, on ``stop``.
+
+    lsyncd runs in a process group of its own; the gate, rsync and the tunnel it starts
+    stay in that group, so signals go to the group. With no peers, nothing runs.
+    """
+
+    def __init__(
+        self, config_path: Path, peers: Iterable[str], *, settings: LsyncdSettings
+    ) -> None:
+        self.config_path = config_path
+        self.settings = settings
+        self.gate_path = config_path.with_name("mesh-gate")
+        self.status_path = config_path.with_name("lsyncd.status")
+        self._peers = sorted(set(peers))
+        self._changed = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self.starts = 0  # lsyncd processes started so far
+
+    @property
+    def pid(self) -> int | None:
+        """The running lsyncd's pid (also its process group), or None."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    @property
+    def peers(self) -> list[str]:
+        return list(self._peers)
+
+    async def start(self) -> None:
+        """Start supervising; a config that cannot be rendered fails here, not later."""
+        if self._runner is not None:
+            raise LocalProtocolError("the lsyncd supervisor is already running")
+        self._render()
+        self._runner = asyncio.create_task(self._run())
+
+    def update_peers(self, peers: Iterable[str]) -> None:
+        new = sorted(set(peers))
+        if new != self._peers:
+            self._peers = new
+            self._changed.set()
+
+    async def stop(self) -> None:
+        if self._runner is None:
+            return
+        self._runner.cancel()
+        await asyncio.gather(self._runner, return_exceptions=True)
+        self._runner = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = self.settings.backoff[0]
+        while True:
+            self._changed.clear()
+            if not self._peers:
+                await self._changed.wait()
+                continue
+            started = loop.time()
+            try:
+                self._render()
+            except ConfigError as err:
+                LOG.error("%s", err)
+                returncode: int | None = 1
+            else:
+                returncode = await self._run_once()
+            if returncode is None:  # the peers changed: restart at once
+                backoff = self.settings.backoff[0]
+                continue
+            if loop.time() - started >= self.settings.stable_after:
+                backoff = self.settings.backoff[0]
+            LOG.warning("lsyncd ended with status %d; restarting in %.1f s", returncode, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), backoff)
+            backoff = min(backoff * 2, self.settings.backoff[1])
+
+    def _render(self) -> None:
+        try:
+            text = render_config(
+                self.settings, self._peers, gate=self.gate_path, status_file=self.status_path
+            )
+            self.gate_path.write_text(render_gate_wrapper(self.settings))
+            self.gate_path.chmod(0o700)
+            self.config_path.write_text(text)
+        except (OSError, KeyError, ValueError) as err:  # KeyError: a template placeholder
+            raise ConfigError(f"lsyncd config {self.config_path}: {err}") from err
+
+    async def _run_once(self) -> int | None:
+        """Run lsyncd until it exits (its status) or the peers change (None)."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.settings.lsyncd,
+                str(self.config_path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as err:
+            LOG.error("cannot start %s: %s", self.settings.lsyncd, err.strerror or err)
+            return 127  # as a shell reports a command it cannot run; retried with backoff
+        assert proc.stdout is not None
+        self._proc = proc
+        self.starts += 1
+        LOG.info("lsyncd %d started for %s", proc.pid, ", ".join(self._peers))
+        output = asyncio.create_task(_log_lines(proc.stdout))
+        exited = asyncio.create_task(proc.wait())
+        changed = asyncio.create_task(self._changed.wait())
+        try:
+            await asyncio.wait({exited, changed}, return_when=asyncio.FIRST_COMPLETED)
+            return proc.returncode if exited.done() else None
+        finally:
+            changed.cancel()
+            await self._terminate(proc, exited)
+            # the group is gone, so the pipe ends soon; do not wait on it forever
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(output), 1.0)
+            output.cancel()
+            await asyncio.gather(output, changed, return_exceptions=True)
+            self._proc = None
+
+    async def _terminate(self, proc: asyncio.subprocess.Process, exited: asyncio.Task[int]) -> None:
+        """SIGTERM to the group, SIGKILL after ``stop_timeout``; then SIGKILL to the group
+        again for a child that outlived lsyncd. Shielded: it runs to the end even when
+        ``stop`` cancelled the supervisor."""
+
+        async def terminate() -> None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            done, _ = await asyncio.wait({exited}, timeout=self.settings.stop_timeout)
+            if not done:
+                LOG.warning("lsyncd %d ignored SIGTERM; killing its group", proc.pid)
+            _signal_group(proc.pid, signal.SIGKILL)
+            await exited
+
+        task = asyncio.create_task(terminate())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task
+            raise
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _log_lines(stream: asyncio.StreamReader) -> None:
+    async for raw in stream:
+        line = raw.decode("utf-8", "backslashreplace").rstrip()
+        if line:
+            LOG.info("lsyncd: %s", line)

@@ -1,0 +1,307 @@
+"""rsync at both ends of a push: the receiving daemon's config and argument check, and the
+sending command line with its include patterns.
+
+How the receiver is made unable to destroy content (checked with rsync 3.5.0 on Debian 12;
+``man rsyncd.conf``, and the behaviour observed, not assumed):
+
+- The receiver is rsync's *daemon* protocol spoken over our TLS tunnel: the tunnel starts a
+  fixed ``rsync --server --daemon --config=C .`` whatever the client asked for, and the
+  config has one write-only module, ``data``, whose ``path`` is the data folder.
+- Why not the simpler fixed remote-shell server, ``rsync --server <our flags> . DATA/``,
+  where ``--backup`` would be ours by construction: it has no chroot and no filter the
+  client cannot override, so a client could plant a symlink in the keep area and have
+  later backups (renames, done as root) land where it points; rsync 3.5.0's resolver
+  follows links owned by root, i.e. every link a root receiver created. The daemon gives
+  ``use chroot = yes`` (the module path becomes ``/``), a daemon filter and
+  ``refuse options``; what it lacks, a way to force an option, the hook below supplies.
+- The daemon has no setting that *forces* an option, so ``--backup`` is enforced by a
+  ``pre-xfer exec`` hook (:func:`check_server_args`, run as ``python -I -m
+  mesh.adapters.rsyncd``). rsync hands the hook the client's exact server arguments as
+  ``RSYNC_ARG0..n``, also when the client used ``--secluded-args`` (verified), and aborts
+  the transfer when it exits non-zero. The hook accepts one shape only: ``-b`` in the
+  single short-option bundle, exactly one ``--backup-dir`` equal to
+  ``/<keep>/<this push id>`` (the tunnel passes the push id in the environment), the
+  destination ``/``, and nothing it does not know. A client that omits the backup, names
+  another backup dir or adds an option is refused before any file is touched.
+- ``refuse options = * !recursive ...`` is the second lock, an allow-list that rsync itself
+  applies with its own option parser, so no alias or abbreviation of ``--inplace``,
+  ``--append``, ``--temp-dir``, ``--partial(-dir)``, ``--delay-updates``, ``--suffix``,
+  ``--link-dest`` and its kin, ``-K``, ``-D``, ``-H``/``-A``/``-X``, ``--max-delete``,
+  ``--remove-source-files``, ``--usermap``/``--chown``, ``--timeout``... gets through even
+  if the hook misread one. (Checked: each of those is refused, exit code 4.)
+- With ``--backup-dir``, rsync *renames* every file it replaces or deletes into that dir,
+  keeping its relative path, also the contents of a directory that ``--force`` removes and
+  symlinks (checked). The keep area is a hidden dir inside the module, so the rename stays
+  on the same filesystem. The tunnel creates ``<keep>/<push id>`` exclusively before the
+  transfer: a reused push id would let a second backup overwrite the first.
+- The daemon filter ``+ /K/ - /K + /K/*/ - /K/**`` keeps clients out of the keep area:
+  nothing but empty per-push directories may be sent or deleted there, and a symlink named
+  ``K`` or ``K/x`` is refused. A plain ``- /K/***`` cannot be used: rsync 3.5.0 rejects a
+  ``--backup-dir`` inside a daemon-excluded path ("Your options have been rejected").
+- Symlinks are stored as sent (``munge symlinks = no``). That is safe only because nothing
+  follows them inside the daemon: the chroot makes an absolute or ``..`` target resolve
+  inside the data folder at worst, the module is ``write only`` (the daemon never reads a
+  file through a link to serve it), and ``-K``/``-L``/``-k`` are refused. rsync's own
+  hardening (3.5.0: no symlinked parent is followed out of the tree) is a third layer.
+  What runs *outside* the chroot (the agent: hashing, restoring from the keep area) must
+  never follow a link either: ``lstat``/``O_NOFOLLOW`` only.
+- As root, a daemon switches to ``nobody`` unless the module sets ``uid``/``gid``; we set
+  ``uid = 0``/``gid = 0`` so owners and groups (sent as numbers: ``numeric ids``, which a
+  chroot also implies) are kept. Without root there is no chroot: the module then runs
+  with ``use chroot = no`` and rsync *sanitizes* incoming symlink values (checked: ``/a``
+  is stored as ``a``, ``../../x`` as ``x``): a development mode, logged as such.
+- rsync writes each file into ``.<name>.XXXXXX`` in the target's own directory and renames
+  it into place (its default; ``--temp-dir``, ``--partial-dir`` and ``--delay-updates``
+  are refused), so the watcher can ignore one name pattern, :data:`RSYNC_TEMP_GLOB`.
+
+Sending side: :func:`client_argv` is the only rsync command line we run: ``-rlptgo``
+(``archive`` without ``-D``: the module refuses devices and specials), ``--numeric-ids``,
+``--delete --force``, ``--backup-dir``, the include list on stdin (``--from0
+--include-from=- --exclude=*``) and ``--rsh`` naming our tunnel. No ``--ignore-errors``:
+an I/O error on the sender must not turn into deletions on the receiver.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import stat
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MODULE = "data"
+DEFAULT_KEEP_NAME = ".mesh-keep"
+RSYNC = "/usr/bin/rsync"
+RSYNC_TEMP_GLOB = ".*.??????"  # rsync's mkstemp name: "." + name + "." + 6 characters
+
+PUSH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+KEEP_NAME_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+SEND_FLAGS = ("-rlptgo", "--numeric-ids", "--delete", "--force")
+_ALLOWED_SHORT = frozenset("rlptgob")  # what SEND_FLAGS and --backup-dir put in the bundle
+_ALLOWED_LONG = frozenset({"--delete", "--force", "--numeric-ids"})
+_REFUSE = (
+    "* !recursive !links !perms !times !group !owner !backup !backup-dir"
+    " !delete !delete-during !force !numeric-ids"
+)
+_WILDCARDS = frozenset("*?[")
+
+
+def valid_push_id(push_id: object) -> bool:
+    return isinstance(push_id, str) and PUSH_ID_RE.fullmatch(push_id) is not None
+
+
+def valid_keep_name(name: object) -> bool:
+    return isinstance(name, str) and KEEP_NAME_RE.fullmatch(name) is not None
+
+
+def backup_dir(keep_name: str, push_id: str) -> str:
+    """The ``--backup-dir`` of one push: absolute, so the module root anchors it."""
+    return f"/{keep_name}/{push_id}"
+
+
+# --- receiving side ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """What the fixed receiving daemon serves and how."""
+
+    data_dir: Path
+    keep_name: str = DEFAULT_KEEP_NAME
+    python: str = sys.executable
+    chroot: bool = True
+    io_timeout: int = 300  # seconds without progress before the daemon gives up
+
+    def __post_init__(self) -> None:
+        text = str(self.data_dir)
+        if not self.data_dir.is_absolute() or any(c in text for c in "\n\r\0"):
+            raise ValueError(f"data dir must be an absolute path on one line: {text!r}")
+        if not valid_keep_name(self.keep_name):
+            raise ValueError(f"invalid keep dir name {self.keep_name!r}")
+
+
+def render_daemon_config(config: DaemonConfig) -> str:
+    """The rsyncd.conf of the receiving daemon (see the module docstring for each line)."""
+    keep = config.keep_name
+    # rsyncd.conf expands %VAR% in values ("%%" is a literal %); a trailing "/" keeps a
+    # trailing space of the path.
+    path = str(config.data_dir).replace("%", "%%").rstrip("/") + "/"
+    hook = f"{shlex.quote(config.python)} -I -m mesh.adapters.rsyncd"
+    lines = [
+        "# written by mesh.adapters.rsyncd for one TunnelServer; do not edit",
+        "log file = /dev/stderr",
+        "transfer logging = no",
+        "reverse lookup = no",
+        "forward lookup = no",
+        f"[{MODULE}]",
+        f"path = {path}",
+        "read only = no",
+        "write only = yes",
+        "list = no",
+        "numeric ids = yes",
+        "munge symlinks = no",
+        f"timeout = {config.io_timeout}",
+        f"filter = + /{keep}/ - /{keep} + /{keep}/*/ - /{keep}/**",
+        f"refuse options = {_REFUSE}",
+        f"pre-xfer exec = {hook}",
+    ]
+    if config.chroot:
+        lines += ["use chroot = yes", "uid = 0", "gid = 0"]
+    else:
+        lines += ["use chroot = no"]
+    return "\n".join(lines) + "\n"
+
+
+def check_server_args(args: Sequence[str], keep_name: str, push_id: str) -> str | None:
+    """Why the daemon must refuse a transfer with these ``RSYNC_ARG0..n``, or None.
+
+    Accepted: ``rsyncd --server -<bundle> --backup-dir /<keep>/<push id> [--delete]
+    [--force] [--numeric-ids] . /`` in any option order, where the bundle holds ``b``, other
+    letters of ``rlptgo`` and rsync's ``e.<capabilities>`` suffix.
+    """
+    if list(args[:2]) != ["rsyncd", "--server"]:
+        return "not an rsync server request"
+    if "." not in args:
+        return "no end of options"
+    end = args.index(".")
+    if list(args[end + 1 :]) != ["/"]:
+        return f"destination must be the module root, not {list(args[end + 1 :])!r}"
+    bundles: list[str] = []
+    backup_dirs: list[str] = []
+    options = list(args[2:end])
+    while options:
+        arg = options.pop(0)
+        if arg == "--backup-dir" and options:
+            backup_dirs.append(options.pop(0))
+        elif arg.startswith("--backup-dir="):
+            backup_dirs.append(arg.partition("=")[2])
+        elif arg in _ALLOWED_LONG:
+            continue
+        elif arg.startswith("-") and not arg.startswith("--"):
+            bundles.append(arg[1:])
+        else:
+            return f"option {arg[:60]!r} is not allowed"
+    return _bundle_refusal(bundles) or _backup_refusal(backup_dirs, keep_name, push_id)
+
+
+def _bundle_refusal(bundles: list[str]) -> str | None:
+    if len(bundles) != 1:
+        return "expected exactly one short-option bundle"
+    letters, _, capabilities = bundles[0].partition("e")
+    unknown = set(letters) - _ALLOWED_SHORT
+    if unknown:
+        return f"short option(s) {''.join(sorted(unknown))!r} not allowed"
+    if re.fullmatch(r"[.A-Za-z0-9]*", capabilities) is None:
+        return "malformed capability flags"
+    if "b" not in letters:
+        return "--backup is required"
+    return None
+
+
+def _backup_refusal(backup_dirs: list[str], keep_name: str, push_id: str) -> str | None:
+    expected = backup_dir(keep_name, push_id)
+    if backup_dirs != [expected]:
+        return f"exactly one --backup-dir={expected} is required"
+    return None
+
+
+def _hook_args(environ: Mapping[str, str]) -> list[str]:
+    args: list[str] = []
+    while f"RSYNC_ARG{len(args)}" in environ:
+        args.append(environ[f"RSYNC_ARG{len(args)}"])
+    return args
+
+
+def hook_main(environ: Mapping[str, str]) -> int:
+    """The ``pre-xfer exec`` hook: 0 lets the transfer start; anything else aborts it, and
+    rsync shows our stdout to the client."""
+    push_id = environ.get("MESH_PUSH_ID", "")
+    keep_name = environ.get("MESH_KEEP_NAME", "")
+    if not valid_push_id(push_id) or not valid_keep_name(keep_name):
+        why: str | None = "the tunnel did not name this push"
+    elif environ.get("RSYNC_MODULE_NAME") != MODULE:
+        why = f"unknown module {environ.get('RSYNC_MODULE_NAME')!r}"
+    else:
+        why = check_server_args(_hook_args(environ), keep_name, push_id)
+    if why is None:
+        return 0
+    print(f"meshsync refused push {push_id}: {why}")
+    return 1
+
+
+# --- sending side ------------------------------------------------------------------------
+
+
+def rsh_command(words: Sequence[str]) -> str:
+    """One ``--rsh`` value. rsync splits it at spaces and honours single quotes, where a
+    doubled quote stands for one (rsync(1), ``--rsh``)."""
+    return " ".join("'" + word.replace("'", "''") + "'" for word in words)
+
+
+def daemon_target(host: str) -> str:
+    """``host::data/``, bracketing an IPv6 address as rsync wants."""
+    return f"[{host}]::{MODULE}/" if ":" in host else f"{host}::{MODULE}/"
+
+
+def client_argv(
+    source: Path, host: str, rsh: str, keep_name: str, push_id: str, *, rsync: str = RSYNC
+) -> list[str]:
+    """The sender's whole command line; the include patterns go to its stdin."""
+    return [
+        rsync,
+        *SEND_FLAGS,
+        f"--backup-dir={backup_dir(keep_name, push_id)}",
+        "--from0",
+        "--include-from=-",
+        "--exclude=*",
+        f"--rsh={rsh}",
+        f"{str(source).rstrip('/')}/",
+        daemon_target(host),
+    ]
+
+
+def _literal(path: str, *, wild: bool) -> str:
+    """``path`` as an rsync pattern matching only itself. rsync reads backslash as an escape
+    only in a pattern that holds a wildcard (rsync(1), "PATTERN MATCHING RULES"), so escape
+    when one is there or will be (``wild``)."""
+    if wild or not _WILDCARDS.isdisjoint(path):
+        return "".join("\\" + c if c in "\\*?[" else c for c in path)
+    return path
+
+
+def include_patterns(paths: Iterable[str], source: Path) -> list[str]:
+    """The ``--include-from`` list that sends exactly ``paths`` (normalized, relative to
+    ``source``), as the sender sees them now:
+
+    - a directory: ``/p/``, the directory itself but none of its entries;
+    - anything else, or nothing: ``/p`` and ``/p/***``. The second matches only a
+      directory and what is in it, so it sends nothing more, but lets rsync remove a
+      directory the receiver has there (deleted, or replaced by a file or a link): without
+      it, ``--exclude=*`` would protect the directory's entries and the removal would fail
+      ("cannot delete non-empty directory");
+
+    plus every parent directory, ``/a/``, and ``/``, which rsync must enter to reach them.
+    """
+    patterns: dict[str, None] = {"/": None}
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            patterns["/" + _literal("/".join(parts[:depth]), wild=False) + "/"] = None
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(source / path).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            is_dir = False
+        if is_dir:
+            patterns["/" + _literal(path, wild=False) + "/"] = None
+        else:
+            patterns["/" + _literal(path, wild=False)] = None
+            patterns["/" + _literal(path, wild=True) + "/***"] = None
+    return list(patterns)
+
+
+if __name__ == "__main__":
+    sys.exit(hook_main(os.environ))

@@ -1,0 +1,599 @@
+"""The mutual-TLS tunnel that carries one rsync push to a peer (DESIGN.md, "Data plane").
+
+After the TLS handshake (client certificate required, identity from its URI SAN), the stream
+carries, in this order::
+
+    client -> server   one frame: msgpack {"v": 1, "push": <push id>, "header": <bytes>}
+    server -> client   one frame: msgpack {"v": 1, "ok": true}
+                                       or {"v": 1, "ok": false, "error": <one line>}
+    both ways          raw bytes: the client's rsync <-> the server's fixed rsync daemon
+
+A frame is a 4-byte big-endian length and that many bytes. The header is opaque here: it
+is the sender's announcement of the push, for the receiving agent (``PushSink.begin``),
+which registers the push before the daemon starts, so before any byte of file data can
+land. The server answers only after ``begin`` returned, so a refused push fails on the
+client with the receiver's reason instead of a broken rsync stream.
+
+Whatever command the client's rsync asked its remote shell to run, the server starts
+``rsync --server --daemon --config=C .`` with the config of ``mesh.adapters.rsyncd``,
+which keeps every file the push replaces or deletes under ``<keep>/<push id>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import ssl
+import struct
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+
+from mesh.adapters import rsyncd
+from mesh.core.manifest import unpack
+from mesh.errors import ConfigError, LocalProtocolError, MeshError, PkiError, RemoteProtocolError
+from mesh.pki import (
+    NodeCredentials,
+    NodeIdentity,
+    client_ssl_context,
+    identity_from_der,
+    server_ssl_context,
+)
+
+LOG = logging.getLogger(__name__)
+
+VERSION = 1
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+_FRAME = struct.Struct(">I")
+_HELLO_OVERHEAD = 1024  # the map, the keys and the push id around the header
+_MAX_REPLY_BYTES = 64 * 1024
+_CHUNK = 64 * 1024
+
+
+class TunnelError(MeshError):
+    """A push could not be set up: connection, TLS, identity, or the receiver refused."""
+
+
+# --- frames --------------------------------------------------------------------------------
+
+
+def encode_frame(payload: object) -> bytes:
+    body: bytes = msgpack.packb(payload, use_bin_type=True)
+    return _FRAME.pack(len(body)) + body
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int) -> Any:
+    """One frame, decoded; ``RemoteProtocolError`` if it is cut short, too big or garbage."""
+    try:
+        (length,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+        if length > limit:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds {limit}")
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise RemoteProtocolError("stream ended inside a frame") from None
+    return unpack(body, max_bytes=limit)
+
+
+def _check_version(message: Any, keys: set[str]) -> dict[str, Any]:
+    if not isinstance(message, dict) or message.get("v") != VERSION:
+        raise RemoteProtocolError(f"not a version {VERSION} tunnel message")
+    if set(message) != keys:
+        raise RemoteProtocolError(f"fields {sorted(message)} instead of {sorted(keys)}")
+    return message
+
+
+@dataclass(frozen=True)
+class PushHello:
+    """The first frame of a push."""
+
+    push_id: str
+    header: bytes
+
+    def __post_init__(self) -> None:
+        if not rsyncd.valid_push_id(self.push_id):
+            raise LocalProtocolError(f"invalid push id {self.push_id!r}")
+        if not isinstance(self.header, bytes) or len(self.header) > MAX_HEADER_BYTES:
+            raise LocalProtocolError(f"push header must be at most {MAX_HEADER_BYTES} bytes")
+
+    def encode(self) -> bytes:
+        return encode_frame({"v": VERSION, "push": self.push_id, "header": self.header})
+
+    @classmethod
+    def decode(cls, message: Any) -> PushHello:
+        fields = _check_version(message, {"v", "push", "header"})
+        push_id, header = fields["push"], fields["header"]
+        if not rsyncd.valid_push_id(push_id):
+            raise RemoteProtocolError(f"invalid push id {str(push_id)[:80]!r}")
+        if not isinstance(header, bytes):
+            raise RemoteProtocolError("push header is not bytes")
+        return cls(push_id, header)
+
+
+class Connections:
+    """The tasks serving one server's accepted connections, at most ``limit`` at once."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        self.what, self.limit = what, limit
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def serve(
+        self, writer: asyncio.StreamWriter, handler: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Run ``handler()`` for the connection of ``writer``, or drop it when full."""
+        if len(self._tasks) >= self.limit:
+            LOG.warning("%s: dropped a connection: %d open, the limit", self.what, self.limit)
+            writer.transport.abort()
+            return
+        task = asyncio.create_task(handler())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Let the handlers finish for ``grace`` seconds, then cancel the rest."""
+        if self._tasks and grace > 0:
+            await asyncio.wait(self._tasks, timeout=grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# --- receiving side ------------------------------------------------------------------------
+
+
+class PushSink(Protocol):
+    """The receiving agent's view of pushes (implemented by the agent)."""
+
+    async def begin(self, peer: str, push_id: str, header: bytes) -> object:
+        """Register the push before any of its data lands; raise to refuse it. The return
+        value is handed back to ``end``. Files the push displaces are kept in
+        ``<keep_dir>/<push_id>``."""
+        ...
+
+    async def end(self, ticket: object, returncode: int) -> None:
+        """The daemon exited with ``returncode`` (negative: killed by that signal)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TunnelLimits:
+    handshake_timeout: float = 10.0
+    hello_timeout: float = 10.0  # from the handshake to a complete first frame
+    max_connections: int = 16
+    drain_timeout: float = 10.0  # for the daemon's last bytes to reach the client
+    stop_timeout: float = 5.0
+
+
+class TunnelServer:
+    """Accept pushes from peers and run the fixed rsync daemon for each one."""
+
+    def __init__(
+        self,
+        creds: NodeCredentials,
+        host: str,
+        port: int,
+        data_dir: Path,
+        keep_dir: Path,
+        sink: PushSink,
+        *,
+        rsync: str = rsyncd.RSYNC,
+        python: str = sys.executable,
+        limits: TunnelLimits | None = None,
+    ) -> None:
+        self.creds = creds
+        self.host, self.port = host, port
+        self.data_dir, self.keep_dir = data_dir, keep_dir
+        self.sink = sink
+        self.rsync, self.python = rsync, python
+        self.limits = limits or TunnelLimits()
+        self._server: asyncio.Server | None = None
+        self._conf_dir: Path | None = None
+        self._connections = Connections("tunnel", self.limits.max_connections)
+        self._procs: set[asyncio.subprocess.Process] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None or not self._server.sockets:
+            raise LocalProtocolError("the tunnel server is not running")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def __aenter__(self) -> TunnelServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise LocalProtocolError("the tunnel server is already running")
+        data_dir, keep_name = _check_dirs(self.data_dir, self.keep_dir)
+        chroot = os.geteuid() == 0
+        if not chroot:
+            LOG.warning("tunnel: not root, so no chroot: incoming symlinks get sanitized")
+        config = rsyncd.DaemonConfig(data_dir, keep_name, self.python, chroot)
+        self._conf_dir = Path(tempfile.mkdtemp(prefix="mesh-rsyncd-"))
+        (self._conf_dir / "rsyncd.conf").write_text(rsyncd.render_daemon_config(config))
+        self._keep_name = keep_name
+        tls = server_ssl_context(self.creds)
+        try:
+            self._server = await asyncio.start_server(
+                lambda r, w: self._accepted(r, w, tls), self.host, self.port
+            )
+        except OSError as err:
+            shutil.rmtree(self._conf_dir, ignore_errors=True)
+            raise ConfigError(f"tunnel: listen on {self.host}:{self.port}: {err}") from err
+        LOG.info("tunnel of %s listening on %s:%d", self.creds.identity.node, *self.address)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for proc in list(self._procs):
+            _kill_group(proc, signal.SIGTERM)
+        await self._connections.close(grace=self.limits.stop_timeout)
+        for proc in list(self._procs):
+            _kill_group(proc, signal.SIGKILL)
+        await self._server.wait_closed()
+        self._server = None
+        if self._conf_dir is not None:
+            shutil.rmtree(self._conf_dir, ignore_errors=True)
+
+    def _accepted(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: ssl.SSLContext
+    ) -> None:
+        address = _address(writer)
+        self._connections.serve(writer, lambda: self._serve(reader, writer, tls, address))
+
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tls: ssl.SSLContext,
+        address: str,
+    ) -> None:
+        try:
+            peer = await self._handshake(writer, tls, address)
+            if peer is not None:
+                await self._push(peer, reader, writer)
+        except RemoteProtocolError as err:
+            LOG.warning("tunnel: refused %s: %s", err.peer or address, err.reason)
+        except (OSError, TimeoutError) as err:
+            LOG.info("tunnel: connection from %s ended: %s", address, err or type(err).__name__)
+        except Exception:  # a bug here must not end the server's other pushes
+            LOG.exception("tunnel: connection from %s failed", address)
+        finally:
+            await close_stream(writer)
+
+    async def _handshake(
+        self, writer: asyncio.StreamWriter, tls: ssl.SSLContext, address: str
+    ) -> str | None:
+        """The peer's node id, or None after logging why the handshake failed. Run here, not
+        by the server, because asyncio logs failed server handshakes only in debug mode."""
+        try:
+            await writer.start_tls(tls, ssl_handshake_timeout=self.limits.handshake_timeout)
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            if not der:
+                raise PkiError("no client certificate")
+            return identity_from_der(der, self.creds.identity.cluster).node
+        except ssl.SSLCertVerificationError as err:
+            why = f"TLS: certificate verify failed: {err.verify_message}"
+        except ssl.SSLError as err:
+            why = "TLS: " + str(err.reason or err).replace("_", " ").lower()
+        except (OSError, TimeoutError) as err:
+            why = f"TLS handshake: {err or type(err).__name__}"
+        except PkiError as err:
+            why = str(err)
+        LOG.warning("tunnel: refused %s: %s", address, why)
+        return None
+
+    async def _push(
+        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            async with asyncio.timeout(self.limits.hello_timeout):
+                message = await read_frame(reader, MAX_HEADER_BYTES + _HELLO_OVERHEAD)
+            hello = PushHello.decode(message)
+        except TimeoutError:
+            raise RemoteProtocolError("no push header in time", peer=peer) from None
+        except RemoteProtocolError as err:
+            raise RemoteProtocolError(f"push header: {err.reason}", peer=peer) from None
+        ticket = await self._begin(peer, hello, writer)
+        if ticket is None:
+            return
+        returncode = -1
+        try:
+            writer.write(encode_frame({"v": VERSION, "ok": True}))
+            await writer.drain()
+            returncode = await self._run_daemon(peer, hello.push_id, reader, writer)
+        finally:
+            await self.sink.end(ticket, returncode)
+
+    async def _begin(
+        self, peer: str, hello: PushHello, writer: asyncio.StreamWriter
+    ) -> object | None:
+        """Make the push's keep dir, then let the agent register the push; None (after
+        telling the client why) when either refuses."""
+        where = f"push {hello.push_id} from {peer}"
+        try:
+            _make_keep_subdir(self.keep_dir, hello.push_id)
+        except OSError as err:
+            why = "push id already used" if isinstance(err, FileExistsError) else str(err)
+            await _refuse(writer, where, f"keep dir: {why}")
+            return None
+        try:
+            return await self.sink.begin(peer, hello.push_id, hello.header)
+        except MeshError as err:
+            why = str(err)
+        except Exception as err:  # the agent's bug must not take the tunnel down
+            LOG.exception("tunnel: %s: the push sink failed", where)
+            why = f"internal error ({type(err).__name__})"
+        with contextlib.suppress(OSError):
+            (self.keep_dir / hello.push_id).rmdir()
+        await _refuse(writer, where, why)
+        return None
+
+    async def _run_daemon(
+        self,
+        peer: str,
+        push_id: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> int:
+        assert self._conf_dir is not None
+        env = {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "LC_ALL": "C",
+            "MESH_PUSH_ID": push_id,
+            "MESH_KEEP_NAME": self._keep_name,
+        }
+        conf = self._conf_dir / "rsyncd.conf"
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *[self.rsync, "--server", "--daemon", f"--config={conf}", "."],
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # its own process group, killed as one on stop
+            )
+        except OSError as err:
+            LOG.error("tunnel: push %s: cannot start %s: %s", push_id, self.rsync, err)
+            return 127  # what a shell reports for a command it cannot run
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self._procs.add(proc)
+        stdin = proc.stdin
+        inbound = asyncio.create_task(_feed(reader, stdin))
+        outbound = asyncio.create_task(pump(proc.stdout, writer))
+        errors: deque[str] = deque(maxlen=20)
+        stderr = asyncio.create_task(_collect(proc.stderr, errors))
+        try:
+            returncode = await proc.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(outbound, stderr), self.limits.drain_timeout)
+        finally:
+            _kill_group(proc, signal.SIGKILL)
+            self._procs.discard(proc)
+            for task in (inbound, outbound, stderr):
+                task.cancel()
+            await asyncio.gather(inbound, outbound, stderr, return_exceptions=True)
+        level = logging.INFO if returncode == 0 else logging.WARNING
+        LOG.log(level, "tunnel: push %s from %s: rsync exit %d", push_id, peer, returncode)
+        for line in errors if returncode else ():
+            LOG.warning("tunnel: push %s: rsync: %s", push_id, line)
+        return returncode
+
+
+def _check_dirs(data_dir: Path, keep_dir: Path) -> tuple[Path, str]:
+    """The resolved data dir and the keep dir's name; creates the keep dir (mode 0700)."""
+    if not data_dir.is_dir():
+        raise ConfigError(f"tunnel: data dir {data_dir} is not a directory")
+    if keep_dir.parent.resolve() != data_dir.resolve():
+        raise ConfigError(f"tunnel: keep dir {keep_dir} must be directly inside {data_dir}")
+    if not rsyncd.valid_keep_name(keep_dir.name):
+        raise ConfigError(f"tunnel: keep dir name {keep_dir.name!r} must match .NAME")
+    with contextlib.suppress(FileExistsError):
+        keep_dir.mkdir(mode=0o700)
+    if not keep_dir.is_dir() or keep_dir.is_symlink():
+        raise ConfigError(f"tunnel: keep dir {keep_dir} is not a directory")
+    return data_dir.resolve(), keep_dir.name
+
+
+def _make_keep_subdir(keep_dir: Path, push_id: str) -> None:
+    """Create ``<keep_dir>/<push_id>``, failing if it exists, without following a link."""
+    fd = os.open(keep_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.mkdir(push_id, 0o700, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+async def _refuse(writer: asyncio.StreamWriter, where: str, why: str) -> None:
+    LOG.warning("tunnel: refused %s: %s", where, why)
+    writer.write(encode_frame({"v": VERSION, "ok": False, "error": why}))
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(writer.drain(), 5)
+
+
+async def close_stream(writer: asyncio.StreamWriter, within: float = 5.0) -> None:
+    """Close after the last bytes went out (``abort`` would drop what is still buffered,
+    such as the daemon's final error message); abort if the peer does not take them."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), within)
+    except (OSError, TimeoutError):
+        writer.transport.abort()
+
+
+def _address(writer: asyncio.StreamWriter) -> str:
+    peername = writer.get_extra_info("peername")
+    return f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+
+
+def _kill_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+
+async def _feed(reader: asyncio.StreamReader, stdin: asyncio.StreamWriter) -> None:
+    """TLS to the daemon's stdin; closing stdin at the end tells the daemon the client left."""
+    try:
+        await pump(reader, stdin)
+    finally:
+        stdin.close()
+
+
+async def _collect(stream: asyncio.StreamReader, lines: deque[str]) -> None:
+    async for raw in stream:
+        lines.append(raw.decode("utf-8", "backslashreplace").rstrip())
+
+
+async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    """Copy until end of stream or until either side breaks."""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await source.read(_CHUNK):
+            sink.write(chunk)
+            await sink.drain()
+
+
+# --- sending side ------------------------------------------------------------------------
+
+
+def credentials_env(creds: NodeCredentials) -> dict[str, str]:
+    """The environment that hands a node's TLS material to ``mesh tunnel-rsh``, which
+    rsync starts with nothing but a host name."""
+    return {
+        "MESH_CLUSTER": creds.identity.cluster,
+        "MESH_NODE_ID": creds.identity.node,
+        "MESH_TLS_CA": str(creds.ca_cert),
+        "MESH_TLS_CERT": str(creds.cert),
+        "MESH_TLS_KEY": str(creds.key),
+    }
+
+
+def credentials_from_env(environ: Mapping[str, str]) -> NodeCredentials:
+    try:
+        identity = NodeIdentity(environ["MESH_CLUSTER"], environ["MESH_NODE_ID"])
+        return NodeCredentials(
+            identity,
+            Path(environ["MESH_TLS_CA"]),
+            Path(environ["MESH_TLS_CERT"]),
+            Path(environ["MESH_TLS_KEY"]),
+        )
+    except KeyError as err:
+        raise ConfigError(f"{err.args[0]} is not set") from None
+    except MeshError as err:
+        raise ConfigError(str(err)) from None
+
+
+async def open_push(
+    host: str,
+    port: int,
+    creds: NodeCredentials,
+    peer: str,
+    hello: PushHello,
+    *,
+    within: float = 10.0,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to ``peer``'s tunnel, check that it is ``peer``, send the push header and
+    wait for the go-ahead; ``TunnelError`` with one line saying what failed."""
+    where = f"{host}:{port}"
+    try:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=client_ssl_context(creds), ssl_handshake_timeout=within
+            )
+    except ssl.SSLCertVerificationError as err:
+        raise TunnelError(
+            f"TLS to {where}: certificate verify failed: {err.verify_message}"
+        ) from None
+    except (OSError, TimeoutError) as err:
+        raise TunnelError(f"connect to {where}: {err or type(err).__name__}") from None
+    try:
+        _check_peer(writer, creds, peer, where)
+        writer.write(hello.encode())
+        async with asyncio.timeout(within):
+            await writer.drain()
+            refusal = _decode_reply(await read_frame(reader, _MAX_REPLY_BYTES))
+    except TimeoutError:
+        writer.transport.abort()
+        raise TunnelError(f"{peer} at {where} did not answer push {hello.push_id}") from None
+    except (OSError, RemoteProtocolError) as err:
+        writer.transport.abort()
+        raise TunnelError(f"push {hello.push_id} to {peer} at {where}: {err}") from None
+    except TunnelError:
+        writer.transport.abort()
+        raise
+    if refusal is not None:
+        writer.transport.abort()
+        raise TunnelError(f"{peer} refused push {hello.push_id}: {refusal}")
+    return reader, writer
+
+
+def _decode_reply(message: Any) -> str | None:
+    """None for the go-ahead, else the receiver's reason for refusing."""
+    if isinstance(message, dict) and message.get("ok") is True:
+        _check_version(message, {"v", "ok"})
+        return None
+    fields = _check_version(message, {"v", "ok", "error"})
+    if fields["ok"] is not False or not isinstance(fields["error"], str):
+        raise RemoteProtocolError("malformed reply to the push header")
+    return fields["error"][:500]
+
+
+def _check_peer(
+    writer: asyncio.StreamWriter, creds: NodeCredentials, peer: str, where: str
+) -> None:
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    try:
+        found = identity_from_der(der, creds.identity.cluster).node
+    except PkiError as err:
+        raise TunnelError(f"{where}: {err}") from None
+    if found != peer:
+        raise TunnelError(f"{where} is {found}, not the expected peer {peer}")
+
+
+async def relay_stdio(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, linger: float = 30.0
+) -> None:
+    """Pipe stdin into the tunnel and the tunnel to stdout: the remote shell's half of a
+    push. Ends when the receiver closes the tunnel (its daemon is done), or ``linger``
+    seconds after our rsync closed stdin (TLS has no half-close to pass that on)."""
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(stdin), os.fdopen(0, "rb", 0, closefd=False)
+    )
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
+        os.fdopen(1, "wb", 0, closefd=False),
+    )
+    stdout = asyncio.StreamWriter(transport, protocol, None, loop)
+    upstream = asyncio.create_task(pump(stdin, writer))
+    downstream = asyncio.create_task(pump(reader, stdout))
+    try:
+        await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
+        if not downstream.done():
+            await asyncio.wait({downstream}, timeout=linger)
+    finally:
+        for task in (upstream, downstream):
+            task.cancel()
+        await asyncio.gather(upstream, downstream, return_exceptions=True)
+        stdout.close()  # after what is still buffered for our rsync has been written
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(stdout.wait_closed(), linger)
+        writer.transport.abort()

@@ -1,0 +1,187 @@
+"""Real lsyncd 2.2.3 with the rendered config and the gate wrapper, a real agent socket
+(``GateServer`` with a fake policy) and a real receiver (``TunnelServer``) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mesh.adapters import rsyncd
+from mesh.adapters.lsyncd import LsyncdSettings, LsyncdSupervisor
+from mesh.adapters.tunnel import TunnelServer
+from mesh.gate import GateServer
+from tests.integration.conftest import GrantPolicy, Pki, RecordingSink, until
+
+pytestmark = pytest.mark.integration
+
+SENDER, RECEIVER, OTHER = "alpha", "bravo", "charlie"
+KEEP = rsyncd.DEFAULT_KEEP_NAME
+
+
+@dataclass
+class Mesh:
+    source: Path
+    target: Path
+    supervisor: LsyncdSupervisor
+    policy: GrantPolicy
+    sink: RecordingSink
+
+
+@asynccontextmanager
+async def running(
+    cluster_pki: Pki, tmp_path: Path, *, blocked: bool = False
+) -> AsyncIterator[Mesh]:
+    """alpha's lsyncd pushing to bravo. The data dir's name has a space, quotes and
+    non-ASCII, which the rendered Lua must carry intact."""
+    source, target = tmp_path / 'data "A" ü', tmp_path / "B"
+    source.mkdir()
+    target.mkdir(exist_ok=True)
+    sink = RecordingSink(target)
+    async with AsyncExitStack() as stack:
+        tunnel = TunnelServer(
+            cluster_pki.creds(RECEIVER), "127.0.0.1", 0, target, target / KEEP, sink
+        )
+        await stack.enter_async_context(tunnel)
+        policy = GrantPolicy(
+            {RECEIVER: tunnel.address}, lambda peer, paths: paths if peer == RECEIVER else []
+        )
+        if blocked:
+            policy.gate = asyncio.Event()
+        socket_path = tmp_path / "agent.sock"
+        await stack.enter_async_context(GateServer(socket_path, policy))
+        settings = LsyncdSettings(
+            source, socket_path, cluster_pki.creds(SENDER), backoff=(0.1, 1.0), stop_timeout=3
+        )
+        (tmp_path / "lsyncd").mkdir()
+        config = tmp_path / "lsyncd" / "lsyncd.conf.lua"
+        supervisor = LsyncdSupervisor(config, [RECEIVER], settings=settings)
+        await supervisor.start()
+        stack.push_async_callback(supervisor.stop)
+        yield Mesh(source, target, supervisor, policy, sink)
+
+
+async def poke_until(
+    mesh: Mesh, condition: Callable[[str], bool] | None = None, *, within: float = 15.0
+) -> None:
+    """lsyncd says nothing once its watches are set, so write a probe file until
+    ``condition(content)`` holds; by default, until that probe has landed on bravo."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    if condition is None:
+        condition = lambda content: _read(mesh.target / "probe") == content  # noqa: E731
+    count = 0
+    while True:
+        count += 1
+        content = str(count)
+        (mesh.source / "probe").write_text(content)
+        try:
+            await until(functools.partial(condition, content), "a probe", within=1.5)
+            return
+        except AssertionError:
+            if loop.time() > deadline:
+                raise
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+async def test_a_write_reaches_the_peer_and_a_delete_is_kept(
+    cluster_pki: Pki, tmp_path: Path
+) -> None:
+    async with running(cluster_pki, tmp_path) as mesh:
+        await poke_until(mesh)
+        (mesh.source / "sub" / "dir").mkdir(parents=True)
+        (mesh.source / "sub" / "dir" / "new file.txt").write_text("written on alpha")
+        (mesh.source / "second").write_text("second")
+        landed = mesh.target / "sub" / "dir" / "new file.txt"
+        await until(lambda: _read(landed) == "written on alpha", "the write on bravo", 5)
+        await until(lambda: _read(mesh.target / "second") == "second", "the second write", 5)
+        (mesh.source / "second").unlink()
+        await until(lambda: not (mesh.target / "second").exists(), "the delete on bravo", 5)
+        # rsync deletes early in a transfer: let the push finish before lsyncd is stopped.
+        await until(lambda: len(mesh.sink.finished()) == len(mesh.sink.pushes), "the pushes", 5)
+    kept = [p for p in (mesh.target / KEEP).glob("*/second")]
+    assert [p.read_text() for p in kept] == ["second"]
+    assert [(p.peer, p.returncode) for p in mesh.sink.pushes] == [(SENDER, 0)] * len(
+        mesh.sink.pushes
+    )
+
+
+async def test_an_empty_source_at_start_deletes_nothing(cluster_pki: Pki, tmp_path: Path) -> None:
+    target = tmp_path / "B"
+    (target / "dir").mkdir(parents=True)
+    (target / "dir" / "precious").write_text("only bravo has this")
+    (target / "top").write_text("and this")
+    async with running(cluster_pki, tmp_path) as mesh:
+        # lsyncd would have run a start-up sync before handling this change.
+        await poke_until(mesh)
+        assert (target / "dir" / "precious").read_text() == "only bravo has this"
+        assert (target / "top").read_text() == "and this"
+        assert {p for _, paths in mesh.policy.calls for p in paths} == {"probe"}
+    assert not any((target / KEEP).rglob("precious"))
+
+
+async def test_peer_change_restarts_lsyncd_with_a_sync_per_peer(
+    cluster_pki: Pki, tmp_path: Path
+) -> None:
+    async with running(cluster_pki, tmp_path) as mesh:
+        await poke_until(mesh)
+        first = mesh.supervisor.pid
+        mesh.supervisor.update_peers([RECEIVER, OTHER])
+        await until(lambda: mesh.supervisor.pid not in (None, first), "a new lsyncd", 5)
+        assert f"{OTHER}::data/" in mesh.supervisor.config_path.read_text()
+        await poke_until(mesh)
+        (mesh.source / "after").write_text("for both peers")
+        await until(
+            lambda: any(peer == OTHER and "after" in ps for peer, ps in mesh.policy.calls),
+            "the gate asking about charlie",
+            5,
+        )
+        await until(lambda: _read(mesh.target / "after") == "for both peers", "the write", 5)
+        assert mesh.supervisor.starts == 2
+
+
+async def test_a_dead_lsyncd_is_restarted(cluster_pki: Pki, tmp_path: Path) -> None:
+    async with running(cluster_pki, tmp_path) as mesh:
+        await until(lambda: mesh.supervisor.pid is not None, "lsyncd to start", 5)
+        first = mesh.supervisor.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: mesh.supervisor.pid not in (None, first), "a restarted lsyncd", 5)
+        await poke_until(mesh)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group ``pgid``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+async def test_stop_ends_lsyncd_and_everything_it_started(cluster_pki: Pki, tmp_path: Path) -> None:
+    async with running(cluster_pki, tmp_path, blocked=True) as mesh:
+        await poke_until(mesh, lambda _: bool(mesh.policy.calls))  # a gate now waits
+        pgid = mesh.supervisor.pid
+        assert pgid is not None
+        assert len(group_members(pgid)) > 1  # lsyncd and the gate it runs
+        await mesh.supervisor.stop()
+        assert group_members(pgid) == []
+        assert mesh.supervisor.pid is None
