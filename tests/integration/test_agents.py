@@ -1,0 +1,65 @@
+"""Real agents (processes), real lsyncd, real rsync over TLS, 3 nodes on 127.0.0.x."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Cluster, Node
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, 3)
+    try:
+        c.start_all()
+        yield c
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.close()
+
+
+def every_kind_of_change(node: Node, tag: str) -> None:
+    d = node.data
+    (d / f"{tag}-new.txt").write_text(f"new on {node.name}\n")
+    (d / f"{tag}-empty").write_bytes(b"")
+    (d / f"{tag} dir/sub").mkdir(parents=True)
+    (d / f"{tag} dir/sub/ünïcödé name.bin").write_bytes(os.urandom(70_000))
+    (d / f"{tag} dir/new\nline").write_text("newline in the name")
+    (d / f"{tag}-exec.sh").write_text("#!/bin/sh\n")
+    (d / f"{tag}-exec.sh").chmod(0o750)
+    (d / f"{tag}-link").symlink_to(f"{tag}-new.txt")
+    (d / f"{tag}-dangling").symlink_to("/nonexistent/target")
+
+
+def second_round(node: Node, tag: str) -> None:
+    d = node.data
+    (d / f"{tag}-new.txt").write_text("edited\n")
+    (d / f"{tag}-exec.sh").chmod(0o700)
+    (d / f"{tag}-empty").unlink()
+    (d / f"{tag} dir/sub/ünïcödé name.bin").rename(d / f"{tag} dir/moved.bin")
+    (d / f"{tag} dir/sub").rmdir()
+
+
+def test_every_kind_of_change_converges_from_every_node(cluster: Cluster) -> None:
+    for node in cluster.nodes:
+        every_kind_of_change(node, node.name)
+    cluster.wait_converged()
+    tree = cluster.tree(cluster.nodes[0])
+    assert tree["n2-exec.sh"][1] == 0o750
+    assert tree["n3-link"][0] == "link"
+    assert "n1 dir/new\nline" in tree
+    for node in cluster.nodes:
+        second_round(node, node.name)
+    cluster.wait_converged()
+    tree = cluster.tree(cluster.nodes[2])
+    assert "n1-empty" not in tree and "n2 dir/sub" not in tree
+    assert tree["n3-exec.sh"][1] == 0o700 and "n1 dir/moved.bin" in tree
+    assert not any(".conflict-" in p for p in tree), "no conflicts were made"
