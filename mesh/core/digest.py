@@ -31,7 +31,7 @@ def bucket_of(path: str) -> int:
 
 
 def item_hash(path: str, vector: VersionVector) -> int:
-    material = path.encode() + b"\x00" + repr(sorted(vector.items())).encode()
+    material = path.encode() + b"\x00" + repr(vector.items()).encode()
     return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "big")
 
 

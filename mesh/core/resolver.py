@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from mesh.core.manifest import ContentKey, Entry, Kind
@@ -117,10 +117,14 @@ class Version:
     """The heads of one path: its maximal, pairwise concurrent writes."""
 
     heads: tuple[Entry, ...]
+    _winner: Entry = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.heads:
             raise LocalProtocolError("a version needs at least one head")
+        # Computed once: the winner is read on every comparison of contents.
+        winner = self.heads[0] if len(self.heads) == 1 else max(self.heads, key=_key)
+        object.__setattr__(self, "_winner", winner)
 
     @classmethod
     def of(cls, *writes: Entry) -> Version:
@@ -135,7 +139,7 @@ class Version:
 
     @property
     def winner(self) -> Entry:
-        return max(self.heads, key=_key)
+        return self._winner
 
     @property
     def vector(self) -> VersionVector:

@@ -75,6 +75,10 @@ class VersionVector(Mapping[str, int]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def items(self) -> tuple[tuple[str, int], ...]:  # type: ignore[override]
+        """The (node, counter) pairs, sorted by node: the stored tuple itself."""
+        return self._items
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{n}:{c}" for n, c in self._items)
         return f"VV({inner})"

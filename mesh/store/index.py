@@ -81,6 +81,10 @@ class Index:
         except sqlite3.Error as err:
             raise StoreError(f"open state database {path}: {err}") from err
         self._depth = 0
+        # Path states read or written in the open transaction: the replica reads
+        # a path's state several times per change. Only this object writes the
+        # tables, so the cache is exact; it is dropped at commit and rollback.
+        self._states: dict[str, PathState] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -129,10 +133,17 @@ class Index:
                 raise StoreError(f"commit to {self.path}: {err}") from err
         finally:
             self._depth = 0
+            self._states.clear()
 
     # --- ReplicaStore ------------------------------------------------------------
     def state(self, path: str) -> PathState:
-        return PathState(self._get("versions", path), self._get("targets", path))
+        cached = self._states.get(path)
+        if cached is not None:
+            return cached
+        state = PathState(self._get("versions", path), self._get("targets", path))
+        if self._depth:
+            self._states[path] = state
+        return state
 
     def _get(self, table: str, path: str) -> Version | None:
         row = self.db.execute(f"SELECT heads FROM {table} WHERE path = ?",  # noqa: S608
@@ -141,6 +152,7 @@ class Index:
 
     def set_state(self, path: str, state: PathState) -> None:
         with self.batch():
+            self._states[path] = state
             if state.disk is None:
                 self.db.execute("DELETE FROM versions WHERE path = ?", (path,))
             else:
