@@ -45,7 +45,7 @@ from mesh.adapters.tunnel import (
 from mesh.core.paths import is_normalized
 from mesh.core.vclock import NODE_ID_RE
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, RemoteProtocolError
-from mesh.pki import NodeCredentials
+from mesh.tls import NodeCredentials
 
 LOG = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ MAX_REQUEST_BYTES = MAX_PATHS_BYTES + 4096
 MAX_REPLY_BYTES = MAX_PATHS_BYTES + MAX_HEADER_BYTES + 4096
 EXIT_USAGE = 1  # lsyncd's "die": a command line the gate does not understand is a bug
 EXIT_RETRY = 10  # rsync's "socket I/O error", which lsyncd 2.2.3 retries ("again")
-TUNNEL_RSH = ("-m", "mesh.cli_gate", "tunnel-rsh")
+TUNNEL_RSH = ("-m", "mesh.rsh")  # lean: started once per push (see mesh/rsh.py)
 
 
 class GateUnavailable(MeshError):
@@ -449,3 +449,15 @@ async def _gate(peer: str, paths: list[str], env: GateEnv) -> int:
     except MeshError as err:
         LOG.error("%s", err)
         return EXIT_RETRY
+
+
+def main() -> int:
+    """``python -m mesh.gate``: what the lsyncd wrapper runs (no CLI framework: it
+    starts once per lsyncd batch, so it must start fast)."""
+    level = os.environ.get("MESH_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(stream=sys.stderr, level=level, format="mesh gate: %(message)s")
+    return run_gate(sys.argv[1:], sys.stdin.buffer, os.environ)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

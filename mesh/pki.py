@@ -29,13 +29,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.errors import PkiError
+from mesh.tls import CLUSTER_PATTERN as _CLUSTER_PATTERN
+from mesh.tls import (  # re-exported: this module is the PKI's whole API
+    NodeCredentials,
+    NodeIdentity,
+    check_name,
+    client_ssl_context,
+    server_ssl_context,
+)
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 
-_CLUSTER_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
-_NODE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-_NODE_URI = re.compile(rf"spiffe://({_CLUSTER_PATTERN})/node/({_NODE_PATTERN})")
 _CLUSTER_URI = re.compile(rf"spiffe://({_CLUSTER_PATTERN})")
 
 # Nodes' clocks drift apart; backdating notBefore keeps a certificate issued on one host
@@ -43,34 +48,6 @@ _CLUSTER_URI = re.compile(rf"spiffe://({_CLUSTER_PATTERN})")
 _CLOCK_SKEW = timedelta(minutes=5)
 _KEY_MODE = 0o600
 _CERT_MODE = 0o644
-
-
-def _check_name(kind: str, value: object, pattern: str) -> None:
-    if not isinstance(value, str) or re.fullmatch(pattern, value) is None:
-        raise PkiError(f"invalid {kind} name {value!r}: must match {pattern}")
-
-
-@dataclass(frozen=True)
-class NodeIdentity:
-    """Who a certificate speaks for: one node of one cluster."""
-
-    cluster: str
-    node: str
-
-    def __post_init__(self) -> None:
-        _check_name("cluster", self.cluster, _CLUSTER_PATTERN)
-        _check_name("node", self.node, _NODE_PATTERN)
-
-    @property
-    def uri(self) -> str:
-        return f"spiffe://{self.cluster}/node/{self.node}"
-
-    @classmethod
-    def from_uri(cls, uri: str) -> NodeIdentity:
-        match = _NODE_URI.fullmatch(uri) if isinstance(uri, str) else None
-        if match is None:
-            raise PkiError(f"not a meshsync node identity: {uri!r}")
-        return cls(match[1], match[2])
 
 
 @dataclass(frozen=True)
@@ -85,16 +62,6 @@ class CertInfo:
     not_after: datetime
     fingerprint_sha256: str  # colon-separated hex, as ``openssl x509 -fingerprint`` prints it
     has_key: bool
-
-
-@dataclass(frozen=True)
-class NodeCredentials:
-    """Checked paths of one node's TLS material, ready for an ``ssl.SSLContext``."""
-
-    identity: NodeIdentity
-    ca_cert: Path
-    cert: Path
-    key: Path
 
 
 @dataclass(frozen=True)
@@ -302,7 +269,7 @@ def _key_usage(*, signature: bool, cert_sign: bool) -> x509.KeyUsage:
 
 def init_ca(pki_dir: Path, cluster: str, *, days: int = 3650, now: datetime | None = None) -> Path:
     """Create the cluster CA in ``pki_dir``; return the path of ``ca.crt``."""
-    _check_name("cluster", cluster, _CLUSTER_PATTERN)
+    check_name("cluster", cluster, _CLUSTER_PATTERN)
     cert_path = pki_dir / CA_CERT
     _refuse_existing([cert_path, pki_dir / CA_KEY], "a cluster has exactly one CA")
     _make_private_dir(pki_dir)
@@ -467,37 +434,6 @@ def load_node(pki_dir: Path, node: str) -> NodeCredentials:
 # --- TLS ---------------------------------------------------------------------------------
 
 
-def _ssl_context(creds: NodeCredentials, *, server: bool) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    # Strict RFC 5280 checks, as Python 3.13's default context has; our certificates pass.
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    try:
-        ctx.load_verify_locations(cafile=creds.ca_cert)
-        ctx.load_cert_chain(creds.cert, creds.key)
-    except OSError as err:  # ssl.SSLError is an OSError
-        raise PkiError(f"load TLS credentials of {creds.identity.uri}: {err}") from err
-    return ctx
-
-
-def server_ssl_context(creds: NodeCredentials) -> ssl.SSLContext:
-    """Accept only clients with a current certificate from the cluster CA."""
-    return _ssl_context(creds, server=True)
-
-
-def client_ssl_context(creds: NodeCredentials) -> ssl.SSLContext:
-    """Trust only servers with a current certificate from the cluster CA.
-
-    Hostnames are not checked: peers are dialled by overlay IPs and service names that
-    need not be in their certificate. Any cluster member passes the handshake; the caller
-    must check *which* one with ``identity_from_ssl``.
-    """
-    ctx = _ssl_context(creds, server=False)
-    ctx.check_hostname = False
-    return ctx
-
-
 def identity_from_der(der: bytes, cluster: str) -> NodeIdentity:
     """The identity in ``cluster`` of a peer certificate that TLS has already verified."""
     try:
@@ -513,3 +449,10 @@ def identity_from_ssl(ssl_object: ssl.SSLObject | ssl.SSLSocket, cluster: str) -
     if der is None:
         raise PkiError("peer presented no certificate")
     return identity_from_der(der, cluster)
+
+
+__all__ = [
+    "CA_CERT", "CA_KEY", "CertInfo", "NodeCredentials", "NodeIdentity", "client_ssl_context",
+    "cluster_of", "identity_from_der", "identity_from_ssl", "init_ca", "issue", "load_node",
+    "server_ssl_context", "show",
+]

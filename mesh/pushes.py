@@ -33,8 +33,8 @@ from mesh.dataplane import DataPlane
 from mesh.errors import MeshError, RemoteProtocolError
 from mesh.exchange import Exchange
 from mesh.gate import PushGrant, push
-from mesh.pki import NodeCredentials
 from mesh.store.index import Index
+from mesh.tls import NodeCredentials
 
 LOG = logging.getLogger("mesh.push")
 

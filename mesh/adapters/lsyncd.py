@@ -47,7 +47,7 @@ from mesh.adapters.tunnel import credentials_env
 from mesh.core.paths import normalize
 from mesh.core.vclock import NODE_ID_RE
 from mesh.errors import ConfigError, InvalidPath, LocalProtocolError, MeshError
-from mesh.pki import NodeCredentials
+from mesh.tls import NodeCredentials
 
 LOG = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def render_gate_wrapper(settings: LsyncdSettings) -> str:
         **settings.extra_env,
     }
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
-    command = shlex.join([settings.python, "-m", "mesh.cli_gate", "gate"])
+    command = shlex.join([settings.python, "-m", "mesh.gate"])
     return f'#!/bin/sh\n# written by mesh.adapters.lsyncd\n{exports}exec {command} "$@"\n'
 
 

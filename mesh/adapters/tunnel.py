@@ -42,13 +42,7 @@ import msgpack
 from mesh.adapters import rsyncd
 from mesh.core.manifest import unpack
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, PkiError, RemoteProtocolError
-from mesh.pki import (
-    NodeCredentials,
-    NodeIdentity,
-    client_ssl_context,
-    identity_from_der,
-    server_ssl_context,
-)
+from mesh.tls import NodeCredentials, NodeIdentity, identity_from_peercert, server_ssl_context
 
 LOG = logging.getLogger(__name__)
 
@@ -285,10 +279,10 @@ class TunnelServer:
         by the server, because asyncio logs failed server handshakes only in debug mode."""
         try:
             await writer.start_tls(tls, ssl_handshake_timeout=self.limits.handshake_timeout)
-            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            if not der:
+            cert = writer.get_extra_info("ssl_object").getpeercert()
+            if not cert:
                 raise PkiError("no client certificate")
-            return identity_from_der(der, self.creds.identity.cluster).node
+            return identity_from_peercert(cert, self.creds.identity.cluster).node
         except ssl.SSLCertVerificationError as err:
             why = f"TLS: certificate verify failed: {err.verify_message}"
         except ssl.SSLError as err:
@@ -498,102 +492,3 @@ def credentials_from_env(environ: Mapping[str, str]) -> NodeCredentials:
         raise ConfigError(f"{err.args[0]} is not set") from None
     except MeshError as err:
         raise ConfigError(str(err)) from None
-
-
-async def open_push(
-    host: str,
-    port: int,
-    creds: NodeCredentials,
-    peer: str,
-    hello: PushHello,
-    *,
-    within: float = 10.0,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to ``peer``'s tunnel, check that it is ``peer``, send the push header and
-    wait for the go-ahead; ``TunnelError`` with one line saying what failed."""
-    where = f"{host}:{port}"
-    try:
-        async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=client_ssl_context(creds), ssl_handshake_timeout=within
-            )
-    except ssl.SSLCertVerificationError as err:
-        raise TunnelError(
-            f"TLS to {where}: certificate verify failed: {err.verify_message}"
-        ) from None
-    except (OSError, TimeoutError) as err:
-        raise TunnelError(f"connect to {where}: {err or type(err).__name__}") from None
-    try:
-        _check_peer(writer, creds, peer, where)
-        writer.write(hello.encode())
-        async with asyncio.timeout(within):
-            await writer.drain()
-            refusal = _decode_reply(await read_frame(reader, _MAX_REPLY_BYTES))
-    except TimeoutError:
-        writer.transport.abort()
-        raise TunnelError(f"{peer} at {where} did not answer push {hello.push_id}") from None
-    except (OSError, RemoteProtocolError) as err:
-        writer.transport.abort()
-        raise TunnelError(f"push {hello.push_id} to {peer} at {where}: {err}") from None
-    except TunnelError:
-        writer.transport.abort()
-        raise
-    if refusal is not None:
-        writer.transport.abort()
-        raise TunnelError(f"{peer} refused push {hello.push_id}: {refusal}")
-    return reader, writer
-
-
-def _decode_reply(message: Any) -> str | None:
-    """None for the go-ahead, else the receiver's reason for refusing."""
-    if isinstance(message, dict) and message.get("ok") is True:
-        _check_version(message, {"v", "ok"})
-        return None
-    fields = _check_version(message, {"v", "ok", "error"})
-    if fields["ok"] is not False or not isinstance(fields["error"], str):
-        raise RemoteProtocolError("malformed reply to the push header")
-    return fields["error"][:500]
-
-
-def _check_peer(
-    writer: asyncio.StreamWriter, creds: NodeCredentials, peer: str, where: str
-) -> None:
-    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    try:
-        found = identity_from_der(der, creds.identity.cluster).node
-    except PkiError as err:
-        raise TunnelError(f"{where}: {err}") from None
-    if found != peer:
-        raise TunnelError(f"{where} is {found}, not the expected peer {peer}")
-
-
-async def relay_stdio(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, linger: float = 30.0
-) -> None:
-    """Pipe stdin into the tunnel and the tunnel to stdout: the remote shell's half of a
-    push. Ends when the receiver closes the tunnel (its daemon is done), or ``linger``
-    seconds after our rsync closed stdin (TLS has no half-close to pass that on)."""
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(stdin), os.fdopen(0, "rb", 0, closefd=False)
-    )
-    transport, protocol = await loop.connect_write_pipe(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
-        os.fdopen(1, "wb", 0, closefd=False),
-    )
-    stdout = asyncio.StreamWriter(transport, protocol, None, loop)
-    upstream = asyncio.create_task(pump(stdin, writer))
-    downstream = asyncio.create_task(pump(reader, stdout))
-    try:
-        await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
-        if not downstream.done():
-            await asyncio.wait({downstream}, timeout=linger)
-    finally:
-        for task in (upstream, downstream):
-            task.cancel()
-        await asyncio.gather(upstream, downstream, return_exceptions=True)
-        stdout.close()  # after what is still buffered for our rsync has been written
-        with contextlib.suppress(OSError, TimeoutError):
-            await asyncio.wait_for(stdout.wait_closed(), linger)
-        writer.transport.abort()
