@@ -40,6 +40,7 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from mesh.adapters.tls_server import bind, open_tls
 from mesh.core.topics import TopicPolicy
 from mesh.errors import ConfigError, LocalProtocolError, PkiError
 from mesh.pki import NodeCredentials, NodeIdentity, identity_from_der, server_ssl_context
@@ -422,7 +423,7 @@ class EmbeddedBroker:
             raise LocalProtocolError("the broker is already running")
         _quiet_amqtt(self.settings.amqtt_log_level)
         tls = server_ssl_context(self.settings.credentials)
-        sock = _bind(self.settings.host, self.settings.port)
+        sock = bind(self.settings.host, self.settings.port)
         try:
             self._broker = _MeshBroker(self._amqtt_config(), self._guard)
             await self._broker.start()
@@ -500,8 +501,9 @@ class EmbeddedBroker:
         self, client: socket.socket, addr: tuple[str, int], tls: ssl.SSLContext
     ) -> None:
         peer = f"{addr[0]}:{addr[1]}"
-        opened = await _open_tls(client, peer, tls, self.settings.limits.handshake_timeout)
-        if opened is None:
+        opened = await open_tls(client, tls, self.settings.limits.handshake_timeout)
+        if isinstance(opened, str):
+            _refuse(peer, None, opened)
             return
         reader, writer = opened
         try:
@@ -594,40 +596,6 @@ async def _read_packet(reader: asyncio.StreamReader, limit: int) -> bytes | None
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
     return bytes(raw)
-
-
-async def _open_tls(
-    client: socket.socket, peer: str, tls: ssl.SSLContext, handshake_timeout: float
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-    """The TLS handshake, run here rather than in the server so that a refusal is logged
-    with the peer's address (asyncio logs failed server handshakes only in debug mode)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    protocol = asyncio.StreamReaderProtocol(reader)
-    try:
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: protocol, client, ssl=tls, ssl_handshake_timeout=handshake_timeout
-        )
-    except ssl.SSLCertVerificationError as err:
-        _refuse(peer, None, f"TLS: certificate verify failed: {err.verify_message}")
-    except ssl.SSLError as err:
-        _refuse(peer, None, "TLS: " + str(err.reason or err).replace("_", " ").lower())
-    except (OSError, TimeoutError) as err:
-        _refuse(peer, None, f"TLS handshake: {err or type(err).__name__}")
-    else:
-        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-    client.close()
-    return None
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        sock = socket.create_server((host, port), family=family, backlog=128)
-    except OSError as err:
-        raise ConfigError(f"listen on {host}:{port}: {err.strerror or err}") from err
-    sock.setblocking(False)
-    return sock
 
 
 def _quiet_amqtt(level: int) -> None:

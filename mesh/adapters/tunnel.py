@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import struct
 import sys
@@ -40,6 +42,7 @@ from typing import Any, Protocol
 import msgpack
 
 from mesh.adapters import rsyncd
+from mesh.adapters.tls_server import bind, open_tls
 from mesh.core.manifest import unpack
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, PkiError, RemoteProtocolError
 from mesh.tls import NodeCredentials, NodeIdentity, identity_from_peercert, server_ssl_context
@@ -131,6 +134,9 @@ class Connections:
             LOG.warning("%s: dropped a connection: %d open, the limit", self.what, self.limit)
             writer.transport.abort()
             return
+        self.spawn(handler)
+
+    def spawn(self, handler: Callable[[], Coroutine[Any, Any, None]]) -> None:
         task = asyncio.create_task(handler())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -192,16 +198,17 @@ class TunnelServer:
         self.sink = sink
         self.rsync, self.python = rsync, python
         self.limits = limits or TunnelLimits()
-        self._server: asyncio.Server | None = None
+        self._socket: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._conf_dir: Path | None = None
         self._connections = Connections("tunnel", self.limits.max_connections)
         self._procs: set[asyncio.subprocess.Process] = set()
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._server is None or not self._server.sockets:
+        if self._socket is None:
             raise LocalProtocolError("the tunnel server is not running")
-        host, port = self._server.sockets[0].getsockname()[:2]
+        host, port = self._socket.getsockname()[:2]
         return str(host), int(port)
 
     async def __aenter__(self) -> TunnelServer:
@@ -212,7 +219,7 @@ class TunnelServer:
         await self.stop()
 
     async def start(self) -> None:
-        if self._server is not None:
+        if self._socket is not None:
             raise LocalProtocolError("the tunnel server is already running")
         data_dir, keep_name = _check_dirs(self.data_dir, self.keep_dir)
         chroot = os.geteuid() == 0
@@ -224,43 +231,55 @@ class TunnelServer:
         self._keep_name = keep_name
         tls = server_ssl_context(self.creds)
         try:
-            self._server = await asyncio.start_server(
-                lambda r, w: self._accepted(r, w, tls), self.host, self.port
-            )
-        except OSError as err:
+            self._socket = bind(self.host, self.port)
+        except ConfigError as err:
             shutil.rmtree(self._conf_dir, ignore_errors=True)
-            raise ConfigError(f"tunnel: listen on {self.host}:{self.port}: {err}") from err
+            raise ConfigError(f"tunnel: {err}") from err
+        self._accepting = asyncio.create_task(self._accept(self._socket, tls))
         LOG.info("tunnel of %s listening on %s:%d", self.creds.identity.node, *self.address)
 
     async def stop(self) -> None:
-        if self._server is None:
+        if self._socket is None:
             return
-        self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        self._socket.close()
         for proc in list(self._procs):
             _kill_group(proc, signal.SIGTERM)
         await self._connections.close(grace=self.limits.stop_timeout)
         for proc in list(self._procs):
             _kill_group(proc, signal.SIGKILL)
-        await self._server.wait_closed()
-        self._server = None
+        self._socket = None
         if self._conf_dir is not None:
             shutil.rmtree(self._conf_dir, ignore_errors=True)
 
-    def _accepted(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: ssl.SSLContext
-    ) -> None:
-        address = _address(writer)
-        self._connections.serve(writer, lambda: self._serve(reader, writer, tls, address))
+    async def _accept(self, sock: socket.socket, tls: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, addr = await loop.sock_accept(sock)
+            except OSError as err:  # out of descriptors, most likely: retry, as asyncio does
+                LOG.warning("tunnel: accept: %s", err)
+                await asyncio.sleep(1)
+                continue
+            client.setblocking(False)
+            address = f"{addr[0]}:{addr[1]}"
+            if len(self._connections) >= self.limits.max_connections:
+                client.close()
+                LOG.warning("tunnel: refused %s: %d pushes running, the limit", address,
+                            len(self._connections))
+                continue
+            self._connections.spawn(functools.partial(self._serve, client, tls, address))
 
-    async def _serve(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        tls: ssl.SSLContext,
-        address: str,
-    ) -> None:
+    async def _serve(self, client: socket.socket, tls: ssl.SSLContext, address: str) -> None:
+        opened = await open_tls(client, tls, self.limits.handshake_timeout)
+        if isinstance(opened, str):
+            LOG.warning("tunnel: refused %s: %s", address, opened)
+            return
+        reader, writer = opened
         try:
-            peer = await self._handshake(writer, tls, address)
+            peer = self._identify(writer, address)
             if peer is not None:
                 await self._push(peer, reader, writer)
         except RemoteProtocolError as err:
@@ -272,27 +291,16 @@ class TunnelServer:
         finally:
             await close_stream(writer)
 
-    async def _handshake(
-        self, writer: asyncio.StreamWriter, tls: ssl.SSLContext, address: str
-    ) -> str | None:
-        """The peer's node id, or None after logging why the handshake failed. Run here, not
-        by the server, because asyncio logs failed server handshakes only in debug mode."""
+    def _identify(self, writer: asyncio.StreamWriter, address: str) -> str | None:
+        """The client's node id from its verified certificate, or None (logged)."""
         try:
-            await writer.start_tls(tls, ssl_handshake_timeout=self.limits.handshake_timeout)
             cert = writer.get_extra_info("ssl_object").getpeercert()
             if not cert:
                 raise PkiError("no client certificate")
             return identity_from_peercert(cert, self.creds.identity.cluster).node
-        except ssl.SSLCertVerificationError as err:
-            why = f"TLS: certificate verify failed: {err.verify_message}"
-        except ssl.SSLError as err:
-            why = "TLS: " + str(err.reason or err).replace("_", " ").lower()
-        except (OSError, TimeoutError) as err:
-            why = f"TLS handshake: {err or type(err).__name__}"
         except PkiError as err:
-            why = str(err)
-        LOG.warning("tunnel: refused %s: %s", address, why)
-        return None
+            LOG.warning("tunnel: refused %s: %s", address, err)
+            return None
 
     async def _push(
         self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -399,3 +399,26 @@ async def test_reused_push_id_is_refused(cluster_pki: Pki, tmp_path: Path) -> No
         assert await push(grant(server, "same", ["f"]), source, creds) != 0
     assert (target / "f").read_bytes() == b"one"
     assert len(sink.pushes) == 1
+
+
+def test_pushes_work_under_uvloop(cluster_pki: Pki, tmp_path: Path) -> None:
+    """The agent runs on uvloop; upgrading an accepted stream with start_tls hung there
+    (the client's first handshake bytes were read before the upgrade). Several pushes at
+    once, as lsyncd's syncs to several peers make them."""
+    import uvloop
+
+    async def pushes() -> None:
+        source, target = make_dirs(tmp_path)
+        (source / "f").write_bytes(os.urandom(10_000))
+        sink = RecordingSink(target)
+        async with receiver(cluster_pki, target, sink) as server:
+            codes = await asyncio.gather(*(
+                push(grant(server, f"uv{i}", ["f"]), source, cluster_pki.creds(SENDER))
+                for i in range(4)
+            ))
+            await until(lambda: len(sink.finished()) == 4, "the pushes to end")
+        assert codes == [0, 0, 0, 0]
+        assert (target / "f").read_bytes() == (source / "f").read_bytes()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(pushes(), 60))

@@ -1,0 +1,51 @@
+"""Accepting TLS connections so that every refusal can be logged, on any event loop.
+
+asyncio's own TLS servers log a failed handshake only in debug mode, and
+upgrading an accepted stream with ``StreamWriter.start_tls`` hangs under uvloop
+when the client's first handshake bytes are read before the upgrade (seen in
+the tunnel: a push stalled for the whole handshake timeout). So listeners
+accept raw sockets and run the handshake with ``loop.connect_accepted_socket``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+from mesh.errors import ConfigError
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking socket; ``ConfigError`` (one line) if it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=128)
+    except OSError as err:
+        raise ConfigError(f"listen on {host}:{port}: {err.strerror or err}") from err
+    sock.setblocking(False)
+    return sock
+
+
+async def open_tls(
+    client: socket.socket, tls: ssl.SSLContext, handshake_timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | str:
+    """The handshake on an accepted socket: the streams, or why it was refused
+    (the socket is closed then)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    try:
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, client, ssl=tls, ssl_handshake_timeout=handshake_timeout
+        )
+    except ssl.SSLCertVerificationError as err:
+        why = f"TLS: certificate verify failed: {err.verify_message}"
+    except ssl.SSLError as err:
+        why = "TLS: " + str(err.reason or err).replace("_", " ").lower()
+    except (OSError, TimeoutError) as err:
+        why = f"TLS handshake: {err or type(err).__name__}"
+    else:
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+    client.close()
+    return why
