@@ -80,11 +80,14 @@ RSYNC_TEMP_GLOB = ".*.??????"  # rsync's mkstemp name: "." + name + "." + 6 char
 PUSH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 KEEP_NAME_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
-SEND_FLAGS = ("-rlptgo", "--numeric-ids", "--delete", "--force")
-_ALLOWED_SHORT = frozenset("rlptgob")  # what SEND_FLAGS and --backup-dir put in the bundle
+# -I (--ignore-times): every path in a push is one the gate decided the peer lacks, so
+# never skip it because size and mtime match: two versions of one size written in the
+# same second would never move (found by the operator tests' conflicts).
+SEND_FLAGS = ("-rlptgoI", "--numeric-ids", "--delete", "--force")
+_ALLOWED_SHORT = frozenset("rlptgobI")  # what SEND_FLAGS and --backup-dir put in the bundle
 _ALLOWED_LONG = frozenset({"--delete", "--force", "--numeric-ids"})
 _REFUSE = (
-    "* !recursive !links !perms !times !group !owner !backup !backup-dir"
+    "* !recursive !links !perms !times !group !owner !backup !backup-dir !ignore-times"
     " !delete !delete-during !force !numeric-ids"
 )
 _WILDCARDS = frozenset("*?[")

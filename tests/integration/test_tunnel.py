@@ -422,3 +422,19 @@ def test_pushes_work_under_uvloop(cluster_pki: Pki, tmp_path: Path) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(pushes(), 60))
+
+
+async def test_same_size_same_mtime_change_still_moves(cluster_pki: Pki, tmp_path: Path) -> None:
+    """Two versions of one size written in the same second: rsync's quick check would
+    call them equal. Every pushed path is one the gate decided the peer lacks."""
+    source, target = make_dirs(tmp_path)
+    (source / "plan").write_bytes(b"n1's plan")
+    (target / "plan").write_bytes(b"n2's plan")
+    for side in (source, target):
+        os.utime(side / "plan", ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    sink = RecordingSink(target)
+    async with receiver(cluster_pki, target, sink) as server:
+        code = await push(grant(server, "same", ["plan"]), source, cluster_pki.creds(SENDER))
+        await until(lambda: len(sink.finished()) == 1, "the push to end")
+    assert code == 0
+    assert (target / "plan").read_bytes() == b"n1's plan"
