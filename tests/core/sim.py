@@ -240,10 +240,12 @@ class SimNode:
             return
         if version.content is None:
             self.apply(self._replace(version.path, None))
+            self.scan(version.path)
             return
         data = self.store.keep.get(version.content)
         if data is not None:
             self.apply(self._replace(version.path, FileOnDisk(data, version.winner.mode)))
+            self.scan(version.path)  # as the agent does (DataPlane._restore)
 
 
 class Cluster:
