@@ -7,6 +7,7 @@ import typer
 from mesh.cli_agent import agent
 from mesh.cli_gate import register as register_gate
 from mesh.cli_local import local_app
+from mesh.cli_ops import register as register_ops
 from mesh.cli_pki import pki_app
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app.add_typer(pki_app, name="pki")
 app.command("agent")(agent)
 app.add_typer(local_app, name="local")
 register_gate(app)
+register_ops(app)
 
 
 @app.command()

@@ -27,7 +27,7 @@ from functools import partial
 from typing import TypeVar
 
 from mesh import __version__
-from mesh.core import wire
+from mesh.core import tree, wire
 from mesh.core.batcher import Batcher
 from mesh.core.delivery import Inbox, Need, Outbox
 from mesh.core.digest import Digest, bucket_of
@@ -47,6 +47,7 @@ EffectSink = Callable[[list[Effect]], Awaitable[None]]
 ENTRIES_PER_MANIFEST = 4096
 ENTRIES_PER_REPLY = 4096
 IDS_PER_REPLY = 16384
+FOLDERS_PER_REPLY = 1024
 REQUEST_TIMEOUT = 10.0
 
 
@@ -175,12 +176,24 @@ class Exchange:
                 _, c = self._pending_conflicts.popitem()
                 pairs.append((c.winner, c.loser))
             payload = self.outbox.next(tuple(entries), tuple(pairs))
-            await self.publish(self.topics.manifest, payload, 1, False)
+            try:
+                await self.publish(self.topics.manifest, payload, 1, False)
+            except MeshError as err:
+                # Our own broker's link is down (it reconnects). Raising would stop the
+                # agent; the manifest is numbered and in the replay log, so a peer finds
+                # the gap (the next manifest, or heads that stall) and asks for it.
+                LOG.warning("manifest %d not published: %s; peers will ask for a replay",
+                            self.outbox.seq, err)
 
     async def run_heads(self) -> None:
-        hello = wire.Hello(self.node, self.epoch, __version__, self.tunnel_port, _ms())
-        await self.publish(self.topics.hello, wire.encode(hello), 1, True)
+        """A retained hello (until one is published), then a head every interval."""
+        hello_sent = False
         while True:
+            if not hello_sent:
+                hello = wire.Hello(self.node, self.epoch, __version__, self.tunnel_port, _ms())
+                with contextlib.suppress(MeshError):  # own link down: next interval
+                    await self.publish(self.topics.hello, wire.encode(hello), 1, True)
+                    hello_sent = True
             head = wire.Head(self.node, self.epoch, self.outbox.seq, _ms())
             with contextlib.suppress(MeshError):
                 await self.publish(self.topics.head, wire.encode(head), 0, False)
@@ -392,8 +405,45 @@ class Exchange:
             pairs = list(self.index.conflict_pairs(m.ids))
             return _chunks(pairs, MAX_CONFLICTS // 2,
                            lambda part, done: wire.ConflictsReply(m.rid, tuple(part), done))
+        if isinstance(m, wire.TreeRequest | wire.ListingRequest):
+            return self._answer_verify(m)
         LOG.warning("refused %s from %s on its request topic", type(m).__name__, peer)
         return []
+
+    # --- mesh verify (issue 5): per-folder tree sums, see mesh.core.tree -----------------
+
+    def tree_entries(self) -> list[Entry]:
+        """What this node holds: one resolved entry per live disk version."""
+        return [v.resolved for v in self.index.versions() if v.content is not None]
+
+    def _answer_verify(self, m: wire.TreeRequest | wire.ListingRequest) -> Iterable[bytes]:
+        if isinstance(m, wire.TreeRequest):
+            sums = [(f, acc, n) for f, (acc, n) in sorted(tree.folder_sums(
+                self.tree_entries()).items())]
+            return _chunks(sums, FOLDERS_PER_REPLY,
+                           lambda part, done: wire.TreeReply(m.rid, tuple(part), done))
+        wanted = set(m.under)
+        entries = [e for e in self.tree_entries() if tree.folder_of(e.path) in wanted]
+        return _chunks(entries, ENTRIES_PER_REPLY,
+                       lambda part, done: wire.EntriesReply(m.rid, tuple(part), done))
+
+    async def ask_tree(self, peer: str) -> tree.FolderSums:
+        sums: tree.FolderSums = {}
+        async for chunk in self._ask_chunks(peer, wire.TreeRequest):
+            if not isinstance(chunk, wire.TreeReply):
+                raise RemoteProtocolError("tree? answered with something else", peer=peer)
+            sums.update((f, (acc, n)) for f, acc, n in chunk.folders)
+        return sums
+
+    async def ask_listing(self, peer: str, folders: list[str]) -> list[Entry]:
+        entries: list[Entry] = []
+        for i in range(0, len(folders), wire.MAX_FOLDERS):
+            part = tuple(folders[i:i + wire.MAX_FOLDERS])
+            async for chunk in self._ask_chunks(peer, partial(wire.ListingRequest, under=part)):
+                if not isinstance(chunk, wire.EntriesReply):
+                    raise RemoteProtocolError("ls? answered with something else", peer=peer)
+                entries.extend(chunk.entries)
+        return entries
 
 
 T = TypeVar("T")

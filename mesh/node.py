@@ -12,6 +12,7 @@ one line for the operator (bad certificate, port in use, unreadable state).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -28,12 +29,15 @@ from mesh.adapters.scanner import Scanner
 from mesh.adapters.tunnel import TunnelServer
 from mesh.adapters.watcher import Watcher
 from mesh.config import AgentConfig
+from mesh.control import ControlServer, LinkInfo, Operations, socket_path
 from mesh.core.replica import Effect, Replica
+from mesh.core.resolver import Version
 from mesh.dataplane import DataPlane
 from mesh.errors import MeshError
 from mesh.exchange import Exchange
 from mesh.gate import GateServer
 from mesh.keep import KeepArea
+from mesh.metrics import Metrics, MetricsServer
 from mesh.pki import NodeCredentials, load_node
 from mesh.pushes import Pushes
 from mesh.store.index import Index
@@ -42,6 +46,7 @@ from mesh.store.statcache import StatCache
 LOG = logging.getLogger("mesh.node")
 SHUTDOWN_S = 5.0
 STATUS_INTERVAL = 1.0
+PENDING_CAP = 1000  # pending paths counted for status: a count, not a scan of a backlog
 
 Endpoint = tuple[str, int]
 
@@ -77,11 +82,20 @@ class Node:
         self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
                              exchange=self.exchange, creds=creds, data_dir=config.data_dir,
                              endpoint=self._tunnel_endpoint)
-        self.exchange.on_announce = self.pushes.changed
+        self.exchange.on_announce = self._announced
         self.exchange.on_synced = self.pushes.sweep
         self.gate = GateServer(config.gate_socket, self.pushes)
+        # Operators (issue 5): metrics, and a control socket for `mesh conflicts`/`verify`.
+        self.metrics = Metrics(self.me, self.status, self.index)
+        self.metrics_server = None if config.metrics_listen is None else MetricsServer(
+            self.metrics, config.metrics_listen.host, config.metrics_listen.port)
+        self.control = ControlServer(socket_path(config.state_dir), Operations(
+            me=self.me, index=self.index, exchange=self.exchange, data=self.data,
+            links=self._link_infos))
+        self.watcher: Watcher | None = None
         self.tunnel = TunnelServer(creds, config.tunnel_listen.host, config.tunnel_listen.port,
-                                   config.data_dir, self.keep.root, self.pushes)
+                                   config.data_dir, self.keep.root,
+                                   self.metrics.counting(self.pushes))
         self.lsyncd = LsyncdSupervisor(
             config.state_dir / "lsyncd.conf.lua", [],
             settings=LsyncdSettings(config.data_dir, config.gate_socket, creds,
@@ -94,6 +108,15 @@ class Node:
 
     async def _forward(self, effects: list[Effect]) -> None:
         await self.exchange.handle_effects(effects)
+
+    def _announced(self, version: Version) -> None:
+        self.pushes.changed(version)
+        self.metrics.announced(version)
+
+    def _link_infos(self) -> list[LinkInfo]:
+        return [LinkInfo(f"{host}:{port}", link.status.peer_id,
+                         link.status.state is LinkState.UP)
+                for (host, port), (link, _) in self.links.items()]
 
     async def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         if self.own is None:
@@ -166,6 +189,9 @@ class Node:
         await self.tunnel.start()
         self.exchange.tunnel_port = self.tunnel.address[1]
         await self.gate.start()
+        await self.control.start()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
         host, port = self.broker.address
         self.own = OwnClient(creds=self.creds, host=_dial(host), port=port,
                              on_request=self._on_request)
@@ -190,6 +216,9 @@ class Node:
             pass
         finally:
             await self.lsyncd.stop()
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
+            await self.control.stop()
             await self.gate.stop()
             await self.tunnel.stop()
             await self.broker.stop()
@@ -206,6 +235,7 @@ class Node:
     async def _watch(self) -> None:
         with Watcher(self.config.data_dir, quiet=self.config.batch_quiet,
                      cap=self.config.batch_cap, max_paths=4096) as watcher:
+            self.watcher = watcher
             count = await self.data.startup()
             LOG.info("start-up scan: %d paths on disk, %d indexed", count, self.index.count())
             async for batch in watcher.batches():
@@ -238,6 +268,7 @@ class Node:
                 "manifests": view.applied_manifests if view else 0,
                 "resyncs": view.resyncs if view else 0,
                 "catching_up": bool(view and view.resync and not view.resync.done()),
+                "inbox_pending": len(view.inbox.pending) if view else 0,
             }
         return {
             "node": self.me, "cluster": self.config.cluster, "pid": os.getpid(),
@@ -246,6 +277,9 @@ class Node:
             "data_dir": str(self.config.data_dir), "seq": self.exchange.outbox.seq,
             "backlog": self.exchange.backlog, "index_size": self.index.count(),
             "wants": self.data.wants, "peers": peers,
+            "pending_content": sum(1 for _ in itertools.islice(self.index.targets(), PENDING_CAP)),
+            "watches": self.watcher.watch_count if self.watcher is not None else 0,
+            "metrics": self.metrics_server and self.metrics_server.where,
             "pushes": {"allowed": self.pushes.allowed, "denied": self.pushes.denied,
                        "received": self.pushes.received,
                        "pending": {p: len(q.dirty) for p, q in self.pushes.queues.items()}},

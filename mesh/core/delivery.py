@@ -9,8 +9,9 @@ mesh carries its own envelope: every manifest has ``(origin, epoch, seq)``.
 * ``Inbox`` (receiver side, one per origin) applies manifests in order, drops
   duplicates, buffers a bounded number ahead of a gap and asks for a replay
   from the first missing seq; when the log no longer reaches back, or the
-  origin restarted (new epoch), or the buffer overflows, it asks for a
-  *resync*: a digest comparison and the entries that differ.
+  origin restarted (new epoch), or the buffer overflows, or the origin went
+  back (an older epoch, or heads behind ``applied``: it lost its state), it asks
+  for a *resync*: a digest comparison and the entries that differ.
 
 Applying a manifest twice or out of order is harmless for the replica (its
 state is a semilattice), so the inbox exists for completeness and efficiency,
@@ -85,6 +86,9 @@ class Inbox:
     replay_asked_at: float | None = None
     resync_asked_at: float | None = None
     resync_pending: bool = False  # asked and not completed: asked again after retry_s
+    applied_at_head: int | None = None  # ``applied`` when the previous head came
+    behind_at_head: bool = False  # the previous head was behind ``applied``
+    applied_at_resync: int | None = None  # ``applied`` when the pending resync was asked
     duplicates: int = 0
     gaps: int = 0
 
@@ -116,13 +120,33 @@ class Inbox:
         return ready, need
 
     def head(self, epoch: int, seq: int, now: float) -> Need:
-        """The origin says it is at ``seq`` of ``epoch`` (a liveness message)."""
+        """The origin says it is at ``seq`` of ``epoch`` (a liveness message).
+
+        A head ahead of ``applied`` asks for a replay only when nothing was applied
+        since the previous head: while manifests still arrive, the tail is in flight
+        (heads overtake them, and a busy link holds hundreds), and a gap in the middle
+        shows in ``offer``. Replaying the whole window on every head doubled the traffic
+        of a busy link (tests/integration/test_mesh.py, 10,000 manifests)."""
+        stalled = self.applied_at_head == self.applied
+        self.applied_at_head = self.applied
+        was_behind, self.behind_at_head = self.behind_at_head, False
         if self.epoch is None or epoch > self.epoch:
             self.epoch, self.applied, self.pending = epoch, seq, {}
             return self._ask_resync(now)
-        if self.resync_pending:
+        if self.resync_pending or epoch < self.epoch:
+            # An older epoch than one we heard of: that one was not the origin's own (a
+            # forged or corrupt message), or its epoch went back. Dropping its manifests
+            # as late ones would deafen us to it for good; its answer to a resync settles
+            # which epoch is current (``resynced``).
             return self._ask_resync(now)
-        if epoch == self.epoch and seq > self.applied:
+        if seq < self.applied:
+            # Behind what we applied: a head that lost a race with a manifest, or twice
+            # running, an origin that restarted without its state (same epoch, counting
+            # from 1 again), whose manifests we would drop as duplicates. A resync costs
+            # a digest; its answer tells which (``resynced``).
+            self.behind_at_head = True
+            return self._ask_resync(now) if was_behind else Need.NOTHING
+        if epoch == self.epoch and seq > self.applied and stalled:
             return self._ask_replay(now)
         return Need.NOTHING
 
@@ -132,13 +156,21 @@ class Inbox:
         return self._ask_resync(now, force=True)
 
     def resynced(self, epoch: int, seq: int) -> list[Manifest]:
-        """A resync brought us up to ``seq`` of ``epoch``: skip what it covered."""
+        """A resync brought us up to ``seq`` of ``epoch``: skip what it covered.
+
+        The epoch is the origin's own answer, so it is current even when lower than
+        ours (see ``head``)."""
+        floor, self.applied_at_resync = self.applied_at_resync, None
         self.resync_asked_at = None
         self.resync_pending = False
-        if self.epoch is None or epoch > self.epoch:
+        if self.epoch is None or epoch != self.epoch:
             self.epoch, self.applied, self.pending = epoch, seq, {}
             return []
-        if epoch == self.epoch and seq > self.applied:
+        # The answer was made after what we had applied when we asked had been sent; it
+        # is below that only when the origin restarted without its state (see ``head``).
+        # Newer manifests may have been applied meanwhile: above ``floor`` is no news.
+        went_back = floor is not None and seq < floor
+        if went_back or seq > self.applied:
             self.applied = seq
             self.pending = {s: m for s, m in self.pending.items() if s > seq}
         return self._drain()
@@ -165,6 +197,8 @@ class Inbox:
         if (not force and self.resync_asked_at is not None
                 and now - self.resync_asked_at < self.retry_s):
             return Need.NOTHING
+        if not self.resync_pending:
+            self.applied_at_resync = self.applied
         self.resync_asked_at = now
         self.resync_pending = True
         return Need.RESYNC

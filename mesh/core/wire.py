@@ -12,6 +12,10 @@ malformed input raises ``RemoteProtocolError`` and nothing else.
     entries?  peer → origin: entries of buckets    entries origin → peer (chunked)
     cids?     peer → origin: conflict ids          cids    origin → peer (chunked)
     confl?    peer → origin: conflict records      confl   origin → peer (chunked)
+    tree?     peer → origin: per-folder sums       tree    origin → peer (chunked)
+    ls?       peer → origin: entries of folders    entries origin → peer (chunked)
+
+``tree?`` and ``ls?`` serve ``mesh verify`` (issue 5, see ``mesh.core.tree``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import msgpack
 from mesh.core import manifest
 from mesh.core.digest import BUCKETS, Digest
 from mesh.core.manifest import Entry, Manifest
+from mesh.core.paths import is_normalized
 from mesh.core.vclock import NODE_ID_RE
 from mesh.errors import LocalProtocolError, RemoteProtocolError
 
@@ -116,9 +121,35 @@ class ConflictsReply:
     done: bool
 
 
+# --- mesh verify (issue 5): per-folder tree sums, then the entries of some folders ---------
+
+MAX_FOLDERS = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class TreeRequest:
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class TreeReply:
+    rid: int
+    folders: tuple[tuple[str, int, int], ...]  # (folder, XOR of item hashes, count)
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ListingRequest:
+    """Answered with ``EntriesReply``: the live entries directly in these folders."""
+
+    rid: int
+    under: tuple[str, ...]
+
+
 Message = (
     Head | Hello | ReplayRequest | ReplayGone | DigestRequest | DigestReply | EntriesRequest
     | EntriesReply | ConflictIdsRequest | ConflictIdsReply | ConflictsRequest | ConflictsReply
+    | TreeRequest | TreeReply | ListingRequest
 )
 
 _TAGS: dict[type, str] = {
@@ -126,6 +157,7 @@ _TAGS: dict[type, str] = {
     DigestRequest: "digest?", DigestReply: "digest", EntriesRequest: "entries?",
     EntriesReply: "entries", ConflictIdsRequest: "cids?", ConflictIdsReply: "cids",
     ConflictsRequest: "confl?", ConflictsReply: "confl",
+    TreeRequest: "tree?", TreeReply: "tree", ListingRequest: "ls?",
 }
 _TYPES = {tag: cls for cls, tag in _TAGS.items()}
 
@@ -211,6 +243,26 @@ def _ids(v: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _folder(v: Any) -> str:
+    if not isinstance(v, str) or (v and not is_normalized(v)):
+        raise RemoteProtocolError("bad folder")
+    return v
+
+
+def _folders(v: Any) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for item in _list(v, MAX_FOLDERS):
+        triple = _list(item, 3)
+        if len(triple) != 3:
+            raise RemoteProtocolError("folder sum is not a triple")
+        out.append((_folder(triple[0]), _uint(_U64)(triple[1]), _uint(_I64)(triple[2])))
+    return tuple(out)
+
+
+def _under(v: Any) -> tuple[str, ...]:
+    return tuple(_folder(f) for f in _list(v, MAX_FOLDERS))
+
+
 def _entries(v: Any) -> tuple[Entry, ...]:
     return tuple(manifest.entry_from_wire(e) for e in _list(v, manifest.MAX_ENTRIES))
 
@@ -230,7 +282,7 @@ _FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "version": _text, "tunnel_port": _uint(65535), "rid": _uint(_I64),
     "from_seq": _uint(_I64), "digest": _digest, "conflicts": _uint(_U64),
     "conflict_count": _uint(_I64), "buckets": _buckets, "entries": _entries,
-    "done": _flag, "ids": _ids, "pairs": _pairs,
+    "done": _flag, "ids": _ids, "pairs": _pairs, "folders": _folders, "under": _under,
 }
 
 
