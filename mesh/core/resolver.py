@@ -75,7 +75,7 @@ def _key(e: Entry) -> tuple[object, ...]:
     content = e.content
     tail = (content[1], content[2]) if content is not None else (b"", 0)
     return (0 if e.deleted else 1, e.hlc, e.writer, *tail, int(e.kind), e.size, e.mtime_ns,
-            tuple(e.vector.items()))
+            tuple(e.vector.items()), e.mode)
 
 
 def winner_of(a: Entry, b: Entry) -> tuple[Entry, Entry, Rule]:

@@ -103,3 +103,11 @@ def test_every_losing_head_is_one_conflict(writes: list[Entry]) -> None:
         h for h in version.heads if h.content != version.winner.content
     }
     assert all(c.winner == version.winner for c in conflicts)
+
+
+def test_tombstones_differing_only_in_mode_still_order_totally() -> None:
+    """Found in CI: the tie-break ignored the mode of deletes, so the first one kept won."""
+    writes = [w({"a": 1}, "a", None), w({"b": 1, "c": 1}, "b", None),
+              Entry("docs/report.txt", VersionVector.of({"b": 1, "c": 1}), None, 1, 0, 0o600,
+                    Kind.FILE, T0, "b")]
+    assert len({Version.of(*p) for p in itertools.permutations(writes)}) == 1
