@@ -8,6 +8,9 @@ rescans its path (so what it replaces is an indexed version, see
 What a push displaced arrives in the push's backup directory; ``push_ended``
 files it into the keep area and tells the replica (``displaced``), which turns
 an edit the push overwrote before it was scanned into a write like any other.
+A path that a push still landing has displaced is not scanned before that
+push ended, and pushed bytes are recognised by the intent of the push that
+wrote them (``receiving``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -30,6 +34,8 @@ from mesh.store.index import Index
 LOG = logging.getLogger("mesh.data")
 
 SCAN_BATCH = 500
+_RSYNC_TEMP = re.compile(rb"\..+\.[A-Za-z0-9]{6}", re.DOTALL)
+NAME_MAX = 255
 
 Forward = Callable[[list[Effect]], Awaitable[None]]
 
@@ -48,14 +54,20 @@ class DataPlane:
         self.scanner = scanner
         self.forward = forward  # announcements and conflicts go to the exchange
         self.unsettled: set[str] = set()
+        self.landing: dict[str, set[str]] = {}  # path -> the pushes landing on it now
+        # path -> push -> the version it announced, until the path is scanned
+        self.landed: dict[str, dict[str, Version]] = {}
         self.wants = 0
 
     # --- scanning ---------------------------------------------------------------------
 
     async def scan(self, paths: Iterable[str]) -> None:
-        """Observe ``paths`` and feed the replica, in transactions of SCAN_BATCH."""
+        """Observe ``paths`` and feed the replica, in transactions of SCAN_BATCH.
+        A path displaced by a push still landing is left to that push's end."""
         batch: list[str] = []
         for path in paths:
+            if self._displaced_by_landing(path):
+                continue
             batch.append(path)
             if len(batch) >= SCAN_BATCH:
                 await self.apply(self._observe(batch))
@@ -66,6 +78,8 @@ class DataPlane:
     async def startup(self) -> int:
         """Reconcile the index with the disk: what changed while we were down
         becomes local edits (unchanged files are not re-hashed)."""
+        while self.keep.unfinished:
+            await self._finish_push(self.keep.unfinished.pop())
         on_disk = list(self.scanner.walk())
         gone = set(self.index.paths()) - set(on_disk)
         await self.scan([*on_disk, *sorted(gone)])
@@ -90,7 +104,9 @@ class DataPlane:
                     # A folder moved out of the root is reported alone: what we
                     # indexed inside it is gone too.
                     queue.extend(self.index.paths_under(path))
+                self._pick_intent(path, observed)
                 effects += self.replica.local(path, observed, _ms())
+                self._forget_landed(path)
             self.index.set_meta("clock", self.replica.clock)
         return effects
 
@@ -190,26 +206,115 @@ class DataPlane:
 
     # --- pushes -----------------------------------------------------------------------
 
+    async def _finish_push(self, push_id: str) -> None:
+        """A push that was landing when the agent stopped: drop rsync's partial files
+        of its paths, file what it displaced (``push_ended``)."""
+        paths = self.keep.noted_paths(push_id)
+        LOG.warning("push %s was cut short when the agent stopped: finishing it", push_id)
+        for rel in paths:
+            self._drop_partial(rel)
+        await self.push_ended(push_id, paths)
+
+    def _drop_partial(self, rel: str) -> None:
+        """Remove rsync's temp files of ``rel``: ``.<name>.XXXXXX`` in its folder, the
+        name cut to fit NAME_MAX (rsync's receiver.c, get_tmpname)."""
+        folder, _, name = rel.rpartition("/")
+        known = self._observed_content(folder) if folder else (Kind.DIR, b"", 0)
+        if known is None or known[0] is not Kind.DIR:
+            return  # gone, or a symlink we must not follow
+        target = os.fsencode(name)
+        with contextlib.suppress(OSError):
+            for entry in list((self.root / folder).iterdir()):
+                raw = os.fsencode(entry.name)
+                stem = raw[1:-7]
+                ours = stem == target or (len(target) > NAME_MAX - 8 and target.startswith(stem))
+                if ours and _RSYNC_TEMP.fullmatch(raw) and not entry.is_symlink():
+                    LOG.warning("removing %s, a partial file of a push cut short", entry)
+                    entry.unlink()
+
+    def receiving(self, push_id: str, versions: dict[str, Version]) -> None:
+        """A push of ``versions`` is about to land.
+
+        rsync moves what a push replaces into the push's backup dir, then renames
+        the new bytes into place. Scanned before the push ended, those bytes would
+        be adopted (they match the push's intent) before the replica heard what was
+        displaced; the intent spent, it would take the displaced content, an older
+        version it held, for an edit made on top of the pushed one and write it
+        back as a new write that beats both (DESIGN.md, "the race to design for").
+        So a path waits while a push still landing has displaced it — and only
+        then: a push that stalls before touching it holds nothing up. The replica
+        keeps one intent per path; with several pushes on one path, each gets its
+        own for what it displaced, and a scan the one whose bytes are there.
+        """
+        self.keep.note_push(push_id, sorted(versions))
+        for path, version in versions.items():
+            self.landing.setdefault(path, set()).add(push_id)
+            self.landed.setdefault(path, {})[push_id] = version
+
+    def refused(self, push_id: str, paths: list[str]) -> None:
+        """``receiving`` was called, but the push will not run."""
+        self._release(push_id, paths)
+        for path in paths:
+            self.landed.get(path, {}).pop(push_id, None)
+            self._forget_landed(path)
+        self.keep.forget_push(push_id)
+
+    def _release(self, push_id: str, paths: list[str]) -> None:
+        for path in paths:
+            pushes = self.landing.get(path, set())
+            pushes.discard(push_id)
+            if not pushes:
+                self.landing.pop(path, None)
+
+    def _displaced_by_landing(self, path: str) -> bool:
+        return any(os.path.lexists(self.keep.push_dir(push_id) / path)
+                   for push_id in self.landing.get(path, ()))
+
+    def _intend(self, path: str, version: Version | None) -> None:
+        if version is not None:
+            self.replica.intents[path] = version
+
+    def _pick_intent(self, path: str, observed: Observed | None) -> None:
+        """The intent of the push whose bytes are at ``path``, if a push put them there."""
+        seen = None if observed is None else observed.content
+        pushed = self.landed.get(path, {}).values()
+        self._intend(path, next((v for v in pushed if v.content == seen), None))
+
+    def _forget_landed(self, path: str) -> None:
+        """``path`` was scanned: pushes that ended left their bytes there, or none."""
+        pushed = self.landed.get(path)
+        if pushed is None:
+            return
+        landing = self.landing.get(path, set())
+        for push_id in [p for p in pushed if p not in landing]:
+            del pushed[push_id]
+        if not pushed:
+            del self.landed[path]
+            self.replica.clear_intents([path])
+
     async def push_ended(self, push_id: str, paths: list[str]) -> None:
         """An incoming push finished: file what it displaced, then scan what it wrote."""
         backup = self.keep.push_dir(push_id)
         effects: list[Effect] = []
-        with self.index.batch():
-            for rel in _files_under(backup):
-                displaced = backup / rel
-                try:
-                    observed = self._observe_file(displaced)
-                    if observed is not None:
-                        self.keep.file_away(displaced, observed.content)
-                except OSError as err:
-                    LOG.warning("keep %s displaced by push %s: %s", rel, push_id, err)
-                    continue
-                effects += self.replica.displaced(rel, observed, _ms())
+        try:
+            with self.index.batch():
+                for rel in _files_under(backup):
+                    displaced = backup / rel
+                    try:
+                        observed = self._observe_file(displaced)
+                        if observed is not None:
+                            self.keep.file_away(displaced, observed.content)
+                    except (OSError, ScanError) as err:
+                        LOG.warning("keep %s displaced by push %s: %s", rel, push_id, err)
+                        continue  # left in the push's dir, filed at the next start
+                    self._intend(rel, self.landed.get(rel, {}).get(push_id))
+                    effects += self.replica.displaced(rel, observed, _ms())
+        finally:
+            self._release(push_id, paths)
         await self.apply(effects)
-        self.replica.clear_intents(paths)
         await self.scan(paths)
-        with contextlib.suppress(OSError):
-            _remove_tree(backup)
+        _remove_empty_dirs(backup)
+        self.keep.forget_push(push_id)
 
     def _observe_file(self, path: Path) -> Observed | None:
         scanner = Scanner(path.parent, ignore=lambda _: False)
@@ -231,14 +336,9 @@ def _files_under(root: Path) -> list[str]:
     return sorted(out)
 
 
-def _remove_tree(root: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            (Path(dirpath) / name).unlink()
-        for name in dirnames:
-            p = Path(dirpath) / name
-            if p.is_symlink():
-                p.unlink()
-            else:
-                p.rmdir()
-    root.rmdir()
+def _remove_empty_dirs(root: Path) -> None:
+    """Remove ``root`` and the directories under it, deepest first. What could not be
+    filed keeps its directory, and the next start files it (``KeepArea.unfinished``)."""
+    for dirpath, _, _ in os.walk(root, topdown=False):
+        with contextlib.suppress(OSError):  # not empty
+            Path(dirpath).rmdir()

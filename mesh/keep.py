@@ -5,8 +5,20 @@ push keeps what it replaces), so keeping is a rename, never a copy. It holds
 
 * ``objects/<sha256 hex>``: content by hash (a file's bytes, a symlink's
   target), for restores and conflict copies;
-* ``push/<push id>/``: rsync's ``--backup-dir`` for one incoming push — what
-  that push replaced or deleted — until the agent has filed it into objects.
+* ``<push id>/``: rsync's ``--backup-dir`` for one incoming push — what that
+  push replaced or deleted — until the agent has filed it into objects. It is
+  directly under the keep area because that is where the tunnel makes it and
+  the daemon's filter allows it (``mesh.adapters.rsyncd``: ``/<keep>/<push id>``);
+  a push id cannot take the name of ``objects`` or ``tmp``, which exist already
+  (the tunnel creates the push's dir exclusively);
+* ``<push id>.paths``: the paths that push writes, so that after a crash the
+  agent can drop rsync's partial files of them (rsync writes ``.<name>.XXXXXX``
+  next to the target, and a killed receiver leaves it there). The daemon's
+  filter keeps every client away from files here.
+
+A push dir found when the agent starts belongs to a push that was landing when
+the agent stopped (the tunnel makes one only while the agent runs): it is in
+``unfinished`` until the data plane has filed what it displaced.
 
 The watcher and the scanner ignore the whole area.
 """
@@ -28,10 +40,12 @@ class KeepArea:
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir / KEEP_NAME
         self.objects = self.root / "objects"
-        self.pushes = self.root / "push"
         self.tmp = self.root / "tmp"
-        for d in (self.objects, self.pushes, self.tmp):
+        for d in (self.objects, self.tmp):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.unfinished = sorted(
+            p.name for p in self.root.iterdir()
+            if p.is_dir() and not p.is_symlink() and p not in (self.objects, self.tmp))
 
     def object_path(self, content: ContentKey) -> Path:
         return self.objects / content[1].hex()
@@ -66,7 +80,24 @@ class KeepArea:
         shutil.copyfile(self.object_path(content), dest)
 
     def push_dir(self, push_id: str) -> Path:
-        return self.pushes / push_id
+        return self.root / push_id
+
+    def note_push(self, push_id: str, paths: list[str]) -> None:
+        """Remember the paths push ``push_id`` writes until ``forget_push``."""
+        self._write_atomic(self._note(push_id), "\0".join(paths).encode())
+
+    def noted_paths(self, push_id: str) -> list[str]:
+        try:
+            data = self._note(push_id).read_bytes().decode()
+        except FileNotFoundError:
+            return []  # it died before rsync started: nothing partial
+        return data.split("\0") if data else []
+
+    def forget_push(self, push_id: str) -> None:
+        self._note(push_id).unlink(missing_ok=True)
+
+    def _note(self, push_id: str) -> Path:
+        return self.root / f"{push_id}.paths"
 
     def temp_name(self, near: Path) -> Path:
         """A temp name next to ``near`` (same directory, so rename is atomic),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from mesh.core import manifest
 from mesh.core.manifest import Manifest
+from mesh.core.replica import group
 from mesh.core.resolver import Version
 from mesh.dataplane import DataPlane
 from mesh.errors import MeshError, RemoteProtocolError
@@ -123,11 +124,18 @@ class Pushes:
             raise RemoteProtocolError(f"push {push_id}: {err.reason}", peer=peer) from None
         if m.origin != peer:
             raise RemoteProtocolError(f"push {push_id} announced by {m.origin}", peer=peer)
-        with self.index.batch():
-            effects = self.replica.expect_push(peer, m.entries, m.conflicts, _ms())
-        await self.data.apply(effects)
+        versions = group(m.entries)
+        paths = sorted(versions)
+        self.data.receiving(push_id, versions)
+        try:
+            with self.index.batch():
+                effects = self.replica.expect_push(peer, m.entries, m.conflicts, _ms())
+            await self.data.apply(effects)
+        except BaseException:
+            self.data.refused(push_id, paths)  # the tunnel refuses it: no end() follows
+            raise
         self.received += 1
-        return _Ticket(peer, push_id, sorted({e.path for e in m.entries}))
+        return _Ticket(peer, push_id, paths)
 
     async def end(self, ticket: object, returncode: int) -> None:
         assert isinstance(ticket, _Ticket)

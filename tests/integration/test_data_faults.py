@@ -1,0 +1,421 @@
+"""Faults of the data plane on real agents: a node away while its peers change a thousand
+paths, an empty node joining, a receiver killed in the middle of a transfer, the gate
+facing a newer version, and a push landing on an edit nobody has scanned yet (DESIGN.md,
+"Data plane" and "the race to design for"; invariants 1, 2 and 5).
+
+Three agents as processes (``tests.cluster``), real lsyncd, real rsync over TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from mesh.adapters.scanner import Scanner
+from mesh.core import manifest
+from mesh.core.manifest import Entry, Kind, Manifest
+from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.resolver import Version
+from mesh.core.vclock import VersionVector, hlc_pack
+from mesh.dataplane import DataPlane
+from mesh.errors import MeshError
+from mesh.gate import request_grant
+from mesh.keep import KeepArea
+from mesh.pushes import Pushes
+from mesh.store.index import Index
+from tests.cluster import Cluster, Node, wait_for
+from tests.integration.test_conflicts import (
+    check_kept,
+    conflicts,
+    leftovers,
+    lsyncd_of,
+    running,
+    same_everywhere,
+    seed,
+    sha,
+    state_db,
+    versions,
+    wait_lsyncd,
+    wait_resolved,
+)
+
+pytestmark = pytest.mark.integration
+
+NETS = ("127.0.9", "127.0.10")  # see test_conflicts.Isolated
+BIG_MIB = 128  # a transfer that lasts long enough to be caught in the middle
+
+
+def log_since(node: Node, offset: int) -> str:
+    with node.log.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def write_files(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def keeps_everything(tree: dict[str, tuple[str, int, str]],
+                     before: dict[str, tuple[str, int, str]]) -> bool:
+    return all(tree.get(p) == v for p, v in before.items())
+
+
+# --- a node away, a node new ------------------------------------------------------------
+
+
+def test_node_stopped_while_peers_change_a_thousand_paths_catches_up(tmp_path: Path) -> None:
+    with running(tmp_path, nets=NETS) as cluster:
+        n1, n2, n3 = cluster.nodes
+        base = {f"base/{i // 100}/f{i}.txt": f"base {i}\n".encode() for i in range(2000)}
+        write_files(n1.data, base)
+        wait_for(lambda: same_everywhere(cluster, []) and len(versions(n3)) >= 2020, 90,
+                 "the base everywhere")
+        assert cluster.stop(n3) == 0  # SIGTERM: a clean stop
+        names = sorted(base)
+        changes = 0
+        for k, node in enumerate((n1, n2)):
+            mine = names[k * 250:(k + 1) * 250]  # 125 edits and 125 deletes each
+            write_files(node.data, {p: f"edited on {node.name}: {p}\n".encode()
+                                    for p in mine[:125]})
+            for p in mine[125:]:
+                (node.data / p).unlink()
+            write_files(node.data, {f"new/{node.name}/g{i}.bin": os.urandom(64 + i)
+                                    for i in range(250)})
+            changes += 500
+        assert changes == 1000
+        wait_for(lambda: cluster.converged([n1, n2]), 90, "n1 and n2 alike")
+        offset = n3.log.stat().st_size
+        cluster.start(n3)
+        wait_for(lambda: same_everywhere(cluster, names[:500]), 120, "n3 caught up")
+        assert len(cluster.tree(n3)) == len(cluster.tree(n1))
+        log = log_since(n3, offset)
+        for peer in (n1, n2):
+            caught = re.search(rf"caught up with {peer.name}: \d+ buckets differed, (\d+) "
+                               "entries", log)
+            assert caught is not None, f"no resync with {peer.name} in n3's log"
+            # Only the buckets that differ travel, not the peer's whole index.
+            assert int(caught.group(1)) < len(versions(peer))
+
+
+def test_empty_node_joining_deletes_nothing(tmp_path: Path) -> None:
+    with running(tmp_path, start=False, nets=NETS) as cluster:
+        n1, n2, n3 = cluster.nodes
+        cluster.start(n1)
+        cluster.start(n2)
+        cluster.wait_linked([n1, n2])
+        write_files(n1.data, {f"n1/{i}.txt": f"one {i}\n".encode() for i in range(50)})
+        write_files(n2.data, {f"n2/deep/{i}.txt": f"two {i}\n".encode() for i in range(50)})
+        (n2.data / "n2" / "link").symlink_to("deep/1.txt")
+        wait_for(lambda: cluster.converged([n1, n2]), 60, "n1 and n2 alike")
+        before = cluster.tree(n1)
+        assert len(before) == 50 + 50 + 4
+        cluster.start(n3)  # empty data folder, fresh state
+
+        def joined() -> bool:
+            for node in (n1, n2):
+                assert keeps_everything(cluster.tree(node), before), f"{node.name} lost data"
+            return cluster.tree(n3) == before and same_everywhere(cluster, [])
+
+        wait_for(joined, 60, "n3 holding everything", step=0.2)
+        assert cluster.tree(n1) == cluster.tree(n2) == before
+
+
+# --- a receiver killed in the middle of a transfer --------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                if int(fields[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
+def crash(cluster: Cluster, node: Node) -> None:
+    """SIGKILL the agent and everything it runs, at one instant, like a container dying:
+    the tunnel's rsync daemons run in process groups of their own."""
+    assert node.proc is not None
+    groups = [node.proc.pid, *(os.getpgid(p) for p in _children(node.proc.pid))]
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGSTOP)
+    for group in groups[1:]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    cluster.kill(node)
+
+
+def test_receiver_killed_mid_transfer_adopts_no_partial_file(tmp_path: Path) -> None:
+    with running(tmp_path, nets=NETS) as cluster:
+        n1, n2, _ = cluster.nodes
+        digest = hashlib.sha256()
+        with (n1.data / "big.bin").open("wb") as f:
+            for i in range(BIG_MIB):
+                chunk = i.to_bytes(8, "big") + os.urandom((1 << 20) - 8)
+                digest.update(chunk)
+                f.write(chunk)
+        full = digest.hexdigest()
+        temp = re.compile(r"\.big\.bin\.[A-Za-z0-9]{6}")
+
+        def receiving() -> bool:
+            return any(temp.fullmatch(p.name) and p.stat().st_size >= 1 << 20
+                       for p in n2.data.iterdir())
+
+        wait_for(receiving, 60, "n2 receiving big.bin", step=0.01)
+        crash(cluster, n2)
+        assert not (n2.data / "big.bin").exists(), "the transfer had finished: use a bigger file"
+        cluster.start(n2)
+
+        def partial_never_indexed() -> bool:
+            for node in cluster.nodes:
+                row = versions(node, ["big.bin"]).get("big.bin")
+                assert row is None or row.hashes == (full,), f"{node.name} indexed {row}"
+            # No partial file and no unfinished push anywhere (pushes that lsyncd
+            # retries after n2 came back may still be landing: wait for them).
+            return same_everywhere(cluster, ["big.bin"]) and all(
+                cluster.tree(n) == {"big.bin": ("file", 0o644, full)} and not leftovers(n)
+                for n in cluster.nodes)
+
+        wait_for(partial_never_indexed, 120, "big.bin everywhere", step=0.5)
+        for node in cluster.nodes:
+            # Only n1 ever wrote it: a partial file adopted as n2's edit would show in the
+            # vector even after a later repair.
+            assert versions(node)["big.bin"].vector == {"n1": 1}, node.name
+            assert conflicts(node) == {}, node.name
+
+
+# --- the gate ---------------------------------------------------------------------------
+
+
+def _cut_into(cluster: Cluster, node: Node) -> None:
+    """Nobody reaches ``node`` (no push lands, nobody reads its broker); ``node`` still
+    reaches everyone, so it hears every announcement."""
+    for other in cluster.nodes:
+        if other is not node:
+            cluster.proxies.set_mode((other.index, node.index), "refuse")
+
+
+def _denied(node: Node) -> int:
+    doc = node.status()
+    return -1 if doc is None else int(doc["pushes"]["denied"])
+
+
+def test_gate_never_lets_an_older_version_overwrite_a_newer_one(tmp_path: Path) -> None:
+    with running(tmp_path, nets=NETS) as cluster:
+        n1, n2, n3 = cluster.nodes
+        seed(cluster, n1, "doc.txt", b"v1\n")
+        before = {n.name: lsyncd_of(n) for n in cluster.nodes}
+        _cut_into(cluster, n1)
+        wait_lsyncd(cluster, {"n1": ["n2", "n3"], "n2": ["n3"], "n3": ["n2"]}, before)
+        newer = b"v2, written on n2\n"
+        (n2.data / "doc.txt").write_bytes(newer)
+
+        def n1_heard_but_holds_v1() -> bool:
+            with state_db(n1) as db:
+                heard = db.execute("SELECT vector FROM peer_vectors WHERE peer = 'n2' "
+                                   "AND path = 'doc.txt'").fetchone()
+            return (heard is not None and msgpack.unpackb(heard[0]) == {"n1": 1, "n2": 1}
+                    and versions(n1, ["doc.txt"])["doc.txt"].vector == {"n1": 1}
+                    and (n3.data / "doc.txt").read_bytes() == newer)
+
+        # n2 announced a version that dominates n1's; n1 cannot have it.
+        wait_for(n1_heard_but_holds_v1, 30, "n1 to hear of v2 while holding v1")
+        # The gate's answer itself, asked the way `mesh gate` asks it.
+        for peer in ("n2", "n3"):
+            grant = asyncio.run(request_grant(n1.state / "gate.sock", peer, ["doc.txt"]))
+            assert (grant.peer, grant.allowed) == (peer, [])
+        # And lsyncd firing on n1's older copy (a touch: same content, new mtime).
+        denied = _denied(n1)
+        os.utime(n1.data / "doc.txt")
+        wait_for(lambda: _denied(n1) >= denied + 2, 30, "n1's gate to be asked for both peers")
+        for node in (n2, n3):
+            assert (node.data / "doc.txt").read_bytes() == newer, node.name
+        cluster.heal()
+        wait_for(lambda: same_everywhere(cluster, ["doc.txt"]), 60, "v2 everywhere")
+        assert (n1.data / "doc.txt").read_bytes() == newer
+        assert all(conflicts(node) == {} for node in cluster.nodes)
+
+
+# --- the race to design for -------------------------------------------------------------
+
+
+def test_push_landing_on_an_unscanned_edit_keeps_the_edit(tmp_path: Path) -> None:
+    with running(tmp_path, nets=NETS) as cluster:
+        n1, n2, _ = cluster.nodes
+        seed(cluster, cluster.nodes[2], "shared.txt", b"v0\n")
+        # lsyncd on n2 saw the push land and asks n2's gate, which scans the path, about
+        # the echo to n1 and n3 (denied): let that pass before the edit.
+        wait_for(lambda: _denied(n2) >= 2, 30, "n2's gate to deny the echo of shared.txt")
+        written = {"n2": b"n2's edit, still open for writing\n", "n1": b"n1's edit\n"}
+        path = n2.data / "shared.txt"
+        # A writer that keeps the file open: the watcher sees MODIFY and no CLOSE_WRITE, so
+        # it waits for the file to settle, and each write (the same bytes again) restarts
+        # that wait. lsyncd reacts to CLOSE_WRITE only. Nothing scans the edit until n1's
+        # push has replaced the file.
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, written["n2"])
+            (n1.data / "shared.txt").write_bytes(written["n1"])
+            deadline = time.monotonic() + 30
+            while True:
+                scanned = sha(written["n2"]) in versions(n2, ["shared.txt"])["shared.txt"].hashes
+                if path.stat().st_ino != os.fstat(fd).st_ino:
+                    break  # rsync renamed n1's version over it
+                assert not scanned, "n2 scanned its edit before the push: not the race"
+                assert time.monotonic() < deadline, "n1's push never landed on n2"
+                os.pwrite(fd, written["n2"], 0)
+                time.sleep(0.2)
+        finally:
+            os.close(fd)
+        c = wait_resolved(cluster, "shared.txt")
+        check_kept(cluster, "shared.txt", c, written)
+
+
+# --- a push landing, in one process ---------------------------------------------------
+#
+# The receiving side of a push without the network: the agent's own data plane and push
+# sink, with the tunnel's part (make the push's dir, run rsync) played here. rsync renames
+# what it replaces into the push's dir and its temp file into place; the watcher's scan
+# is ``plane.scan``, called where it can run in the agent: between the two.
+
+
+class Receiver:
+    def __init__(self, root: Path, node: str = "n3") -> None:
+        root.mkdir()
+        self.root = root
+        self.keep = KeepArea(root)
+        self.index = Index(":memory:", keep=self.keep.has)
+        self.replica = Replica(node, self.index)
+
+        async def nowhere(effects: list[Effect]) -> None:
+            pass
+
+        self.plane = DataPlane(root=root, replica=self.replica, index=self.index,
+                               keep=self.keep, scanner=Scanner(root), forward=nowhere)
+        # begin/end use neither the exchange nor the credentials.
+        self.sink = Pushes(me=node, epoch=1, index=self.index, data=self.plane,
+                           exchange=None, creds=None, data_dir=root,  # type: ignore[arg-type]
+                           endpoint=lambda peer: None)
+
+    async def write(self, rel: str, data: bytes) -> None:
+        """A local write, scanned."""
+        (self.root / rel).write_bytes(data)
+        (self.root / rel).chmod(0o644)
+        await self.plane.scan([rel])
+
+    async def begin(self, push_id: str, *writes: Entry) -> object:
+        self.keep.push_dir(push_id).mkdir()
+        header = manifest.encode(Manifest(writes[0].writer, 1, 0, writes))
+        try:
+            return await self.sink.begin(writes[0].writer, push_id, header)
+        except MeshError:
+            self.keep.push_dir(push_id).rmdir()
+            raise
+
+    def land(self, push_id: str, rel: str, data: bytes) -> None:
+        """What rsync does with one file: back up the old one, rename the new one in."""
+        temp = self.root / f".{rel}.AbC123"
+        temp.write_bytes(data)
+        temp.chmod(0o644)
+        (self.root / rel).rename(self.keep.push_dir(push_id) / rel)
+        temp.rename(self.root / rel)
+
+    def writes_of_mine(self, rel: str) -> list[Entry]:
+        """Heads of ``rel`` that claim a write of this node beyond the first."""
+        st = self.index.state(rel)
+        heads = [h for v in (st.disk, st.target) if v is not None for h in v.heads]
+        return [h for h in heads if h.vector.get(self.replica.node) > 1]
+
+
+def write(rel: str, data: bytes, writer: str, vector: dict[str, int], at_ms: int) -> Entry:
+    return Entry(rel, VersionVector.of(vector), hashlib.sha256(data).digest(), len(data), 0,
+                 0o644, Kind.FILE, hlc_pack(at_ms), writer)
+
+
+NOW_MS = 1_790_000_000_000
+
+
+async def test_a_push_is_adopted_only_after_what_it_displaced(tmp_path: Path) -> None:
+    r = Receiver(tmp_path / "data")
+    await r.write("p", b"v0 by n3\n")
+    e1 = write("p", b"n1's edit\n", "n1", {"n1": 1, "n3": 1}, NOW_MS)
+    ticket = await r.begin("n1-1-1", e1)
+    r.land("n1-1-1", "p", b"n1's edit\n")
+    await r.plane.scan(["p"])  # the watcher, woken by rsync's rename
+    await r.sink.end(ticket, 0)
+    assert r.writes_of_mine("p") == []  # v0 was not written back as a new edit
+    assert r.index.state("p").disk == Version.of(e1)
+
+
+async def test_a_pushed_losing_head_is_adopted_not_taken_for_an_edit(tmp_path: Path) -> None:
+    r = Receiver(tmp_path / "data")
+    await r.write("p", b"v0 by n3\n")
+    e1 = write("p", b"n1's edit\n", "n1", {"n1": 1, "n3": 1}, NOW_MS)
+    e2 = write("p", b"n2's later edit\n", "n2", {"n2": 1, "n3": 1}, NOW_MS + 5)
+    r.replica.remote("n2", [e2])
+    r.replica.remote("n1", [e1])  # e2 wins; n1 pushes e1 before it heard of e2
+    ticket = await r.begin("n1-1-1", e1)
+    r.land("n1-1-1", "p", b"n1's edit\n")
+    await r.sink.end(ticket, 0)
+    assert r.writes_of_mine("p") == []
+    assert r.index.state("p").target == Version.of(e1, e2)  # still waiting for e2's bytes
+
+
+async def test_two_pushes_landing_on_one_path_at_once(tmp_path: Path) -> None:
+    r = Receiver(tmp_path / "data")
+    await r.write("p", b"v0 by n3\n")
+    e1 = write("p", b"n1's edit\n", "n1", {"n1": 1, "n3": 1}, NOW_MS)
+    e2 = write("p", b"n2's later edit\n", "n2", {"n2": 1, "n3": 1}, NOW_MS + 5)
+    r.replica.remote("n2", [e2])
+    r.replica.remote("n1", [e1])  # e2 wins
+    stale = await r.begin("n1-1-1", e1)  # n1 had not heard of e2 yet
+    winner = await r.begin("n2-1-1", e2)
+    r.land("n2-1-1", "p", b"n2's later edit\n")
+    r.land("n1-1-1", "p", b"n1's edit\n")  # the last rename wins
+    await r.plane.scan(["p"])
+    await r.sink.end(winner, 0)
+    await r.sink.end(stale, 0)
+    assert r.writes_of_mine("p") == []
+    assert r.index.state("p") == PathState(Version.of(e1, e2), None)
+    assert (r.root / "p").read_bytes() == b"n2's later edit\n"  # put back from the keep
+
+
+async def test_a_stalled_push_holds_nothing_up(tmp_path: Path) -> None:
+    r = Receiver(tmp_path / "data")
+    await r.write("p", b"v0 by n3\n")
+    e1 = write("p", b"n1's edit\n", "n1", {"n1": 1, "n3": 1}, NOW_MS)
+    await r.begin("n2-1-1", e1)  # forwarded by n2, whose sender went silent: no end yet
+    ticket = await r.begin("n1-1-1", e1)
+    r.land("n1-1-1", "p", b"n1's edit\n")
+    await r.sink.end(ticket, 0)
+    assert r.index.state("p").disk == Version.of(e1)
+
+
+async def test_displaced_content_that_cannot_be_kept_stays_where_rsync_put_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = Receiver(tmp_path / "data")
+    backup = r.keep.push_dir("n2-1-1")
+    backup.mkdir()
+    (backup / "a.txt").write_bytes(b"the only copy")
+
+    def fails(path: Path, content: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(r.keep, "file_away", fails)
+    await r.plane.push_ended("n2-1-1", ["a.txt"])
+    assert (backup / "a.txt").read_bytes() == b"the only copy"
