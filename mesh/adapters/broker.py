@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -40,7 +41,7 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from mesh.adapters.tls_server import bind, open_tls
+from mesh.adapters.tls_server import accept_forever, bind, open_tls
 from mesh.core.topics import TopicPolicy
 from mesh.errors import ConfigError, LocalProtocolError, PkiError
 from mesh.pki import NodeCredentials, NodeIdentity, identity_from_der, server_ssl_context
@@ -431,7 +432,8 @@ class EmbeddedBroker:
             sock.close()
             raise ConfigError(f"start the MQTT broker: {err}") from err
         self._socket = sock
-        self._accepting = asyncio.create_task(self._accept(sock, tls))
+        self._accepting = asyncio.create_task(accept_forever(
+            sock, f"broker of {self.policy.owner}", functools.partial(self._accepted, tls=tls)))
         LOG.info("broker of %s listening on %s:%d", self.policy.owner, *self.address)
 
     async def stop(self) -> None:
@@ -476,26 +478,16 @@ class EmbeddedBroker:
             timeout_disconnect_delay=0,
         )
 
-    async def _accept(self, sock: socket.socket, tls: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                client, addr = await loop.sock_accept(sock)
-            except OSError as err:
-                # Out of file descriptors, most likely: retry after a pause, as asyncio's
-                # own servers do (asyncio.constants.ACCEPT_RETRY_DELAY), rather than die.
-                LOG.warning("accept on %s:%d: %s", *self.address, err)
-                await asyncio.sleep(1)
-                continue
-            client.setblocking(False)
-            peer = f"{addr[0]}:{addr[1]}"
-            if len(self._tasks) >= self.settings.limits.max_connections:
-                client.close()
-                _refuse(peer, None, f"{len(self._tasks)} connections open, the limit")
-                continue
-            task = asyncio.create_task(self._serve(client, (addr[0], addr[1]), tls))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _accepted(self, client: socket.socket, addr: tuple[str, int], tls: ssl.SSLContext
+                  ) -> None:
+        if len(self._tasks) >= self.settings.limits.max_connections:
+            client.close()
+            _refuse(f"{addr[0]}:{addr[1]}", None,
+                    f"{len(self._tasks)} connections open, the limit")
+            return
+        task = asyncio.create_task(self._serve(client, addr, tls))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve(
         self, client: socket.socket, addr: tuple[str, int], tls: ssl.SSLContext

@@ -10,10 +10,15 @@ accept raw sockets and run the handshake with ``loop.connect_accepted_socket``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
+from collections.abc import Callable
 
 from mesh.errors import ConfigError
+
+LOG = logging.getLogger(__name__)
+ACCEPT_RETRY_S = 1.0  # asyncio's own servers pause as long (constants.ACCEPT_RETRY_DELAY)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -49,3 +54,20 @@ async def open_tls(
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
     client.close()
     return why
+
+
+async def accept_forever(
+    sock: socket.socket, what: str, on_client: Callable[[socket.socket, tuple[str, int]], None]
+) -> None:
+    """Hand every accepted, non-blocking client to ``on_client`` until cancelled. Out of
+    file descriptors (most likely, when accept fails): pause and retry rather than die."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            client, addr = await loop.sock_accept(sock)
+        except OSError as err:
+            LOG.warning("%s: accept: %s", what, err)
+            await asyncio.sleep(ACCEPT_RETRY_S)
+            continue
+        client.setblocking(False)
+        on_client(client, (str(addr[0]), int(addr[1])))

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import msgpack
 
 from mesh.adapters import rsyncd
-from mesh.adapters.tls_server import bind, open_tls
+from mesh.adapters.tls_server import accept_forever, bind, open_tls
 from mesh.core.manifest import unpack
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, PkiError, RemoteProtocolError
 from mesh.tls import NodeCredentials, NodeIdentity, identity_from_peercert, server_ssl_context
@@ -235,7 +235,8 @@ class TunnelServer:
         except ConfigError as err:
             shutil.rmtree(self._conf_dir, ignore_errors=True)
             raise ConfigError(f"tunnel: {err}") from err
-        self._accepting = asyncio.create_task(self._accept(self._socket, tls))
+        self._accepting = asyncio.create_task(accept_forever(
+            self._socket, "tunnel", functools.partial(self._accepted, tls=tls)))
         LOG.info("tunnel of %s listening on %s:%d", self.creds.identity.node, *self.address)
 
     async def stop(self) -> None:
@@ -254,23 +255,15 @@ class TunnelServer:
         if self._conf_dir is not None:
             shutil.rmtree(self._conf_dir, ignore_errors=True)
 
-    async def _accept(self, sock: socket.socket, tls: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                client, addr = await loop.sock_accept(sock)
-            except OSError as err:  # out of descriptors, most likely: retry, as asyncio does
-                LOG.warning("tunnel: accept: %s", err)
-                await asyncio.sleep(1)
-                continue
-            client.setblocking(False)
-            address = f"{addr[0]}:{addr[1]}"
-            if len(self._connections) >= self.limits.max_connections:
-                client.close()
-                LOG.warning("tunnel: refused %s: %d pushes running, the limit", address,
-                            len(self._connections))
-                continue
-            self._connections.spawn(functools.partial(self._serve, client, tls, address))
+    def _accepted(self, client: socket.socket, addr: tuple[str, int], tls: ssl.SSLContext
+                  ) -> None:
+        address = f"{addr[0]}:{addr[1]}"
+        if len(self._connections) >= self.limits.max_connections:
+            client.close()
+            LOG.warning("tunnel: refused %s: %d pushes running, the limit", address,
+                        len(self._connections))
+            return
+        self._connections.spawn(functools.partial(self._serve, client, tls, address))
 
     async def _serve(self, client: socket.socket, tls: ssl.SSLContext, address: str) -> None:
         opened = await open_tls(client, tls, self.limits.handshake_timeout)
