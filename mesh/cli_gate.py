@@ -15,7 +15,7 @@ import sys
 import typer
 
 from mesh import rsh
-from mesh.gate import run_gate
+from mesh.gatecall import run_gate
 
 _RAW_ARGS = {
     "ignore_unknown_options": True,

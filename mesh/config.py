@@ -354,7 +354,8 @@ SETTINGS: Final[Mapping[str, Setting]] = {
         ),
         _setting(
             "lsyncd_delay",
-            "lsyncd's batching delay in seconds.",
+            "lsyncd's batching delay in seconds (lsyncd is the second path: the agent "
+            "pushes its own writes at once).",
             _seconds(positive=False),
             "SECONDS",
         ),
@@ -403,9 +404,9 @@ class AgentConfig:
     peers: tuple[PeerSpec, ...] = ()
     dns_interval: float = 10.0
     metrics_listen: HostPort | None = HostPort("127.0.0.1", 9108)
-    # 0.05 s, not 0.2: lsyncd gathers events while a push runs anyway, and the delay was
-    # most of a new file's time to reach its peers (bench/dataplane.py).
-    lsyncd_delay: float = 0.05
+    # The agent pushes its own writes at once (mesh.pushes); lsyncd is the second path, and a
+    # longer delay gathers more events into each (mostly denied) gate call.
+    lsyncd_delay: float = 1.0
     batch_quiet: float = 0.05
     batch_cap: float = 0.5
     log_format: LogFormat = "human"

@@ -15,6 +15,7 @@ wrote them (``receiving``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -64,9 +65,13 @@ class DataPlane:
     async def scan(self, paths: Iterable[str]) -> None:
         """Observe ``paths`` and feed the replica, in transactions of SCAN_BATCH.
         A path displaced by a push still landing is left to that push's end."""
+        paths = [p for p in paths if not self._displaced_by_landing(p)]
+        large = self.scanner.to_prehash(paths)
+        if large:  # hashing hundreds of MB would stall every link and push of this node
+            await asyncio.to_thread(self.scanner.prehash, large)
         batch: list[str] = []
         for path in paths:
-            if self._displaced_by_landing(path):
+            if self._displaced_by_landing(path):  # again: a push may have begun meanwhile
                 continue
             batch.append(path)
             if len(batch) >= SCAN_BATCH:

@@ -24,38 +24,45 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
-from mesh.adapters import lsyncd, rsyncd
+from mesh.adapters import rsyncd
 from mesh.adapters.tunnel import (
     MAX_HEADER_BYTES,
     Connections,
+    PushHello,
     close_stream,
     credentials_env,
     credentials_from_env,
     encode_frame,
+    open_push,
+    pump,
     read_frame,
 )
 from mesh.core.paths import is_normalized
 from mesh.core.vclock import NODE_ID_RE
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, RemoteProtocolError
+from mesh.gatecall import (
+    EXIT_RETRY,
+    EXIT_USAGE,
+    MAX_PATHS_BYTES,
+    MAX_REPLY_BYTES,
+    VERSION,
+)
 from mesh.tls import NodeCredentials
 
 LOG = logging.getLogger(__name__)
 
-VERSION = 1
-MAX_PATHS_BYTES = 32 * 1024 * 1024
 MAX_REQUEST_BYTES = MAX_PATHS_BYTES + 4096
-MAX_REPLY_BYTES = MAX_PATHS_BYTES + MAX_HEADER_BYTES + 4096
-EXIT_USAGE = 1  # lsyncd's "die": a command line the gate does not understand is a bug
-EXIT_RETRY = 10  # rsync's "socket I/O error", which lsyncd 2.2.3 retries ("again")
 TUNNEL_RSH = ("-m", "mesh.rsh")  # lean: started once per push (see mesh/rsh.py)
+LINGER_S = 30.0  # after rsync exits, for the receiver to close (as mesh.rsh waits)
 
 
 class GateUnavailable(MeshError):
@@ -153,10 +160,18 @@ class GateServer:
     mode 0600: only this node's own processes may ask."""
 
     def __init__(
-        self, socket_path: Path, policy: PushPolicy, *, limits: GateLimits | None = None
+        self,
+        socket_path: Path,
+        policy: PushPolicy,
+        *,
+        limits: GateLimits | None = None,
+        finished: Callable[[PushGrant], None] | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.policy = policy
+        # Called when the gate that holds a non-empty grant closes its connection, which it
+        # keeps open while its rsync runs (or dies with it): the push is over.
+        self.finished = finished
         self.limits = limits or GateLimits()
         self._server: asyncio.AbstractServer | None = None
         self._connections = Connections("gate", self.limits.max_connections)
@@ -196,23 +211,30 @@ class GateServer:
         self._connections.serve(writer, lambda: self._serve(reader, writer))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        grant: PushGrant | None = None
         try:
-            reply = await self._answer(reader)
+            reply, grant = await self._answer(reader)
             writer.write(encode_frame({"v": VERSION, **reply}))
             await writer.drain()
+            if grant is not None and grant.allowed and self.finished is not None:
+                await reader.read(1)  # the gate sends nothing more: this returns at its close
         except (OSError, TimeoutError) as err:
             LOG.info("gate: request ended early: %s", err or type(err).__name__)
         finally:
+            if grant is not None and grant.allowed and self.finished is not None:
+                self.finished(grant)
             await close_stream(writer)
 
-    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, object]:
+    async def _answer(
+        self, reader: asyncio.StreamReader
+    ) -> tuple[dict[str, object], PushGrant | None]:
         try:
             async with asyncio.timeout(self.limits.request_timeout):
                 message = await read_frame(reader, MAX_REQUEST_BYTES)
             target, paths = _decode_request(message)
             grant = await self.policy.authorize(target, paths)
             _check_grant(grant, target, paths)
-            return {"grant": grant.to_wire()}
+            return {"grant": grant.to_wire()}, grant
         except TimeoutError:
             why = "no request in time"
         except RemoteProtocolError as err:
@@ -223,7 +245,7 @@ class GateServer:
             LOG.exception("gate: the push policy failed")
             why = f"internal error ({type(err).__name__})"
         LOG.warning("gate: refused: %s", why)
-        return {"error": why}
+        return {"error": why}, None
 
 
 def _decode_request(message: Any) -> tuple[str, list[str]]:
@@ -260,6 +282,16 @@ async def request_grant(
     socket_path: Path, target: str, paths: Sequence[str], *, within: float = 30.0
 ) -> PushGrant:
     """Ask the agent which of ``paths`` may go to ``target``."""
+    async with hold_grant(socket_path, target, paths, within=within) as grant:
+        return grant
+
+
+@contextlib.asynccontextmanager
+async def hold_grant(
+    socket_path: Path, target: str, paths: Sequence[str], *, within: float = 30.0
+) -> AsyncIterator[PushGrant]:
+    """Ask the agent which of ``paths`` may go to ``target``, and hold the grant while
+    the body runs (the push): the agent counts the paths as on their way until then."""
     where = f"agent at {socket_path}"
     try:
         async with asyncio.timeout(within):
@@ -272,12 +304,15 @@ async def request_grant(
             await writer.drain()
             reply = await read_frame(reader, MAX_REPLY_BYTES)
     except TimeoutError:
+        writer.transport.abort()
         raise GateUnavailable(f"{where} did not answer within {within:g} s") from None
     except (OSError, RemoteProtocolError) as err:
+        writer.transport.abort()
         raise GateUnavailable(f"{where}: {_why(err)}") from None
+    try:
+        yield _decode_reply(reply, where, paths)
     finally:
         writer.transport.abort()
-    return _decode_reply(reply, where, paths)
 
 
 def _why(err: BaseException) -> str:
@@ -321,29 +356,37 @@ async def push(
     rsync: str = rsyncd.RSYNC,
     python: str = sys.executable,
     own_group: bool = True,
+    inline: bool = False,
 ) -> int:
     """Push ``grant.allowed`` from ``data_dir`` to the peer; rsync's exit status.
 
     ``own_group`` puts rsync and its tunnel in a process group of their own, killed as one
     if the push is cancelled; the gate passes False so that stopping lsyncd's group stops
-    them too.
+    them too. ``inline`` (the agent's own pushes) runs the TLS end in this event loop and
+    hands rsync a socket through two ``cat``s instead of starting ``mesh.rsh``: no
+    interpreter start on the path of a push.
     """
     if not grant.allowed:
         return 0
     where = f"push {grant.push_id} of {len(grant.allowed)} path(s) to {grant.peer}"
     patterns = rsyncd.include_patterns(grant.allowed, data_dir)
-    rsh = rsyncd.rsh_command([python, *TUNNEL_RSH])
-    argv = rsyncd.client_argv(data_dir, grant.host, rsh, keep_name, grant.push_id, rsync=rsync)
-    with tempfile.TemporaryDirectory(prefix="mesh-push-") as tmp:  # mode 0700
-        header_file = Path(tmp) / "header"
-        header_file.write_bytes(grant.header)
-        env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}
-        env |= tunnel_env(grant, creds, header_file)
-        stdin = b"\0".join(map(os.fsencode, patterns))
-        try:
-            returncode, errors = await _run(argv, env, stdin, own_group)
-        except OSError as err:
-            raise MeshError(f"{where}: start {rsync}: {err.strerror or err}") from err
+    stdin = b"\0".join(map(os.fsencode, patterns))
+    env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}
+    try:
+        if inline:
+            returncode, errors = await _push_inline(grant, data_dir, creds, keep_name, rsync,
+                                                    env, stdin, own_group)
+        else:
+            rsh = rsyncd.rsh_command([python, *TUNNEL_RSH])
+            argv = rsyncd.client_argv(data_dir, grant.host, rsh, keep_name, grant.push_id,
+                                      rsync=rsync)
+            with tempfile.TemporaryDirectory(prefix="mesh-push-") as tmp:  # mode 0700
+                header_file = Path(tmp) / "header"
+                header_file.write_bytes(grant.header)
+                env |= tunnel_env(grant, creds, header_file)
+                returncode, errors = await _run(argv, env, stdin, own_group)
+    except OSError as err:
+        raise MeshError(f"{where}: start {rsync}: {err.strerror or err}") from err
     level = logging.INFO if returncode == 0 else logging.WARNING
     LOG.log(level, "%s: rsync exit %d", where, returncode)
     for line in errors.decode("utf-8", "backslashreplace").splitlines() if returncode else ():
@@ -351,18 +394,77 @@ async def push(
     return returncode
 
 
+async def _push_inline(
+    grant: PushGrant,
+    data_dir: Path,
+    creds: NodeCredentials,
+    keep_name: str,
+    rsync: str,
+    env: dict[str, str],
+    stdin: bytes,
+    own_group: bool,
+) -> tuple[int, bytes]:
+    hello = PushHello(grant.push_id, grant.header)
+    remote_reader, remote_writer = await open_push(creds, grant.host, grant.port, grant.peer,
+                                                   hello)
+    ours, theirs = socket.socketpair()
+    pumps: list[asyncio.Task[None]] = []
+    try:
+        fd = theirs.fileno()
+        # rsync's remote shell: a cat in the background copies rsync's stream into the
+        # socket; the shell itself becomes the cat that copies the socket to rsync, so it
+        # exits when the receiver is done, as rsync expects of a remote shell. (bash: dash
+        # redirects only fds 0-9; "0<&0": a background job's stdin is otherwise /dev/null.)
+        script = f"cat 0<&0 >&{fd} & exec cat <&{fd}"
+        rsh = rsyncd.rsh_command(["/bin/bash", "-c", script, "relay"])
+        argv = rsyncd.client_argv(data_dir, grant.host, rsh, keep_name, grant.push_id,
+                                  rsync=rsync)
+        local_reader, local_writer = await asyncio.open_connection(sock=ours, limit=1 << 18)
+
+        async def down() -> None:
+            try:
+                await pump(remote_reader, local_writer)
+            finally:
+                local_writer.close()  # the receiver is done: the cat reading it ends
+
+        pumps = [asyncio.create_task(pump(local_reader, remote_writer)),
+                 asyncio.create_task(down())]
+        started = _run(argv, env, stdin, own_group, pass_fds=(fd,), started=theirs.close)
+        returncode, errors = await started
+        # rsync's last words may still be on their way: wait for the receiver to close.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pumps[1]), LINGER_S)
+        return returncode, errors
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        remote_writer.transport.abort()
+        theirs.close()
+        ours.close()
+
+
 async def _run(
-    argv: list[str], env: dict[str, str], stdin: bytes, own_group: bool
+    argv: list[str],
+    env: dict[str, str],
+    stdin: bytes,
+    own_group: bool,
+    *,
+    pass_fds: tuple[int, ...] = (),
+    started: Callable[[], None] | None = None,
 ) -> tuple[int, bytes]:
     """Run to the end: exit status and stderr. Cancelled, it kills the process (and its
-    group, if it has one of its own) before it returns."""
+    group, if it has one of its own) before it returns. ``started`` runs once it has."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
         start_new_session=own_group,
+        pass_fds=pass_fds,
     )
+    if started is not None:
+        started()
     try:
         _, errors = await proc.communicate(stdin)
     finally:
@@ -411,32 +513,22 @@ class GateEnv:
         )
 
 
-def run_gate(argv: Sequence[str], stdin: BinaryIO, environ: Mapping[str, str]) -> int:
-    """``mesh gate``: lsyncd's rsync binary. Returns the exit status for lsyncd."""
+def push_granted(reply: Any, peer: str, paths: list[str], environ: Mapping[str, str]) -> int:
+    """The rest of ``mesh gate`` (``mesh.gatecall`` asked) once the agent's reply allows
+    something: check the reply strictly and push. Returns the exit status for lsyncd."""
     try:
-        call = lsyncd.parse_rsync_call(argv)
         env = GateEnv.from_environ(environ)
-        if call.source.resolve() != env.data_dir.resolve():
-            raise ConfigError(f"source {call.source} is not the data dir {env.data_dir}")
-    except (lsyncd.CallError, ConfigError) as err:
+        grant = _decode_reply(reply, f"agent at {env.socket_path}", paths)
+    except ConfigError as err:
         LOG.error("%s", err)
         return EXIT_USAGE
-    data = stdin.read(MAX_PATHS_BYTES + 1)
-    if len(data) > MAX_PATHS_BYTES:
-        LOG.error("more than %d bytes of patterns on stdin", MAX_PATHS_BYTES)
-        return EXIT_USAGE
-    paths = lsyncd.paths_from_patterns(data)
-    if not paths:
-        return 0
-    return asyncio.run(_gate(call.peer, paths, env))
-
-
-async def _gate(peer: str, paths: list[str], env: GateEnv) -> int:
-    try:
-        grant = await request_grant(env.socket_path, peer, paths)
     except (GateUnavailable, GateRefused) as err:
         LOG.error("%s", err)
         return EXIT_RETRY
+    return asyncio.run(_push_granted(grant, peer, paths, env))
+
+
+async def _push_granted(grant: PushGrant, peer: str, paths: list[str], env: GateEnv) -> int:
     dropped = len(paths) - len(grant.allowed)
     LOG.info("%d of %d path(s) may go to %s", len(grant.allowed), len(paths), peer)
     if dropped:
@@ -449,15 +541,3 @@ async def _gate(peer: str, paths: list[str], env: GateEnv) -> int:
     except MeshError as err:
         LOG.error("%s", err)
         return EXIT_RETRY
-
-
-def main() -> int:
-    """``python -m mesh.gate``: what the lsyncd wrapper runs (no CLI framework: it
-    starts once per lsyncd batch, so it must start fast)."""
-    level = os.environ.get("MESH_LOG_LEVEL", "WARNING").upper()
-    logging.basicConfig(stream=sys.stderr, level=level, format="mesh gate: %(message)s")
-    return run_gate(sys.argv[1:], sys.stdin.buffer, os.environ)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -42,7 +42,8 @@ def setup(node: str, fmt: Literal["human", "json"] = "human", level: str = "info
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(node)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+            "%(asctime)s.%(msecs)03d %(node)s %(levelname)-7s %(name)s: %(message)s",
+            "%H:%M:%S"))
     handler.addFilter(_NodeFilter(node))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -84,7 +84,7 @@ class Node:
                              endpoint=self._tunnel_endpoint)
         self.exchange.on_announce = self._announced
         self.exchange.on_synced = self.pushes.sweep
-        self.gate = GateServer(config.gate_socket, self.pushes)
+        self.gate = GateServer(config.gate_socket, self.pushes, finished=self.pushes.finished)
         # Operators (issue 5): metrics, and a control socket for `mesh conflicts`/`verify`.
         self.metrics = Metrics(self.me, self.status, self.index)
         self.metrics_server = None if config.metrics_listen is None else MetricsServer(
@@ -282,7 +282,7 @@ class Node:
             "metrics": self.metrics_server and self.metrics_server.where,
             "pushes": {"allowed": self.pushes.allowed, "denied": self.pushes.denied,
                        "received": self.pushes.received,
-                       "pending": {p: len(q.dirty) for p, q in self.pushes.queues.items()}},
+                       "pending": {p: self.pushes.pending(p) for p in self.pushes.queues}},
             "lsyncd": {"pid": self.lsyncd.pid, "peers": self.lsyncd.peers},
         }
 

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -39,8 +40,9 @@ from mesh.tls import NodeCredentials
 
 LOG = logging.getLogger("mesh.push")
 
-OWN_GRACE = 1.0  # lsyncd (delay 0.2 s) pushes our own writes first; we are the fallback
+OWN_GRACE = 0.0  # our own writes go at once; lsyncd's gate is the second path
 FORWARD_GRACE = 5.0
+CONFIRM_S = 30.0  # after a push, how long to wait for the peer's announcement before again
 PATHS_PER_PUSH = 2000  # keeps the announcement under the manifest's size limits
 RETRY_S = (1.0, 30.0)
 TICK = 0.25
@@ -49,10 +51,15 @@ TICK = 0.25
 @dataclass
 class _PeerQueue:
     dirty: dict[str, float] = field(default_factory=dict)  # path -> when it became pushable
+    # Pushed (by us or by lsyncd's gate) and not yet announced back by the peer:
+    # path -> (the version pushed, when to look again).
+    awaiting: dict[str, tuple[Version, float]] = field(default_factory=dict)
+    inflight: dict[str, int] = field(default_factory=dict)  # path -> pushes carrying it now
     retry_at: float = 0.0
     failures: int = 0
     pushes: int = 0
     pushed_paths: int = 0
+    task: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ class Pushes:
         self.endpoint = endpoint  # peer -> (host, tunnel port) while its link is up
         self.queues: dict[str, _PeerQueue] = {}
         self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._granted: dict[str, dict[str, Version | None]] = {}  # lsyncd's, by push id
         self.denied = 0
         self.allowed = 0
         self.received = 0
@@ -103,17 +112,67 @@ class Pushes:
         push_id = f"{self.me}-{self.epoch}-{next(self._ids)}"
         return PushGrant(peer, where[0], where[1], push_id, sorted(chosen), header)
 
+    def _busy(self, queue: _PeerQueue, path: str, now: float) -> bool:
+        """Whether ``path`` is on its way to the peer already: a push carries it now, or
+        one delivered our current version and the peer has not announced it back yet."""
+        if path in queue.inflight:
+            return True
+        pushed = queue.awaiting.get(path)
+        if pushed is None:
+            return False
+        if now < pushed[1] and pushed[0] == self.index.state(path).disk:
+            return True
+        del queue.awaiting[path]
+        return False
+
+    def _take(self, peer: str, paths: list[str]) -> dict[str, Version | None]:
+        """Mark ``paths`` as on their way to ``peer``; the versions they go at."""
+        queue = self.queues.setdefault(peer, _PeerQueue())
+        for path in paths:
+            queue.inflight[path] = queue.inflight.get(path, 0) + 1
+        return {path: self.index.state(path).disk for path in paths}
+
+    def _release(self, peer: str, taken: dict[str, Version | None], *, delivered: bool,
+                 ) -> None:
+        queue = self.queues.setdefault(peer, _PeerQueue())
+        until = time.monotonic() + CONFIRM_S
+        for path, version in taken.items():
+            left = queue.inflight.get(path, 0) - 1
+            if left > 0:
+                queue.inflight[path] = left
+            else:
+                queue.inflight.pop(path, None)
+            if delivered and version is not None:
+                queue.awaiting[path] = (version, until)
+                if self.index.state(path).disk == version:
+                    queue.dirty.pop(path, None)  # else a newer write still has to go
+        self._wake.set()
+
     async def authorize(self, target: str, paths: list[str]) -> PushGrant:
-        """The gate's question for lsyncd: which of ``paths`` may go to ``target`` now."""
+        """The gate's question for lsyncd: which of ``paths`` may go to ``target`` now.
+        Paths the agent's own pusher is carrying (or has carried and awaits the peer's
+        announcement of) are left out: a healthy mesh moves each version once per peer."""
         await self.data.scan([p for p in paths if p])
-        allowed = [p for p in paths if self._may(target, p, forward=False)]
+        queue = self.queues.setdefault(target, _PeerQueue())
+        now = time.monotonic()
+        allowed = [p for p in paths
+                   if self._may(target, p, forward=False) and not self._busy(queue, p, now)]
         self.allowed += len(allowed)
         self.denied += len(paths) - len(allowed)
         grant = self._grant(target, allowed[:PATHS_PER_PUSH]) if allowed else None
         if grant is None:
             where = self.endpoint(target) or ("127.0.0.1", 1)
             return PushGrant(target, where[0], where[1], f"{self.me}-none", [], b"")
+        self._granted[grant.push_id] = self._take(target, grant.allowed)
         return grant
+
+    def finished(self, grant: PushGrant) -> None:
+        """lsyncd's gate is done with ``grant`` (its connection closed). Its rsync status
+        is not known here: treat the paths as delivered and look again after
+        ``CONFIRM_S`` if the peer has not announced them by then."""
+        taken = self._granted.pop(grant.push_id, None)
+        if taken is not None:
+            self._release(grant.peer, taken, delivered=True)
 
     # --- receiving ------------------------------------------------------------------
 
@@ -151,6 +210,7 @@ class Pushes:
         now = time.monotonic()
         for queue in self.queues.values():
             queue.dirty.setdefault(version.path, now)
+        self._wake.set()
 
     def sweep(self, peer: str) -> None:
         """After a resync with ``peer``: queue every path it is behind on."""
@@ -161,48 +221,86 @@ class Pushes:
                 queue.dirty.setdefault(path, now)
         if queue.dirty:
             LOG.info("%s is behind on %d paths", peer, len(queue.dirty))
+        self._wake.set()
+
+    def pending(self, peer: str) -> int:
+        """Paths queued for ``peer`` or on their way to it."""
+        queue = self.queues.get(peer)
+        return 0 if queue is None else len(queue.dirty.keys() | queue.inflight.keys())
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            for peer in list(self.queues):
-                if self.endpoint(peer) is not None:
-                    await self._drain(peer)
+        """One drain task per peer at a time, peers in parallel; woken by every change,
+        and every ``TICK`` for grace periods, retries and unconfirmed pushes."""
+        try:
+            while True:
+                self._wake.clear()
+                for peer, queue in self.queues.items():
+                    if (queue.task is None or queue.task.done()) and self.endpoint(peer):
+                        queue.task = asyncio.create_task(self._drain(peer),
+                                                         name=f"push-{peer}")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TICK):
+                        await self._wake.wait()
+        finally:
+            tasks = [q.task for q in self.queues.values() if q.task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _recheck(self, queue: _PeerQueue, now: float) -> None:
+        """Pushed paths the peer never announced back go round again."""
+        for path, (_, until) in list(queue.awaiting.items()):
+            if now >= until:
+                del queue.awaiting[path]
+                queue.dirty.setdefault(path, now)
 
     async def _drain(self, peer: str) -> None:
         queue = self.queues[peer]
-        now = time.monotonic()
-        if not queue.dirty or now < queue.retry_at:
-            return
+        for _ in range(1000):  # bounded; each round pushes or returns
+            now = time.monotonic()
+            self._recheck(queue, now)
+            if not queue.dirty or now < queue.retry_at:
+                return
+            ready = self._ready(peer, queue, now)
+            if not ready:
+                return
+            grant = self._grant(peer, ready)
+            if grant is None:
+                return
+            taken = self._take(peer, ready)
+            code = -1
+            try:
+                code = await push(grant, self.data_dir, self.creds, inline=True)
+            except (MeshError, OSError) as err:
+                LOG.warning("push to %s: %s", peer, err)
+            finally:
+                self._release(peer, taken, delivered=code == 0)
+            if code != 0:
+                queue.failures += 1
+                queue.retry_at = now + min(RETRY_S[1], RETRY_S[0] * 2 ** (queue.failures - 1))
+                return
+            queue.failures = 0
+            queue.pushes += 1
+            queue.pushed_paths += len(ready)
+
+    def _ready(self, peer: str, queue: _PeerQueue, now: float) -> list[str]:
         ready: list[str] = []
         for path, since in list(queue.dirty.items()):
+            if path in queue.inflight:
+                continue  # lsyncd's gate carries it; confirmed or retried afterwards
             if not self.replica.may_push(peer, path):
                 del queue.dirty[path]  # the peer has it (or something newer)
+                queue.awaiting.pop(path, None)
+                continue
+            if self._busy(queue, path, now):
+                del queue.dirty[path]  # delivered; ``_recheck`` brings it back if need be
                 continue
             own = self._may(peer, path, forward=False)
             if now - since >= (OWN_GRACE if own else FORWARD_GRACE):
                 ready.append(path)
             if len(ready) >= PATHS_PER_PUSH:
                 break
-        if not ready:
-            return
-        grant = self._grant(peer, ready)
-        if grant is None:
-            return
-        try:
-            code = await push(grant, self.data_dir, self.creds)
-        except (MeshError, OSError) as err:
-            LOG.warning("push to %s: %s", peer, err)
-            code = -1
-        if code == 0:
-            queue.failures = 0
-            queue.pushes += 1
-            queue.pushed_paths += len(ready)
-            for path in ready:
-                queue.dirty.pop(path, None)
-        else:
-            queue.failures += 1
-            queue.retry_at = now + min(RETRY_S[1], RETRY_S[0] * 2 ** (queue.failures - 1))
+        return ready
 
     def add_peer(self, peer: str) -> None:
         self.queues.setdefault(peer, _PeerQueue())

@@ -17,7 +17,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ KEEP_DIR = ".mesh-keep"
 STATE_DIR = ".mesh-state"
 CHUNK = 1 << 20
 RETRIES = 5
+PREHASH_BYTES = 1 << 20  # files this large are hashed in a worker thread first (DataPlane.scan)
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Above or at the path: missing, a file, or a symlink we do not follow.
 _ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP))
@@ -156,6 +157,46 @@ class Scanner:
         self.ignore = ignore
         self.cache = cache
         self.racy_ns = int(racy_window * 1e9)
+        # Hashes that ``prehash`` made in a worker thread, each used at most once and only
+        # for the very file (size, mtime, ctime, inode) it hashed.
+        self._fresh: dict[str, tuple[tuple[int, int, int, int], bytes]] = {}
+
+    def to_prehash(self, rels: Iterable[str]) -> list[str]:
+        """Of ``rels``, the regular files of at least ``PREHASH_BYTES`` that the cache does
+        not know as they are now: worth hashing off the event loop first."""
+        out = []
+        for rel in rels:
+            try:
+                st = os.lstat(self.root / rel)
+            except (OSError, ValueError):
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_size < PREHASH_BYTES:
+                continue
+            known = self.cache.get(rel) if self.cache is not None else None
+            if known is None or not known.same_file(st.st_size, st.st_mtime_ns,
+                                                    st.st_ctime_ns, st.st_ino):
+                out.append(rel)
+        return out
+
+    def prehash(self, rels: Iterable[str]) -> None:
+        """Hash ``rels`` for the next ``observe`` of each. Meant for a worker thread
+        (hashlib releases the GIL; no SQLite here); a file that changes meanwhile is
+        simply hashed again by ``observe``."""
+        for rel in rels:
+            try:
+                rel = normalize(rel)
+                parent = self._open_parent(rel)
+                try:
+                    at = _At(parent, rel.rpartition("/")[2])
+                    st = at.lstat()
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    digest = self._hash_settled(at, st)
+                finally:
+                    os.close(parent)
+            except (OSError, InvalidPath, _Changed):
+                continue
+            self._fresh[rel] = ((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), digest)
 
     def walk(self) -> Iterator[str]:
         """Every path under the root, directories included, sorted per directory."""
@@ -234,6 +275,15 @@ class Scanner:
             known = self.cache.get(rel)
             if known is not None and known.same_file(*key):
                 return known.hash
+        fresh = self._fresh.pop(rel, None)
+        hit = fresh is not None and fresh[0] == key
+        digest = fresh[1] if fresh is not None and hit else self._hash_settled(at, st)
+        if self.cache is not None and started_ns - st.st_ctime_ns > self.racy_ns:
+            self.cache.put(rel, CachedStat(*key, digest))
+        return digest
+
+    def _hash_settled(self, at: _At, st: os.stat_result) -> bytes:
+        """The hash of the file ``st`` describes; ``_Changed`` if it changed meanwhile."""
         try:
             # O_NOFOLLOW: it may have become a symlink since; O_NONBLOCK: or a fifo.
             fd = os.open(at.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
@@ -250,8 +300,6 @@ class Scanner:
             os.close(fd)
         if length != st.st_size or not _same(st, at.lstat()):
             raise _Changed
-        if self.cache is not None and started_ns - st.st_ctime_ns > self.racy_ns:
-            self.cache.put(rel, CachedStat(*key, digest))
         return digest
 
 

@@ -45,7 +45,13 @@ from mesh.adapters import rsyncd
 from mesh.adapters.tls_server import accept_forever, bind, open_tls
 from mesh.core.manifest import unpack
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, PkiError, RemoteProtocolError
-from mesh.tls import NodeCredentials, NodeIdentity, identity_from_peercert, server_ssl_context
+from mesh.tls import (
+    NodeCredentials,
+    NodeIdentity,
+    client_ssl_context,
+    identity_from_peercert,
+    server_ssl_context,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -493,3 +499,50 @@ def credentials_from_env(environ: Mapping[str, str]) -> NodeCredentials:
         raise ConfigError(f"{err.args[0]} is not set") from None
     except MeshError as err:
         raise ConfigError(str(err)) from None
+
+
+async def open_push(
+    creds: NodeCredentials,
+    host: str,
+    port: int,
+    peer: str,
+    hello: PushHello,
+    *,
+    within: float = 10.0,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The agent's own end of a push (``mesh.rsh`` is the gate's): connect to ``peer``'s
+    tunnel, check that it is ``peer``, send the header and wait for the go-ahead. Returns
+    the stream that then carries rsync's daemon protocol."""
+    where = f"push {hello.push_id} to {peer} at {host}:{port}"
+    try:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=client_ssl_context(creds), limit=_CHUNK * 4)
+    except ssl.SSLCertVerificationError as err:
+        raise TunnelError(f"{where}: certificate verify failed: {err.verify_message}") from None
+    except (OSError, TimeoutError) as err:
+        raise TunnelError(f"{where}: connect: {err or type(err).__name__}") from None
+    try:
+        found = identity_from_peercert(writer.get_extra_info("peercert"),
+                                       creds.identity.cluster).node
+        if found != peer:
+            raise TunnelError(f"{where}: the certificate is {found}'s")
+        writer.write(hello.encode())
+        async with asyncio.timeout(within):
+            await writer.drain()
+            reply = await read_frame(reader, _MAX_REPLY_BYTES)
+        if not isinstance(reply, dict) or reply.get("v") != VERSION:
+            raise TunnelError(f"{where}: malformed reply to the push header")
+        if reply.get("ok") is not True:
+            raise TunnelError(f"{peer} refused push {hello.push_id}: "
+                              f"{str(reply.get('error'))[:500]}")
+    except TimeoutError:
+        writer.transport.abort()
+        raise TunnelError(f"{where}: no answer within {within:g} s") from None
+    except (OSError, PkiError, RemoteProtocolError) as err:
+        writer.transport.abort()
+        raise TunnelError(f"{where}: {err}") from None
+    except BaseException:
+        writer.transport.abort()
+        raise
+    return reader, writer

@@ -316,3 +316,36 @@ def test_stat_cache_rows(index: Index) -> None:
     table = index.db.execute(
         "SELECT sql FROM sqlite_master WHERE name = 'stat_cache'").fetchone()[0]
     assert "STRICT" in table and "WITHOUT ROWID" in table
+
+
+def test_prehash_serves_one_observe_of_the_very_file(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    big = tmp_path / "big.bin"
+    first = os.urandom(scanner_mod.PREHASH_BYTES)
+    big.write_bytes(first)
+    (tmp_path / "small").write_bytes(b"x")
+    s = Scanner(tmp_path)
+    assert s.to_prehash(["big.bin", "small", "absent"]) == ["big.bin"]
+    s.prehash(["big.bin"])
+    hashed: list[int] = []
+    real = scanner_mod.hash_fd
+
+    def counting(fd: int) -> tuple[bytes, int]:
+        hashed.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(scanner_mod, "hash_fd", counting)
+    found = s.observe("big.bin")
+    assert found is not None and found.hash == sha(first)
+    assert hashed == []  # the worker's hash served
+    # Used once: the next observe hashes again. And a file replaced since its prehash
+    # (another inode) is hashed anew, never served the stale hash.
+    s.prehash(["big.bin"])
+    hashed.clear()
+    second = os.urandom(scanner_mod.PREHASH_BYTES)
+    tmp = tmp_path / "tmp"
+    tmp.write_bytes(second)
+    tmp.replace(big)
+    found = s.observe("big.bin")
+    assert found is not None and found.hash == sha(second)
+    assert len(hashed) == 1

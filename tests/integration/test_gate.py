@@ -13,8 +13,8 @@ import pytest
 from mesh.adapters import lsyncd, rsyncd
 from mesh.adapters.tunnel import TunnelServer, credentials_env
 from mesh.errors import MeshError
-from mesh.gate import EXIT_RETRY, EXIT_USAGE, GateServer, PushGrant, request_grant
-from tests.integration.conftest import GrantPolicy, Pki, RecordingSink
+from mesh.gate import EXIT_RETRY, EXIT_USAGE, GateServer, PushGrant, hold_grant, request_grant
+from tests.integration.conftest import GrantPolicy, Pki, RecordingSink, until
 
 pytestmark = pytest.mark.integration
 
@@ -190,3 +190,25 @@ def test_include_patterns_match_exactly_the_paths(tmp_path: Path) -> None:
 def test_lsyncd_target_round_trips() -> None:
     call = lsyncd.parse_rsync_call(lsyncd_argv(Path("/data"), lsyncd.target_of("node-2.x")))
     assert call == lsyncd.RsyncCall(Path("/data/"), "node-2.x")
+
+
+async def test_a_grant_is_held_until_the_gate_closes(tmp_path: Path) -> None:
+    """The agent learns when lsyncd's push is over: the gate keeps its connection open
+    while it pushes (``hold_grant``), and ``finished`` runs when it closes."""
+    socket_path = tmp_path / "agent.sock"
+    done: list[PushGrant] = []
+
+    class Some:
+        async def authorize(self, target: str, paths: list[str]) -> PushGrant:
+            allowed = [p for p in paths if p != "held"]
+            return PushGrant(target, "127.0.0.1", 1, f"p-{len(paths)}", allowed, b"")
+
+    async with GateServer(socket_path, Some(), finished=done.append):
+        async with hold_grant(socket_path, "bravo", ["a", "held"]) as grant:
+            assert grant.allowed == ["a"]
+            # Another whole request in between gives the server's loop its turns; a grant
+            # of nothing (this one) is not held: nothing is on its way.
+            assert (await request_grant(socket_path, "bravo", ["held"])).allowed == []
+            assert done == []
+        await until(lambda: len(done) == 1, "the held grant to be released")
+        assert done[0].push_id == "p-2"

@@ -109,8 +109,9 @@ def test_check_refuses_anything_else(options: tuple[str, ...], dest: str, reason
 ODD_NAMES = ["with space.txt", "new\nline", "ünïcødé ✓.txt", "star*q?[b]", "back\\slash", "-dash"]
 
 
+@pytest.mark.parametrize("inline", [False, True], ids=["rsh", "inline"])
 async def test_push_lands_byte_for_byte_and_keeps_what_it_displaces(
-    cluster_pki: Pki, tmp_path: Path
+    cluster_pki: Pki, tmp_path: Path, inline: bool
 ) -> None:
     source, target = make_dirs(tmp_path)
     for name in ODD_NAMES:
@@ -133,7 +134,8 @@ async def test_push_lands_byte_for_byte_and_keeps_what_it_displaces(
     async with receiver(cluster_pki, target, sink) as server:
         allowed = sorted(p.relative_to(source).as_posix() for p in source.rglob("*"))
         returncode = await push(
-            grant(server, "first", [*allowed, "deleted"]), source, cluster_pki.creds(SENDER)
+            grant(server, "first", [*allowed, "deleted"]), source, cluster_pki.creds(SENDER),
+            inline=inline,
         )
         await until(lambda: len(sink.finished()) == 1, "the push to end")
 
