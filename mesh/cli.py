@@ -9,6 +9,7 @@ from mesh.cli_gate import register as register_gate
 from mesh.cli_local import local_app
 from mesh.cli_ops import register as register_ops
 from mesh.cli_pki import pki_app
+from mesh.cli_swarm import register as register_swarm
 
 app = typer.Typer(
     name="mesh",
@@ -16,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+register_swarm(pki_app)
 app.add_typer(pki_app, name="pki")
 app.command("agent")(agent)
 app.add_typer(local_app, name="local")

@@ -65,7 +65,9 @@ class CertInfo:
 
 
 @dataclass(frozen=True)
-class _Ca:
+class ClusterCa:
+    """The cluster CA's certificate and key, checked to belong together."""
+
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     cluster: str
@@ -97,17 +99,27 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         raise PkiError(f"write {path}: {err.strerror or err}") from err
 
 
-def _write_pair(cert_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-    # Unencrypted: the daemon reads its key unattended from a Swarm secret; the key is
-    # protected by the file mode here and by Swarm's encrypted secret store in transit.
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """Write a private key (mode 0600, atomically)."""
+    # Unencrypted: the daemon reads its key unattended; the key is protected by the file
+    # mode here and, where Swarm carries it, by Swarm's encrypted secret store.
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(cert_path.with_suffix(".key"), key_pem, _KEY_MODE)
+    _write(path, key_pem, _KEY_MODE)
+
+
+def write_cert(path: Path, cert: x509.Certificate) -> None:
+    """Write a certificate (mode 0644, atomically)."""
+    _write(path, cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
+
+
+def _write_pair(cert_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    write_key(cert_path.with_suffix(".key"), key)
     # The certificate goes last: a .crt on disk means its key is complete beside it.
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
+    write_cert(cert_path, cert)
 
 
 def _refuse_existing(paths: Iterable[Path], remedy: str) -> None:
@@ -123,7 +135,7 @@ def _node_files(pki_dir: Path, node: str) -> tuple[Path, Path]:
     return pki_dir / f"{node}.crt", pki_dir / f"{node}.key"
 
 
-def _load_cert(path: Path) -> x509.Certificate:
+def load_cert(path: Path) -> x509.Certificate:
     data = _read(path, "certificate")
     try:
         return x509.load_pem_x509_certificate(data)
@@ -131,7 +143,7 @@ def _load_cert(path: Path) -> x509.Certificate:
         raise PkiError(f"parse certificate {path}: {err}") from err
 
 
-def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     data = _read(path, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -142,12 +154,16 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _load_ca(pki_dir: Path) -> _Ca:
-    cert_path, key_path = pki_dir / CA_CERT, pki_dir / CA_KEY
-    cert = _load_cert(cert_path)
-    key = _load_key(key_path)
+def load_ca(cert_path: Path, key_path: Path) -> ClusterCa:
+    """The cluster CA from its certificate and key files, wherever they lie."""
+    cert = load_cert(cert_path)
+    key = load_key(key_path)
     _check_key_matches(cert, cert_path, key, key_path)
-    return _Ca(cert, key, _cluster_of_cert(cert, cert_path))
+    return ClusterCa(cert, key, _cluster_of_cert(cert, cert_path))
+
+
+def _load_ca(pki_dir: Path) -> ClusterCa:
+    return load_ca(pki_dir / CA_CERT, pki_dir / CA_KEY)
 
 
 # --- reading certificates ----------------------------------------------------------------
@@ -341,24 +357,45 @@ def issue(
 
 def _write_node_pair(
     cert_path: Path,
-    ca: _Ca,
+    ca: ClusterCa,
     identity: NodeIdentity,
     extra: list[x509.GeneralName],
     now: datetime,
     days: int,
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
+    cert = sign_leaf(ca, identity.uri, identity.node, key.public_key(), extra, now=now, days=days)
+    _write_pair(cert_path, cert, key)
+
+
+def node_sans(
+    dns_names: Sequence[str] = (), ip_addresses: Sequence[str] = ()
+) -> list[x509.GeneralName]:
+    """The extra names ``issue`` puts in every node certificate (localhost, 127.0.0.1, ...)."""
+    return _extra_sans(dns_names, ip_addresses)
+
+
+def sign_leaf(
+    ca: ClusterCa,
+    uri: str,
+    common_name: str,
+    public_key: ec.EllipticCurvePublicKey,
+    extra: Sequence[x509.GeneralName] = (),
+    *,
+    now: datetime | None = None,
+    days: int = 825,
+) -> x509.Certificate:
+    """A certificate for ``public_key`` whose identity is the URI SAN ``uri``, signed by the
+    cluster CA; what ``issue`` makes for a node, and ``mesh pki signer`` for a key it is sent."""
     # The URI SAN comes first: it is the identity; the DNS and IP names only let ordinary
     # TLS tools (openssl s_client, curl) talk to a node by the names it is reachable at.
     sans: list[x509.GeneralName] = [
-        x509.UniformResourceIdentifier(identity.uri),
-        x509.DNSName(identity.node),
+        x509.UniformResourceIdentifier(uri),
+        x509.DNSName(common_name),
     ]
     sans += [n for n in extra if n not in sans]
-    cert = (
-        _builder(
-            _name(identity.cluster, identity.node), ca.cert.subject, key.public_key(), now, days
-        )
+    return (
+        _builder(_name(ca.cluster, common_name), ca.cert.subject, public_key, _now(now), days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(signature=True, cert_sign=False), critical=True)
         .add_extension(
@@ -374,7 +411,6 @@ def _write_node_pair(
         )
         .sign(ca.key, hashes.SHA256())
     )
-    _write_pair(cert_path, cert, key)
 
 
 # --- inspecting and loading --------------------------------------------------------------
@@ -383,7 +419,7 @@ def _write_node_pair(
 def cluster_of(pki_dir: Path) -> str:
     """The cluster named by the CA certificate in ``pki_dir``."""
     path = pki_dir / CA_CERT
-    return _cluster_of_cert(_load_cert(path), path)
+    return _cluster_of_cert(load_cert(path), path)
 
 
 def show(pki_dir: Path) -> list[CertInfo]:
@@ -395,7 +431,7 @@ def show(pki_dir: Path) -> list[CertInfo]:
 
 
 def _info(path: Path) -> CertInfo:
-    cert = _load_cert(path)
+    cert = load_cert(path)
     try:
         identities = _identities(cert)
     except PkiError:
@@ -416,11 +452,11 @@ def load_node(pki_dir: Path, node: str) -> NodeCredentials:
     """Check a node's key, certificate and CA before the daemon builds TLS from them, so a
     wrong file fails at start with one line instead of as handshake errors on every peer."""
     ca_path = pki_dir / CA_CERT
-    ca = _load_cert(ca_path)
+    ca = load_cert(ca_path)
     identity = NodeIdentity(_cluster_of_cert(ca, ca_path), node)
     cert_path, key_path = _node_files(pki_dir, node)
-    cert = _load_cert(cert_path)
-    _check_key_matches(cert, cert_path, _load_key(key_path), key_path)
+    cert = load_cert(cert_path)
+    _check_key_matches(cert, cert_path, load_key(key_path), key_path)
     now = datetime.now(UTC)
     _check_current(ca, ca_path, now)
     _check_issued_by(cert, cert_path, ca)
@@ -452,7 +488,8 @@ def identity_from_ssl(ssl_object: ssl.SSLObject | ssl.SSLSocket, cluster: str) -
 
 
 __all__ = [
-    "CA_CERT", "CA_KEY", "CertInfo", "NodeCredentials", "NodeIdentity", "client_ssl_context",
-    "cluster_of", "identity_from_der", "identity_from_ssl", "init_ca", "issue", "load_node",
-    "server_ssl_context", "show",
+    "CA_CERT", "CA_KEY", "CertInfo", "ClusterCa", "NodeCredentials", "NodeIdentity",
+    "client_ssl_context", "cluster_of", "identity_from_der", "identity_from_ssl", "init_ca",
+    "issue", "load_ca", "load_cert", "load_key", "load_node", "node_sans", "server_ssl_context",
+    "show", "sign_leaf", "write_cert", "write_key",
 ]
