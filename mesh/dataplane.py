@@ -35,6 +35,8 @@ from mesh.store.index import Index
 LOG = logging.getLogger("mesh.data")
 
 SCAN_BATCH = 500
+DEFER_S = 10.0
+SCANS_KEPT = 10_000
 _RSYNC_TEMP = re.compile(rb"\..+\.[A-Za-z0-9]{6}", re.DOTALL)
 NAME_MAX = 255
 
@@ -58,14 +60,28 @@ class DataPlane:
         self.landing: dict[str, set[str]] = {}  # path -> the pushes landing on it now
         # path -> push -> the version it announced, until the path is scanned
         self.landed: dict[str, dict[str, Version]] = {}
+        self._began: dict[str, float] = {}  # push id -> when it began landing
+        self._scanned_at: dict[str, float] = {}  # path -> when its last scan began
         self.wants = 0
 
     # --- scanning ---------------------------------------------------------------------
 
-    async def scan(self, paths: Iterable[str]) -> None:
+    async def scan(self, paths: Iterable[str], *, events_read: float | None = None) -> None:
         """Observe ``paths`` and feed the replica, in transactions of SCAN_BATCH.
-        A path displaced by a push still landing is left to that push's end."""
+        A path displaced by a push still landing is left to that push's end.
+
+        For the watcher's paths (``events_read``: its events were all read from inotify
+        before that ``time.monotonic()``), also skipped: a path scanned since (it shows
+        the change already), and a path a push began landing less than ``DEFER_S`` ago
+        (that push's end scans it; a stalled push holds it up no longer than that). A
+        burst of pushed files is so scanned once, not on each event and again at the end.
+        """
+        now = time.monotonic()
         paths = [p for p in paths if not self._displaced_by_landing(p)]
+        if events_read is not None:
+            paths = [p for p in paths if self._scanned_at.get(p, -1.0) < events_read
+                     and not self._young_landing(p, now)]
+        LOG.debug("scanning %d path(s): %s", len(paths), paths[:3])
         large = self.scanner.to_prehash(paths)
         if large:  # hashing hundreds of MB would stall every link and push of this node
             await asyncio.to_thread(self.scanner.prehash, large)
@@ -93,9 +109,11 @@ class DataPlane:
     def _observe(self, paths: list[str]) -> list[Effect]:
         effects: list[Effect] = []
         queue = deque(paths)
+        self._forget_scans()
         with self.index.batch():
             while queue:
                 path = queue.popleft()
+                started = time.monotonic()
                 try:
                     observed = self.scanner.observe(path)
                 except Unsettled:
@@ -105,6 +123,7 @@ class DataPlane:
                     LOG.warning("scan %s: %s", path, err)
                     continue
                 self.unsettled.discard(path)
+                self._scanned_at[path] = started
                 if observed is None:
                     # A folder moved out of the root is reported alone: what we
                     # indexed inside it is gone too.
@@ -252,6 +271,7 @@ class DataPlane:
         own for what it displaced, and a scan the one whose bytes are there.
         """
         self.keep.note_push(push_id, sorted(versions))
+        self._began[push_id] = time.monotonic()
         for path, version in versions.items():
             self.landing.setdefault(path, set()).add(push_id)
             self.landed.setdefault(path, {})[push_id] = version
@@ -265,11 +285,22 @@ class DataPlane:
         self.keep.forget_push(push_id)
 
     def _release(self, push_id: str, paths: list[str]) -> None:
+        self._began.pop(push_id, None)
         for path in paths:
             pushes = self.landing.get(path, set())
             pushes.discard(push_id)
             if not pushes:
                 self.landing.pop(path, None)
+
+    def _forget_scans(self) -> None:
+        """Scan times matter only against events still on their way: keep them briefly."""
+        if len(self._scanned_at) > SCANS_KEPT:
+            old = time.monotonic() - DEFER_S
+            self._scanned_at = {p: t for p, t in self._scanned_at.items() if t > old}
+
+    def _young_landing(self, path: str, now: float) -> bool:
+        return any(now - self._began.get(push_id, now) < DEFER_S
+                   for push_id in self.landing.get(path, ()))
 
     def _displaced_by_landing(self, path: str) -> bool:
         return any(os.path.lexists(self.keep.push_dir(push_id) / path)

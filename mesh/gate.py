@@ -369,6 +369,7 @@ async def push(
     if not grant.allowed:
         return 0
     where = f"push {grant.push_id} of {len(grant.allowed)} path(s) to {grant.peer}"
+    LOG.debug("%s: starting", where)
     patterns = rsyncd.include_patterns(grant.allowed, data_dir)
     stdin = b"\0".join(map(os.fsencode, patterns))
     env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}

@@ -83,6 +83,7 @@ class Node:
                              exchange=self.exchange, creds=creds, data_dir=config.data_dir,
                              endpoint=self._tunnel_endpoint)
         self.exchange.on_announce = self._announced
+        self.pushes.catch_up = self._catch_up_events
         self.exchange.on_synced = self.pushes.sweep
         self.gate = GateServer(config.gate_socket, self.pushes, finished=self.pushes.finished)
         # Operators (issue 5): metrics, and a control socket for `mesh conflicts`/`verify`.
@@ -243,7 +244,18 @@ class Node:
                     LOG.warning("inotify queue overflowed: rescanning everything")
                     await self.data.startup()
                 else:
-                    await self.data.scan([*batch.paths, *self.data.unsettled])
+                    await self.data.scan(batch.paths, events_read=batch.taken)
+                    if self.data.unsettled:
+                        await self.data.scan(sorted(self.data.unsettled))
+
+    async def _catch_up_events(self, paths: list[str]) -> None:
+        """Before the gate answers: apply every inotify event up to now, scanning each
+        changed path once (not again if scanned since its event was read)."""
+        batch = self.watcher.take_all() if self.watcher is not None else None
+        if batch is None:
+            await self.data.scan(paths)
+        else:
+            await self.data.scan(batch.paths, events_read=batch.taken)
 
     async def _write_status(self) -> None:
         path = self.config.status_file

@@ -23,7 +23,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +85,9 @@ class Pushes:
         self.queues: dict[str, _PeerQueue] = {}
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
+        # Applies every inotify event up to now; the node's uses its watcher so that what
+        # was scanned since is not scanned again. Without one: scan the paths asked about.
+        self.catch_up: Callable[[list[str]], Awaitable[None]] = data.scan
         self._granted: dict[str, dict[str, Version | None]] = {}  # lsyncd's, by push id
         self.denied = 0
         self.allowed = 0
@@ -152,13 +155,17 @@ class Pushes:
         """The gate's question for lsyncd: which of ``paths`` may go to ``target`` now.
         Paths the agent's own pusher is carrying (or has carried and awaits the peer's
         announcement of) are left out: a healthy mesh moves each version once per peer."""
-        await self.data.scan([p for p in paths if p])
+        asked = len(paths)
         queue = self.queues.setdefault(target, _PeerQueue())
         now = time.monotonic()
+        # What our pusher carries (or carried, and the peer has yet to announce) is not
+        # scanned here: a newer write reaches the pusher through the watcher anyway.
+        paths = [p for p in paths if p and not self._busy(queue, p, now)]
+        await self.catch_up(paths)
         allowed = [p for p in paths
                    if self._may(target, p, forward=False) and not self._busy(queue, p, now)]
         self.allowed += len(allowed)
-        self.denied += len(paths) - len(allowed)
+        self.denied += asked - len(allowed)
         grant = self._grant(target, allowed[:PATHS_PER_PUSH]) if allowed else None
         if grant is None:
             where = self.endpoint(target) or ("127.0.0.1", 1)

@@ -60,7 +60,7 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 _FRAME = struct.Struct(">I")
 _HELLO_OVERHEAD = 1024  # the map, the keys and the push id around the header
 _MAX_REPLY_BYTES = 64 * 1024
-_CHUNK = 64 * 1024
+_CHUNK = 256 * 1024
 
 
 class TunnelError(MeshError):
@@ -312,6 +312,7 @@ class TunnelServer:
             raise RemoteProtocolError("no push header in time", peer=peer) from None
         except RemoteProtocolError as err:
             raise RemoteProtocolError(f"push header: {err.reason}", peer=peer) from None
+        LOG.debug("tunnel: push %s from %s: header received", hello.push_id, peer)
         ticket = await self._begin(peer, hello, writer)
         if ticket is None:
             return

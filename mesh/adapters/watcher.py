@@ -79,6 +79,7 @@ class WatchBatch:
 
     paths: list[str] = field(default_factory=list)
     rescan: bool = False
+    taken: float = 0.0  # the watcher's clock (monotonic): every event was read before it
 
 
 def _wake(ready: asyncio.Future[None]) -> None:
@@ -182,9 +183,20 @@ class Watcher:
                     await self._readable(self._deadline(), now)
                 step = self._batcher.max_paths
                 for i in range(0, len(paths), step):
-                    yield WatchBatch(paths[i:i + step])
+                    yield WatchBatch(paths[i:i + step], taken=now)
         finally:
             self.close()
+
+    def take_all(self) -> WatchBatch | None:
+        """Every change inotify has reported up to now, due or not (the gate's question
+        must see them all); None when that cannot be promised (events were lost, or more
+        are queued than one drain reads): the caller scans what it needs itself."""
+        if self._inotify is None or self._rescan:
+            return None
+        if not self._drain() or self._rescan:
+            return None
+        now = self._clock()
+        return WatchBatch(self._batcher.flush(), taken=now)
 
     # --- watches -----------------------------------------------------------------
 
@@ -246,12 +258,14 @@ class Watcher:
 
     # --- events --------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        """Handle the events already queued, without blocking."""
+    def _drain(self) -> bool:
+        """Handle the events already queued, without blocking; False if more are left."""
         assert self._inotify is not None
+        empty = False
         for _ in range(DRAIN_LIMIT):
             event = self._inotify.sync_get()
             if event is None:
+                empty = True
                 break
             self._handle(event, self._clock())
         # A rename inside the tree queues MOVED_FROM and MOVED_TO together;
@@ -260,6 +274,7 @@ class Watcher:
             self._drop(rel)
             self._mark(rel, self._clock())
         self._moves.clear()
+        return empty
 
     def _handle(self, event: Event, now: float) -> None:
         mask = event.mask
