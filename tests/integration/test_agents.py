@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, Node
+from tests.cluster import Cluster, Node, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -63,3 +65,28 @@ def test_every_kind_of_change_converges_from_every_node(cluster: Cluster) -> Non
     assert "n1-empty" not in tree and "n2 dir/sub" not in tree
     assert tree["n3-exec.sh"][1] == 0o700 and "n1 dir/moved.bin" in tree
     assert not any(".conflict-" in p for p in tree), "no conflicts were made"
+
+
+def test_each_version_moves_once_per_peer(cluster: Cluster) -> None:
+    """The writer's agent pushes its write at once; lsyncd's gate, asked for the same
+    path a second later, is denied: one push per peer, not two (DESIGN.md, who pushes)."""
+    n1, n2, n3 = cluster.nodes
+
+    def pushes(node: Node) -> dict[str, Any]:
+        status = node.status()
+        assert status is not None
+        return status["pushes"]  # type: ignore[no-any-return]
+
+    received = {n.name: pushes(n)["received"] for n in (n2, n3)}
+    denied = pushes(n1)["denied"]
+    data = os.urandom(1 << 20)
+    (n1.data / "once.bin").write_bytes(data)
+    wait_for(lambda: all((n.data / "once.bin").exists()
+                         and (n.data / "once.bin").read_bytes() == data for n in (n2, n3)),
+             30, "the file at both peers")
+    wait_for(lambda: pushes(n1)["denied"] >= denied + 2, 30, "lsyncd's gate asked for both peers")
+    asked = time.time()
+    wait_for(lambda: all((n.status() or {}).get("now", 0) > asked for n in (n2, n3)), 10,
+             "fresh status from the peers")
+    assert {n.name: pushes(n)["received"] - received[n.name] for n in (n2, n3)} == {
+        "n2": 1, "n3": 1}
