@@ -321,6 +321,9 @@ class TunnelServer:
             writer.write(encode_frame({"v": VERSION, "ok": True}))
             await writer.drain()
             returncode = await self._run_daemon(peer, hello.push_id, reader, writer)
+            # The sender is done once the daemon is: let it go before the agent files
+            # what the push landed (its next push to us need not wait for that).
+            await close_stream(writer)
         finally:
             await self.sink.end(ticket, returncode)
 
