@@ -415,9 +415,11 @@ async def _push_inline(
         # rsync's remote shell: a cat in the background copies rsync's stream into the
         # socket; the shell itself becomes the cat that copies the socket to rsync, so it
         # exits when the receiver is done, as rsync expects of a remote shell. (bash: dash
-        # redirects only fds 0-9; "0<&0": a background job's stdin is otherwise /dev/null.)
+        # redirects only fds 0-9; "0<&0": a background job's stdin is otherwise /dev/null;
+        # --norc: with a socket on its stdin, bash takes itself for rshd's and would run
+        # ~/.bashrc — a pyenv set-up there cost 0.3 s per push.)
         script = f"cat 0<&0 >&{fd} & exec cat <&{fd}"
-        rsh = rsyncd.rsh_command(["/bin/bash", "-c", script, "relay"])
+        rsh = rsyncd.rsh_command(["/bin/bash", "--norc", "--noprofile", "-c", script, "relay"])
         argv = rsyncd.client_argv(data_dir, grant.host, rsh, keep_name, grant.push_id,
                                   rsync=rsync)
         local_reader, local_writer = await asyncio.open_connection(sock=ours, limit=1 << 18)
