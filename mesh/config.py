@@ -360,7 +360,7 @@ SETTINGS: Final[Mapping[str, Setting]] = {
             "SECONDS",
         ),
         _setting(
-            "batch_quiet", "Manifest batch: seconds of quiet.", _seconds(positive=False), "SECONDS"
+            "batch_quiet", "Change batch: seconds of quiet.", _seconds(positive=False), "SECONDS"
         ),
         _setting(
             "batch_cap",
@@ -407,7 +407,7 @@ class AgentConfig:
     # The agent pushes its own writes at once (mesh.pushes); lsyncd is the second path, and a
     # longer delay gathers more events into each (mostly denied) gate call.
     lsyncd_delay: float = 1.0
-    batch_quiet: float = 0.05
+    batch_quiet: float = 0.02  # inotify quiet before a scan; pushes in flight batch the rest
     batch_cap: float = 0.5
     log_format: LogFormat = "human"
     log_level: LogLevel = "info"
