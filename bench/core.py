@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mesh.core import manifest
 from mesh.core.manifest import Entry, Kind, Manifest
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
 from mesh.store.index import Index
@@ -82,6 +83,24 @@ def main() -> None:
              lambda: [idx.state(versions[rng.randrange(n)].path) for _ in range(10_000)],
              "reads")
         idx.close()
+        # What a receiver does per manifest (mesh.exchange): decode, then one transaction.
+        later = [Manifest("node-0", 1, i, tuple(e.with_vector(e.vector.increment("node-0"))
+                                                for e in m.entries))
+                 for i, m in enumerate(manifests)]
+        again = [manifest.encode(m) for m in later]
+        receiver = Index(Path(tmp) / "receiver.db")
+        replica = Replica("node-9", receiver)
+
+        def receive(payloads: list[bytes]) -> None:
+            for payload in payloads:
+                m = manifest.decode(payload)
+                with receiver.batch():
+                    receiver.prefetch([e.path for e in m.entries], m.origin)
+                    replica.remote(m.origin, m.entries, m.conflicts, 0)
+                    receiver.set_meta("clock", replica.clock)
+        rate("receive (decode + apply), new paths", n, lambda: receive(blobs), "entries")
+        rate("receive, newer versions of known paths", n, lambda: receive(again), "entries")
+        receiver.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{'peak RSS':<34} {peak:>12.0f} MB")
 

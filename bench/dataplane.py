@@ -177,9 +177,30 @@ def scenarios(dirs: list[Path], pids: list[int], args: argparse.Namespace
         with big.open("r+b") as f:
             f.seek(size // 3)
             f.write(os.urandom(1 << 20))
-        digest = sha(big)
         start = time.perf_counter()
-        wait(lambda: all(sha(p / "big.bin") == digest for p in peers), 60, 0.05)
+        digest = sha(big)
+        mtime = big.stat().st_mtime_ns
+        hashed: dict[Path, float] = {}
+
+        def holds(p: Path) -> bool:
+            """Hash a peer's copy only once it looks changed (rsync sets the mtime last),
+            so that this poll does not compete with the agents for the disk and CPU."""
+            try:
+                st = (p / "big.bin").stat()
+            except FileNotFoundError:
+                return False
+            if abs(st.st_mtime_ns - mtime) > 1_000_000 or hashed.get(p) == st.st_ctime:
+                return False
+            hashed[p] = st.st_ctime
+            return sha(p / "big.bin") == digest
+
+        done: set[Path] = set()
+
+        def all_hold() -> bool:
+            done.update(p for p in peers if p not in done and holds(p))
+            return len(done) == len(peers)
+
+        wait(all_hold, 60, 0.05)
         out["change_lo_mib_per_peer"] = (lo_bytes() - before) / 2 / len(peers) / (1 << 20)
         return time.perf_counter() - start
 

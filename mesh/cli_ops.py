@@ -268,8 +268,10 @@ def status(as_json: Json = False, state_dir: StateDir = None,
         f"{_duration(now - doc['started'])}, broker {doc['broker']}, metrics "
         f"{doc.get('metrics') or 'off'}\n"
         f"index {doc['index_size']} paths; unpublished {doc['backlog']}; waiting for content "
-        f"of {doc['pending_content']}; gate allowed {pushes['allowed']} and denied "
-        f"{pushes['denied']} paths; {pushes['received']} pushes received\n"
+        f"of {doc['pending_content']}; pushed {pushes.get('sent_paths', 0)} paths in "
+        f"{pushes.get('sent', 0)} pushes ({pushes.get('send_failures', 0)} failed); lsyncd's "
+        f"gate allowed {pushes['allowed']} and denied {pushes['denied']} paths; "
+        f"{pushes['received']} pushes received\n"
         f"lsyncd " + (f"pid {lsyncd['pid']}, syncing to {', '.join(lsyncd['peers']) or 'nobody'}"
                       if lsyncd["pid"] else "not running"))
     table = Table("peer", "address", "link", "since", "last message", "lag", "catching up",

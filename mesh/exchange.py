@@ -69,6 +69,10 @@ class PeerView:
     inbox: Inbox
     hello: wire.Hello | None = None
     last_head: float | None = None
+    head: tuple[float, int, int] | None = None  # the last head: (wall time, epoch, seq)
+    # What had to be applied before our view of the peer was current again after its
+    # link last came up: (that link's start, epoch, seq); see ``caught_up``.
+    mark: tuple[float, int, int] | None = None
     resync: asyncio.Task[None] | None = None
     applied_manifests: int = 0
     resyncs: int = 0
@@ -238,6 +242,7 @@ class Exchange:
             return
         view = self.view(peer)
         view.last_head = time.monotonic()
+        view.head = (time.time(), head.epoch, head.seq)
         await self._repair(peer, view.inbox.head(head.epoch, head.seq, time.monotonic()))
 
     async def _offer(self, peer: str, m: Manifest) -> None:
@@ -293,6 +298,24 @@ class Exchange:
         task = asyncio.create_task(wait())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def caught_up(self, peer: str, since: float) -> bool:
+        """Whether we hold all that ``peer`` had published when its link came up at
+        ``since`` (wall time): the first head it sent after that, applied. Until then
+        what we know of its versions is stale — in a partition it wrote on — and a push
+        of ours would race its writes instead of resolving with them first."""
+        view = self.peers.get(peer)
+        if view is None or view.head is None:
+            return False
+        inbox = view.inbox
+        if view.mark is None or view.mark[0] != since or (
+                inbox.epoch is not None and inbox.epoch > view.mark[1]):
+            if view.head[0] < since:
+                return False  # no head heard on this link yet
+            view.mark = (since, view.head[1], view.head[2])
+        _, epoch, seq = view.mark
+        syncing = inbox.resync_pending or (view.resync is not None and not view.resync.done())
+        return not syncing and inbox.epoch == epoch and inbox.applied >= seq
 
     # --- resync -------------------------------------------------------------------
 

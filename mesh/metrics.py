@@ -149,6 +149,15 @@ class _StateCollector:
         paths.add_metric(["allowed"], pushes["allowed"])
         paths.add_metric(["denied"], pushes["denied"])
         yield paths
+        sent = CounterMetricFamily("mesh_pushes_sent", "Pushes this node's agent ran itself "
+                                   "(its own writes, catch-up, forwarding), by result.",
+                                   labels=["result"])
+        sent.add_metric(["ok"], pushes.get("sent", 0))
+        sent.add_metric(["failed"], pushes.get("send_failures", 0))
+        yield sent
+        yield CounterMetricFamily("mesh_push_paths_sent", "Paths in the pushes this node's "
+                                  "agent ran itself and that succeeded.",
+                                  value=pushes.get("sent_paths", 0))
         yield CounterMetricFamily("mesh_manifests_sent", "Manifests this node published since "
                                   "it started.", value=doc["seq"])
         conflicts = CounterMetricFamily("mesh_conflicts", "Conflicts in this node's log, by "

@@ -84,6 +84,7 @@ class Node:
                              endpoint=self._tunnel_endpoint)
         self.exchange.on_announce = self._announced
         self.pushes.catch_up = self._catch_up_events
+        self.pushes.current = self._peer_current
         self.exchange.on_synced = self.pushes.sweep
         self.gate = GateServer(config.gate_socket, self.pushes, finished=self.pushes.finished)
         # Operators (issue 5): metrics, and a control socket for `mesh conflicts`/`verify`.
@@ -141,6 +142,14 @@ class Node:
             if status.peer_id == peer and status.state is LinkState.UP:
                 return host, view.hello.tunnel_port
         return None
+
+    def _peer_current(self, peer: str) -> bool:
+        for link, _ in self.links.values():
+            status = link.status
+            if (status.peer_id == peer and status.state is LinkState.UP
+                    and status.connected_since is not None):
+                return self.exchange.caught_up(peer, status.connected_since)
+        return False
 
     async def _track_peers(self) -> None:
         """Keep lsyncd's syncs and the pusher's queues to the peers we can push to."""
@@ -293,7 +302,9 @@ class Node:
             "watches": self.watcher.watch_count if self.watcher is not None else 0,
             "metrics": self.metrics_server and self.metrics_server.where,
             "pushes": {"allowed": self.pushes.allowed, "denied": self.pushes.denied,
-                       "received": self.pushes.received,
+                       "received": self.pushes.received, "sent": self.pushes.sent,
+                       "sent_paths": self.pushes.sent_paths,
+                       "send_failures": self.pushes.send_failures,
                        "pending": {p: self.pushes.pending(p) for p in self.pushes.queues}},
             "lsyncd": {"pid": self.lsyncd.pid, "peers": self.lsyncd.peers},
         }

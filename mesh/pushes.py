@@ -88,10 +88,17 @@ class Pushes:
         # Applies every inotify event up to now; the node's uses its watcher so that what
         # was scanned since is not scanned again. Without one: scan the paths asked about.
         self.catch_up: Callable[[list[str]], Awaitable[None]] = data.scan
+        # Whether what we know of a peer's versions is current (the node's: everything
+        # it had published when its link came up is applied). Until then nothing goes
+        # to it: a push would race the writes it made while we were apart.
+        self.current: Callable[[str], bool] = lambda peer: True
         self._granted: dict[str, dict[str, Version | None]] = {}  # lsyncd's, by push id
         self.denied = 0
         self.allowed = 0
         self.received = 0
+        self.sent = 0  # pushes by our own pusher (lsyncd's are the gate's ``allowed``)
+        self.sent_paths = 0
+        self.send_failures = 0
 
     # --- what may go where --------------------------------------------------------
 
@@ -156,6 +163,8 @@ class Pushes:
         Paths the agent's own pusher is carrying (or has carried and awaits the peer's
         announcement of) are left out: a healthy mesh moves each version once per peer."""
         asked = len(paths)
+        if not self.current(target):
+            paths = []  # lsyncd's batch is done; our pusher sends what is still due
         queue = self.queues.setdefault(target, _PeerQueue())
         now = time.monotonic()
         # What our pusher carries (or carried, and the peer has yet to announce) is not
@@ -242,7 +251,8 @@ class Pushes:
             while True:
                 self._wake.clear()
                 for peer, queue in self.queues.items():
-                    if (queue.task is None or queue.task.done()) and self.endpoint(peer):
+                    if ((queue.task is None or queue.task.done()) and self.endpoint(peer)
+                            and self.current(peer)):
                         queue.task = asyncio.create_task(self._drain(peer),
                                                          name=f"push-{peer}")
                 with contextlib.suppress(TimeoutError):
@@ -283,12 +293,15 @@ class Pushes:
             finally:
                 self._release(peer, taken, delivered=code == 0)
             if code != 0:
+                self.send_failures += 1
                 queue.failures += 1
                 queue.retry_at = now + min(RETRY_S[1], RETRY_S[0] * 2 ** (queue.failures - 1))
                 return
             queue.failures = 0
             queue.pushes += 1
             queue.pushed_paths += len(ready)
+            self.sent += 1
+            self.sent_paths += len(ready)
 
     def _ready(self, peer: str, queue: _PeerQueue, now: float) -> list[str]:
         ready: list[str] = []

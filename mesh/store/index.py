@@ -4,13 +4,30 @@ The only SQLite code in meshsync. WAL mode, numbered schema files applied in
 order (``schema/NNNN_*.sql``), ``user_version`` records the last applied.
 Writes happen inside ``batch()``: one transaction per batch, so a crash at any
 moment leaves the state of the last committed batch (DESIGN.md invariant 5).
+
+Inside a batch, path states and peer vectors are cached, and their writes are
+held back and written with one ``executemany`` per table when the batch commits
+(or before any query that reads those tables), leaving out what did not change.
+A receiver applies a manifest of thousands of entries per batch, and one
+statement per read and per write was most of its time; ``prefetch`` loads the
+states a manifest touches in three queries instead of three per entry (issue 3:
+34,000 -> 47,000 new entries applied per CPU-second, with decoding).
+
+WAL checkpoints run on a thread of their own (``_Checkpointer``), not in
+whichever commit crosses SQLite's threshold: with ``synchronous=NORMAL`` a
+checkpoint fsyncs, and on the event loop's thread that was the tail of the
+mesh's manifest latency.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import sqlite3
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +42,13 @@ from mesh.core.resolver import Conflict, Rule, Version, resolve
 from mesh.core.vclock import VersionVector
 from mesh.errors import StoreError
 
+LOG = logging.getLogger(__name__)
+
 _ROW = Any
+_PREFETCH_CHUNK = 8192  # paths per prefetch query
+# Pages of WAL after which a commit checkpoints by itself: only a backstop for a
+# checkpointer that cannot keep up (SQLite's default is 1,000).
+_AUTOCHECKPOINT_PAGES = 16384
 
 
 def _schema_files() -> list[tuple[int, str]]:
@@ -80,13 +103,25 @@ class Index:
             self._migrate()
         except sqlite3.Error as err:
             raise StoreError(f"open state database {path}: {err}") from err
+        self._checkpointer: _Checkpointer | None = None
+        if self.path is not None:
+            self.db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES:d}")
+            self._checkpointer = _Checkpointer(self.path)
+            weakref.finalize(self, self._checkpointer.close)  # an index never closed
         self._depth = 0
-        # Path states read or written in the open transaction: the replica reads
-        # a path's state several times per change. Only this object writes the
-        # tables, so the cache is exact; it is dropped at commit and rollback.
+        # Path states and peer vectors read or written in the open transaction: the
+        # replica reads a path's state several times per change. Only this object
+        # writes these tables, so the caches are exact; they are dropped at commit and
+        # rollback. Writes wait in _dirty/_peers_dirty until _flush().
         self._states: dict[str, PathState] = {}
+        self._stored: dict[str, PathState] = {}  # what the tables hold, of paths read
+        self._dirty: dict[str, PathState] = {}
+        self._peers: dict[tuple[str, str], VersionVector | None] = {}
+        self._peers_dirty: dict[tuple[str, str], VersionVector] = {}
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.db.close()
 
     def _migrate(self) -> None:
@@ -123,53 +158,126 @@ class Index:
         self._depth = 1
         try:
             yield
+            self._flush()
         except BaseException:
+            self._forget()
             self.db.execute("ROLLBACK")
             raise
         else:
             try:
                 self.db.execute("COMMIT")
             except sqlite3.Error as err:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise StoreError(f"commit to {self.path}: {err}") from err
+            if self._checkpointer is not None:
+                self._checkpointer.nudge()
         finally:
             self._depth = 0
-            self._states.clear()
+            self._forget()
+
+    def _forget(self) -> None:
+        self._states.clear()
+        self._stored.clear()
+        self._dirty.clear()
+        self._peers.clear()
+        self._peers_dirty.clear()
+
+    def _flush(self) -> None:
+        """Write what the open batch holds back, one statement per table and kind."""
+        if self._dirty:
+            states, self._dirty = self._dirty, {}
+            put_disk, put_target, drop_disk, drop_target = [], [], [], []
+            for path, st in states.items():
+                # Only what differs from the row as read (the replica often rewrites
+                # one half of a state and hands the other back as it got it).
+                stored = self._stored.get(path)
+                disk, target = st.disk, st.target
+                if stored is None or disk is not stored.disk:
+                    if disk is not None:
+                        put_disk.append(_version_row(disk))
+                    elif stored is None or stored.disk is not None:
+                        drop_disk.append((path,))
+                if stored is None or target is not stored.target:
+                    if target is not None:
+                        put_target.append((path, _pack_heads(target)))
+                    elif stored is None or stored.target is not None:
+                        drop_target.append((path,))
+                self._stored[path] = st
+            db = self.db
+            db.executemany("DELETE FROM versions WHERE path = ?", drop_disk)
+            db.executemany("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)", put_disk)
+            db.executemany("DELETE FROM targets WHERE path = ?", drop_target)
+            db.executemany("INSERT OR REPLACE INTO targets VALUES (?, ?)", put_target)
+        if self._peers_dirty:
+            vectors, self._peers_dirty = self._peers_dirty, {}
+            self.db.executemany("INSERT OR REPLACE INTO peer_vectors VALUES (?, ?, ?)",
+                                [(peer, path, _pack(v.to_dict()))
+                                 for (peer, path), v in vectors.items()])
 
     # --- ReplicaStore ------------------------------------------------------------
     def state(self, path: str) -> PathState:
         cached = self._states.get(path)
         if cached is not None:
             return cached
-        state = PathState(self._get("versions", path), self._get("targets", path))
-        if self._depth:
-            self._states[path] = state
+        disk, target = self.db.execute(
+            "SELECT (SELECT heads FROM versions WHERE path = ?1), "
+            "(SELECT heads FROM targets WHERE path = ?1)", (path,)).fetchone()
+        state = PathState(None if disk is None else _unpack_heads(disk),
+                          None if target is None else _unpack_heads(target))
+        if self._depth and path not in self._dirty:
+            self._states[path] = self._stored[path] = state
         return state
 
-    def _get(self, table: str, path: str) -> Version | None:
-        row = self.db.execute(f"SELECT heads FROM {table} WHERE path = ?",  # noqa: S608
-                              (path,)).fetchone()
-        return None if row is None else _unpack_heads(row[0])
+    def prefetch(self, paths: Iterable[str], peer: str | None = None) -> None:
+        """Read the states of ``paths`` (and ``peer``'s vectors for them) into the open
+        batch's cache with a few queries, before the replica asks for them one by one.
+        Outside a batch there is no cache: nothing to do."""
+        if not self._depth:
+            return
+        todo = [p for p in dict.fromkeys(paths) if p not in self._states]
+        for i in range(0, len(todo), _PREFETCH_CHUNK):
+            chunk = todo[i:i + _PREFETCH_CHUNK]
+            wanted = json.dumps(chunk)
+            disk = dict(self.db.execute(_IN_PATHS.format(table="versions"), (wanted,)))
+            target = dict(self.db.execute(_IN_PATHS.format(table="targets"), (wanted,)))
+            for p in chunk:
+                d, t = disk.get(p), target.get(p)
+                self._states[p] = self._stored[p] = PathState(
+                    None if d is None else _unpack_heads(d),
+                    None if t is None else _unpack_heads(t))
+            if peer is not None:
+                seen = dict(self.db.execute(
+                    "SELECT path, vector FROM peer_vectors WHERE peer = ? AND path IN "
+                    "(SELECT value FROM json_each(?))", (peer, wanted)))
+                for p in chunk:
+                    key = (peer, p)
+                    if key not in self._peers:
+                        blob = seen.get(p)
+                        self._peers[key] = None if blob is None else _unpack_vector(blob)
 
     def set_state(self, path: str, state: PathState) -> None:
-        with self.batch():
-            self._states[path] = state
-            if state.disk is None:
-                self.db.execute("DELETE FROM versions WHERE path = ?", (path,))
-            else:
-                self.db.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)",
-                                _version_row(state.disk))
-            if state.target is None:
-                self.db.execute("DELETE FROM targets WHERE path = ?", (path,))
-            else:
-                self.db.execute("INSERT OR REPLACE INTO targets VALUES (?, ?)",
-                                (path, _pack_heads(state.target)))
+        if not self._depth:
+            with self.batch():
+                self.set_state(path, state)
+            return
+        self._states[path] = self._dirty[path] = state
 
     def peer_vector(self, peer: str, path: str) -> VersionVector | None:
+        key = (peer, path)
+        if key in self._peers:
+            return self._peers[key]
         row = self.db.execute("SELECT vector FROM peer_vectors WHERE peer = ? AND path = ?",
                               (peer, path)).fetchone()
-        return None if row is None else _unpack_vector(row[0])
+        vector = None if row is None else _unpack_vector(row[0])
+        if self._depth:
+            self._peers[key] = vector
+        return vector
 
     def set_peer_vector(self, peer: str, path: str, vector: VersionVector) -> None:
+        if self._depth:
+            self._peers[(peer, path)] = self._peers_dirty[(peer, path)] = vector
+            return
         self.db.execute("INSERT OR REPLACE INTO peer_vectors VALUES (?, ?, ?)",
                         (peer, path, _pack(vector.to_dict())))
 
@@ -191,42 +299,53 @@ class Index:
     def upsert_versions(self, versions: Iterable[Version]) -> int:
         """Write many disk versions in one transaction (start-up scan, catch-up)."""
         with self.batch():
+            self._flush()
+            rows = [_version_row(v) for v in versions]
+            for row in rows:  # the cached states of these paths are stale now
+                self._states.pop(row[0], None)
+                self._stored.pop(row[0], None)
             cur = self.db.executemany("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)",
-                                      (_version_row(v) for v in versions))
+                                      rows)
         return cur.rowcount
 
     def versions(self) -> Iterator[Version]:
+        self._flush()
         for (blob,) in self.db.execute("SELECT heads FROM versions ORDER BY path"):
             yield _unpack_heads(blob)
 
     def targets(self) -> Iterator[Version]:
+        self._flush()
         for (blob,) in self.db.execute("SELECT heads FROM targets ORDER BY path"):
             yield _unpack_heads(blob)
 
     def disk_items(self) -> Iterator[tuple[str, VersionVector]]:
         """(path, merged vector) of every disk version: what this node's digest covers."""
+        self._flush()
         for path, blob in self.db.execute("SELECT path, vector FROM versions"):
             yield path, _unpack_vector(blob)
 
     def peer_items(self, peer: str) -> Iterator[tuple[str, VersionVector]]:
         """(path, vector) of everything ``peer`` announced: our view of its digest."""
+        self._flush()
         for path, blob in self.db.execute(
                 "SELECT path, vector FROM peer_vectors WHERE peer = ?", (peer,)):
             yield path, _unpack_vector(blob)
 
     def versions_in(self, paths: Iterable[str]) -> Iterator[Version]:
         for path in paths:
-            v = self._get("versions", path)
+            v = self.state(path).disk
             if v is not None:
                 yield v
 
     def paths_under(self, folder: str) -> list[str]:
         """Indexed paths strictly inside ``folder`` ('/' sorts just before '0')."""
+        self._flush()
         return [p for (p,) in self.db.execute(
             "SELECT path FROM versions WHERE path > ? AND path < ? ORDER BY path",
             (folder + "/", folder + "0"))]
 
     def paths(self) -> Iterator[str]:
+        self._flush()
         for (path,) in self.db.execute("SELECT path FROM versions"):
             yield path
 
@@ -248,6 +367,7 @@ class Index:
                 yield row.conflict.winner, row.conflict.loser
 
     def count(self) -> int:
+        self._flush()
         return int(self.db.execute("SELECT count(*) FROM versions").fetchone()[0])
 
     def conflicts(self, *, since_ms: int | None = None, limit: int | None = None
@@ -284,6 +404,59 @@ class Index:
 
     def set_meta(self, key: str, value: Any) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
+_IN_PATHS = "SELECT path, heads FROM {table} WHERE path IN (SELECT value FROM json_each(?))"
+
+
+class _Checkpointer:
+    """WAL checkpoints on a thread and a connection of their own.
+
+    SQLite checkpoints in the commit that crosses ``wal_autocheckpoint`` pages, and
+    with ``synchronous=NORMAL`` a checkpoint fsyncs: measured 2-5 ms on an idle disk
+    (18 of 5,000 one-entry commits over 2 ms; none with auto-checkpoints off), more
+    on a busy one, and on the event loop's thread every manifest waited behind it.
+    Commits ``nudge()``; this thread runs a PASSIVE checkpoint (it never waits for
+    the writer) at most every ``interval`` seconds while nudged. The GIL is released
+    while SQLite works."""
+
+    def __init__(self, path: Path, interval: float = 0.5) -> None:
+        self.path = path
+        self.interval = interval
+        self._nudged = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"checkpoint {path.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def nudge(self) -> None:
+        self._nudged.set()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._nudged.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            db = sqlite3.connect(str(self.path), isolation_level=None)
+        except sqlite3.Error as err:
+            LOG.warning("checkpoints of %s: %s; SQLite checkpoints by itself", self.path, err)
+            return
+        try:
+            while True:
+                self._nudged.wait()
+                if self._closing.is_set():
+                    return
+                self._nudged.clear()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as err:
+                    LOG.warning("checkpoint of %s: %s", self.path, err)
+                self._closing.wait(self.interval)
+        finally:
+            db.close()
 
 
 __all__ = ["ConflictRow", "Index", "Rule"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +100,70 @@ def test_bulk_upsert(tmp_path: Path) -> None:
     assert next(iter(idx.versions())) == versions[0]
 
 
+def test_writes_held_back_in_a_batch_are_seen_by_every_query(tmp_path: Path) -> None:
+    idx = Index(tmp_path / "s.db")
+    old = Version.of(e({"n1": 1}, "n1", 1, path="d/a"))
+    idx.set_state("d/a", PathState(old, None))
+    new = Version.of(e({"n1": 2}, "n1", 2, path="d/a"))
+    target = Version.of(e({"n2": 1}, "n2", 3, path="d/b"))
+    with idx.batch():
+        idx.set_state("d/a", PathState(new, None))
+        idx.set_state("d/b", PathState(None, target))
+        idx.set_peer_vector("n2", "d/a", new.vector)
+        assert idx.state("d/a") == PathState(new, None)
+        assert idx.count() == 1 and list(idx.paths()) == ["d/a"]
+        assert list(idx.versions()) == [new] and list(idx.targets()) == [target]
+        assert idx.paths_under("d") == ["d/a"]
+        assert dict(idx.disk_items()) == {"d/a": new.vector}
+        assert dict(idx.peer_items("n2")) == {"d/a": new.vector}
+        assert list(idx.versions_in(["d/a", "d/b"])) == [new]
+        # a bulk upsert after a held-back write of the same path is the later write
+        idx.set_state("d/a", PathState(old, None))
+        idx.upsert_versions([new])
+        assert idx.state("d/a") == PathState(new, None)
+        idx.set_state("d/b", PathState())
+        assert idx.state("d/b") == PathState()
+    idx.close()
+    again = Index(tmp_path / "s.db")
+    assert again.state("d/a") == PathState(new, None) and again.state("d/b") == PathState()
+    assert again.peer_vector("n2", "d/a") == new.vector
+    again.close()
+
+
+def test_prefetch_reads_what_point_reads_would(tmp_path: Path) -> None:
+    idx = Index(tmp_path / "s.db")
+    for i in range(40):
+        v = Version.of(e({"n1": i + 1}, "n1", i, path=f"d/f{i}"))
+        idx.set_state(v.path, PathState(v if i % 3 else None, None if i % 2 else v))
+        if i % 5:
+            idx.set_peer_vector("n2", v.path, v.vector)
+    wanted = [f"d/f{i}" for i in range(0, 50, 2)] + ["d/f4", "nope"]
+    expected = {p: (idx.state(p), idx.peer_vector("n2", p)) for p in wanted}
+    with idx.batch():
+        idx.prefetch(wanted, "n2")
+        assert {p: (idx.state(p), idx.peer_vector("n2", p)) for p in wanted} == expected
+    idx.prefetch(wanted, "n2")  # outside a batch: nothing to cache, nothing fails
+    idx.close()
+
+
+def test_checkpoints_run_on_a_thread_of_their_own(tmp_path: Path) -> None:
+    path = tmp_path / "checkpointed.db"
+    idx = Index(path)
+    assert idx.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] > 1000  # a backstop
+    before = path.stat().st_size
+    for batch in range(10):
+        with idx.batch():
+            for i in range(100):
+                v = Version.of(e({"n1": 1}, "n1", 1, path=f"d{batch}/f{i}"))
+                idx.set_state(v.path, PathState(v, None))
+    deadline = time.monotonic() + 10
+    while path.stat().st_size == before:  # the WAL's pages reached the database file
+        assert time.monotonic() < deadline, "no checkpoint ran"
+        time.sleep(0.01)
+    idx.close()
+    assert not [t for t in threading.enumerate() if t.name == "checkpoint checkpointed.db"]
+
+
 def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
     from mesh.errors import StoreError
 
@@ -120,10 +187,29 @@ class SqlSimStore(Index):
         return {p: self.state(p) for p in paths}
 
 
+class BatchedSqlSimStore(SqlSimStore):
+    """The same inside long transactions, committed every few reads: the replica then
+    works on the batch's caches and held-back writes, as it does in the agent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open = contextlib.ExitStack()
+        self._open.enter_context(self.batch())
+        self._reads = 0
+
+    def state(self, path: str) -> PathState:
+        self._reads += 1
+        if self._reads % 7 == 0:
+            self._open.close()
+            self._open.enter_context(self.batch())
+        return super().state(path)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(3, 4), script=st.lists(actions, min_size=20, max_size=60))
-def test_simulation_over_sqlite(n: int, script: list[tuple[object, ...]]) -> None:
-    cluster = Cluster(n, [0, 300, -300], store=SqlSimStore)
+@given(n=st.integers(3, 4), script=st.lists(actions, min_size=20, max_size=60),
+       batched=st.booleans())
+def test_simulation_over_sqlite(n: int, script: list[tuple[object, ...]], batched: bool) -> None:
+    cluster = Cluster(n, [0, 300, -300], store=BatchedSqlSimStore if batched else SqlSimStore)
     run(cluster, script)
     cluster.quiesce()
     check_invariants(cluster)
