@@ -294,8 +294,25 @@ class Cluster:
         trees = [self.tree(n) for n in group]
         return all(t == trees[0] for t in trees[1:])
 
-    def wait_converged(self, nodes: list[Node] | None = None, timeout: float = 60) -> None:
-        wait_for(lambda: self.converged(nodes), timeout, "identical trees", step=0.2)
+    def wait_converged(self, nodes: list[Node] | None = None, timeout: float = 60,
+                       stable: float = 1.0) -> None:
+        """Until the nodes' trees are identical, and stay so, unchanged, for ``stable``
+        seconds: a moment of agreement mid-way (every node briefly holding a loser that a
+        restore is about to replace, say) is not convergence."""
+        seen: list[tuple[float, dict[str, tuple[str, int, str]]]] = []
+
+        def settled() -> bool:
+            group = nodes or [n for n in self.nodes if n.alive()]
+            trees = [self.tree(n) for n in group]
+            if any(t != trees[0] for t in trees[1:]):
+                seen.clear()
+                return False
+            now = time.monotonic()
+            if not seen or seen[0][1] != trees[0]:
+                seen[:] = [(now, trees[0])]
+            return now - seen[0][0] >= stable
+
+        wait_for(settled, timeout, "identical trees", step=0.2)
 
     def logs(self) -> str:
         return "\n".join(f"--- {n.name}\n{n.log.read_text(errors='replace')[-6000:]}"

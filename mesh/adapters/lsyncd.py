@@ -56,7 +56,8 @@ from mesh.tls import NodeCredentials
 LOG = logging.getLogger(__name__)
 
 LSYNCD = "/usr/bin/lsyncd"
-TEMPLATE = Path(__file__).resolve().parents[2] / "lsyncd" / "lsyncd.conf.lua.tmpl"
+# lsyncd/lsyncd.conf.lua.tmpl, linked beside this module so that a wheel carries it.
+TEMPLATE = Path(__file__).with_name("lsyncd.conf.lua.tmpl")
 
 
 # --- config ----------------------------------------------------------------------------------
