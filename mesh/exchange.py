@@ -89,8 +89,16 @@ class Exchange:
     request: Request
     on_effects: EffectSink
     tunnel_port: int = 0
-    quiet: float = 0.02
-    cap: float = 0.2
+    # Manifest batching (issue 3: p99 latency <= 20 ms at 500 changes/s, and batches
+    # large enough for >= 20,000 paths/s). No quiet delay: what the replica announces
+    # comes in batches already (a scan of what the watcher gathered, a manifest
+    # applied), so a lull's first change goes out on the next turn of the loop; a
+    # steady stream goes out once per ``spacing``, whatever piled up meanwhile, so
+    # the manifests per second stay bounded (amqtt's cost is per message) while a
+    # burst fills manifests up to ENTRIES_PER_MANIFEST.
+    quiet: float = 0.0
+    cap: float = 0.05
+    spacing: float = 0.005
     head_interval: float = 1.0
     on_manifest: Callable[[str, Manifest], None] | None = None
     """Test hook: called for every manifest applied, in application order."""
@@ -113,7 +121,8 @@ class Exchange:
     def __post_init__(self) -> None:
         self.outbox = Outbox(self.node, self.epoch)
         self.topics = Topics(self.cluster, self.node)
-        self._batcher = Batcher(quiet=self.quiet, cap=self.cap, max_paths=ENTRIES_PER_MANIFEST)
+        self._batcher = Batcher(quiet=self.quiet, cap=self.cap, max_paths=ENTRIES_PER_MANIFEST,
+                                spacing=self.spacing)
 
     # --- outbound ------------------------------------------------------------------
 
@@ -165,7 +174,7 @@ class Exchange:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
                 continue
-            self._batcher.flush()
+            self._batcher.flush(time.monotonic())
             await self.flush()
 
     async def flush(self) -> None:
@@ -257,9 +266,11 @@ class Exchange:
 
     async def _apply(self, peer: str, entries: Iterable[Entry],
                      conflicts: Iterable[tuple[Entry, Entry]] = ()) -> None:
+        listed, pairs = list(entries), list(conflicts)
         try:
             with self.index.batch():
-                effects = self.replica.remote(peer, list(entries), list(conflicts), _ms())
+                self.index.prefetch([e.path for e in listed] + [w.path for w, _ in pairs], peer)
+                effects = self.replica.remote(peer, listed, pairs, _ms())
                 self.index.set_meta("clock", self.replica.clock)
         except RemoteProtocolError as err:
             LOG.warning("refused manifest from %s: %s", peer, err.reason)
