@@ -485,6 +485,12 @@ class EmbeddedBroker:
             _refuse(f"{addr[0]}:{addr[1]}", None,
                     f"{len(self._tasks)} connections open, the limit")
             return
+        # Our listening socket is not from getaddrinfo (proto 0), so asyncio's transport
+        # leaves Nagle on (uvloop does not): each manifest to a subscriber then waited
+        # for the ACK of the previous one, up to the 40 ms delayed-ACK timer (bench:
+        # amqtt p99 47 ms on asyncio, 19 ms on uvloop).
+        with contextlib.suppress(OSError):
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.create_task(self._serve(client, addr, tls))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -345,6 +346,21 @@ async def test_peer_request_reaches_the_owner(cluster_pki: Pki) -> None:
         assert await owner.subscribe([(f"{ORIGIN}req/+/#", 1)]) == [1]
         await peer.publish(f"{ORIGIN}req/{PEER}/digest", b"digest?", qos=1)
         assert await next_message(owner) == (f"{ORIGIN}req/{PEER}/digest", b"digest?")
+
+
+async def test_connections_are_served_without_nagle(cluster_pki: Pki) -> None:
+    """asyncio leaves Nagle on for a socket accepted from our listener (proto 0, not
+    from getaddrinfo): a subscriber then got each manifest after the ACK of the one
+    before, up to the 40 ms delayed-ACK timer (bench/mqtt_mesh.py, p99 on asyncio)."""
+    async with (
+        running_broker(cluster_pki) as broker,
+        connected(broker, cluster_pki.files(PEER), PEER),
+    ):
+        connections = broker._guard.connections
+        await until(lambda: bool(connections), "the connection")
+        for conn in connections.values():
+            sock = conn.writer.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 # --- start-up errors -----------------------------------------------------------------------
