@@ -24,6 +24,7 @@ a partial result.
 from __future__ import annotations
 
 import enum
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 
 import msgpack
 
-from mesh.core.paths import is_normalized
+from mesh.core.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, is_normalized
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, NODE_ID_RE, VersionVector
 from mesh.errors import LocalProtocolError, RemoteProtocolError
 
@@ -71,7 +72,9 @@ class Entry:
     writer: str = field(default="")
 
     def __post_init__(self) -> None:
-        if not is_normalized(self.path):
+        # Every entry of every manifest passes here (and through entry_from_wire):
+        # checks written out, and the cheap one first, see _path_ok and _node_ok.
+        if not _path_ok(self.path):
             raise LocalProtocolError(f"path not normalized: {self.path[:80]!r}")
         if not isinstance(self.vector, VersionVector) or not self.vector:
             raise LocalProtocolError(f"{self.path}: empty or invalid vector")
@@ -79,16 +82,16 @@ class Entry:
             expected = 0 if self.kind is Kind.DIR else HASH_BYTES
             if not isinstance(self.hash, bytes) or len(self.hash) != expected:
                 raise LocalProtocolError(f"{self.path}: bad hash for {self.kind.name}")
-        for name, value, top in (
-            ("size", self.size, MAX_INT64),
-            ("mode", self.mode, MAX_MODE),
-            ("hlc", self.hlc, MAX_HLC),
-        ):
-            if type(value) is not int or not 0 <= value <= top:
-                raise LocalProtocolError(f"{self.path}: bad {name} {value!r}")
+        size, mode, hlc = self.size, self.mode, self.hlc
+        if type(size) is not int or not 0 <= size <= MAX_INT64:
+            raise LocalProtocolError(f"{self.path}: bad size {size!r}")
+        if type(mode) is not int or not 0 <= mode <= MAX_MODE:
+            raise LocalProtocolError(f"{self.path}: bad mode {mode!r}")
+        if type(hlc) is not int or not 0 <= hlc <= MAX_HLC:
+            raise LocalProtocolError(f"{self.path}: bad hlc {hlc!r}")
         if type(self.mtime_ns) is not int or abs(self.mtime_ns) > MAX_INT64:
             raise LocalProtocolError(f"{self.path}: bad mtime {self.mtime_ns!r}")
-        if NODE_ID_RE.fullmatch(self.writer) is None:
+        if not _node_ok(self.writer):
             raise LocalProtocolError(f"{self.path}: bad writer {self.writer!r}")
 
     @property
@@ -163,10 +166,11 @@ def decode(data: bytes) -> Manifest:
     seq = _uint(doc["s"], "seq")
     raw_entries = _list(doc["n"], "entries", MAX_ENTRIES)
     raw_conflicts = _list(doc["c"], "conflicts", MAX_CONFLICTS)
-    entries = tuple(entry_from_wire(x) for x in raw_entries)
-    heads = Counter(e.path for e in entries)
-    if heads and max(heads.values()) > MAX_HEADS:
-        raise RemoteProtocolError(f"a path lists more than {MAX_HEADS} heads")
+    entries = tuple([entry_from_wire(x) for x in raw_entries])
+    if len(entries) > MAX_HEADS and len({e.path for e in entries}) < len(entries):
+        heads = Counter(e.path for e in entries)
+        if max(heads.values()) > MAX_HEADS:
+            raise RemoteProtocolError(f"a path lists more than {MAX_HEADS} heads")
     conflicts = tuple(_conflict(x) for x in raw_conflicts)
     return Manifest(origin, epoch, seq, entries, conflicts)
 
@@ -199,7 +203,7 @@ def entry_from_wire(raw: Any) -> Entry:
     if not isinstance(raw, list) or len(raw) != 9:
         raise RemoteProtocolError("entry is not a 9-item array")
     path, vector, digest, size, mtime_ns, mode, kind, hlc, writer = raw
-    if not isinstance(path, str) or not is_normalized(path):
+    if not _path_ok(path):
         raise RemoteProtocolError(f"bad path {str(path)[:80]!r}")
     if digest is not None and not isinstance(digest, bytes):
         raise RemoteProtocolError(f"{path}: hash is not bytes")
@@ -221,7 +225,12 @@ def vector_from_wire(raw: Any) -> VersionVector:
         _node(node, "vector node")
         if type(counter) is not int or not 0 < counter <= MAX_COUNTER:
             raise RemoteProtocolError(f"bad counter {counter!r} for {node}")
-    return VersionVector(tuple(sorted(raw.items())))
+    items = tuple(sorted(raw.items()))
+    vector = _VECTORS.get(items)
+    if vector is None:
+        vector = VersionVector(items)
+        _remember(_VECTORS, items, vector)
+    return vector
 
 
 def _conflict(raw: Any) -> tuple[Entry, Entry]:
@@ -234,9 +243,48 @@ def _conflict(raw: Any) -> tuple[Entry, Entry]:
 
 
 def _node(value: Any, what: str) -> str:
-    if not isinstance(value, str) or NODE_ID_RE.fullmatch(value) is None:
+    if not _node_ok(value):
         raise RemoteProtocolError(f"bad {what} {str(value)[:80]!r}")
-    return value
+    return str(value)
+
+
+# --- the checks every entry takes, made cheap ------------------------------------------
+#
+# A receiver validates every entry of every manifest, and the index decodes the
+# stored heads of every path it reads: these checks were a third of its time.
+
+# The shape of nearly every path: ASCII names that do not start with a dot, within
+# NAME_MAX. Such a path is normalized (no empty, "." or ".." part, no NUL, no
+# leading "/"); anything else takes the full check, is_normalized.
+_PLAIN_PATH = re.compile(
+    rf"[\w+,=@~-][\w.+,=@~ -]{{0,{MAX_NAME_BYTES - 1}}}"
+    rf"(?:/[\w+,=@~-][\w.+,=@~ -]{{0,{MAX_NAME_BYTES - 1}}})*",
+    re.ASCII,
+)
+_CACHE_LIMIT = 4096  # so that a peer sending ever new values cannot grow a cache
+_NODE_IDS: dict[str, None] = {}  # ids that passed NODE_ID_RE: a cluster has a few
+_VECTORS: dict[tuple[tuple[str, int], ...], VersionVector] = {}  # validated vectors
+
+
+def _path_ok(path: Any) -> bool:
+    if isinstance(path, str) and len(path) <= MAX_PATH_BYTES and _PLAIN_PATH.fullmatch(path):
+        return True
+    return isinstance(path, str) and is_normalized(path)
+
+
+def _node_ok(value: Any) -> bool:
+    if value.__class__ is str and value in _NODE_IDS:
+        return True
+    if not isinstance(value, str) or NODE_ID_RE.fullmatch(value) is None:
+        return False
+    _remember(_NODE_IDS, value, None)
+    return True
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
 
 
 def _uint(value: Any, what: str) -> int:

@@ -166,3 +166,22 @@ def test_fuzz_wrong_types_in_every_field(value: object, data: st.DataObject) -> 
         return  # not representable in msgpack at all
     with contextlib.suppress(RemoteProtocolError):
         manifest.decode(payload)
+
+
+_path_text = st.text(st.sampled_from("ab.-_ /\x00é~+ 9"), max_size=12) | st.text(max_size=12)
+
+
+@given(st.one_of(_path_text, st.builds(lambda n: "x" * n, st.integers(250, 4200)),
+                 st.builds(lambda n: "d/" * n, st.integers(2040, 2060))))
+def test_the_fast_path_check_agrees_with_is_normalized(path: str) -> None:
+    from mesh.core.paths import is_normalized
+
+    assert manifest._path_ok(path) == is_normalized(path)
+
+
+def test_the_node_id_cache_stays_bounded() -> None:
+    for i in range(manifest._CACHE_LIMIT + 10):
+        assert manifest._node_ok(f"node-{i}")
+    assert len(manifest._NODE_IDS) <= manifest._CACHE_LIMIT
+    assert not manifest._node_ok("bad id") and not manifest._node_ok(["n1"])
+    assert manifest._node_ok("n1") and manifest._node_ok("n1")
