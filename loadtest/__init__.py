@@ -1,0 +1,1 @@
+"""The load-test harness (issue 7): ``python -m loadtest run --help``."""

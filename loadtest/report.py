@@ -1,0 +1,271 @@
+"""The report directory: report.json, report.md, samples.json and PNG charts; and
+the summary table on the terminal (the same rows as the Markdown's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from loadtest.measure import percentiles
+
+Block = dict[str, Any]
+SYSTEMS = ("meshsync", "baseline")
+PER_RUN = ("timeline", "latency_samples_ms")  # kept out of the aggregate and report.json
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, dict):
+        return ", ".join(f"{v:,} {k}" for k, v in value.items()) or "none"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        return f"{value:,.2f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
+    return f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
+
+
+def _lat(key: str, q: str) -> Callable[[Block], Any]:
+    return lambda b: b[key][q]
+
+
+ROWS: list[tuple[str, Callable[[Block], Any], str]] = [
+    ("converged", lambda b: b["converged"], ""),
+    ("idle afterwards (meshsync: mesh health --max-lag 0)", lambda b: b.get("idle"), ""),
+    ("lost writes", lambda b: b["lost_writes"], ""),
+    ("deletes undone (file back)", lambda b: b["resurrected_deletes"], ""),
+    ("paths holding none of their latest writes", lambda b: b["stale_paths"], ""),
+    ("conflicts expected / logged", lambda b: f"{b['conflicts_expected']} / "
+     f"{b['conflicts_logged']}", ""),
+    ("expected conflicts not logged", lambda b: b["conflicts_missing"], ""),
+    ("conflicts logged between writes that saw each other",
+     lambda b: b["conflicts_unexpected"], ""),
+    ("write to one peer, p50", _lat("latency_ms", "p50"), " ms"),
+    ("write to one peer, p95", _lat("latency_ms", "p95"), " ms"),
+    ("write to one peer, p99", _lat("latency_ms", "p99"), " ms"),
+    ("write to one peer, max", _lat("latency_ms", "max"), " ms"),
+    ("write to every peer, p50 / p99",
+     lambda b: f"{_fmt(b['latency_all_ms']['p50'])} / {_fmt(b['latency_all_ms']['p99'])} ms", ""),
+    ("writes delivered everywhere per s", lambda b: b["throughput_files_s"], ""),
+    ("MB delivered everywhere per s", lambda b: b["throughput_mb_s"], ""),
+    ("converged after the load", lambda b: b["converge_s"], " s"),
+    ("bytes on the wire / bytes changed / peer", lambda b: b["wire_per_changed_per_peer"], " x"),
+    ("CPU seconds, all nodes", lambda b: round(sum(b["cpu_s"].values()), 1), " s"),
+    ("peak memory of one node", lambda b: max(b["peak_rss_mb"].values(), default=None), " MB"),
+]
+
+
+def rows(report: dict[str, Any]) -> list[list[str]]:
+    systems = [s for s in SYSTEMS if s in report["blocks"]]
+    return [[label, *(_fmt(get(report["blocks"][s]), unit) for s in systems)]
+            for label, get, unit in ROWS]
+
+
+def aggregate(blocks: list[Block]) -> Block:
+    """One block for several profiles: sums, worst cases, pooled latencies."""
+    if len(blocks) == 1:
+        return {k: v for k, v in blocks[0].items() if k not in PER_RUN}
+    pooled = [x for b in blocks for x in b["latency_samples_ms"]]
+    summed = ("lost_writes", "resurrected_deletes", "stale_paths", "conflicts_expected",
+              "conflicts_logged", "conflicts_missing", "conflicts_unexpected", "writes",
+              "bytes_changed", "conflict_copies")
+    out: Block = {"system": blocks[0]["system"],
+                  "converged": all(b["converged"] for b in blocks),
+                  "idle": all(b.get("idle") for b in blocks),
+                  "converge_s": max((b["converge_s"] for b in blocks
+                                     if b["converge_s"] is not None), default=None),
+                  "latency_ms": percentiles(pooled),
+                  "latency_all_ms": blocks[0]["latency_all_ms"] if len(blocks) == 1 else
+                  {"p50": None, "p95": None, "p99": None, "max": None, "count": 0},
+                  "throughput_files_s": None, "throughput_mb_s": None,
+                  "wire_per_changed_per_peer": None}
+    for k in summed:
+        out[k] = sum(b[k] for b in blocks)
+    out["cpu_s"] = {n: round(sum(b["cpu_s"].get(n, 0) for b in blocks), 2)
+                    for n in blocks[0]["cpu_s"]}
+    out["peak_rss_mb"] = {n: max(b["peak_rss_mb"].get(n, 0) for b in blocks)
+                          for n in blocks[0]["peak_rss_mb"]}
+    return out
+
+
+def machine() -> dict[str, Any]:
+    def first(path: str, key: str) -> str | None:
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip() if ":" in line else line.split("=", 1)[1]
+        except OSError:
+            return None
+        return None
+
+    def version(argv: list[str]) -> str | None:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        text = (out.stdout or out.stderr).strip().splitlines()
+        return text[0] if text else None
+
+    mem = first("/proc/meminfo", "MemTotal")
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu": first("/proc/cpuinfo", "model name"),
+        "cores": os.cpu_count(),
+        "memory_gb": round(int(mem.split()[0]) / 2**20, 1) if mem else None,
+        "kernel": platform.release(),
+        "os": (first("/etc/os-release", "PRETTY_NAME") or "").strip('"') or None,
+        "python": platform.python_version(),
+        "rsync": version(["rsync", "--version"]),
+        "lsyncd": version(["lsyncd", "--version"]),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        **meshsync_source(),
+    }
+
+
+def meshsync_source() -> dict[str, Any]:
+    """Which meshsync ran: the commit of the ``mesh`` package's checkout, and whether its
+    files differed from that commit."""
+    import mesh
+
+    folder = Path(mesh.__file__).parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True,
+                                 text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", ".", "../lsyncd")
+    return {"mesh": str(folder), "commit": git("rev-parse", "--short", "HEAD"),
+            "mesh_modified": None if status is None else bool(status)}
+
+
+META = ("profiles", "profile", "target", "nodes", "seed", "duration", "rate", "command",
+        "machine")
+
+
+def render(out: Path) -> None:
+    """Write report.md and the charts again from report.json and samples.json."""
+    doc = json.loads((out / "report.json").read_text())
+    samples = json.loads((out / "samples.json").read_text())
+    runs = {p: {s: b | {"latency_samples_ms": samples[p][s]} for s, b in r.items()}
+            for p, r in doc["runs"].items()}
+    systems = [s for s in SYSTEMS if s in next(iter(runs.values()))]
+    report = {k: doc[k] for k in META} | {
+        "blocks": {s: aggregate([runs[p][s] for p in doc["profiles"]]) for s in systems}}
+    write(report, runs, out)
+
+
+def write(report: dict[str, Any], runs: dict[str, dict[str, Block]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    samples = {p: {s: b["latency_samples_ms"] for s, b in r.items()} for p, r in runs.items()}
+    (out / "samples.json").write_text(json.dumps(samples))
+    doc = {k: v for k, v in report.items() if k != "blocks"}
+    doc |= report["blocks"]["meshsync"]
+    if "baseline" in report["blocks"]:
+        doc["baseline"] = report["blocks"]["baseline"]
+    doc["runs"] = {p: {s: {k: v for k, v in b.items() if k != "latency_samples_ms"}
+                       for s, b in r.items()} for p, r in runs.items()}
+    (out / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
+    from loadtest import charts
+
+    pngs = charts.draw(runs, out)
+    (out / "report.md").write_text(markdown(report, runs, pngs))
+
+
+FINDINGS = [
+    ("resurrected", "deleted (the delete saw every write), yet there after convergence"),
+    ("stale", "holding none of their latest writes' contents"),
+    ("conflicts_unexpected_paths", "conflict logged between writes that saw each other"),
+]
+DEFINITIONS = """\
+## How to read this
+
+- Every write has unique content. A write on node X *saw* the writes of its path whose
+  content X held (at the path or in a conflict copy) when it wrote; the harness makes a
+  node wait (up to `--wait` s) until it holds a path's latest writes before changing it.
+- **lost**: no later write saw it and its content is on no node after convergence (the
+  keep area does not count). **deletes undone**: a path whose latest writes are all
+  deletes, present after convergence. **conflicts expected**: for k writes of a path
+  that are pairwise concurrent (neither saw the other), k - 1 losers; **logged**: the
+  distinct losing writes in the union of the nodes' conflict logs.
+- **latency**: from the end of a write until a peer's probe (inotify) saw its content,
+  per peer; "every peer": until the last one. **throughput**: writes that reached
+  every peer, per second from the start of the load to the last arrival.
+- **converged**: every node's tree (hidden names excepted) identical in two snapshots in
+  a row; the time counts from the end of the load to the first of those snapshots.
+  **idle**: then, every agent said it had nothing left to do (what `mesh health
+  --max-lag 0` checks) within 30 s.
+- **wire**: bytes through the harness's per-link proxies (meshsync: MQTT and the TLS
+  tunnel; baseline: rsync's daemon protocol), over bytes changed times peers.
+- **CPU, memory**: each node's processes with their descendants (agent, lsyncd, rsync,
+  gate; baseline: lsyncd and the rsync daemon), from /proc, during load and
+  convergence; memory is the peak of their summed RSS (sampled every second).
+"""
+
+
+def markdown(report: dict[str, Any], runs: dict[str, dict[str, Block]], pngs: list[str]) -> str:
+    systems = [s for s in SYSTEMS if s in report["blocks"]]
+    names = {"meshsync": "meshsync", "baseline": "lsyncd + rsync"}
+    m = report["machine"]
+    lines = [
+        f"# Load test: {', '.join(report['profiles'])}",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"{report['target']} target, {report['nodes']} nodes, seed {report['seed']}; "
+        f"{m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GB), "
+        f"kernel {m['kernel']}, {m['os']}, Python {m['python']}, commit {m['commit']}; "
+        f"load average at start {m['load_average']}.",
+        "",
+        "| | " + " | ".join(names[s] for s in systems) + " |",
+        "| --- | " + " | ".join("---" for _ in systems) + " |",
+        *("| " + " | ".join(r) + " |" for r in rows(report)),
+        "",
+    ]
+    for profile, run in runs.items():
+        lines += [f"## {profile}", ""]
+        for s, b in run.items():
+            lines.append(
+                f"- **{names[s]}**: {b['writes']} writes (ops: {_fmt(b['ops'])}) in "
+                f"{b['load_s']} s "
+                f"({b['offered_ops_s']} ops/s); {b['forced_writes']} written before their node "
+                f"held the path; skipped: {_fmt(b['skipped_ops'])}; issue lag p99 "
+                f"{_fmt(b['issue_lag_ms']['p99'])} ms; {_fmt(b['bytes_changed'])} B changed, "
+                f"{_fmt(b['wire_bytes'])} B on the wire; conflict copies {b['conflict_copies']}; "
+                f"conflicts unexpected {b['conflicts_unexpected']}, unmatched "
+                f"{b['conflicts_unmatched']}, logged per node: "
+                f"{_fmt(b['conflicts_logged_per_node'])}.")
+            for lost in b["lost"]:
+                lines.append(f"  - lost: write {lost['wid']} ({lost['kind']}) of "
+                             f"`{lost['path']}` on {lost['node']} at {lost['t_s']} s")
+            for key, what in FINDINGS:
+                if b.get(key):
+                    lines.append(f"  - {what}: " + ", ".join(f"`{p}`" for p in b[key]))
+        lines.append("")
+    lines += [f"![{p}]({p})" for p in pngs]
+    return "\n".join([*lines, "", DEFINITIONS]) + "\n"
+
+
+def summary(report: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"{', '.join(report['profiles'])}: {report['nodes']} nodes, "
+                        f"seed {report['seed']}")
+    table.add_column("")
+    for s in SYSTEMS:
+        if s in report["blocks"]:
+            table.add_column("meshsync" if s == "meshsync" else "lsyncd + rsync",
+                             justify="right")
+    for r in rows(report):
+        table.add_row(*(c.replace("**", "") for c in r))
+    console.print(table)

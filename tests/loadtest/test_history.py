@@ -1,0 +1,57 @@
+"""What the harness expects from a history of writes (loadtest.history): no timing, no I/O."""
+
+from __future__ import annotations
+
+from loadtest.history import History, conflicts
+
+A, B, C = "a" * 64, "b" * 64, "c" * 64
+
+
+def write(h: History, node: int, path: str, content: str | None, held: list[str | None]
+          ) -> int:
+    return h.add(wid=len(h.records), node=node, path=path, hash=content, t0=0.0, t=0.0,
+                 changed=1, held=held, kind="write" if content else "delete").rid
+
+
+def test_writes_that_saw_each_other_expect_no_conflict_and_lose_nothing() -> None:
+    h = History()
+    write(h, 0, "p", A, [None])
+    write(h, 1, "p", B, [A])  # node 1 held A when it wrote B
+    write(h, 2, "p", None, [B])
+    assert h.need("p") == [None]
+    assert conflicts(h, {})["conflicts_expected"] == 0
+    assert h.lost([{}]) == []  # A and B were seen by later writes
+    assert h.final_state({"p": B}) == (["p"], [])  # the delete undone
+
+
+def test_k_writes_that_saw_none_of_each_other_expect_k_minus_1_losers() -> None:
+    h = History()
+    rids = [write(h, n, "p", c, [None]) for n, c in enumerate((A, B, C))]
+    assert sorted(h.need("p")) == sorted([A, B, C])
+    logged = {0: [("p", 1, A, "x"), ("p", 2, C, "y")]}  # B won: A and C lost
+    out = conflicts(h, {n: logged[0] for n in range(3)})
+    assert out["conflicts_expected"] == 2 and out["conflicts_missing"] == 0
+    assert out["conflicts_unexpected"] == 0 and out["conflicts_not_on_every_node"] == 0
+    assert conflicts(h, {0: [("p", 1, A, "x")]})["conflicts_missing"] == 1
+    # the losers' contents kept as conflict copies: nothing lost; one gone: lost
+    assert h.lost([{"p": B, "p.conflict-1": A, "p.conflict-2": C}]) == []
+    assert [r.rid for r in h.lost([{"p": B, "p.conflict-1": A}])] == [rids[2]]
+
+
+def test_a_conflict_logged_between_writes_that_saw_each_other_is_unexpected() -> None:
+    h = History()
+    write(h, 0, "p", A, [None])
+    write(h, 1, "p", B, [A])
+    out = conflicts(h, {0: [("p", 0, A, "x")]})
+    assert out["conflicts_expected"] == 0 and out["conflicts_unexpected"] == 1
+    assert out["conflicts_unexpected_paths"] == ["p"]
+
+
+def test_a_chain_that_is_not_pairwise_concurrent_expects_at_least_one_loser() -> None:
+    h = History()
+    write(h, 0, "p", A, [None])
+    write(h, 1, "p", B, [None])  # B || A
+    write(h, 2, "p", C, [A])  # C saw A, not B
+    out = conflicts(h, {})
+    assert out["conflicts_indeterminate_groups"] == 1
+    assert out["conflicts_expected"] == 1 and out["conflicts_missing"] == 1
