@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -328,8 +329,11 @@ class DataPlane:
             del self.landed[path]
             self.replica.clear_intents([path])
 
-    async def push_ended(self, push_id: str, paths: list[str]) -> None:
-        """An incoming push finished: file what it displaced, then scan what it wrote."""
+    async def push_ended(self, push_id: str, paths: list[str], *, complete: bool = False,
+                         ) -> None:
+        """An incoming push finished: file what it displaced, then scan what it wrote.
+        ``complete``: rsync succeeded, so every version the push announced was at its
+        path when it ended (see ``_took_in``)."""
         backup = self.keep.push_dir(push_id)
         effects: list[Effect] = []
         try:
@@ -345,12 +349,60 @@ class DataPlane:
                         continue  # left in the push's dir, filed at the next start
                     self._intend(rel, self.landed.get(rel, {}).get(push_id))
                     effects += self.replica.displaced(rel, observed, _ms())
+            if complete:  # before the release: until then no scan forgets what landed
+                effects += self._took_in(push_id, paths)
         finally:
             self._release(push_id, paths)
         await self.apply(effects)
         await self.scan(paths)
         _remove_empty_dirs(backup)
         self.keep.forget_push(push_id)
+
+    def _took_in(self, push_id: str, paths: list[str]) -> list[Effect]:
+        """Take in, as if scanned the moment the push ended, each version it landed on a
+        path that has changed since — before any scan of ours saw it there.
+
+        Without this, a change made right after the bytes landed (a delete of a file
+        the moment it appears, an edit) would be scanned as a write that never saw the
+        pushed version: concurrent with it, so a conflict, and a delete undone (an edit
+        beats a delete). A change made *before* rsync replaced the file is not one of
+        these: rsync moved it into the keep area, and ``displaced`` saw it there.
+
+        Only for paths that no other push is landing on, whose pushed version is newer
+        than what we hold, and that look changed (kind, size or mtime, which rsync sets,
+        differ from the version's); the scan that follows confirms the rest."""
+        effects: list[Effect] = []
+        with self.index.batch():
+            for path in paths:
+                version = self.landed.get(path, {}).get(push_id)
+                if version is None or self.landing.get(path, set()) - {push_id}:
+                    continue
+                disk = self.index.state(path).disk
+                if disk is not None and (disk == version or not version.vector.dominates(
+                        disk.vector)):
+                    continue
+                if not self._changed_since_landing(path, version):
+                    continue
+                w = version.winner
+                observed = None if w.hash is None else Observed(w.kind, w.hash, w.size,
+                                                                 w.mtime_ns, w.mode)
+                self._intend(path, version)
+                effects += self.replica.local(path, observed, _ms())
+        return effects
+
+    def _changed_since_landing(self, path: str, version: Version) -> bool:
+        w = version.winner
+        try:
+            st = os.lstat(self.root / path)
+        except (FileNotFoundError, NotADirectoryError):
+            return w.hash is not None
+        if w.hash is None:
+            return True
+        kind = (Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.SYMLINK
+                if stat.S_ISLNK(st.st_mode) else Kind.FILE)
+        if kind is not w.kind:
+            return True
+        return kind is Kind.FILE and (st.st_size, st.st_mtime_ns) != (w.size, w.mtime_ns)
 
     def _observe_file(self, path: Path) -> Observed | None:
         scanner = Scanner(path.parent, ignore=lambda _: False)

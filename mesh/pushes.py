@@ -217,7 +217,7 @@ class Pushes:
         if returncode:
             LOG.warning("push %s from %s ended with rsync status %d", ticket.push_id,
                         ticket.peer, returncode)
-        await self.data.push_ended(ticket.push_id, ticket.paths)
+        await self.data.push_ended(ticket.push_id, ticket.paths, complete=returncode == 0)
 
     # --- the agent's own pusher ------------------------------------------------------
 

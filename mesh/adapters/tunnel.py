@@ -322,8 +322,10 @@ class TunnelServer:
             await writer.drain()
             returncode = await self._run_daemon(peer, hello.push_id, reader, writer)
             # The sender is done once the daemon is: let it go before the agent files
-            # what the push landed (its next push to us need not wait for that).
-            await close_stream(writer)
+            # what the push landed (its next push to us need not wait for that). Not
+            # waiting for the close to complete: mesh.rsh sends no close_notify, and the
+            # push would stay open — its paths unscanned — until the close timed out.
+            writer.close()
         finally:
             await self.sink.end(ticket, returncode)
 

@@ -419,3 +419,28 @@ async def test_displaced_content_that_cannot_be_kept_stays_where_rsync_put_it(
     monkeypatch.setattr(r.keep, "file_away", fails)
     await r.plane.push_ended("n2-1-1", ["a.txt"])
     assert (backup / "a.txt").read_bytes() == b"the only copy"
+
+
+@pytest.mark.parametrize("change", ["delete", "overwrite"])
+async def test_a_change_right_after_a_push_landed_sees_the_pushed_version(
+        tmp_path: Path, change: str) -> None:
+    """A file changed the moment a push lands it, before any scan of ours: the change saw
+    the pushed version (it replaced it on this disk), so it is an edit on top of it, not
+    a write concurrent with it: no conflict, and a delete is not undone."""
+    r = Receiver(tmp_path / "data")
+    e1 = write("p", b"n1's new file\n", "n1", {"n1": 1}, NOW_MS)
+    ticket = await r.begin("n1-1-1", e1)
+    temp = r.root / ".p.AbC123"  # rsync: a new file, no backup
+    temp.write_bytes(b"n1's new file\n")
+    temp.chmod(0o644)
+    temp.rename(r.root / "p")
+    if change == "delete":
+        (r.root / "p").unlink()
+    else:
+        (r.root / "p").write_bytes(b"n3's edit of it\n")
+    await r.sink.end(ticket, 0)
+    disk = r.index.state("p").disk
+    assert disk is not None and len(disk.heads) == 1, disk
+    assert disk.vector.to_dict() == {"n1": 1, "n3": 1}
+    assert (disk.winner.hash is None) == (change == "delete")
+    assert list(r.index.conflicts_on({"p"})) == []
