@@ -347,6 +347,7 @@ class DataPlane:
                     except (OSError, ScanError) as err:
                         LOG.warning("keep %s displaced by push %s: %s", rel, push_id, err)
                         continue  # left in the push's dir, filed at the next start
+                    effects += self._took_in_earlier(rel, push_id, observed)
                     self._intend(rel, self.landed.get(rel, {}).get(push_id))
                     effects += self.replica.displaced(rel, observed, _ms())
             if complete:  # before the release: until then no scan forgets what landed
@@ -389,6 +390,20 @@ class DataPlane:
                 self._intend(path, version)
                 effects += self.replica.local(path, observed, _ms())
         return effects
+
+    def _took_in_earlier(self, path: str, push_id: str, observed: Observed | None,
+                         ) -> list[Effect]:
+        """What this push displaced is what another push landed there, unscanned (two
+        pushes overlapped: a version, then its delete, say): take that version in first,
+        as scanned before it was displaced, so that it is not mistaken for an edit of
+        ours — one that would bring a deleted file back as a new write."""
+        seen = None if observed is None else observed.content
+        earlier = next((v for pid, v in self.landed.get(path, {}).items()
+                        if pid != push_id and v.content == seen), None)
+        if earlier is None or seen is None or self.index.state(path).disk == earlier:
+            return []
+        self._intend(path, earlier)
+        return self.replica.local(path, observed, _ms())
 
     def _changed_since_landing(self, path: str, version: Version) -> bool:
         w = version.winner

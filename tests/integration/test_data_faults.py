@@ -444,3 +444,28 @@ async def test_a_change_right_after_a_push_landed_sees_the_pushed_version(
     assert disk.vector.to_dict() == {"n1": 1, "n3": 1}
     assert (disk.winner.hash is None) == (change == "delete")
     assert list(r.index.conflicts_on({"p"})) == []
+
+
+async def test_a_delete_pushed_over_an_unscanned_push_does_not_bring_the_file_back(
+        tmp_path: Path) -> None:
+    """Two pushes overlap on a path: the first lands a file, the second (its delete)
+    removes it before any scan took the file in. The displaced file is the first push's
+    version, not an edit of ours: no new write, the delete stands."""
+    r = Receiver(tmp_path / "data")
+    data = b"n1's file\n"
+    e1 = write("p", data, "n1", {"n1": 1}, NOW_MS)
+    gone = Entry("p", VersionVector.of({"n1": 2}), None, kind=Kind.FILE,
+                 hlc=hlc_pack(NOW_MS + 5), writer="n1")
+    first = await r.begin("n1-1-1", e1)
+    temp = r.root / ".p.AbC123"
+    temp.write_bytes(data)
+    temp.chmod(0o644)
+    temp.rename(r.root / "p")
+    second = await r.begin("n1-1-2", gone)
+    (r.root / "p").rename(r.keep.push_dir("n1-1-2") / "p")  # rsync --delete, with a backup
+    await r.sink.end(first, 0)
+    await r.sink.end(second, 0)
+    assert r.writes_of_mine("p") == []
+    assert not (r.root / "p").exists()
+    disk = r.index.state("p").disk
+    assert disk is not None and disk.winner.hash is None and disk.vector.to_dict() == {"n1": 2}
