@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh import pki
+from mesh import gcpolicy, pki
 from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
 from mesh.adapters.links import OwnClient, PeerLink
 from mesh.core.manifest import Entry, Kind, Manifest
@@ -295,6 +295,7 @@ def main() -> None:
         print("mosquitto not installed: skipped")
         variants = [v for v in variants if v[0] != "mosquitto"]
     batch = None if args.batch is None else tuple(float(x) for x in args.batch.split(","))
+    gcpolicy.tune()  # as the agent does once started (mesh.node.run_agent)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         opts = Options(work / "pki", work, args.index == "memory", batch,  # type: ignore[arg-type]

@@ -74,7 +74,7 @@ class Entry:
     def __post_init__(self) -> None:
         # Every entry of every manifest passes here (and through entry_from_wire):
         # checks written out, and the cheap one first, see _path_ok and _node_ok.
-        if not _path_ok(self.path):
+        if self.path is not _checked.path and not _path_ok(self.path):
             raise LocalProtocolError(f"path not normalized: {self.path[:80]!r}")
         if not isinstance(self.vector, VersionVector) or not self.vector:
             raise LocalProtocolError(f"{self.path}: empty or invalid vector")
@@ -91,8 +91,9 @@ class Entry:
             raise LocalProtocolError(f"{self.path}: bad hlc {hlc!r}")
         if type(self.mtime_ns) is not int or abs(self.mtime_ns) > MAX_INT64:
             raise LocalProtocolError(f"{self.path}: bad mtime {self.mtime_ns!r}")
-        if not _node_ok(self.writer):
-            raise LocalProtocolError(f"{self.path}: bad writer {self.writer!r}")
+        writer = self.writer
+        if (writer.__class__ is not str or writer not in _NODE_IDS) and not _node_ok(writer):
+            raise LocalProtocolError(f"{self.path}: bad writer {writer!r}")
 
     @property
     def deleted(self) -> bool:
@@ -205,6 +206,7 @@ def entry_from_wire(raw: Any) -> Entry:
     path, vector, digest, size, mtime_ns, mode, kind, hlc, writer = raw
     if not _path_ok(path):
         raise RemoteProtocolError(f"bad path {str(path)[:80]!r}")
+    _checked.path = path  # Entry need not check it again
     if digest is not None and not isinstance(digest, bytes):
         raise RemoteProtocolError(f"{path}: hash is not bytes")
     if type(kind) is not int or kind not in _KINDS:
@@ -262,6 +264,16 @@ _PLAIN_PATH = re.compile(
     re.ASCII,
 )
 _CACHE_LIMIT = 4096  # so that a peer sending ever new values cannot grow a cache
+
+
+class _Checked:
+    """The path entry_from_wire checked last. A str is immutable: the same object is
+    the same, checked, path (from any thread)."""
+
+    path: object = None
+
+
+_checked = _Checked()
 _NODE_IDS: dict[str, None] = {}  # ids that passed NODE_ID_RE: a cluster has a few
 _VECTORS: dict[tuple[tuple[str, int], ...], VersionVector] = {}  # validated vectors
 
