@@ -422,7 +422,7 @@ async def _push_inline(
         rsh = rsyncd.rsh_command(["/bin/bash", "--norc", "--noprofile", "-c", script, "relay"])
         argv = rsyncd.client_argv(data_dir, grant.host, rsh, keep_name, grant.push_id,
                                   rsync=rsync)
-        local_reader, local_writer = await asyncio.open_connection(sock=ours, limit=1 << 18)
+        local_reader, local_writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
 
         async def down() -> None:
             try:

@@ -38,7 +38,7 @@ async def open_tls(
     """The handshake on an accepted socket: the streams, or why it was refused
     (the socket is closed then)."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=1 << 20)
     protocol = asyncio.StreamReaderProtocol(reader)
     try:
         transport, _ = await loop.connect_accepted_socket(
