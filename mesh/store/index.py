@@ -78,6 +78,16 @@ def _unpack_heads(blob: bytes) -> Version:
     return Version(tuple(entry_from_wire(raw) for raw in msgpack.unpackb(blob)))
 
 
+_NOTHING = PathState()  # a path neither held nor wanted: most of what a peer announces
+
+
+def _state_of(disk: bytes | None, target: bytes | None) -> PathState:
+    if disk is None and target is None:
+        return _NOTHING
+    return PathState(None if disk is None else _unpack_heads(disk),
+                     None if target is None else _unpack_heads(target))
+
+
 def _unpack_vector(blob: bytes) -> VersionVector:
     return vector_from_wire(msgpack.unpackb(blob))  # through its cache of vectors
 
@@ -235,8 +245,7 @@ class Index:
         disk, target = self.db.execute(
             "SELECT (SELECT heads FROM versions WHERE path = ?1), "
             "(SELECT heads FROM targets WHERE path = ?1)", (path,)).fetchone()
-        state = PathState(None if disk is None else _unpack_heads(disk),
-                          None if target is None else _unpack_heads(target))
+        state = _state_of(disk, target)
         if self._depth and path not in self._dirty:
             self._states[path] = self._stored[path] = state
         return state
@@ -254,10 +263,7 @@ class Index:
             disk = dict(self.db.execute(_IN_PATHS.format(table="versions"), (wanted,)))
             target = dict(self.db.execute(_IN_PATHS.format(table="targets"), (wanted,)))
             for p in chunk:
-                d, t = disk.get(p), target.get(p)
-                self._states[p] = self._stored[p] = PathState(
-                    None if d is None else _unpack_heads(d),
-                    None if t is None else _unpack_heads(t))
+                self._states[p] = self._stored[p] = _state_of(disk.get(p), target.get(p))
             if peer is not None:
                 seen = dict(self.db.execute(
                     "SELECT path, vector FROM peer_vectors WHERE peer = ? AND path IN "
