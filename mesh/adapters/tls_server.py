@@ -10,6 +10,7 @@ accept raw sockets and run the handshake with ``loop.connect_accepted_socket``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -38,7 +39,11 @@ async def open_tls(
     """The handshake on an accepted socket: the streams, or why it was refused
     (the socket is closed then)."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
+    # An accepted socket of ours is not from getaddrinfo (proto 0): asyncio leaves Nagle
+    # on (uvloop does not), and each small message would wait for the previous ACK.
+    with contextlib.suppress(OSError):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reader = asyncio.StreamReader(limit=1 << 20)  # a push's bytes: fewer, larger reads
     protocol = asyncio.StreamReaderProtocol(reader)
     try:
         transport, _ = await loop.connect_accepted_socket(
