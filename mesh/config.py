@@ -360,11 +360,12 @@ SETTINGS: Final[Mapping[str, Setting]] = {
             "SECONDS",
         ),
         _setting(
-            "batch_quiet", "Change batch: seconds of quiet.", _seconds(positive=False), "SECONDS"
+            "batch_quiet", "Change batch: seconds of quiet before the watcher scans.",
+            _seconds(positive=False), "SECONDS"
         ),
         _setting(
             "batch_cap",
-            "Manifest batch: longest wait, seconds.",
+            "Change batch: longest wait, seconds, before the watcher scans.",
             _seconds(positive=False),
             "SECONDS",
         ),
