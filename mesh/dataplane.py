@@ -78,10 +78,15 @@ class DataPlane:
         burst of pushed files is so scanned once, not on each event and again at the end.
         """
         now = time.monotonic()
-        paths = [p for p in paths if not self._displaced_by_landing(p)]
+        asked = list(paths)
+        paths = [p for p in asked if not self._displaced_by_landing(p)]
         if events_read is not None:
             paths = [p for p in paths if self._scanned_at.get(p, -1.0) < events_read
                      and not self._young_landing(p, now)]
+        if len(paths) < len(asked) and LOG.isEnabledFor(logging.DEBUG):
+            kept = set(paths)
+            skipped = [p for p in asked if p not in kept]
+            LOG.debug("not scanning now: %d path(s): %s", len(skipped), skipped[:20])
         LOG.debug("scanning %d path(s): %s", len(paths), paths[:3])
         large = self.scanner.to_prehash(paths)
         if large:  # hashing hundreds of MB would stall every link and push of this node
