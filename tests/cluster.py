@@ -142,6 +142,7 @@ class Node:
     root: Path
     proc: subprocess.Popen[bytes] | None = None
     log_file: Any = None
+    net: str = "127.0.0"  # the node listens on <net>.<20 + index>
 
     @property
     def name(self) -> str:
@@ -149,7 +150,7 @@ class Node:
 
     @property
     def host(self) -> str:
-        return f"127.0.0.{20 + self.index}"
+        return f"{self.net}.{20 + self.index}"
 
     @property
     def data(self) -> Path:
@@ -188,24 +189,31 @@ class Cluster:
     size: int
     cluster: str = "test"
     extra_args: list[str] = field(default_factory=list)
+    # The 127.0.x networks of the nodes and of the proxies between them: a test file
+    # on networks of its own can run while another runs a cluster (ports are fixed).
+    nets: tuple[str, str] = ("127.0.0", "127.0.1")
     nodes: list[Node] = field(init=False)
     proxies: ProxyThread = field(init=False)
 
     def __post_init__(self) -> None:
-        self.nodes = [Node(k, self.base / f"n{k}") for k in range(1, self.size + 1)]
+        self.nodes = [Node(k, self.base / f"n{k}", net=self.nets[0])
+                      for k in range(1, self.size + 1)]
         pki_dir = self.base / "pki"
         pki.init_ca(pki_dir, self.cluster)
         pki.issue(pki_dir, [n.name for n in self.nodes],
                   ip_addresses=[n.host for n in self.nodes])
         self.proxies = ProxyThread()
-        for a in self.nodes:
-            for b in self.nodes:
-                if a is not b:
-                    self.proxies.add((a.index, b.index), self.proxy_host(a, b), b.host)
+        try:
+            for a in self.nodes:
+                for b in self.nodes:
+                    if a is not b:
+                        self.proxies.add((a.index, b.index), self.proxy_host(a, b), b.host)
+        except BaseException:
+            self.proxies.close()  # the caller never gets a cluster to close
+            raise
 
-    @staticmethod
-    def proxy_host(a: Node, b: Node) -> str:
-        return f"127.0.1.{10 * a.index + b.index}"
+    def proxy_host(self, a: Node, b: Node) -> str:
+        return f"{self.nets[1]}.{10 * a.index + b.index}"
 
     def argv(self, node: Node) -> list[str]:
         peers = ",".join(f"{self.proxy_host(node, other)}:{BROKER_PORT}"
@@ -287,7 +295,12 @@ class Cluster:
     # --- what is on disk -------------------------------------------------------------
 
     def tree(self, node: Node) -> dict[str, tuple[str, int, str]]:
-        return snapshot(node.data)
+        """``snapshot``, again when a file went away while it was listed (a temp file
+        that rsync renamed between the listing and its ``lstat``)."""
+        for _ in range(100):
+            with contextlib.suppress(FileNotFoundError):
+                return snapshot(node.data)
+        raise AssertionError(f"{node.name}'s tree never held still")
 
     def converged(self, nodes: list[Node] | None = None) -> bool:
         group = nodes or [n for n in self.nodes if n.alive()]
@@ -318,6 +331,25 @@ class Cluster:
         return "\n".join(f"--- {n.name}\n{n.log.read_text(errors='replace')[-6000:]}"
                          for n in self.nodes if n.log.exists())
 
+
+
+@contextlib.contextmanager
+def running(base: Path, *, size: int = 3, start: bool = True,
+            nets: tuple[str, str] = ("127.0.0", "127.0.1"), extra_args: list[str] | None = None,
+            ) -> Iterator[Cluster]:
+    """A cluster (started unless ``start`` is False), stopped whatever happens; its logs
+    are printed when the body fails."""
+    c = Cluster(base, size, extra_args=extra_args or [], nets=nets)
+    try:
+        if start:
+            c.start_all()
+        yield c
+    except BaseException:
+        print(c.logs())
+        print("full logs:", *(n.log for n in c.nodes))
+        raise
+    finally:
+        c.close()
 
 def snapshot(root: Path) -> dict[str, tuple[str, int, str]]:
     """path -> (kind, permission bits, sha256 of content or link target)."""

@@ -10,22 +10,15 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, Node, wait_for
+from tests.cluster import Cluster, Node, running, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, 3)
-    try:
-        c.start_all()
+    with running(tmp_path) as c:
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.close()
 
 
 def every_kind_of_change(node: Node, tag: str) -> None:

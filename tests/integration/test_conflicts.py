@@ -20,75 +20,16 @@ from typing import Any
 import msgpack
 import pytest
 
-from mesh import pki
 from mesh.core.manifest import entry_from_wire
 from mesh.core.resolver import Conflict, Rule, resolve
-from tests.cluster import Cluster, Node, ProxyThread, wait_for
+from tests.cluster import Cluster, Node, running, wait_for
 
 pytestmark = pytest.mark.integration
 
-NETS = ("127.0.7", "127.0.8")  # nodes, proxies: see ``Isolated``
+NETS = ("127.0.7", "127.0.8")  # nodes, proxies: see ``Cluster.nets``
 
 
 # --- shared helpers ---------------------------------------------------------------------
-
-
-class Isolated(Cluster):
-    """``tests.cluster.Cluster`` on addresses of its own (``nets``: the nodes' and the
-    proxies' 127.0.x networks), so it can run while another test runs a cluster: the
-    harness's ports are fixed."""
-
-    def __init__(self, base: Path, size: int, nets: tuple[str, str]) -> None:
-        self.nets = nets
-        super().__init__(base, size)
-
-    def __post_init__(self) -> None:
-        net = self.nets[0]
-
-        class _Node(Node):
-            @property
-            def host(self) -> str:
-                return f"{net}.{20 + self.index}"
-
-        self.nodes = [_Node(k, self.base / f"n{k}") for k in range(1, self.size + 1)]
-        pki_dir = self.base / "pki"
-        pki.init_ca(pki_dir, self.cluster)
-        pki.issue(pki_dir, [n.name for n in self.nodes],
-                  ip_addresses=[n.host for n in self.nodes])
-        self.proxies = ProxyThread()
-        for a in self.nodes:
-            for b in self.nodes:
-                if a is not b:
-                    self.proxies.add((a.index, b.index), self.proxy_host(a, b), b.host)
-
-    def proxy_host(self, a: Node, b: Node) -> str:  # type: ignore[override]
-        return f"{self.nets[1]}.{10 * a.index + b.index}"
-
-    def tree(self, node: Node) -> dict[str, tuple[str, int, str]]:
-        """``snapshot``, again when a file went away while it was listed (a temp file
-        that rsync renamed): the harness's ``lstat`` lets that FileNotFoundError out."""
-        for _ in range(100):
-            with contextlib.suppress(FileNotFoundError):
-                return super().tree(node)
-        raise AssertionError(f"{node.name}'s tree never held still")
-
-
-@contextlib.contextmanager
-def running(base: Path, *, start: bool = True, nets: tuple[str, str] = NETS,
-            ) -> Iterator[Cluster]:
-    """Three nodes (started unless ``start`` is False), stopped whatever happens; their
-    logs are printed when the body fails."""
-    c = Isolated(base, 3, nets)
-    try:
-        if start:
-            c.start_all()
-        yield c
-    except BaseException:
-        print(c.logs())
-        print("full logs:", *(n.log for n in c.nodes))
-        raise
-    finally:
-        c.close()
 
 
 def sha(data: bytes) -> str:
@@ -239,7 +180,7 @@ def check_kept(cluster: Cluster, path: str, c: Conflict, written: dict[str, byte
 
 
 def test_same_new_path_written_on_two_nodes(tmp_path: Path) -> None:
-    with running(tmp_path) as cluster:
+    with running(tmp_path, nets=NETS) as cluster:
         n1, n2, _ = cluster.nodes
         written = {"n1": b"n1 was here first\n", "n2": b"no, n2 was\n"}
         # Both writes land before either agent can scan, so neither saw the other.
@@ -250,7 +191,7 @@ def test_same_new_path_written_on_two_nodes(tmp_path: Path) -> None:
 
 
 def test_same_existing_file_edited_on_two_nodes(tmp_path: Path) -> None:
-    with running(tmp_path) as cluster:
+    with running(tmp_path, nets=NETS) as cluster:
         n1, n2, n3 = cluster.nodes
         seed(cluster, n3, "report.md", b"# draft\n")
         # Different sizes: same-size edits are test_same_size_edit_in_the_same_second's.
@@ -263,7 +204,7 @@ def test_same_existing_file_edited_on_two_nodes(tmp_path: Path) -> None:
 
 
 def test_edit_beats_a_concurrent_delete(tmp_path: Path) -> None:
-    with running(tmp_path) as cluster:
+    with running(tmp_path, nets=NETS) as cluster:
         n1, n2, n3 = cluster.nodes
         seed(cluster, n1, "plan.txt", b"v1\n")
         edit = b"v2, edited on n2 while cut off\n"
@@ -287,7 +228,7 @@ def test_edit_beats_a_concurrent_delete(tmp_path: Path) -> None:
 
 
 def test_same_size_edit_in_the_same_second_reaches_every_peer(tmp_path: Path) -> None:
-    with running(tmp_path) as cluster:
+    with running(tmp_path, nets=NETS) as cluster:
         n1, _, _ = cluster.nodes
         seed(cluster, n1, "counter.txt", b"1\n")
         counter = n1.data / "counter.txt"

@@ -33,13 +33,12 @@ from mesh.gate import request_grant
 from mesh.keep import KeepArea
 from mesh.pushes import Pushes
 from mesh.store.index import Index
-from tests.cluster import Cluster, Node, wait_for
+from tests.cluster import Cluster, Node, running, wait_for
 from tests.integration.test_conflicts import (
     check_kept,
     conflicts,
     leftovers,
     lsyncd_of,
-    running,
     same_everywhere,
     seed,
     sha,
@@ -51,7 +50,7 @@ from tests.integration.test_conflicts import (
 
 pytestmark = pytest.mark.integration
 
-NETS = ("127.0.9", "127.0.10")  # see test_conflicts.Isolated
+NETS = ("127.0.9", "127.0.10")  # see tests.cluster.Cluster.nets
 BIG_MIB = 128  # a transfer that lasts long enough to be caught in the middle
 
 

@@ -7,7 +7,6 @@ group); every wait is a condition with a deadline.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 from collections.abc import Iterator
@@ -15,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh import pki
-from tests.cluster import Cluster, Node, ProxyThread, wait_for
+from tests.cluster import Cluster, Node, running, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,56 +26,10 @@ NODE_NET, PROXY_NET = "127.0.5", "127.0.6"
 # --- a cluster of our own addresses ------------------------------------------------------------
 
 
-class _Node(Node):
-    @property
-    def host(self) -> str:
-        return f"{NODE_NET}.{20 + self.index}"
-
-
-class IsolatedCluster(Cluster):
-    """tests/cluster.py's cluster on 127.0.5.x / 127.0.6.x, so that it can run while
-    another test runs one on the default addresses (their ports are fixed)."""
-
-    def __post_init__(self) -> None:
-        self.nodes = [_Node(k, self.base / f"n{k}") for k in range(1, self.size + 1)]
-        pki_dir = self.base / "pki"
-        pki.init_ca(pki_dir, self.cluster)
-        pki.issue(pki_dir, [n.name for n in self.nodes],
-                  ip_addresses=[n.host for n in self.nodes])
-        self.proxies = ProxyThread()
-        try:
-            for a in self.nodes:
-                for b in self.nodes:
-                    if a is not b:
-                        self.proxies.add((a.index, b.index), self.proxy_host(a, b), b.host)
-        except BaseException:
-            self.proxies.close()  # the fixture never gets a cluster to close
-            raise
-
-    @staticmethod
-    def proxy_host(a: Node, b: Node) -> str:
-        return f"{PROXY_NET}.{10 * a.index + b.index}"
-
-    def tree(self, node: Node) -> dict[str, tuple[str, int, str]]:
-        # tests/cluster.py's snapshot lets out the FileNotFoundError of an rsync temp
-        # file renamed between listing and lstat: take another snapshot.
-        for _ in range(50):
-            with contextlib.suppress(FileNotFoundError):
-                return super().tree(node)
-        raise AssertionError(f"{node.name}'s tree never held still")
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = IsolatedCluster(tmp_path, 3)
-    try:
-        c.start_all()
+    with running(tmp_path, nets=(NODE_NET, PROXY_NET)) as c:
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.close()
 
 
 # --- helpers -----------------------------------------------------------------------------------
