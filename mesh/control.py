@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,12 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from mesh.adapters.scanner import ScanError
-from mesh.adapters.tunnel import Connections, close_stream, encode_frame, read_frame
+from mesh.adapters.tunnel import (
+    Connections,
+    close_stream,
+    encode_frame,
+    read_frame,
+    start_unix_server,
+    stop_unix_server,
+)
 from mesh.core import tree
 from mesh.core.manifest import Entry, Kind
 from mesh.core.vclock import Ordering, hlc_wall_ms
 from mesh.dataplane import DataPlane
-from mesh.errors import ConfigError, MeshError, RemoteProtocolError
+from mesh.errors import MeshError, RemoteProtocolError
 from mesh.exchange import Exchange
 from mesh.store.index import ConflictRow, Index
 
@@ -285,27 +291,15 @@ class ControlServer:
         self._connections = Connections("control", 16)
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(self.path.lstat().st_mode):
-                raise ConfigError(f"control socket {self.path} exists and is not a socket")
-            self.path.unlink()  # left by an agent that did not stop cleanly
-        try:
-            self._server = await asyncio.start_unix_server(
-                lambda r, w: self._connections.serve(w, lambda: self._serve(r, w)),
-                str(self.path))
-            self.path.chmod(0o600)
-        except OSError as err:
-            raise ConfigError(f"control socket {self.path}: {err.strerror or err}") from err
+        self._server = await start_unix_server(
+            self.path, "control",
+            lambda r, w: self._connections.serve(w, lambda: self._serve(r, w)))
 
     async def stop(self) -> None:
         if self._server is None:
             return
-        self._server.close()
-        await self._connections.close()
-        await self._server.wait_closed()
+        await stop_unix_server(self._server, self._connections, self.path)
         self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

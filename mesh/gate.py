@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -45,6 +44,8 @@ from mesh.adapters.tunnel import (
     open_push,
     pump,
     read_frame,
+    start_unix_server,
+    stop_unix_server,
 )
 from mesh.core.paths import is_normalized
 from mesh.core.vclock import NODE_ID_RE
@@ -186,26 +187,14 @@ class GateServer:
     async def start(self) -> None:
         if self._server is not None:
             raise LocalProtocolError("the gate server is already running")
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(self.socket_path.lstat().st_mode):
-                raise ConfigError(f"gate socket {self.socket_path} exists and is not a socket")
-            self.socket_path.unlink()  # left by an agent that did not stop cleanly
-        try:
-            self._server = await asyncio.start_unix_server(self._accepted, str(self.socket_path))
-            self.socket_path.chmod(0o600)
-        except OSError as err:
-            raise ConfigError(f"gate socket {self.socket_path}: {err.strerror or err}") from err
+        self._server = await start_unix_server(self.socket_path, "gate", self._accepted)
         LOG.info("gate listening on %s", self.socket_path)
 
     async def stop(self) -> None:
         if self._server is None:
             return
-        self._server.close()
-        await self._connections.close()
-        await self._server.wait_closed()
+        await stop_unix_server(self._server, self._connections, self.socket_path)
         self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.serve(writer, lambda: self._serve(reader, writer))

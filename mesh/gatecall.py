@@ -14,14 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 import sys
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-import msgpack
-
 from mesh.adapters.lsyncd_call import CallError, parse_rsync_call, paths_from_patterns
+from mesh.frames import FrameError, encode_frame, recv_frame
 
 LOG = logging.getLogger("mesh.gate")
 
@@ -32,7 +30,6 @@ MAX_PATHS_BYTES = 32 * 1024 * 1024
 MAX_HEADER_BYTES = 4 * 1024 * 1024  # a push's announcement (mesh.adapters.tunnel)
 MAX_REPLY_BYTES = MAX_PATHS_BYTES + MAX_HEADER_BYTES + 4096
 ASK_TIMEOUT_S = 30.0
-_FRAME = struct.Struct(">I")
 
 
 class _Unavailable(Exception):
@@ -77,32 +74,16 @@ def run_gate(argv: list[str], stdin: BinaryIO, environ: Mapping[str, str]) -> in
 
 def _ask(agent: socket.socket, path: str, peer: str, paths: list[str]) -> Any:
     agent.settimeout(ASK_TIMEOUT_S)
-    body = msgpack.packb({"v": VERSION, "target": peer, "paths": "\0".join(paths)},
-                         use_bin_type=True)
     try:
         agent.connect(path)
-        agent.sendall(_FRAME.pack(len(body)) + body)
-        (length,) = _FRAME.unpack(_read_exact(agent, _FRAME.size))
-        if length > MAX_REPLY_BYTES:
-            raise _Unavailable(f"reply of {length} bytes exceeds {MAX_REPLY_BYTES}")
-        return msgpack.unpackb(_read_exact(agent, length), raw=False)
+        agent.sendall(encode_frame({"v": VERSION, "target": peer, "paths": "\0".join(paths)}))
+        return recv_frame(agent, MAX_REPLY_BYTES)
     except TimeoutError:
         raise _Unavailable(f"no answer within {ASK_TIMEOUT_S:g} s") from None
     except OSError as err:
         raise _Unavailable(err.strerror or str(err)) from None
-    except ValueError:  # msgpack's errors for garbage
-        raise _Unavailable("malformed reply") from None
-
-
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    chunks, left = [], n
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise _Unavailable("the agent closed the connection before answering")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    except FrameError as err:
+        raise _Unavailable(str(err)) from None
 
 
 def _allows_nothing(reply: Any) -> bool:

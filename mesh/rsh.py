@@ -21,13 +21,12 @@ import os
 import select
 import socket
 import ssl
-import struct
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import msgpack
+from mesh.frames import FrameError, encode_frame, recv_frame
 
 EXIT_RSH = 255
 VERSION = 1
@@ -35,7 +34,6 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 MAX_REPLY_BYTES = 64 * 1024
 CHUNK = 64 * 1024
 LINGER_S = 30.0  # after our rsync closed stdin: TLS has no half-close to pass that on
-_FRAME = struct.Struct(">I")
 
 
 class RshError(Exception):
@@ -76,30 +74,12 @@ def check_peer(tls: ssl.SSLSocket, cluster: str, peer: str, where: str) -> None:
         raise RshError(f"{where} is {found[0]}, not the expected peer {peer}")
 
 
-def frame(payload: object) -> bytes:
-    body: bytes = msgpack.packb(payload, use_bin_type=True)
-    return _FRAME.pack(len(body)) + body
-
-
-def _read_exact(tls: ssl.SSLSocket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = tls.recv(n - len(data))
-        if not chunk:
-            raise RshError("the tunnel closed before answering")
-        data += chunk
-    return data
-
-
 def read_reply(tls: ssl.SSLSocket) -> str | None:
     """None for the go-ahead, else the receiver's reason for refusing."""
-    (length,) = _FRAME.unpack(_read_exact(tls, _FRAME.size))
-    if length > MAX_REPLY_BYTES:
-        raise RshError(f"reply of {length} bytes exceeds {MAX_REPLY_BYTES}")
     try:
-        reply: Any = msgpack.unpackb(_read_exact(tls, length), raw=False)
-    except Exception:
-        raise RshError("malformed reply to the push header") from None
+        reply: Any = recv_frame(tls, MAX_REPLY_BYTES, "reply to the push header")
+    except FrameError as err:
+        raise RshError(str(err)) from None
     if isinstance(reply, dict) and reply.get("v") == VERSION and reply.get("ok") is True:
         return None
     if isinstance(reply, dict) and isinstance(reply.get("error"), str):
@@ -126,7 +106,7 @@ def connect(host: str, environ: Mapping[str, str], timeout: float = 10.0) -> ssl
         raise RshError(f"connect to {where}: {err}") from None
     try:
         check_peer(tls, _env(environ, "MESH_CLUSTER"), peer, where)
-        tls.sendall(frame({"v": VERSION, "push": push_id, "header": header}))
+        tls.sendall(encode_frame({"v": VERSION, "push": push_id, "header": header}))
         refusal = read_reply(tls)
     except (OSError, RshError) as err:
         tls.close()

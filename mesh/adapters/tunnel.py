@@ -30,7 +30,7 @@ import shutil
 import signal
 import socket
 import ssl
-import struct
+import stat
 import sys
 import tempfile
 from collections import deque
@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import msgpack
-
 from mesh.adapters import rsyncd
 from mesh.adapters.tls_server import accept_forever, bind, open_tls
 from mesh.core.manifest import unpack
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, PkiError, RemoteProtocolError
+from mesh.frames import FRAME
+from mesh.frames import encode_frame as encode_frame  # the agent's side speaks them too
 from mesh.tls import (
     NodeCredentials,
     NodeIdentity,
@@ -57,7 +57,6 @@ LOG = logging.getLogger(__name__)
 
 VERSION = 1
 MAX_HEADER_BYTES = 4 * 1024 * 1024
-_FRAME = struct.Struct(">I")
 _HELLO_OVERHEAD = 1024  # the map, the keys and the push id around the header
 _MAX_REPLY_BYTES = 64 * 1024
 _CHUNK = 256 * 1024
@@ -71,15 +70,10 @@ class TunnelError(MeshError):
 # --- frames --------------------------------------------------------------------------------
 
 
-def encode_frame(payload: object) -> bytes:
-    body: bytes = msgpack.packb(payload, use_bin_type=True)
-    return _FRAME.pack(len(body)) + body
-
-
 async def read_frame(reader: asyncio.StreamReader, limit: int) -> Any:
     """One frame, decoded; ``RemoteProtocolError`` if it is cut short, too big or garbage."""
     try:
-        (length,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+        (length,) = FRAME.unpack(await reader.readexactly(FRAME.size))
         if length > limit:
             raise RemoteProtocolError(f"frame of {length} bytes exceeds {limit}")
         body = await reader.readexactly(length)
@@ -477,6 +471,47 @@ async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None
         while chunk := await source.read(_CHUNK):
             sink.write(chunk)
             await sink.drain()
+
+
+async def start_unix_server(
+    path: Path, what: str, accepted: Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]
+) -> asyncio.AbstractServer:
+    """Listen on the unix socket ``path``, mode 0600 (only this node's own processes may
+    ask), in place of one an agent that did not stop cleanly left; ``ConfigError`` (one
+    line naming ``what``) if that cannot be done."""
+    _remove_socket(path, what)
+    try:
+        server = await asyncio.start_unix_server(accepted, str(path))
+        _owner_only(path)
+    except OSError as err:
+        raise ConfigError(f"{what} socket {path}: {err.strerror or err}") from err
+    return server
+
+
+async def stop_unix_server(
+    server: asyncio.AbstractServer, connections: Connections, path: Path
+) -> None:
+    """Stop listening, end the connections being served, remove the socket."""
+    server.close()
+    await connections.close()
+    await server.wait_closed()
+    _unlink(path)
+
+
+def _remove_socket(path: Path, what: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError(f"{what} socket {path} exists and is not a socket")
+    _unlink(path)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _owner_only(path: Path) -> None:
+    path.chmod(0o600)
 
 
 # --- sending side ------------------------------------------------------------------------
