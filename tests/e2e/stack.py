@@ -108,9 +108,13 @@ class Stack:
             if task is None:
                 continue
             parts.append(node.docker("exec", task, "mesh", "status", check=False))
-            logs = run([node.docker.cli, "-H", node.docker.host, "logs", "--tail", "40", task],
+            listing = f"cd /data && find . -path ./{KEEP} -prune -o -type f -exec md5sum {{}} +"
+            parts.append(node.docker("exec", task, "sh", "-c", listing, check=False))
+            logs = run([node.docker.cli, "-H", node.docker.host, "logs", "--tail", "200", task],
                        check=False)
-            parts.append((logs.stdout + logs.stderr).decode(errors="replace"))
+            # lsyncd's lists of paths say little and would push the rest out of sight.
+            lines = (logs.stdout + logs.stderr).decode(errors="replace").splitlines()
+            parts.extend(line for line in lines if '"lsyncd: /' not in line)
         return "\n".join(parts)
 
     @contextlib.contextmanager
@@ -190,8 +194,18 @@ def wait_converged(stack: Stack, what: str, expected: dict[str, str | None], *,
                    timeout: float) -> None:
     """Until every node holds ``expected`` (path -> text, None: absent)."""
 
-    def holds() -> bool:
-        return all(stack.read(node, path) == (None if text is None else text.rstrip("\n"))
-                   for node in stack.nodes for path, text in expected.items())
+    wrong: list[str] = []
 
-    wait_for(what, holds, timeout=timeout, every=1.0)
+    def holds() -> bool:
+        wrong.clear()
+        for node in stack.nodes:
+            for path, text in expected.items():
+                found = stack.read(node, path)
+                if found != (None if text is None else text.rstrip("\n")):
+                    wrong.append(f"{node.name} has {path}: {found!r}")
+        return not wrong
+
+    try:
+        wait_for(what, holds, timeout=timeout, every=1.0)
+    except LabError as err:
+        raise LabError(f"{err}; still {'; '.join(wrong)}") from None
