@@ -88,6 +88,12 @@ class DataPlane:
             skipped = [p for p in asked if p not in kept]
             LOG.debug("not scanning now: %d path(s): %s", len(skipped), skipped[:20])
         LOG.debug("scanning %d path(s): %s", len(paths), paths[:3])
+        # Each of these is observed after ``now``: a watcher batch of events read before
+        # it, arriving while this scan waits (on a hash, say), need not look again. A
+        # received 256 MiB file was otherwise hashed twice at once, by the push's end and
+        # by the watcher.
+        for path in paths:
+            self._scanned_at[path] = max(now, self._scanned_at.get(path, now))
         large = self.scanner.to_prehash(paths)
         if large:  # hashing hundreds of MB would stall every link and push of this node
             await asyncio.to_thread(self.scanner.prehash, large)

@@ -15,13 +15,16 @@ import hashlib
 import os
 import re
 import signal
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from mesh.adapters.scanner import Scanner
+from mesh.adapters import scanner as scanner_module
+from mesh.adapters.scanner import PREHASH_BYTES, Scanner, hash_fd
 from mesh.core import manifest
 from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.replica import Effect, PathState, Replica
@@ -392,6 +395,46 @@ async def test_two_pushes_landing_on_one_path_at_once(tmp_path: Path) -> None:
     assert r.writes_of_mine("p") == []
     assert r.index.state("p") == PathState(Version.of(e1, e2), None)
     assert (r.root / "p").read_bytes() == b"n2's later edit\n"  # put back from the keep
+
+
+async def test_a_large_pushed_file_is_hashed_once(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The push's end hashes the file it landed in a worker thread; a watcher batch
+    (woken by rsync's rename) that arrives meanwhile must not hash it a second time."""
+    r = Receiver(tmp_path / "data")
+    data = os.urandom(PREHASH_BYTES)
+    await r.write("big", b"v0 by n3\n")
+    e1 = write("big", data, "n1", {"n1": 1, "n3": 1}, NOW_MS)
+    ticket = await r.begin("n1-1-1", e1)
+    r.land("n1-1-1", "big", data)
+    events_read = time.monotonic()  # the rename's events, read before the push ended
+    hashed: list[int] = []
+    real_hash, real_prehash = hash_fd, r.plane.scanner.prehash
+    entered, go = threading.Event(), threading.Event()
+
+    def counted(fd: int) -> tuple[bytes, int]:
+        hashed.append(os.fstat(fd).st_size)  # the displaced v0 is hashed too, to keep it
+        return real_hash(fd)
+
+    def held(rels: Iterable[str]) -> None:
+        """The push end's hash waits in its thread until the watcher's batch is in."""
+        if not entered.is_set():
+            entered.set()
+            go.wait(10)
+        real_prehash(rels)
+
+    monkeypatch.setattr(scanner_module, "hash_fd", counted)
+    monkeypatch.setattr(r.plane.scanner, "prehash", held)
+    end = asyncio.create_task(r.sink.end(ticket, 0))
+    try:
+        assert await asyncio.to_thread(entered.wait, 10), "the push's end never hashed"
+        await r.plane.scan(["big"], events_read=events_read)
+    finally:
+        go.set()
+        await end
+    assert hashed.count(PREHASH_BYTES) == 1
+    assert r.index.state("big").disk == Version.of(e1)
+    assert r.writes_of_mine("big") == []
 
 
 async def test_a_stalled_push_holds_nothing_up(tmp_path: Path) -> None:
