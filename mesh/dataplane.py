@@ -63,6 +63,9 @@ class DataPlane:
         self.landed: dict[str, dict[str, Version]] = {}
         self._began: dict[str, float] = {}  # push id -> when it began landing
         self._scanned_at: dict[str, float] = {}  # path -> when its last scan began
+        # push id -> path -> our disk version when the push began (what it displaces,
+        # unless we changed it meanwhile)
+        self._disk_before: dict[str, dict[str, Version | None]] = {}
         self.wants = 0
 
     # --- scanning ---------------------------------------------------------------------
@@ -284,6 +287,7 @@ class DataPlane:
         """
         self.keep.note_push(push_id, sorted(versions))
         self._began[push_id] = time.monotonic()
+        self._disk_before[push_id] = {p: self.index.state(p).disk for p in versions}
         for path, version in versions.items():
             self.landing.setdefault(path, set()).add(push_id)
             self.landed.setdefault(path, {})[push_id] = version
@@ -298,6 +302,7 @@ class DataPlane:
 
     def _release(self, push_id: str, paths: list[str]) -> None:
         self._began.pop(push_id, None)
+        self._disk_before.pop(push_id, None)
         for path in paths:
             pushes = self.landing.get(path, set())
             pushes.discard(push_id)
@@ -360,7 +365,8 @@ class DataPlane:
                         continue  # left in the push's dir, filed at the next start
                     effects += self._took_in_earlier(rel, push_id, observed)
                     self._intend(rel, self.landed.get(rel, {}).get(push_id))
-                    effects += self.replica.displaced(rel, observed, _ms())
+                    known = self._disk_before.get(push_id, {}).get(rel)
+                    effects += self.replica.displaced(rel, observed, _ms(), known=known)
             if complete:  # before the release: until then no scan forgets what landed
                 effects += self._took_in(push_id, paths)
         finally:

@@ -215,15 +215,18 @@ class Replica:
         for path in paths:
             self.intents.pop(path, None)
 
-    def displaced(self, path: str, observed: Observed | None, wall_ms: int) -> list[Effect]:
+    def displaced(self, path: str, observed: Observed | None, wall_ms: int, *,
+                  known: Version | None = None) -> list[Effect]:
         """``observed`` was at ``path`` until a push or a restore replaced it;
-        it is in the keep area now."""
+        it is in the keep area now. ``known``: the version on disk when that push
+        began; another push that ended since may have moved ``disk`` past it (two
+        pushes landing on one path), and what the first displaced is still no edit."""
         fx: list[Effect] = []
         st = self.store.state(path)
         seen = None if observed is None else observed.content
         intent = self.intents.get(path)
         if seen == _content(st.disk) or any(
-            _holds(v, seen) for v in (st.disk, st.target, intent)
+            _holds(v, seen) for v in (st.disk, st.target, intent, known)
         ):
             # A push that went stale can land on newer content we hold: put
             # that back now rather than leave older bytes for a user to edit.

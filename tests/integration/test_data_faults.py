@@ -437,6 +437,29 @@ async def test_a_large_pushed_file_is_hashed_once(tmp_path: Path,
     assert r.writes_of_mine("big") == []
 
 
+async def test_what_a_push_displaced_is_no_edit_once_another_push_ended_first(
+        tmp_path: Path) -> None:
+    """Two pushes on one path: the first renames its bytes over v0, the second over the
+    first's. The second ends first and takes the first's version in; the first then
+    files v0, which it displaced when v0 was our disk version: no edit of ours (seen
+    as a second conflict, v0 written back as a new write that beat both)."""
+    r = Receiver(tmp_path / "data")
+    await r.write("p", b"v0 by n3\n")
+    e1 = write("p", b"n1's edit\n", "n1", {"n1": 1, "n3": 1}, NOW_MS)
+    e2 = write("p", b"n2's later edit\n", "n2", {"n2": 1, "n3": 1}, NOW_MS + 5)
+    r.replica.remote("n1", [e1])
+    r.replica.remote("n2", [e2])  # e2 wins
+    first = await r.begin("n1-1-1", e1)
+    second = await r.begin("n2-1-1", e2)
+    r.land("n1-1-1", "p", b"n1's edit\n")  # v0 into n1-1-1's dir
+    r.land("n2-1-1", "p", b"n2's later edit\n")  # n1's edit into n2-1-1's dir
+    await r.sink.end(second, 0)
+    await r.sink.end(first, 0)
+    assert r.writes_of_mine("p") == []
+    assert r.index.state("p") == PathState(Version.of(e1, e2), None)
+    assert (r.root / "p").read_bytes() == b"n2's later edit\n"
+
+
 async def test_a_stalled_push_holds_nothing_up(tmp_path: Path) -> None:
     r = Receiver(tmp_path / "data")
     await r.write("p", b"v0 by n3\n")
