@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from mesh.adapters import rsyncd
+from mesh.adapters import relay, rsyncd
 from mesh.adapters.tunnel import (
     MAX_HEADER_BYTES,
     Connections,
@@ -42,7 +42,6 @@ from mesh.adapters.tunnel import (
     credentials_from_env,
     encode_frame,
     open_push,
-    pump,
     read_frame,
     start_unix_server,
     stop_unix_server,
@@ -398,7 +397,13 @@ async def _push_inline(
     remote_reader, remote_writer = await open_push(creds, grant.host, grant.port, grant.peer,
                                                    hello)
     ours, theirs = socket.socketpair()
-    pumps: list[asyncio.Task[None]] = []
+    for sock in (ours, theirs):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    # rsync's socket <-> TLS, in this loop (relay.py: no streams on the way). The local
+    # end half-closes: rsync's stream ends before the receiver's answer does.
+    remote, local = relay.End(), relay.End(half_close=True)
+    relay.join(remote, local)
     try:
         fd = theirs.fileno()
         # rsync's remote shell: a cat in the background copies rsync's stream into the
@@ -411,26 +416,21 @@ async def _push_inline(
         rsh = rsyncd.rsh_command(["/bin/bash", "--norc", "--noprofile", "-c", script, "relay"])
         argv = rsyncd.client_argv(data_dir, grant.host, rsh, keep_name, grant.push_id,
                                   rsync=rsync)
-        local_reader, local_writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
-
-        async def down() -> None:
-            try:
-                await pump(remote_reader, local_writer)
-            finally:
-                local_writer.close()  # the receiver is done: the cat reading it ends
-
-        pumps = [asyncio.create_task(pump(local_reader, remote_writer)),
-                 asyncio.create_task(down())]
+        await asyncio.get_running_loop().create_connection(lambda: local, sock=ours)
+        ahead = relay.take_over(remote_reader, remote_writer, remote)
+        assert local.transport is not None
+        local.transport.write(ahead)  # the daemon's greeting may be here already
+        remote.on_eof = local.close  # the receiver is done: the cat reading it ends
+        if remote.read_done.done():
+            local.close()
         started = _run(argv, env, stdin, own_group, pass_fds=(fd,), started=theirs.close)
         returncode, errors = await started
         # rsync's last words may still be on their way: wait for the receiver to close.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(pumps[1]), LINGER_S)
+            await asyncio.wait_for(asyncio.shield(remote.read_done), LINGER_S)
         return returncode, errors
     finally:
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
+        local.abort()
         remote_writer.transport.abort()
         theirs.close()
         ours.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from mesh.adapters import rsyncd
+from mesh.adapters import relay, rsyncd
 from mesh.adapters.tls_server import accept_forever, bind, open_tls
 from mesh.core.manifest import unpack
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, PkiError, RemoteProtocolError
@@ -60,6 +61,7 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 _HELLO_OVERHEAD = 1024  # the map, the keys and the push id around the header
 _MAX_REPLY_BYTES = 64 * 1024
 _CHUNK = 256 * 1024
+PIPE_BYTES = 1 << 20  # the daemon's stdin (Linux's default: 64 KiB)
 _BUFFER = 1 << 20  # stream buffers of a push: fewer, larger reads (+10% MB/s measured)
 
 
@@ -363,36 +365,61 @@ class TunnelServer:
             "MESH_KEEP_NAME": self._keep_name,
         }
         conf = self._conf_dir / "rsyncd.conf"
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        with contextlib.suppress(OSError):  # fewer, larger hand-overs to the daemon
+            fcntl.fcntl(stdin_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *[self.rsync, "--server", "--daemon", f"--config={conf}", "."],
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+                stdin=stdin_r,
+                stdout=stdout_w,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 start_new_session=True,  # its own process group, killed as one on stop
-                limit=_BUFFER,
             )
         except OSError as err:
+            for fd in (stdin_w, stdout_r):
+                os.close(fd)
             LOG.error("tunnel: push %s: cannot start %s: %s", push_id, self.rsync, err)
             return 127  # what a shell reports for a command it cannot run
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        finally:
+            os.close(stdin_r)
+            os.close(stdout_w)
+        assert proc.stderr is not None
         self._procs.add(proc)
-        stdin = proc.stdin
-        inbound = asyncio.create_task(_feed(reader, stdin))
-        outbound = asyncio.create_task(pump(proc.stdout, writer))
         errors: deque[str] = deque(maxlen=20)
         stderr = asyncio.create_task(_collect(proc.stderr, errors))
+        # TLS -> the daemon's stdin; its stdout -> TLS (relay.py: no streams on the way).
+        tls, daemon_in, daemon_out = relay.End(), relay.End(), relay.End()
+        tls.out, daemon_in.feeder = daemon_in, tls
+        daemon_out.out, tls.feeder = tls, daemon_out
+        to_daemon = os.fdopen(stdin_w, "wb", buffering=0)  # the transports own them, once made
+        from_daemon = os.fdopen(stdout_r, "rb", buffering=0)
         try:
+            loop = asyncio.get_running_loop()
+            await loop.connect_write_pipe(lambda: daemon_in, to_daemon)
+            await loop.connect_read_pipe(lambda: daemon_out, from_daemon)
+            ahead = relay.take_over(reader, writer, tls)
+            assert daemon_in.transport is not None
+            daemon_in.transport.write(ahead)
+            tls.on_eof = daemon_in.close  # the client left: the daemon's stdin ends
+            if tls.read_done.done():
+                daemon_in.close()
             returncode = await proc.wait()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(outbound, stderr), self.limits.drain_timeout)
+                await asyncio.wait_for(
+                    asyncio.gather(asyncio.shield(daemon_out.read_done), stderr),
+                    self.limits.drain_timeout)
         finally:
             _kill_group(proc, signal.SIGKILL)
             self._procs.discard(proc)
-            for task in (inbound, outbound, stderr):
-                task.cancel()
-            await asyncio.gather(inbound, outbound, stderr, return_exceptions=True)
+            stderr.cancel()
+            await asyncio.gather(stderr, return_exceptions=True)
+            for end, pipe in ((daemon_in, to_daemon), (daemon_out, from_daemon)):
+                if end.transport is None:
+                    pipe.close()
+                end.abort()
         level = logging.INFO if returncode == 0 else logging.WARNING
         LOG.log(level, "tunnel: push %s from %s: rsync exit %d", push_id, peer, returncode)
         for line in errors if returncode else ():
@@ -450,14 +477,6 @@ def _kill_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-
-
-async def _feed(reader: asyncio.StreamReader, stdin: asyncio.StreamWriter) -> None:
-    """TLS to the daemon's stdin; closing stdin at the end tells the daemon the client left."""
-    try:
-        await pump(reader, stdin)
-    finally:
-        stdin.close()
 
 
 async def _collect(stream: asyncio.StreamReader, lines: deque[str]) -> None:
