@@ -30,6 +30,21 @@ async def attach(end: relay.End) -> socket.socket:
     return theirs
 
 
+async def until(cond: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):  # bounded in count, and so in time
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+
+
+def shut(socks: list[socket.socket], ends: list[relay.End]) -> None:
+    for sock in socks:
+        sock.close()
+    for end in ends:
+        end.abort()
+
+
 async def read_all(sock: socket.socket, size: int) -> bytes:
     loop = asyncio.get_running_loop()
     got = bytearray()
@@ -56,10 +71,7 @@ def test_bytes_cross_both_ways_in_order(loop: str) -> None:
         assert got_there == there and got_back == back
         left.shutdown(socket.SHUT_WR)
         await asyncio.wait_for(a.read_done, 10)
-        for sock in (left, right):
-            sock.close()
-        a.abort()
-        b.abort()
+        shut([left, right], [a, b])
 
     run(loop, main)
 
@@ -71,18 +83,11 @@ def test_what_arrives_before_the_other_side_is_attached_is_held(loop: str) -> No
         source.out, sink.feeder = sink, source
         left = await attach(source)
         await asyncio.get_running_loop().sock_sendall(left, b"@RSYNCD: 32.0\n")
-        for _ in range(200):  # bounded: until the source has read (and held) it
-            if source.held:
-                break
-            await asyncio.sleep(0.01)
-        assert source.held
+        await until(lambda: bool(source.held), "the source to read (and hold) it")
         right = await attach(sink)
         assert await read_all(right, 14) == b"@RSYNCD: 32.0\n"
         assert not source.held
-        for sock in (left, right):
-            sock.close()
-        source.abort()
-        sink.abort()
+        shut([left, right], [source, sink])
 
     run(loop, main)
 
@@ -95,11 +100,8 @@ def test_a_sink_that_does_not_read_pauses_its_source(loop: str) -> None:
         left, right = await attach(source), await attach(sink)
         ev = asyncio.get_running_loop()
         sending = asyncio.ensure_future(ev.sock_sendall(left, os.urandom(64 << 20)))
-        for _ in range(500):  # bounded: until the source stops reading
-            await asyncio.sleep(0.01)
-            if source.transport is not None and not source.transport.is_reading():
-                break
-        assert source.transport is not None and not source.transport.is_reading()
+        await until(lambda: source.transport is not None and not source.transport.is_reading(),
+                    "the source to stop reading")
         assert sink.transport is not None
         held_back = sink.transport.get_write_buffer_size()
         assert held_back < 8 * relay.HIGH_WATER, held_back  # not the whole 64 MiB
@@ -107,9 +109,6 @@ def test_a_sink_that_does_not_read_pauses_its_source(loop: str) -> None:
         got = await read_all(right, 64 << 20)  # the sink drains: everything arrives
         await sending
         assert len(got) == 64 << 20
-        for sock in (left, right):
-            sock.close()
-        source.abort()
-        sink.abort()
+        shut([left, right], [source, sink])
 
     run(loop, main)

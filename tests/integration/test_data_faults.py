@@ -378,13 +378,19 @@ async def test_a_pushed_losing_head_is_adopted_not_taken_for_an_edit(tmp_path: P
     assert r.index.state("p").target == Version.of(e1, e2)  # still waiting for e2's bytes
 
 
-async def test_two_pushes_landing_on_one_path_at_once(tmp_path: Path) -> None:
+async def two_edits_of_v0(tmp_path: Path) -> tuple[Receiver, Entry, Entry]:
+    """n3 holds v0 of ``p``; n1 and n2 edited it at once, and n3 heard of both: e2 wins."""
     r = Receiver(tmp_path / "data")
     await r.write("p", b"v0 by n3\n")
     e1 = write("p", b"n1's edit\n", "n1", {"n1": 1, "n3": 1}, NOW_MS)
     e2 = write("p", b"n2's later edit\n", "n2", {"n2": 1, "n3": 1}, NOW_MS + 5)
     r.replica.remote("n2", [e2])
-    r.replica.remote("n1", [e1])  # e2 wins
+    r.replica.remote("n1", [e1])
+    return r, e1, e2
+
+
+async def test_two_pushes_landing_on_one_path_at_once(tmp_path: Path) -> None:
+    r, e1, e2 = await two_edits_of_v0(tmp_path)
     stale = await r.begin("n1-1-1", e1)  # n1 had not heard of e2 yet
     winner = await r.begin("n2-1-1", e2)
     r.land("n2-1-1", "p", b"n2's later edit\n")
@@ -443,12 +449,7 @@ async def test_what_a_push_displaced_is_no_edit_once_another_push_ended_first(
     first's. The second ends first and takes the first's version in; the first then
     files v0, which it displaced when v0 was our disk version: no edit of ours (seen
     as a second conflict, v0 written back as a new write that beat both)."""
-    r = Receiver(tmp_path / "data")
-    await r.write("p", b"v0 by n3\n")
-    e1 = write("p", b"n1's edit\n", "n1", {"n1": 1, "n3": 1}, NOW_MS)
-    e2 = write("p", b"n2's later edit\n", "n2", {"n2": 1, "n3": 1}, NOW_MS + 5)
-    r.replica.remote("n1", [e1])
-    r.replica.remote("n2", [e2])  # e2 wins
+    r, e1, e2 = await two_edits_of_v0(tmp_path)
     first = await r.begin("n1-1-1", e1)
     second = await r.begin("n2-1-1", e2)
     r.land("n1-1-1", "p", b"n1's edit\n")  # v0 into n1-1-1's dir
