@@ -1,7 +1,8 @@
 """A deployed Docker stack as the target, through ``docker exec`` into its tasks.
 
-UNTESTED: no Docker daemon was available where this was written (see
-README, "Load tests"). What it assumes: the agent service's containers carry
+Tested by tests/e2e/test_swarm.py (a short ``small`` run against the stack the
+end-to-end test deploys, one Docker host per Swarm node). What it assumes: the
+agent service's containers carry
 the label ``com.docker.stack.namespace=<stack>`` and the service name
 ``<stack>_<service>``; inside, the synced folder is /data, ``mesh`` and
 ``python3`` (with the agent's packages) are on PATH, and ``mesh`` finds the

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from tests.e2e import lab
 from tests.e2e.stack import (
     AGENT,
     ROOT,
+    STACK,
     Stack,
     all_healthy,
     docker_with_stack_config,
@@ -118,3 +120,26 @@ def _a_node_that_was_away_catches_up(swarm: Stack) -> None:
     manager("node", "update", "--availability", "active", n3.name)
     lab.wait_for("sw3's new task", lambda: swarm.task(n3) is not None, timeout=120)
     wait_converged(swarm, "sw3 to catch up", changes, timeout=180)
+
+
+@pytest.mark.timeout(600)
+def test_the_load_harness_runs_against_the_deployed_stack(swarm: Stack, tmp_path: Path) -> None:
+    """``python -m loadtest run --target swarm``: the same stack, through ``docker exec``
+    into each node's task (one Docker host per Swarm node here)."""
+    hosts = [arg for node in swarm.nodes for arg in ("--docker-host", node.docker.host)]
+    report = tmp_path / "report"
+    cli_dir = str(Path(swarm.manager.docker.cli).parent)
+    env = {**os.environ, "PATH": f"{cli_dir}:{os.environ.get('PATH', os.defpath)}"}
+    with swarm.explained():
+        done = lab.run([sys.executable, "-m", "loadtest", "run", "--target", "swarm",
+                        "--stack", STACK, *hosts, "--profile", "small", "--duration", "10",
+                        "--rate", "10", "--report", str(report)],
+                       timeout=400, env=env, check=False)
+        print(done.stdout.decode(errors="replace")[-3000:])
+        print(done.stderr.decode(errors="replace")[-3000:])
+        assert done.returncode == 0
+        doc = json.loads((report / "report.json").read_text())
+        assert doc["target"] == "swarm" and doc["nodes"] == 3
+        assert doc["converged"] and doc["lost_writes"] == 0
+        assert doc["writes"] > 0
+        assert sorted(doc["peak_rss_mb"]) == ["sw1", "sw2", "sw3"]
