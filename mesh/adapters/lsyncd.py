@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import string
@@ -285,8 +286,20 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+# lsyncd's per-batch chatter: the paths of each list, its rsync calls and the gate's
+# answers. At info they would bury what an operator reads the log for.
+_CHATTER = re.compile(r"^/|Normal: (Calling rsync|Finished a list)|mesh gate: ")
+
+
+def log_level(line: str) -> int:
+    """The level an output line of lsyncd (or of the gate it runs) is logged at."""
+    if "Error:" in line or "Warn:" in line:
+        return logging.WARNING
+    return logging.DEBUG if _CHATTER.search(line) else logging.INFO
+
+
 async def _log_lines(stream: asyncio.StreamReader) -> None:
     async for raw in stream:
         line = raw.decode("utf-8", "backslashreplace").rstrip()
         if line:
-            LOG.info("lsyncd: %s", line)
+            LOG.log(log_level(line), "lsyncd: %s", line)

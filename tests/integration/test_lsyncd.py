@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mesh.adapters import rsyncd
-from mesh.adapters.lsyncd import LsyncdSettings, LsyncdSupervisor
+from mesh.adapters.lsyncd import LsyncdSettings, LsyncdSupervisor, log_level
 from mesh.adapters.tunnel import TunnelServer
 from mesh.gate import GateServer
 from tests.integration.conftest import GrantPolicy, Pki, RecordingSink, until
@@ -185,3 +186,20 @@ async def test_stop_ends_lsyncd_and_everything_it_started(cluster_pki: Pki, tmp_
         await mesh.supervisor.stop()
         assert group_members(pgid) == []
         assert mesh.supervisor.pid is None
+
+
+@pytest.mark.parametrize(("line", "level"), [
+    ("14:30:43 Normal: --- Startup ---", logging.INFO),
+    ("14:30:43 Normal: --- TERM signal, fading ---", logging.INFO),
+    ("14:30:45 Normal: Calling rsync with filter-list of new/modified files/dirs", logging.DEBUG),
+    ("/docs/from-sw1.txt", logging.DEBUG),
+    ("mesh gate: 0 of 2 path(s) may go to sw3", logging.DEBUG),
+    ("mesh gate: held back: ['big0.bin']", logging.DEBUG),
+    ("14:30:45 Normal: Finished a list after exitcode: 0", logging.DEBUG),
+    ("14:30:45 Error: Failure on rsync, exitcode 12", logging.WARNING),
+    ("14:30:45 Warn: Cannot access /data/x", logging.WARNING),
+])
+def test_lsyncd_output_is_logged_at_a_level_an_operator_can_filter(line: str, level: int) -> None:
+    """lsyncd's per-batch chatter (each list's paths, its rsync calls, the gate's
+    answers) is debug; its start and stop are info; its errors are warnings."""
+    assert log_level(line) == level
