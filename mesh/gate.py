@@ -417,12 +417,8 @@ async def _push_inline(
         argv = rsyncd.client_argv(data_dir, grant.host, rsh, keep_name, grant.push_id,
                                   rsync=rsync)
         await asyncio.get_running_loop().create_connection(lambda: local, sock=ours)
-        ahead = relay.take_over(remote_reader, remote_writer, remote)
-        assert local.transport is not None
-        local.transport.write(ahead)  # the daemon's greeting may be here already
-        remote.on_eof = local.close  # the receiver is done: the cat reading it ends
-        if remote.read_done.done():
-            local.close()
+        # The receiver done, the local socket closes: the cat reading it ends.
+        relay.take_over(remote_reader, remote_writer, remote)
         started = _run(argv, env, stdin, own_group, pass_fds=(fd,), started=theirs.close)
         returncode, errors = await started
         # rsync's last words may still be on their way: wait for the receiver to close.

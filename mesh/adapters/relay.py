@@ -114,20 +114,29 @@ class End(asyncio.Protocol):
                 self.transport.abort()
 
 
+def link(source: End, sink: End) -> None:
+    """What ``source`` reads goes to ``sink``; ``sink`` backing up pauses ``source``."""
+    source.out, sink.feeder = sink, source
+
+
 def join(a: End, b: End) -> None:
     """``a`` and ``b`` are each other's source and sink (two sockets)."""
-    a.out, b.feeder = b, a
-    b.out, a.feeder = a, b
+    link(a, b)
+    link(b, a)
 
 
-def take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, end: End) -> bytes:
-    """Move a stream's transport to ``end``: what the stream had read ahead of its
-    reader is returned (for the caller to pass on first). If the stream had already
-    seen its end, so has ``end``."""
+def take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, end: End) -> None:
+    """Move a stream's transport to ``end``, whose ``out`` is attached already. What the
+    stream had read ahead of its reader (a daemon's greeting, say) goes out first, and
+    ``out`` is closed once ``end``'s reading ends: at once if the stream had seen its
+    end."""
+    out = end.out
+    assert out is not None and out.transport is not None
     transport = cast(asyncio.Transport, writer.transport)
     buffered: bytearray = reader._buffer  # type: ignore[attr-defined]  # where asyncio keeps it
-    ahead = bytes(buffered)
+    out.transport.write(bytes(buffered))
     buffered.clear()
+    end.on_eof = out.close
     end.before = transport.get_protocol()
     transport.set_protocol(end)
     end.connection_made(transport)
@@ -135,4 +144,3 @@ def take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, end: E
         end.ended()
     elif not transport.is_reading():  # the stream may have paused it (a full buffer)
         transport.resume_reading()
-    return ahead

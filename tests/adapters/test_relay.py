@@ -80,7 +80,7 @@ def test_bytes_cross_both_ways_in_order(loop: str) -> None:
 def test_what_arrives_before_the_other_side_is_attached_is_held(loop: str) -> None:
     async def main() -> None:
         source, sink = relay.End(), relay.End()
-        source.out, sink.feeder = sink, source
+        relay.link(source, sink)
         left = await attach(source)
         await asyncio.get_running_loop().sock_sendall(left, b"@RSYNCD: 32.0\n")
         await until(lambda: bool(source.held), "the source to read (and hold) it")
