@@ -96,7 +96,7 @@ class DataPlane:
         # received 256 MiB file was otherwise hashed twice at once, by the push's end and
         # by the watcher.
         for path in paths:
-            self._scanned_at[path] = max(now, self._scanned_at.get(path, now))
+            self._scanned_at[path] = now  # no mark is later: all were taken before ``now``
         large = self.scanner.to_prehash(paths)
         if large:  # hashing hundreds of MB would stall every link and push of this node
             await asyncio.to_thread(self.scanner.prehash, large)
