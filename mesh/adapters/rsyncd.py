@@ -30,7 +30,7 @@ How the receiver is made unable to destroy content (checked with rsync 3.5.0 on 
   ``--remove-source-files``, ``--usermap``/``--chown``, ``--timeout``... gets through even
   if the hook misread one. (Checked: each of those is refused, exit code 4.)
 - With ``--backup-dir``, rsync *renames* every file it replaces or deletes into that dir,
-  keeping its relative path, also the contents of a directory that ``--force`` removes and
+  keeping its relative path, also the entries of a directory that a push removes, and
   symlinks (checked). The keep area is a hidden dir inside the module, so the rename stays
   on the same filesystem. The tunnel creates ``<keep>/<push id>`` exclusively before the
   transfer: a reused push id would let a second backup overwrite the first.
@@ -56,9 +56,51 @@ How the receiver is made unable to destroy content (checked with rsync 3.5.0 on 
 
 Sending side: :func:`client_argv` is the only rsync command line we run: ``-rlptgo``
 (``archive`` without ``-D``: the module refuses devices and specials), ``--numeric-ids``,
-``--delete --force``, ``--backup-dir``, the include list on stdin (``--from0
---include-from=- --exclude=*``) and ``--rsh`` naming our tunnel. No ``--ignore-errors``:
-an I/O error on the sender must not turn into deletions on the receiver.
+``--delete``, ``--backup-dir``, the include list on stdin (``--from0 --include-from=-
+--exclude=*``) and ``--rsh`` naming our tunnel. No ``--ignore-errors``: an I/O error on the
+sender must not turn into deletions on the receiver.
+
+What a push may remove: only what it names (:func:`include_patterns`). Checked with rsync
+3.5.0 through this daemon config and hook, the sender lacking ``p`` (deleted there) and
+naming it as ``/p``, ``--exclude=*`` after the list:
+
+- The receiver's ``p`` is an empty directory, a file or a link: removed; a file or link
+  is renamed into the backup dir, an empty directory is not kept. Exit 0.
+- ``p`` holds entries the push also names (``/p/c``; ``/p/sub`` and ``/p/sub/x``...):
+  each goes into the backup dir under its path (``<push>/p/c``), then ``p`` is removed.
+  Exit 0.
+- ``p`` holds an entry the push does not name, at any depth (``p/c``, or ``p/sub/x``
+  with ``/p/sub`` named): ``--exclude=*`` protects it, so it stays, and so do ``p`` and
+  every directory on the way to it (their named entries are still removed and kept).
+  "cannot delete non-empty directory: p" is an info line, not an error: the daemon logs
+  it, the client prints it on its stdout. Exit 0.
+- The sender has a *file* (or link) ``p`` and the receiver a directory ``p``: as above,
+  the named entries go and the directory is removed if nothing is left, and the file
+  takes its place. If an unnamed entry is left, the file does not land: the daemon
+  logs "could not make way for new regular file: p" and exits 23 (a partial transfer;
+  the agent's push end then takes the push as not complete). The *sender's* rsync exits
+  0 all the same: its remote shell (``mesh.rsh``, or the inline relay's ``cat``) exits
+  0, and a client whose server is a daemon behind a remote shell takes that status for
+  the server's.
+- The sender has a directory ``p`` with named children (``/p/``, ``/p/c``) and the
+  receiver a file ``p``: the file is renamed into the backup dir, the directory and
+  children land. Exit 0.
+- A named path whose parent directory the sender lacks (only ``/p/c`` named, with the
+  parent pattern ``/p/``): rsync can reach ``p/c`` only by deleting ``p``, so it removes
+  ``p/c`` and then ``p`` too if nothing unnamed is left in it (a directory the push did
+  not name, but one that holds nothing else); with an unnamed entry left, ``p`` stays.
+- ``--force`` changes none of these (each case run with and without it): with
+  ``--delete`` rsync already removes directories recursively; ``--force`` only matters
+  without ``--delete``. So it is not sent, and both the hook and ``refuse options``
+  refuse it (checked: the hook first, "option '--force' is not allowed"; with no hook,
+  the daemon itself, "The server is configured to refuse --force"; exit 4 either way,
+  nothing touched). A sender of an earlier release, which sent ``--force`` and
+  ``/p/***``, is so refused by an upgraded receiver: during a rolling upgrade its pushes
+  fail and are retried until it is upgraded too, rather than delete what it never saw.
+- The old list also sent ``/p/***`` for each such ``p``. It matches the receiver's whole
+  subtree, so ``--delete`` removed every entry under ``p``, named or not (kept in the
+  backup dir, exit 0): a file created there concurrently, which the sender never saw,
+  was deleted on the receiver, and its scan took the absence for a delete of its own.
 """
 
 from __future__ import annotations
@@ -91,10 +133,10 @@ RSYNC_TEMP_GLOB = ".*.??????"  # rsync's mkstemp name: "." + name + "." + 6 char
 # -I (--ignore-times): every path in a push is one the gate decided the peer lacks, so
 # never skip it because size and mtime match: two versions of one size written in the
 # same second would never move (found by the operator tests' conflicts).
-SEND_FLAGS = ("-rlptgoI", "--numeric-ids", "--delete", "--force")
+SEND_FLAGS = ("-rlptgoI", "--numeric-ids", "--delete")
 _REFUSE = (
     "* !recursive !links !perms !times !group !owner !backup !backup-dir !ignore-times"
-    " !delete !delete-during !force !numeric-ids"
+    " !delete !delete-during !numeric-ids"
 )
 _WILDCARDS = frozenset("*?[")
 
@@ -184,25 +226,26 @@ def client_argv(
     ]
 
 
-def _literal(path: str, *, wild: bool) -> str:
+def _literal(path: str) -> str:
     """``path`` as an rsync pattern matching only itself. rsync reads backslash as an escape
     only in a pattern that holds a wildcard (rsync(1), "PATTERN MATCHING RULES"), so escape
-    when one is there or will be (``wild``)."""
-    if wild or not _WILDCARDS.isdisjoint(path):
+    only when one is there."""
+    if not _WILDCARDS.isdisjoint(path):
         return "".join("\\" + c if c in "\\*?[" else c for c in path)
     return path
 
 
 def include_patterns(paths: Iterable[str], source: Path) -> list[str]:
     """The ``--include-from`` list that sends exactly ``paths`` (normalized, relative to
-    ``source``), as the sender sees them now:
+    ``source``), as the sender sees them now, and lets the receiver remove nothing else:
 
     - a directory: ``/p/``, the directory itself but none of its entries;
-    - anything else, or nothing: ``/p`` and ``/p/***``. The second matches only a
-      directory and what is in it, so it sends nothing more, but lets rsync remove a
-      directory the receiver has there (deleted, or replaced by a file or a link): without
-      it, ``--exclude=*`` would protect the directory's entries and the removal would fail
-      ("cannot delete non-empty directory");
+    - anything else, or nothing: ``/p``. A directory the receiver has there (deleted
+      here, or replaced by a file or a link) goes only if what is in it goes too: the
+      entries ``paths`` names are removed, every other one is protected by
+      ``--exclude=*``, and then the directory stays (see the module docstring). Never
+      ``/p/***``: that named the receiver's whole subtree, including what the sender
+      never saw (a file created there concurrently), and ``--delete`` took it;
 
     plus every parent directory, ``/a/``, and ``/``, which rsync must enter to reach them.
     """
@@ -210,14 +253,10 @@ def include_patterns(paths: Iterable[str], source: Path) -> list[str]:
     for path in paths:
         parts = path.split("/")
         for depth in range(1, len(parts)):
-            patterns["/" + _literal("/".join(parts[:depth]), wild=False) + "/"] = None
+            patterns["/" + _literal("/".join(parts[:depth])) + "/"] = None
         try:
             is_dir = stat.S_ISDIR(os.lstat(source / path).st_mode)
         except (FileNotFoundError, NotADirectoryError):
             is_dir = False
-        if is_dir:
-            patterns["/" + _literal(path, wild=False) + "/"] = None
-        else:
-            patterns["/" + _literal(path, wild=False)] = None
-            patterns["/" + _literal(path, wild=True) + "/***"] = None
+        patterns["/" + _literal(path) + ("/" if is_dir else "")] = None
     return list(patterns)

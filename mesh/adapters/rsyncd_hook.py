@@ -19,7 +19,7 @@ MODULE = "data"
 PUSH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 KEEP_NAME_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 _ALLOWED_SHORT = frozenset("rlptgobI")  # what SEND_FLAGS and --backup-dir put in the bundle
-_ALLOWED_LONG = frozenset({"--delete", "--force", "--numeric-ids"})
+_ALLOWED_LONG = frozenset({"--delete", "--numeric-ids"})  # no --force: see SEND_FLAGS
 
 
 def valid_push_id(push_id: object) -> bool:
@@ -39,8 +39,8 @@ def check_server_args(args: Sequence[str], keep_name: str, push_id: str) -> str 
     """Why the daemon must refuse a transfer with these ``RSYNC_ARG0..n``, or None.
 
     Accepted: ``rsyncd --server -<bundle> --backup-dir /<keep>/<push id> [--delete]
-    [--force] [--numeric-ids] . /`` in any option order, where the bundle holds ``b``, other
-    letters of ``rlptgo`` and rsync's ``e.<capabilities>`` suffix.
+    [--numeric-ids] . /`` in any option order, where the bundle holds ``b``, other
+    letters of ``rlptgoI`` and rsync's ``e.<capabilities>`` suffix.
     """
     if list(args[:2]) != ["rsyncd", "--server"]:
         return "not an rsync server request"

@@ -74,7 +74,7 @@ def server_args(*options: str, dest: str = "/") -> list[str]:
     return ["rsyncd", "--server", *options, ".", dest]
 
 
-GOOD = ("-blogtpre.iLsfxCIvu", "--backup-dir", f"/{KEEP}/p1", "--delete", "--force")
+GOOD = ("-blogtprIe.iLsfxCIvu", "--backup-dir", f"/{KEEP}/p1", "--delete", "--numeric-ids")
 
 
 def test_check_accepts_what_our_client_sends() -> None:
@@ -94,6 +94,7 @@ def test_check_accepts_what_our_client_sends() -> None:
         (("-bKlogtpre.iLsfxCIvu", "--backup-dir", f"/{KEEP}/p1"), "/", "'K'"),
         (("-sblogtpre.iLsfxCIvu", "--backup-dir", f"/{KEEP}/p1"), "/", "'s'"),
         ((*GOOD, "--inplace"), "/", "not allowed"),
+        ((*GOOD, "--force"), "/", "not allowed"),
         (GOOD, "/sub/", "module root"),
         ((*GOOD, "-b"), "/", "one short-option bundle"),
     ],
@@ -166,7 +167,9 @@ async def test_replaced_directory_and_symlink_are_kept(cluster_pki: Pki, tmp_pat
     (target / "was-a-link").symlink_to("/nowhere")
     sink = RecordingSink(target)
     async with receiver(cluster_pki, target, sink) as server:
-        paths = ["was-a-dir", "was-a-link"]
+        # The sender names the entries it knew in the directory it replaced: a push removes
+        # nothing else (test_push_deletes).
+        paths = ["was-a-dir", "was-a-dir/inner", "was-a-dir/inner/f", "was-a-link"]
         assert await push(grant(server, "second", paths), source, cluster_pki.creds(SENDER)) == 0
     kept = target / KEEP / "second"
     assert (kept / "was-a-dir" / "inner" / "f").read_bytes() == b"deep"
