@@ -9,7 +9,10 @@ Requests are JSON lines on stdin, answered on stdout with the same ``id``:
 ``add`` (key, listen [host, port], target [host, port]), ``mode`` (key, "open"
 or "refuse": refuse resets the link's connections and refuses new ones),
 ``stats`` (bytes forwarded per key, both directions, since the last ``reset``),
-``reset``.
+``reset``, ``until`` (key, more, within: answers once the link has forwarded
+``more`` bytes beyond its count when asked, or after ``within`` s, with
+``reached`` and ``bytes``; how the harness times a kill while a push is under
+way). Requests are handled concurrently: a waiting ``until`` holds up nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +35,26 @@ class Link:
         self.bytes = 0
         self.servers: list[asyncio.Server] = []
         self.conns: set[asyncio.StreamWriter] = set()
+        self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    async def until(self, more: int, within: float) -> tuple[bool, int]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (self.bytes + more, fut)
+        self.waiters.append(entry)
+        try:
+            await asyncio.wait_for(fut, within)
+            return True, self.bytes
+        except TimeoutError:
+            return False, self.bytes
+        finally:
+            if entry in self.waiters:
+                self.waiters.remove(entry)
+
+    def _count(self, n: int) -> None:
+        self.bytes += n
+        for goal, fut in self.waiters:
+            if self.bytes >= goal and not fut.done():
+                fut.set_result(None)
 
     def refuse(self, on: bool) -> None:
         self.refusing = on
@@ -51,19 +74,34 @@ class Link:
             writer.transport.abort()
             return
         self.conns |= {writer, up_w}
-        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer),
+        await asyncio.gather(self._pipe(reader, up_w, writer), self._pipe(up_r, writer, up_w),
                              return_exceptions=True)
         for w in (writer, up_w):
             self.conns.discard(w)
             w.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(CHUNK):
-            if self.refusing:
-                return
-            self.bytes += len(data)
-            writer.write(data)
-            await writer.drain()
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    source: asyncio.StreamWriter) -> None:
+        """One direction. Its end goes on as the kernel would pass it on without a
+        proxy: an end of stream (FIN) as an end of stream — a process that exits or
+        is killed closes its sockets, and its peer must see it, or a push to a
+        killed node waits forever — and a reset as a reset of both ends."""
+        try:
+            while data := await reader.read(CHUNK):
+                if self.refusing:
+                    return
+                self._count(len(data))
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            for w in (writer, source):
+                w.transport.abort()
+            return
+        if not self.refusing and writer.can_write_eof() and not writer.is_closing():
+            try:
+                writer.write_eof()
+            except (ConnectionError, OSError, RuntimeError):
+                source.transport.abort()
 
 
 class Proxies:
@@ -85,6 +123,10 @@ class Proxies:
             return {"ok": True}
         if op == "stats":
             return {"bytes": {k: link.bytes for k, link in self.links.items()}}
+        if op == "until":
+            reached, count = await self.links[req["key"]].until(int(req["more"]),
+                                                                float(req["within"]))
+            return {"ok": True, "reached": reached, "bytes": count}
         if op == "reset":
             for link in self.links.values():
                 link.bytes = 0
@@ -97,14 +139,20 @@ async def main() -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     proxies = Proxies()
-    while line := await reader.readline():
-        req = json.loads(line)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def answer(req: dict[str, Any]) -> None:
         try:
-            answer = await proxies.handle(req)
+            out = await proxies.handle(req)
         except (OSError, KeyError, ValueError) as err:
-            answer = {"ok": False, "error": f"{req.get('op')} {req.get('key')}: {err}"}
-        sys.stdout.write(json.dumps({"id": req["id"], **answer}) + "\n")
+            out = {"ok": False, "error": f"{req.get('op')} {req.get('key')}: {err}"}
+        sys.stdout.write(json.dumps({"id": req["id"], **out}) + "\n")
         sys.stdout.flush()
+
+    while line := await reader.readline():
+        task = asyncio.create_task(answer(json.loads(line)))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
 
 if __name__ == "__main__":
