@@ -6,8 +6,13 @@ From that alone:
 
 * two writes of P by different nodes are **concurrent** iff neither saw the
   other (the resolver's notion: neither node had the other's version);
-* a write is **lost** if no later write saw it and its content is nowhere —
-  at no path on no node — once the nodes have converged;
+* a write is **lost** if no later write saw it and, once the nodes have
+  converged, some node holds its content neither at its path nor in a conflict
+  copy of that path (a rename is a delete of the old path that saw the
+  content, and a write of the new one);
+* a content is **invented** if a node holds it at a path (or in a conflict copy
+  of a path) where no write made it: a half-received file, an old version
+  written back under another name;
 * the **heads** of P are its writes no later write saw; after convergence P
   must hold one of them (or be absent if all are deletes).
 
@@ -29,6 +34,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from loadtest.probe import original_of
 
 SHOWN = 20  # findings listed by name in a report
 
@@ -87,12 +94,25 @@ class History:
 
     # --- after convergence ----------------------------------------------------------------
 
-    def lost(self, trees: Iterable[Mapping[str, str]]) -> list[Record]:
-        everywhere: set[str] = set()
-        for tree in trees:
-            everywhere.update(tree.values())
+    def lost(self, trees: Iterable[Mapping[str, str]], anywhere: bool = False
+             ) -> list[Record]:
+        """Writes no later write saw whose content no node holds at the path or in a
+        conflict copy of it; with ``anywhere``, those some node lacks (the same once
+        the trees are identical). Before issue 11 a content anywhere on some node
+        passed, at another path too."""
+        held = [placed(tree) for tree in trees]
+        test = any if anywhere else all
         return [r for r in self.records
-                if r.hash is not None and r.rid not in self.seen and r.hash not in everywhere]
+                if r.hash is not None and r.rid not in self.seen
+                and test(r.hash not in at.get(r.path, ()) for at in held)]
+
+    def invented(self, tree: Mapping[str, str]) -> list[tuple[str, str]]:
+        """(path, content) of each file whose content no write made at its path (or,
+        for a conflict copy, at the path it is a copy of). ``ready/`` holds the
+        harness's start-up markers."""
+        return sorted((path, h) for path, h in tree.items()
+                      if not path.startswith("ready/")
+                      and (original_of(path) or path, h) not in self.by_content)
 
     def final_state(self, tree: Mapping[str, str]) -> tuple[list[str], list[str]]:
         """Paths a delete should have removed but hold content (resurrected), and
@@ -145,6 +165,14 @@ class History:
         deletes = [r for r in self.by_path.get(path, ())
                    if self.records[r].hash is None and self.records[r].node == node]
         return deletes[-1] if deletes else None
+
+
+def placed(tree: Mapping[str, str]) -> dict[str, set[str]]:
+    """Per path, the contents a node holds at it and in its conflict copies."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for path, h in tree.items():
+        out[original_of(path) or path].add(h)
+    return out
 
 
 def conflicts(history: History, logged: Mapping[int, list[tuple[str, int, str | None, str]]]

@@ -34,8 +34,14 @@ def test_k_writes_that_saw_none_of_each_other_expect_k_minus_1_losers() -> None:
     assert out["conflicts_unexpected"] == 0 and out["conflicts_not_on_every_node"] == 0
     assert conflicts(h, {0: [("p", 1, A, "x")]})["conflicts_missing"] == 1
     # the losers' contents kept as conflict copies: nothing lost; one gone: lost
-    assert h.lost([{"p": B, "p.conflict-1": A, "p.conflict-2": C}]) == []
-    assert [r.rid for r in h.lost([{"p": B, "p.conflict-1": A}])] == [rids[2]]
+    copy1, copy2 = "p.conflict-20260101T000000-n1-1", "p.conflict-20260101T000000-n3-1"
+    assert h.lost([{"p": B, copy1: A, copy2: C}]) == []
+    assert [r.rid for r in h.lost([{"p": B, copy1: A}])] == [rids[2]]
+    # at another path: lost all the same
+    assert [r.rid for r in h.lost([{"p": B, copy1: A, "q": C}])] == [rids[2]]
+    trees = [{"p": B, copy1: A, copy2: C}, {"p": B, copy1: A}]
+    assert h.lost(trees) == []  # on one node: not lost, but not everywhere
+    assert [r.rid for r in h.lost(trees, anywhere=True)] == [rids[2]]
 
 
 def test_a_conflict_logged_between_writes_that_saw_each_other_is_unexpected() -> None:
@@ -55,3 +61,22 @@ def test_a_chain_that_is_not_pairwise_concurrent_expects_at_least_one_loser() ->
     out = conflicts(h, {})
     assert out["conflicts_indeterminate_groups"] == 1
     assert out["conflicts_expected"] == 1 and out["conflicts_missing"] == 1
+
+
+def test_a_delete_or_overwrite_after_the_node_held_a_content_saw_it() -> None:
+    h = History()
+    write(h, 0, "p", A, [None])
+    write(h, 1, "p", B, [None])  # B || A: a conflict, A kept as a copy
+    # node 2 held B at the path and A in the copy when it deleted: it saw both
+    write(h, 2, "p", None, [None, B, A])
+    assert h.lost([{}]) == []
+    assert h.final_state({}) == ([], [])
+
+
+def test_content_no_write_made_at_its_path_is_invented() -> None:
+    h = History()
+    write(h, 0, "p", A, [None])
+    write(h, 1, "q", B, [None])
+    copy = "p.conflict-20260101T000000-n2-1"
+    assert h.invented({"p": A, "q": B, "ready/n1": C}) == []
+    assert h.invented({"p": B, copy: C, "q": B}) == [("p", B), (copy, C)]
