@@ -2,7 +2,10 @@
 the report, print the summary.
 
 Exit status: 0 when meshsync converged with no lost write and every expected
-conflict logged in every profile; 1 when it did not (the report says how);
+conflict logged in every profile — and for ``faults`` also no delete undone,
+no invented content, no conflict between writes that saw each other, the same
+conflict log on every node and an empty node's join that changed nothing —;
+1 when it did not (the report says how);
 2 when the harness itself failed (bad flag, a cluster that did not start).
 The baseline's results never change the status: it is expected to lose writes.
 """
@@ -32,6 +35,7 @@ from rich.progress import (
 
 from loadtest import procs, report
 from loadtest.jsonl import ChildError
+from loadtest.plan import Plan
 from loadtest.profiles import PROFILES, build
 from loadtest.runner import Progress as Hooks
 from loadtest.runner import Runner, Settings
@@ -102,7 +106,8 @@ def profiles_of(arg: str) -> list[str]:
     return [p for p in names if p != "all"]
 
 
-def make_target(system: str, args: argparse.Namespace, work: Path, run_id: str) -> Target:
+def make_target(system: str, args: argparse.Namespace, work: Path, run_id: str,
+                plan: Plan) -> Target:
     if args.target == "swarm":
         from loadtest.swarm import SwarmStack
 
@@ -110,10 +115,23 @@ def make_target(system: str, args: argparse.Namespace, work: Path, run_id: str) 
             raise ValueError("--baseline lsyncd needs --target local (the stack runs meshsync)")
         if not args.stack:
             raise ValueError("--target swarm needs --stack NAME")
+        if plan.profile == "faults":
+            raise ValueError("--profile faults needs --target local (it kills agents and "
+                             "adds a node)")
         return SwarmStack(args.stack, args.service, args.docker_host, run_id)
     if system == "meshsync":
-        return MeshLocal(work, args.nodes, args.net)
+        return MeshLocal(work, args.nodes, args.net, spares=1 if plan.join else 0)
     return LsyncdLocal(work, args.nodes, args.net)
+
+
+def passed(block: dict[str, Any], strict: bool) -> bool:
+    """meshsync's verdict on one run (see the module's docstring)."""
+    ok = block["converged"] and not block["lost_writes"] and not block["conflicts_missing"]
+    if strict:
+        ok = ok and not block["resurrected_deletes"] and not block.get("invented_content") \
+            and not block["conflicts_unexpected"] and bool(block.get("conflict_logs_identical")) \
+            and bool((block.get("join") or {}).get("ok"))
+    return bool(ok)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -137,7 +155,7 @@ async def run(args: argparse.Namespace) -> int:
             for name in names:
                 plan = build(name, args.nodes, args.duration, args.rate, args.seed)
                 for system in systems:
-                    target = make_target(system, args, work / name / system, stamp)
+                    target = make_target(system, args, work / name / system, stamp, plan)
                     label = f"{name} · {target.system}"
                     tid = bar.add_task(label, total=len(plan.ops()))
                     runner = Runner(target, plan, f"{args.seed}-{name}", settings,
@@ -146,9 +164,12 @@ async def run(args: argparse.Namespace) -> int:
         doc = compose(args, names, systems, machine, runs)
         report.write(doc, runs, out)
         report.summary(doc, console)
+        for name in names:
+            report.findings(runs[name]["meshsync"], console)
         console.print(f"report: {out}/report.md")
         mesh = doc["blocks"]["meshsync"]
-        ok = mesh["converged"] and not mesh["lost_writes"] and not mesh["conflicts_missing"]
+        ok = passed(mesh, False) and all(passed(runs[n]["meshsync"], PROFILES[n].join)
+                                         for n in names)
         return 0 if ok else 1
     finally:
         if args.work is None and (ok and not args.keep):

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-OpKind = Literal["write", "patch", "delete", "rename"]
-FaultKind = Literal["stop", "start", "partition", "heal"]
+OpKind = Literal["write", "patch", "append", "delete", "rename", "mkdir", "rmdir"]
+FaultKind = Literal["stop", "start", "partition", "heal", "kill", "freeze", "thaw"]
 KIB = 1024
 MIB = 1 << 20
 COOLDOWN_S = 3.0  # an op by another node than the last writer waits this long after it
@@ -36,10 +36,11 @@ class Op:
     node: int
     path: str
     wid: int
-    size: int = 0  # write: file size; patch: bytes changed
+    size: int = 0  # write: file size; patch, append: bytes changed
     offset: int = 0  # patch
     dst: str = ""  # rename
     style: Literal["replace", "truncate"] = "replace"
+    paths: tuple[str, ...] = ()  # rmdir (path: the folder): the files the plan has in it
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,28 @@ class Storm:
 
 
 @dataclass(frozen=True)
+class Race:
+    """``ops`` on different nodes at once, nothing frozen: a folder removed on one
+    node while another creates a file in it. What each op saw is what its node
+    held (``loadtest.history``), whichever way the race went."""
+
+    t: float
+    ops: tuple[Op, ...]
+
+
+@dataclass(frozen=True)
 class Fault:
     t: float
     kind: FaultKind
-    nodes: tuple[int, ...] = ()  # stop/start: the node; partition: one side
+    nodes: tuple[int, ...] = ()  # stop/start/kill/freeze/thaw: the node; partition: one side
+    # kill: first wait (up to ``wait_s``) until the link (sender, receiver) has carried
+    # TRANSFER_BYTES more, i.e. a push of ``path`` (a multi-MiB file) is under way
+    during: tuple[int, int] | None = None
+    wait_s: float = 0.0
+    path: str = ""
 
 
-Step = Op | Storm | Fault
+Step = Op | Storm | Race | Fault
 
 
 @dataclass(frozen=True)
@@ -70,13 +86,14 @@ class Plan:
     rate: float
     seed: int
     steps: tuple[Step, ...]
+    join: bool = False  # after convergence, an empty node joins (loadtest.runner)
 
     def ops(self) -> list[Op]:
         out: list[Op] = []
         for s in self.steps:
             if isinstance(s, Op):
                 out.append(s)
-            elif isinstance(s, Storm):
+            elif isinstance(s, Storm | Race):
                 out.extend(s.ops)
         return out
 

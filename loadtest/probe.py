@@ -48,6 +48,7 @@ IN_CLOEXEC = 0o2000000
 MASK = IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
 EVENT = struct.Struct("iIII")
 CHUNK = 1 << 20
+RMDIR_ROUNDS = 5
 TMP_ALNUM = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 # mesh.core.resolver.conflict_copy_path: dir/<stem>.conflict-<UTC>-<node>-<n><ext>
@@ -244,9 +245,22 @@ class Probe:
 
     def held(self, rel: str) -> tuple[str | None, list[str]]:
         """The content at ``rel`` now (None: absent), and the contents of its
-        conflict copies (as the watch last saw them)."""
-        copies = sorted({self.files[c] for c in self.copies.get(rel, ()) if c in self.files})
-        return self.hash(rel), copies
+        conflict copies: as the folder holds them now, not as the watch last saw them
+        (a copy made a moment ago was seen by the user as much as the file was)."""
+        folder, _, _ = rel.rpartition("/")
+        try:
+            with os.scandir(self.root / folder) as entries:
+                names = [e.name for e in entries]
+        except OSError:
+            names = []
+        copies: set[str] = set()
+        for name in names:
+            sub = f"{folder}/{name}" if folder else name
+            if not name.startswith(".") and original_of(sub) == rel:
+                digest = self.hash(sub)
+                if digest is not None:
+                    copies.add(digest)
+        return self.hash(rel), sorted(copies)
 
     # --- requests --------------------------------------------------------------------------
 
@@ -257,8 +271,14 @@ class Probe:
         if op == "holds":
             at, copies = self.held(req["path"])
             return {"ok": not self.missing(req, at, [at, *copies]), "held": [at, *copies]}
-        if op in ("write", "patch", "delete", "rename"):
+        if op in ("write", "patch", "append", "delete", "rename"):
             return self.change(op, req)
+        if op == "mkdir":
+            t0 = time.time()
+            (self.root / req["path"]).mkdir(parents=True, exist_ok=True)
+            return {"ok": True, "t0": t0, "t": time.time()}
+        if op == "rmdir":
+            return self.rmdir(req["path"])
         raise ValueError(f"unknown op {op!r}")
 
     @staticmethod
@@ -283,6 +303,8 @@ class Probe:
             digest, size = hashlib.sha256(data).hexdigest(), len(data)
         elif op == "patch":
             digest, size = self._patch(rel, req)
+        elif op == "append":
+            digest, size = self._append(rel, req)
         elif op == "delete":
             with contextlib.suppress(FileNotFoundError):
                 (self.root / rel).unlink()
@@ -325,6 +347,64 @@ class Probe:
         # Our inode as we left it: if a push replaces the file, the inode differs.
         self.cache[rel] = ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), digest)
         return digest, len(patch)
+
+
+    def _append(self, rel: str, req: dict[str, Any]) -> tuple[str, int]:
+        """``length`` bytes at the end, in place."""
+        extra = content(req["key"], req["wid"], req["length"])
+        with (self.root / rel).open("r+b") as f:
+            data = f.read() + extra
+            f.write(extra)
+            f.flush()
+            st = os.fstat(f.fileno())
+        digest = hashlib.sha256(data).hexdigest()
+        self.cache[rel] = ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), digest)
+        return digest, len(extra)
+
+    def rmdir(self, rel: str) -> dict[str, Any]:
+        """``rm -rf`` of a folder, as a user does it: each file is hashed (with its
+        conflict copies) before it is unlinked — what the removal saw — then the
+        folders go, deepest first. A file that arrives meanwhile keeps a folder
+        from going: it is taken in the next round (at most ``RMDIR_ROUNDS``).
+        ``removed``: (path, what the node held there) for each file that was not a
+        conflict copy or a hidden name, and for each original whose copies alone were
+        there."""
+        top = self.root / rel
+        if not top.is_dir():
+            return {"ok": False, "held": [], "absent": True}
+        t0 = time.time()
+        removed: dict[str, list[str | None]] = {}
+        gone = False
+        for _ in range(RMDIR_ROUNDS):
+            for dirpath, _dirs, names in os.walk(top, topdown=False):
+                folder = os.path.relpath(dirpath, self.root)
+                subs = [f"{folder}/{n}" for n in sorted(names)]
+                for sub in subs:  # every file's copies are still there when it is hashed
+                    if hidden(sub):
+                        continue
+                    orig = original_of(sub) or sub
+                    if orig not in removed:
+                        at, copies = self.held(orig)
+                        if at is not None or copies:
+                            removed[orig] = [at, *copies]
+                for sub in subs:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.root / sub).unlink()
+                if dirpath != str(top):
+                    with contextlib.suppress(OSError):
+                        Path(dirpath).rmdir()
+            try:
+                top.rmdir()
+            except FileNotFoundError:
+                gone = True
+            except OSError:
+                continue  # something arrived: another round
+            else:
+                gone = True
+            if gone:
+                break
+        return {"ok": True, "removed": [[p, h] for p, h in removed.items()], "gone": gone,
+                "t0": t0, "t": time.time()}
 
 
 def serve(root: Path) -> None:

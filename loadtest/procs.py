@@ -109,6 +109,30 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     SESSIONS.discard(proc.pid)
 
 
+def kill(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> list[int]:
+    """SIGKILL the process with every descendant at once, as a crash or the kernel's
+    OOM killer of a container would: all are stopped first (so that none forks,
+    or sees another die and reacts), then killed. The pids it killed."""
+    family: dict[int, int] = {}
+    for _ in range(2):  # again, for a child forked before its parent stopped
+        stats = table()
+        for pid in tree(proc.pid, stats):
+            if pid not in family:
+                family[pid] = stats[pid].start
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+    now = table()
+    for pid, start in family.items():
+        if pid in now and now[pid].start == start:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    signal_group(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+    SESSIONS.discard(proc.pid)
+    return sorted(family)
+
+
 def sweep() -> None:
     for pid in list(SESSIONS):
         signal_group(pid, signal.SIGCONT)

@@ -7,10 +7,12 @@ plan every time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from loadtest.faults import FaultPlanner, faults
 from loadtest.plan import KIB, MIB, Op, OpKind, Plan, Planner
 
 
@@ -21,6 +23,8 @@ class Profile:
     duration: float  # default seconds of load
     rate: float  # default operations per second
     draw: Callable[[Planner, float, float], None]
+    planner: type[Planner] = Planner
+    join: bool = False  # after convergence, an empty node joins and must change nothing
 
 
 def ticks(duration: float, rate: float, planner: Planner) -> list[float]:
@@ -162,6 +166,9 @@ PROFILES = {pr.name: pr for pr in (
     Profile("handoff", "a file changed on another node as soon as it lands there", 30, 10,
             handoff),
     Profile("quick", "CI: mixed and two storms, well under a minute", 12, 15, quick),
+    Profile("faults", "mixed with multi-MiB files, storms, folder deletes racing creates; "
+            "SIGKILL (also mid-transfer), SIGSTOP, a node cut off; then an empty node joins",
+            90, 6, faults, FaultPlanner, join=True),
 )}
 
 
@@ -169,6 +176,6 @@ def build(name: str, nodes: int, duration: float | None, rate: float | None, see
     profile = PROFILES[name]
     d = profile.duration if duration is None else duration
     r = profile.rate if rate is None else rate
-    planner = Planner(nodes, seed)
+    planner = profile.planner(nodes, seed)
     profile.draw(planner, d, r)
-    return planner.plan(name, d, r)
+    return dataclasses.replace(planner.plan(name, d, r), join=profile.join)

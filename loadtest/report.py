@@ -42,6 +42,7 @@ ROWS: list[tuple[str, Callable[[Block], Any], str]] = [
     ("converged", lambda b: b["converged"], ""),
     ("idle afterwards (meshsync: mesh health --max-lag 0)", lambda b: b.get("idle"), ""),
     ("lost writes", lambda b: b["lost_writes"], ""),
+    ("writes some node lacks (not converged)", lambda b: b.get("writes_not_everywhere"), ""),
     ("deletes undone (file back)", lambda b: b["resurrected_deletes"], ""),
     ("paths holding none of their latest writes", lambda b: b["stale_paths"], ""),
     ("conflicts expected / logged", lambda b: f"{b['conflicts_expected']} / "
@@ -49,6 +50,11 @@ ROWS: list[tuple[str, Callable[[Block], Any], str]] = [
     ("expected conflicts not logged", lambda b: b["conflicts_missing"], ""),
     ("conflicts logged between writes that saw each other",
      lambda b: b["conflicts_unexpected"], ""),
+    ("content no write made at its path (invented)", lambda b: b.get("invented_content"), ""),
+    ("conflict logs identical on every node", lambda b: b.get("conflict_logs_identical"), ""),
+    ("an empty node joined: same tree, nothing else changed",
+     lambda b: (b.get("join") or {}).get("ok"), ""),
+    ("kills timed on a push / push cut short", lambda b: _kills(b), ""),
     ("write to one peer, p50", _lat("latency_ms", "p50"), " ms"),
     ("write to one peer, p95", _lat("latency_ms", "p95"), " ms"),
     ("write to one peer, p99", _lat("latency_ms", "p99"), " ms"),
@@ -62,6 +68,13 @@ ROWS: list[tuple[str, Callable[[Block], Any], str]] = [
     ("CPU seconds, all nodes", lambda b: round(sum(b["cpu_s"].values()), 1), " s"),
     ("peak memory of one node", lambda b: max(b["peak_rss_mb"].values(), default=None), " MB"),
 ]
+
+
+def _kills(b: Block) -> str | None:
+    kills = b.get("kills_during_push")
+    if not kills:
+        return None
+    return f"{len(kills)} / {sum(1 for k in kills if k['in_flight'])}"
 
 
 def rows(report: dict[str, Any]) -> list[list[str]]:
@@ -90,6 +103,10 @@ def aggregate(blocks: list[Block]) -> Block:
                   "wire_per_changed_per_peer": None}
     for k in summed:
         out[k] = sum(b[k] for b in blocks)
+    out["invented_content"] = sum(b.get("invented_content") or 0 for b in blocks)
+    out["conflict_logs_identical"] = all(b.get("conflict_logs_identical", True) for b in blocks)
+    joins = [b["join"] for b in blocks if b.get("join")]
+    out["join"] = {"ok": all(j.get("ok") for j in joins)} if joins else None
     out["cpu_s"] = {n: round(sum(b["cpu_s"].get(n, 0) for b in blocks), 2)
                     for n in blocks[0]["cpu_s"]}
     out["peak_rss_mb"] = {n: max(b["peak_rss_mb"].get(n, 0) for b in blocks)
@@ -195,11 +212,24 @@ DEFINITIONS = """\
 - Every write has unique content. A write on node X *saw* the writes of its path whose
   content X held (at the path or in a conflict copy) when it wrote; the harness makes a
   node wait (up to `--wait` s) until it holds a path's latest writes before changing it.
-- **lost**: no later write saw it and its content is on no node after convergence (the
-  keep area does not count). **deletes undone**: a path whose latest writes are all
-  deletes, present after convergence. **conflicts expected**: for k writes of a path
-  that are pairwise concurrent (neither saw the other), k - 1 losers; **logged**: the
-  distinct losing writes in the union of the nodes' conflict logs.
+- **lost**: no later write saw it and no node holds its content at its path or in a
+  conflict copy of it after convergence (the keep area does not count; a rename is a
+  delete of the old path that saw the content and a write of the new one; a folder
+  removed is a delete of each file the node held in it). **writes some node lacks**:
+  the same, held by some nodes only (not converged). **deletes undone**: a path whose
+  latest writes are all deletes, present after convergence. **invented**: a file
+  whose content no write made at its path (or, for a conflict copy, at the path it is
+  a copy of). **conflicts expected**: for k writes of a path that are pairwise
+  concurrent (neither saw the other), k - 1 losers; **logged**: the distinct losing
+  writes in the union of the nodes' conflict logs (conflicts on folders are not tied
+  to writes: "unmatched"). **conflict logs identical**: every node logged the same
+  conflicts (path, loser, its content, id).
+- **an empty node joined** (faults): after convergence one more agent starts with an
+  empty folder; once every node holds the same tree again, the new node's must be
+  the one the others held before, and theirs and their conflict logs unchanged.
+- **kills timed on a push** (faults): a 3-8 MiB file written, then its sender or
+  receiver killed once the link carried 1 MiB more; "cut short": the receiver did
+  not have the file when the kill came.
 - **latency**: from the end of a write until a peer's probe (inotify) saw its content,
   per peer; "every peer": until the last one. **throughput**: writes that reached
   every peer, per second from the start of the load to the last arrival.
@@ -253,9 +283,83 @@ def markdown(report: dict[str, Any], runs: dict[str, dict[str, Block]], pngs: li
             for key, what in FINDINGS:
                 if b.get(key):
                     lines.append(f"  - {what}: " + ", ".join(f"`{p}`" for p in b[key]))
+            for inv in b.get("invented") or []:
+                lines.append(f"  - invented: `{inv['path']}` on {inv['node']} "
+                             f"({inv['content']})")
+            lines += _extra_md(b)
         lines.append("")
     lines += [f"![{p}]({p})" for p in pngs]
     return "\n".join([*lines, "", DEFINITIONS]) + "\n"
+
+
+def _extra_md(b: Block) -> list[str]:
+    """The faults, the join and the findings' path histories, when there are any."""
+    lines: list[str] = []
+    if b.get("faults"):
+        lines += ["", "Faults (s from the start of the load):", ""]
+        lines += [f"- {fault_text(e)}" for e in b["faults"]]
+    for k in b.get("kills_during_push") or []:
+        lines.append(f"- kill of the {k['side']} {k['killed']} at {k['t_s']} s, push of "
+                     f"`{k['path']}` on {k['link']}: link carried 1 MiB more first: "
+                     f"{_fmt(k['link_reached'])}; the receiver had the file before the kill: "
+                     f"{_fmt(k['received_before_kill'])}")
+    if b.get("join"):
+        lines += ["", f"Join: `{json.dumps(b['join'])}`"]
+    if b.get("histories"):
+        lines += ["", "Path histories of the findings (t in s from the start of the load; "
+                  "content wN: made by write N; saw: the writes whose content the node "
+                  "held):", "", "```"]
+        for h in b["histories"]:
+            lines += history_lines(h)
+        lines.append("```")
+    return lines
+
+
+def fault_text(e: dict[str, Any]) -> str:
+    who = e.get("node") or ",".join(e.get("nodes", []))
+    text = f"{e['t_s']:8.3f} s  {e['kind']} {who}".rstrip()
+    if e.get("kind") in ("mkdir", "rmdir"):
+        text += f" {e['path']}" + (f" ({e['files']} files)" if e["kind"] == "rmdir" else "")
+        if e.get("gone") is False:
+            text += " (the folder stayed: files kept arriving)"
+    if "link" in e:
+        text += (f" once its push of {e['path']} on {e['link']} was under way "
+                 f"(1 MiB more on the link: {'yes' if e['link_reached'] else 'no'}, "
+                 f"waited {e['waited_s']} s)")
+    return text
+
+
+def history_lines(h: dict[str, Any]) -> list[str]:
+    lines = [f"{h['path']}: {'; '.join(h['why'])}"]
+    for o in h["ops"]:
+        if "event" in o:
+            lines.append(f"  {fault_text(o['event'])}")
+            continue
+        saw = ",".join(f"w{w}" for w in o["saw"]) or "-"
+        extra = (" forced" if o.get("forced") else "") + (
+            f" from {o['from']}" if o.get("from") else "")
+        lines.append(f"  {o['t_s']:8.3f} s  {o['node']:<3} {o['kind']:<11} w{o['wid']:<5} "
+                     f"-> {o['content']:<12} saw {saw}{extra}")
+    for node, f in h["final"].items():
+        copies = f"; copies {', '.join(f['copies'])}" if f["copies"] else ""
+        lines.append(f"  final on {node}: {f['at']}{copies}")
+    lines += [f"  log {line}" for line in h["conflict_log"]]
+    return lines
+
+
+def findings(b: Block, console: Console) -> None:
+    """The join and the path histories of one run's findings, on the terminal."""
+    join = b.get("join")
+    if join and join.get("ok") is not None:
+        console.print(f"join of an empty node: {'ok' if join['ok'] else 'FAILED'} "
+                      f"{json.dumps(join)}", markup=False, highlight=False, soft_wrap=True)
+    hist = b.get("histories") or []
+    if hist:
+        console.print(f"path histories of the findings ({len(hist)}; t in s from the start "
+                      "of the load; wN: the content write N made):", markup=False)
+    for h in hist:
+        console.print("\n".join(history_lines(h)), markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def summary(report: dict[str, Any], console: Console) -> None:

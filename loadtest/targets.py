@@ -95,6 +95,29 @@ class Target(ABC):
     async def quiescent(self) -> bool:
         """Whether the system says it has nothing left to do (True if it cannot say)."""
 
+    # --- what the faults profile needs besides (loadtest.faults) ---------------------------
+
+    can_join: bool = False  # join() can start an empty node
+    conflict_docs: dict[int, list[dict[str, Any]]]  # the last conflicts() as the system gave
+
+    async def kill_node(self, i: int) -> None:
+        """SIGKILL node i's processes, all at once (then ``start_node``)."""
+        raise TargetError(f"{self.system}: this target cannot kill a node")
+
+    async def until_bytes(self, i: int, j: int, more: int, within: float
+                          ) -> tuple[bool, int | None]:
+        """Until the link i -> j has carried ``more`` bytes from now, at most ``within``
+        s: (whether it did, the link's count then)."""
+        raise TargetError(f"{self.system}: this target cannot watch a link")
+
+    async def recover(self) -> None:
+        """After the load: every node running and thawed, whatever the plan left."""
+        return None
+
+    async def join(self) -> int:
+        """Start one more node, with an empty folder; its index."""
+        raise TargetError(f"{self.system}: this target cannot add a node")
+
 
 # The probe and the proxies run as ``python -c SOURCE``: no import path needed, and the
 # probe's source is what runs inside a swarm task too.
@@ -113,6 +136,8 @@ class LocalTarget(Target):
         self.proxies = JsonChild("proxies")
         self.meters = [procs.Meter() for _ in range(size)]
         self.procs: list[list[subprocess.Popen[bytes]]] = [[] for _ in range(size)]
+        self.frozen = [0] * size  # how many freezes (a storm's, a fault's) hold node i
+        self.conflict_docs = {}
 
     def host(self, i: int) -> str:
         return f"{self.net}.{i + 1}"
@@ -121,7 +146,7 @@ class LocalTarget(Target):
         return f"{self.net}.{10 * (i + 1) + j + 1}"
 
     def root(self, i: int) -> Path:
-        return self.work / self.names[i]
+        return self.work / f"n{i + 1}"
 
     def data(self, i: int) -> Path:
         return self.root(i) / "data"
@@ -135,14 +160,22 @@ class LocalTarget(Target):
         await self.proxies.start([sys.executable, "-c", PROXY_SOURCE], self.work / "proxies.log")
         for i in range(self.size):
             for j in range(self.size):
-                if i == j:
-                    continue
-                for port in (BROKER_PORT, TUNNEL_PORT):
-                    ans = await self.proxies.request({
-                        "op": "add", "key": f"{i}-{j}", "listen": [self.proxy_host(i, j), port],
-                        "target": [self.host(j), port]})
-                    if not ans.get("ok"):
-                        raise TargetError(f"proxy {i}->{j}: {ans.get('error')}")
+                if i != j:
+                    await self._add_proxy(i, j)
+
+    async def _add_proxy(self, i: int, j: int) -> None:
+        for port in (BROKER_PORT, TUNNEL_PORT):
+            ans = await self.proxies.request({
+                "op": "add", "key": f"{i}-{j}", "listen": [self.proxy_host(i, j), port],
+                "target": [self.host(j), port]})
+            if not ans.get("ok"):
+                raise TargetError(f"proxy {i}->{j}: {ans.get('error')}")
+
+    async def until_bytes(self, i: int, j: int, more: int, within: float
+                          ) -> tuple[bool, int | None]:
+        ans = await self.proxies.request({"op": "until", "key": f"{i}-{j}", "more": more,
+                                          "within": within}, within + 30)
+        return bool(ans.get("reached")), ans.get("bytes")
 
     async def partition(self, side: set[int] | None) -> None:
         for i in range(self.size):
@@ -184,11 +217,34 @@ class LocalTarget(Target):
             await asyncio.to_thread(procs.stop, p)
             self.meters[i].untrack(p.pid)
         self.procs[i] = []
+        self.frozen[i] = 0
+
+    async def kill_node(self, i: int) -> None:
+        await self.sample()
+        for p in self.procs[i]:
+            await asyncio.to_thread(procs.kill, p)
+            self.meters[i].untrack(p.pid)
+        self.procs[i] = []
+        self.frozen[i] = 0
 
     async def freeze(self, nodes: list[int], on: bool) -> None:
+        """SIGSTOP (``on``) or SIGCONT node i's processes; freezes nest (a storm's
+        inside a fault's): a node thaws when the last one ends."""
         for i in nodes:
-            for p in self.procs[i]:
-                procs.signal_tree(p.pid, signal.SIGSTOP if on else signal.SIGCONT)
+            if not on and self.frozen[i] == 0:
+                continue
+            self.frozen[i] += 1 if on else -1
+            if self.frozen[i] == (1 if on else 0):
+                for p in self.procs[i]:
+                    procs.signal_tree(p.pid, signal.SIGSTOP if on else signal.SIGCONT)
+
+    async def recover(self) -> None:
+        for i in range(self.size):
+            if self.frozen[i]:
+                self.frozen[i] = 1
+                await self.freeze([i], False)
+            if not self.procs[i]:
+                await self.start_node(i)
 
     async def down(self) -> None:
         for i in range(self.size):
@@ -211,23 +267,52 @@ class LocalTarget(Target):
 
 
 class MeshLocal(LocalTarget):
-    system = "meshsync"
+    """meshsync's agents as ``mesh local up`` runs them. With ``spares``, that many
+    more nodes are planned from the start — certificates issued, and every agent's
+    ``--peers`` naming them (through their proxies, which do not listen yet, so
+    the links to them fail and retry, as a static list of peers does for a node
+    that is down) — and ``join`` starts one, with an empty folder: a node added
+    to the cluster, as Swarm's ``dns:tasks.<service>`` peers would find it."""
 
-    def __init__(self, work: Path, size: int, net: str) -> None:
+    system = "meshsync"
+    can_join = True
+
+    def __init__(self, work: Path, size: int, net: str, spares: int = 0) -> None:
+        if size + spares > MAX_LOCAL_NODES:
+            raise TargetError(f"--nodes {size} and {spares} to join: the local target runs "
+                              f"at most {MAX_LOCAL_NODES}")
         super().__init__(work, size, net)
         from mesh import local
 
         self.local = local
-        self.members = [local.LocalNode(self.names[i], self.host(i), self.root(i))
-                        for i in range(size)]
+        self.total = size + spares
+        self.can_join = spares > 0
+        self.members = [local.LocalNode(f"n{i + 1}", self.host(i), self.root(i))
+                        for i in range(self.total)]
         self.pki_dir = local.ensure_pki(work, CLUSTER, self.members)
 
     def argv(self, i: int) -> list[str]:
         argv = self.local.command(self.members[i], self.members, self.pki_dir, CLUSTER)
         peers = ",".join(f"{self.proxy_host(i, j)}:{BROKER_PORT}"
-                         for j in range(self.size) if j != i)
+                         for j in range(self.total) if j != i)
         argv[argv.index("--peers") + 1] = peers
         return [*argv, "--lsyncd-delay", str(LSYNCD_DELAY)]
+
+    async def join(self) -> int:
+        if self.size >= self.total:
+            raise TargetError("no node left to join")
+        i = self.size
+        self.names.append(self.members[i].name)
+        self.meters.append(procs.Meter())
+        self.procs.append([])
+        self.frozen.append(0)
+        self.size += 1
+        self.data(i).mkdir(parents=True, exist_ok=True)
+        for j in range(i):
+            await self._add_proxy(i, j)
+            await self._add_proxy(j, i)
+        await self.start_node(i)
+        return i
 
     def _spawn(self, i: int) -> list[subprocess.Popen[bytes]]:
         return [procs.adopt(self.local.start(self.members[i], self.argv(i)))]
@@ -243,7 +328,7 @@ class MeshLocal(LocalTarget):
         """Until every agent has a link up to every peer."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SETTLE_S
-        while not all(self.local.linked(m, self.size - 1) for m in self.members):
+        while not all(self.local.linked(m, self.size - 1) for m in self.members[:self.size]):
             if loop.time() > deadline:
                 raise TargetError(f"the agents did not link up in {SETTLE_S:.0f} s")
             await asyncio.sleep(0.1)
@@ -254,7 +339,9 @@ class MeshLocal(LocalTarget):
             doc = self.status(i)
             if doc is None or not self.procs[i] or doc.get("pid") != self.procs[i][0].pid:
                 return False
-            peers = doc["peers"].values()
+            unborn = {f"{self.proxy_host(i, j)}:{BROKER_PORT}"
+                      for j in range(self.size, self.total)}  # spares not joined yet
+            peers = [p for k, p in doc["peers"].items() if k not in unborn]
             if (doc["backlog"] or doc["pending_content"] or sum(doc["pushes"]["pending"].values())
                     or any(p["state"] != "up" or p["catching_up"] or p.get("inbox_pending")
                            for p in peers)):
@@ -263,7 +350,7 @@ class MeshLocal(LocalTarget):
 
     async def conflicts(self) -> dict[int, Logged]:
         out: dict[int, Logged] = {}
-        for i, m in enumerate(self.members):
+        for i, m in enumerate(self.members[:self.size]):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "mesh", "conflicts", "list", "--json",
                 "--state-dir", str(m.state), stdout=asyncio.subprocess.PIPE,
@@ -272,6 +359,8 @@ class MeshLocal(LocalTarget):
             if proc.returncode != 0:
                 raise TargetError(f"mesh conflicts list on {m.name}: {stderr.decode().strip()}")
             out[i] = parse_conflicts(stdout.decode(), self.prefix)
+            self.conflict_docs[i] = [json.loads(line) for line in stdout.decode().splitlines()
+                                     if line.strip()]
         return out
 
 
