@@ -5,12 +5,13 @@ Effects are processed from a work queue, not by recursion: a restore first
 rescans its path (so what it replaces is an indexed version, see
 ``mesh.core.replica.Restore``), which can produce further effects.
 
-What a push displaced arrives in the push's backup directory; ``push_ended``
-files it into the keep area and tells the replica (``displaced``), which turns
-an edit the push overwrote before it was scanned into a write like any other.
-A path that a push still landing has displaced is not scanned before that
-push ended, and pushed bytes are recognised by the intent of the push that
-wrote them (``receiving``).
+Incoming pushes follow ``mesh.core.landing``: a push begins only once no push
+still landing holds one of its paths (``receiving`` waits), its paths are held
+until it ended (no scan, restore or conflict copy touches them), and then each
+path is settled from what the push displaced (in its backup dir), what is there
+now and how rsync ended; the steps it returns are carried out here. A push cut
+short by a stop of the agent is noted in the keep area with its announcement and
+settled the same way at the next start, before anything else is scanned.
 """
 
 from __future__ import annotations
@@ -20,24 +21,37 @@ import contextlib
 import logging
 import os
 import re
-import stat
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from mesh.adapters.scanner import ScanError, Scanner, Unsettled
-from mesh.core.manifest import Kind
-from mesh.core.replica import Effect, Observed, Replica, Restore, Want, WriteCopy
+from mesh.core import manifest
+from mesh.core.landing import (
+    Landed,
+    Landing,
+    Landings,
+    Outcome,
+    Scanned,
+    Step,
+    Unrecorded,
+    settle,
+)
+from mesh.core.manifest import ContentKey, Kind
+from mesh.core.paths import deepest_first
+from mesh.core.replica import Effect, Observed, Replica, Restore, Want, WriteCopy, group
 from mesh.core.resolver import Version
+from mesh.errors import MeshError, RemoteProtocolError
 from mesh.keep import KeepArea
 from mesh.store.index import Index
 
 LOG = logging.getLogger("mesh.data")
 
 SCAN_BATCH = 500
-DEFER_S = 10.0
 SCANS_KEPT = 10_000
+SCANS_KEPT_S = 10.0  # a scan's mark matters only to watcher events already on their way
+BUSY_WAIT_S = 60.0  # a push waits this long for one landing on its paths, then is refused
 _RSYNC_TEMP = re.compile(rb"\..+\.[A-Za-z0-9]{6}", re.DOTALL)
 NAME_MAX = 255
 
@@ -58,34 +72,30 @@ class DataPlane:
         self.scanner = scanner
         self.forward = forward  # announcements and conflicts go to the exchange
         self.unsettled: set[str] = set()
-        self.landing: dict[str, set[str]] = {}  # path -> the pushes landing on it now
-        # path -> push -> the version it announced, until the path is scanned
-        self.landed: dict[str, dict[str, Version]] = {}
-        self._began: dict[str, float] = {}  # push id -> when it began landing
+        self.landings = Landings()
+        self._landing_ended = asyncio.Condition()
         self._scanned_at: dict[str, float] = {}  # path -> when its last scan began
-        # push id -> path -> our disk version when the push began (what it displaces,
-        # unless we changed it meanwhile)
-        self._disk_before: dict[str, dict[str, Version | None]] = {}
         self.wants = 0
+
+    def held(self, path: str) -> bool:
+        """A push is landing on ``path``: nothing but its end may scan, restore or push it."""
+        return self.landings.held(path)
 
     # --- scanning ---------------------------------------------------------------------
 
     async def scan(self, paths: Iterable[str], *, events_read: float | None = None) -> None:
         """Observe ``paths`` and feed the replica, in transactions of SCAN_BATCH.
-        A path displaced by a push still landing is left to that push's end.
+        A path a push is landing on is left to that push's end, which scans it.
 
         For the watcher's paths (``events_read``: its events were all read from inotify
         before that ``time.monotonic()``), also skipped: a path scanned since (it shows
-        the change already), and a path a push began landing less than ``DEFER_S`` ago
-        (that push's end scans it; a stalled push holds it up no longer than that). A
-        burst of pushed files is so scanned once, not on each event and again at the end.
+        the change already), so a burst of pushed files is scanned once.
         """
         now = time.monotonic()
         asked = list(paths)
-        paths = [p for p in asked if not self._displaced_by_landing(p)]
+        paths = [p for p in asked if not self.held(p)]
         if events_read is not None:
-            paths = [p for p in paths if self._scanned_at.get(p, -1.0) < events_read
-                     and not self._young_landing(p, now)]
+            paths = [p for p in paths if self._scanned_at.get(p, -1.0) < events_read]
         if len(paths) < len(asked) and LOG.isEnabledFor(logging.DEBUG):
             kept = set(paths)
             skipped = [p for p in asked if p not in kept]
@@ -102,7 +112,7 @@ class DataPlane:
             await asyncio.to_thread(self.scanner.prehash, large)
         batch: list[str] = []
         for path in paths:
-            if self._displaced_by_landing(path):  # again: a push may have begun meanwhile
+            if self.held(path):  # again: a push may have begun meanwhile
                 continue
             batch.append(path)
             if len(batch) >= SCAN_BATCH:
@@ -112,18 +122,24 @@ class DataPlane:
             await self.apply(self._observe(batch))
 
     async def startup(self) -> int:
-        """Reconcile the index with the disk: what changed while we were down
-        becomes local edits (unchanged files are not re-hashed)."""
+        """Settle the pushes the last stop cut short, then reconcile the index with the
+        disk: what changed while we were down becomes local edits (unchanged files are
+        not re-hashed); restores that were pending are asked for again."""
         while self.keep.unfinished:
             await self._finish_push(self.keep.unfinished.pop())
         on_disk = list(self.scanner.walk())
         gone = set(self.index.paths()) - set(on_disk)
-        await self.scan([*on_disk, *sorted(gone)])
+        await self.scan([*on_disk, *deepest_first(gone)])
+        pending = [v.path for v in self.index.targets()]
+        with self.index.batch():
+            effects = [fx for path in pending for fx in self.replica.reaim(path)]
+        await self.apply(effects)
         return len(on_disk)
 
     def _observe(self, paths: list[str]) -> list[Effect]:
         effects: list[Effect] = []
         queue = deque(paths)
+        done: set[str] = set()
         self._forget_scans()
         with self.index.batch():
             while queue:
@@ -139,13 +155,16 @@ class DataPlane:
                     continue
                 self.unsettled.discard(path)
                 self._scanned_at[path] = started
-                if observed is None:
-                    # A folder moved out of the root is reported alone: what we
-                    # indexed inside it is gone too.
-                    queue.extend(self.index.paths_under(path))
-                self._pick_intent(path, observed)
+                if observed is None and path not in done:
+                    # A folder moved out of the root is reported alone: what we indexed
+                    # inside it is gone too, and its deletes go first (a folder delete
+                    # is applied once what it held is gone, see Replica._aim).
+                    inside = [p for p in self.index.paths_under(path) if not self.held(p)]
+                    if inside:
+                        done.update([path, *inside])
+                        queue.extendleft(reversed([*deepest_first(inside), path]))
+                        continue
                 effects += self.replica.local(path, observed, _ms())
-                self._forget_landed(path)
             self.index.set_meta("clock", self.replica.clock)
         return effects
 
@@ -172,8 +191,8 @@ class DataPlane:
     def _write_copy(self, fx: WriteCopy) -> list[Effect]:
         dest = self.root / fx.path
         content = fx.source.content
-        if content is None or dest.exists() or dest.is_symlink():
-            return []
+        if content is None or self.held(fx.path) or dest.exists() or dest.is_symlink():
+            return []  # a push landing there brings the same copy (or the next one will)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             self._materialize(fx.source.path, fx.source.kind, content, fx.source.mode, dest,
@@ -188,6 +207,8 @@ class DataPlane:
 
     def _restore(self, version: Version) -> list[Effect]:
         rel = version.path
+        if self.held(rel):
+            return []  # the landing's end asks again (Replica.reaim)
         effects = self._observe([rel])  # record anything unscanned first
         if self.index.state(rel).target != version:
             return effects
@@ -246,195 +267,189 @@ class DataPlane:
     # --- pushes -----------------------------------------------------------------------
 
     async def _finish_push(self, push_id: str) -> None:
-        """A push that was landing when the agent stopped: drop rsync's partial files
-        of its paths, file what it displaced (``push_ended``)."""
-        paths = self.keep.noted_paths(push_id)
-        LOG.warning("push %s was cut short when the agent stopped: finishing it", push_id)
-        for rel in paths:
-            self._drop_partial(rel)
-        await self.push_ended(push_id, paths)
+        """A push that was landing when the agent stopped: settle it as cut short."""
+        LOG.warning("push %s was cut short when the agent stopped: settling it", push_id)
+        versions: dict[str, Version] = {}
+        header = self.keep.noted(push_id)
+        if header is not None:
+            try:
+                versions = group(manifest.decode(header).entries)
+            except RemoteProtocolError as err:
+                LOG.warning("push %s: its note is unreadable (%s): only what it displaced "
+                            "is put back", push_id, err.reason)
+        self.landings.begin(Landing(push_id, "", versions))
+        await self.push_ended(push_id, Outcome.CUT_SHORT)
 
-    def _drop_partial(self, rel: str) -> None:
-        """Remove rsync's temp files of ``rel``: ``.<name>.XXXXXX`` in its folder, the
-        name cut to fit NAME_MAX (rsync's receiver.c, get_tmpname)."""
+    def _temps_of(self, rel: str) -> list[Path]:
+        """rsync's temp files of ``rel``: ``.<name>.XXXXXX`` in its folder, the name cut
+        to fit NAME_MAX (rsync's receiver.c, get_tmpname)."""
         folder, _, name = rel.rpartition("/")
         known = self._observed_content(folder) if folder else (Kind.DIR, b"", 0)
         if known is None or known[0] is not Kind.DIR:
-            return  # gone, or a symlink we must not follow
+            return []  # gone, or a symlink we must not follow
         target = os.fsencode(name)
+        found = []
         with contextlib.suppress(OSError):
             for entry in list((self.root / folder).iterdir()):
                 raw = os.fsencode(entry.name)
                 stem = raw[1:-7]
                 ours = stem == target or (len(target) > NAME_MAX - 8 and target.startswith(stem))
                 if ours and _RSYNC_TEMP.fullmatch(raw) and not entry.is_symlink():
-                    LOG.warning("removing %s, a partial file of a push cut short", entry)
-                    entry.unlink()
+                    found.append(entry)
+        return found
 
-    def receiving(self, push_id: str, versions: dict[str, Version]) -> None:
-        """A push of ``versions`` is about to land.
+    def _finish_rename(self, rel: str, version: Version) -> None:
+        """rsync was killed between keeping a file's old content and renaming the new
+        one in: a temp of ``rel`` holding ``version``'s whole content is renamed into
+        place (``mesh.core.landing``: "D kept" then means "V was renamed in"). Other
+        temps of ``rel`` are partial files of a push cut short: removed."""
+        for temp in self._temps_of(rel):
+            try:
+                observed = self._observe_file(temp)
+                if (version.content is not None and observed is not None
+                        and observed.content == version.content
+                        and not os.path.lexists(self.root / rel)):
+                    temp.rename(self.root / rel)
+                    LOG.warning("finished the rename of %s that a push cut short", rel)
+                    continue
+                LOG.warning("removing %s, a partial file of a push cut short", temp)
+                temp.unlink()
+            except (OSError, ScanError) as err:
+                LOG.warning("partial file %s: %s", temp, err)
 
-        rsync moves what a push replaces into the push's backup dir, then renames
-        the new bytes into place. Scanned before the push ended, those bytes would
-        be adopted (they match the push's intent) before the replica heard what was
-        displaced; the intent spent, it would take the displaced content, an older
-        version it held, for an edit made on top of the pushed one and write it
-        back as a new write that beats both (DESIGN.md, "the race to design for").
-        So a path waits while a push still landing has displaced it — and only
-        then: a push that stalls before touching it holds nothing up. The replica
-        keeps one intent per path; with several pushes on one path, each gets its
-        own for what it displaced, and a scan the one whose bytes are there.
-        """
-        self.keep.note_push(push_id, sorted(versions))
-        self._began[push_id] = time.monotonic()
-        self._disk_before[push_id] = {p: self.index.state(p).disk for p in versions}
-        for path, version in versions.items():
-            self.landing.setdefault(path, set()).add(push_id)
-            self.landed.setdefault(path, {})[push_id] = version
+    async def receiving(self, push_id: str, sender: str, versions: dict[str, Version],
+                        header: bytes) -> None:
+        """A push of ``versions`` is about to land: wait until no push still landing
+        holds one of its paths (one push per path at a time), then hold them and note
+        the push on disk. Raises ``MeshError`` if that takes over BUSY_WAIT_S."""
+        try:
+            async with asyncio.timeout(BUSY_WAIT_S), self._landing_ended:
+                await self._landing_ended.wait_for(lambda: not self.landings.busy(versions))
+                self.landings.begin(Landing(push_id, sender, versions))
+        except TimeoutError:
+            busy = sorted(self.landings.busy(versions))
+            raise MeshError(f"push {push_id}: its paths are still held by {busy}") from None
+        try:
+            self.keep.note_push(push_id, header)
+        except OSError:
+            await self._release(push_id)
+            raise
 
-    def refused(self, push_id: str, paths: list[str]) -> None:
-        """``receiving`` was called, but the push will not run."""
-        self._release(push_id, paths)
-        for path in paths:
-            self.landed.get(path, {}).pop(push_id, None)
-            self._forget_landed(path)
+    async def refused(self, push_id: str) -> None:
+        """``receiving`` returned, but the push will not run."""
+        await self._release(push_id)
         self.keep.forget_push(push_id)
 
-    def _release(self, push_id: str, paths: list[str]) -> None:
-        self._began.pop(push_id, None)
-        self._disk_before.pop(push_id, None)
-        for path in paths:
-            pushes = self.landing.get(path, set())
-            pushes.discard(push_id)
-            if not pushes:
-                self.landing.pop(path, None)
+    async def _release(self, push_id: str) -> None:
+        self.landings.end(push_id)
+        async with self._landing_ended:
+            self._landing_ended.notify_all()
+
+    async def push_ended(self, push_id: str, outcome: Outcome) -> None:
+        """An incoming push ended: settle each path it held (``mesh.core.landing``), then
+        file what it displaced into the keep area and carry out the effects."""
+        landing = self.landings.get(push_id)
+        versions = {} if landing is None else dict(landing.versions)
+        large = self.scanner.to_prehash(versions)
+        if large:  # in a thread, as scan() does: a large pushed file must not stall the loop
+            with contextlib.suppress(OSError, ScanError):
+                await asyncio.to_thread(self.scanner.prehash, large)
+        now = time.monotonic()
+        for path in versions:
+            self._scanned_at[path] = now  # the settle below reads them all after ``now``
+        backup = self.keep.push_dir(push_id)
+        displaced = _files_under(backup)
+        effects: list[Effect] = []
+        try:
+            with self.index.batch():
+                for rel in deepest_first(set(versions) | set(displaced)):
+                    effects += self._settle(rel, versions.get(rel), backup, outcome)
+                self.index.set_meta("clock", self.replica.clock)
+            for rel in displaced:
+                self._keep_displaced(backup / rel, push_id)
+        finally:
+            await self._release(push_id)
+        with self.index.batch():
+            for rel in versions:
+                effects += self.replica.reaim(rel)
+        await self.apply(effects)
+        if self.unsettled:
+            await self.scan(sorted(self.unsettled & set(versions)))
+        _remove_empty_dirs(backup)
+        self.keep.forget_push(push_id)
+
+    def _settle(self, rel: str, version: Version | None, backup: Path, outcome: Outcome,
+                ) -> list[Effect]:
+        """Carry out ``mesh.core.landing.settle`` for one path. A path the push did not
+        name but displaced (rsync removed it with a folder it deleted) is put back:
+        only the user removes what a push did not name (DESIGN.md, "Folders")."""
+        displaced = self._observe_displaced(backup / rel)
+        if version is not None:
+            self._finish_rename(rel, version)  # or drop its partial files
+        st = self.index.state(rel)
+
+        def known(content: ContentKey) -> bool:
+            return any(v is not None and v.holds(content) for v in (st.disk, st.target))
+
+        if version is None:  # displaced but not named
+            effects = ([] if displaced is None or known(displaced.content)
+                       else self.replica.unrecorded(rel, displaced, _ms()))
+            if displaced is not None and not os.path.lexists(self.root / rel):
+                self._put_back(backup / rel, rel)
+            return effects + self._observe([rel])
+        steps: list[Step]
+        try:
+            current = self.scanner.observe(rel)
+        except (Unsettled, ScanError):
+            self.unsettled.add(rel)  # being written: scanned once it settles
+            current = None if displaced is None else displaced
+            steps = [s for s in settle(version, displaced, current, outcome, known)
+                     if not isinstance(s, Scanned)]
+        else:
+            steps = settle(version, displaced, current, outcome, known)
+        out: list[Effect] = []
+        for step in steps:
+            if isinstance(step, Unrecorded):
+                out += self.replica.unrecorded(rel, step.observed, _ms())
+            elif isinstance(step, Landed):
+                out += self.replica.landed(rel, step.version)
+            else:
+                out += self.replica.local(rel, step.observed, _ms())
+        return out
 
     def _forget_scans(self) -> None:
         """Scan times matter only against events still on their way: keep them briefly."""
         if len(self._scanned_at) > SCANS_KEPT:
-            old = time.monotonic() - DEFER_S
+            old = time.monotonic() - SCANS_KEPT_S
             self._scanned_at = {p: t for p, t in self._scanned_at.items() if t > old}
 
-    def _young_landing(self, path: str, now: float) -> bool:
-        return any(now - self._began.get(push_id, now) < DEFER_S
-                   for push_id in self.landing.get(path, ()))
-
-    def _displaced_by_landing(self, path: str) -> bool:
-        return any(os.path.lexists(self.keep.push_dir(push_id) / path)
-                   for push_id in self.landing.get(path, ()))
-
-    def _intend(self, path: str, version: Version | None) -> None:
-        if version is not None:
-            self.replica.intents[path] = version
-
-    def _pick_intent(self, path: str, observed: Observed | None) -> None:
-        """The intent of the push whose bytes are at ``path``, if a push put them there."""
-        seen = None if observed is None else observed.content
-        pushed = self.landed.get(path, {}).values()
-        self._intend(path, next((v for v in pushed if v.content == seen), None))
-
-    def _forget_landed(self, path: str) -> None:
-        """``path`` was scanned: pushes that ended left their bytes there, or none."""
-        pushed = self.landed.get(path)
-        if pushed is None:
-            return
-        landing = self.landing.get(path, set())
-        for push_id in [p for p in pushed if p not in landing]:
-            del pushed[push_id]
-        if not pushed:
-            del self.landed[path]
-            self.replica.clear_intents([path])
-
-    async def push_ended(self, push_id: str, paths: list[str], *, complete: bool = False,
-                         ) -> None:
-        """An incoming push finished: file what it displaced, then scan what it wrote.
-        ``complete``: rsync succeeded, so every version the push announced was at its
-        path when it ended (see ``_took_in``)."""
-        backup = self.keep.push_dir(push_id)
-        effects: list[Effect] = []
+    def _observe_displaced(self, path: Path) -> Observed | None:
+        if not os.path.lexists(path):
+            return None
         try:
-            with self.index.batch():
-                for rel in _files_under(backup):
-                    displaced = backup / rel
-                    try:
-                        observed = self._observe_file(displaced)
-                        if observed is not None:
-                            self.keep.file_away(displaced, observed.content)
-                    except (OSError, ScanError) as err:
-                        LOG.warning("keep %s displaced by push %s: %s", rel, push_id, err)
-                        continue  # left in the push's dir, filed at the next start
-                    effects += self._took_in_earlier(rel, push_id, observed)
-                    self._intend(rel, self.landed.get(rel, {}).get(push_id))
-                    known = self._disk_before.get(push_id, {}).get(rel)
-                    effects += self.replica.displaced(rel, observed, _ms(), known=known)
-            if complete:  # before the release: until then no scan forgets what landed
-                effects += self._took_in(push_id, paths)
-        finally:
-            self._release(push_id, paths)
-        await self.apply(effects)
-        await self.scan(paths)
-        _remove_empty_dirs(backup)
-        self.keep.forget_push(push_id)
+            return self._observe_file(path)
+        except (OSError, ScanError) as err:
+            LOG.warning("what a push displaced at %s: %s", path, err)
+            return None
 
-    def _took_in(self, push_id: str, paths: list[str]) -> list[Effect]:
-        """Take in, as if scanned the moment the push ended, each version it landed on a
-        path that has changed since — before any scan of ours saw it there.
-
-        Without this, a change made right after the bytes landed (a delete of a file
-        the moment it appears, an edit) would be scanned as a write that never saw the
-        pushed version: concurrent with it, so a conflict, and a delete undone (an edit
-        beats a delete). A change made *before* rsync replaced the file is not one of
-        these: rsync moved it into the keep area, and ``displaced`` saw it there.
-
-        Only for paths that no other push is landing on, whose pushed version is newer
-        than what we hold, and that look changed (kind, size or mtime, which rsync sets,
-        differ from the version's); the scan that follows confirms the rest."""
-        effects: list[Effect] = []
-        with self.index.batch():
-            for path in paths:
-                version = self.landed.get(path, {}).get(push_id)
-                if version is None or self.landing.get(path, set()) - {push_id}:
-                    continue
-                disk = self.index.state(path).disk
-                if disk is not None and (disk == version or not version.vector.dominates(
-                        disk.vector)):
-                    continue
-                if not self._changed_since_landing(path, version):
-                    continue
-                w = version.winner
-                observed = None if w.hash is None else Observed(w.kind, w.hash, w.size,
-                                                                 w.mtime_ns, w.mode)
-                self._intend(path, version)
-                effects += self.replica.local(path, observed, _ms())
-        return effects
-
-    def _took_in_earlier(self, path: str, push_id: str, observed: Observed | None,
-                         ) -> list[Effect]:
-        """What this push displaced is what another push landed there, unscanned (two
-        pushes overlapped: a version, then its delete, say): take that version in first,
-        as scanned before it was displaced, so that it is not mistaken for an edit of
-        ours — one that would bring a deleted file back as a new write."""
-        seen = None if observed is None else observed.content
-        earlier = next((v for pid, v in self.landed.get(path, {}).items()
-                        if pid != push_id and v.content == seen), None)
-        if earlier is None or seen is None or self.index.state(path).disk == earlier:
-            return []
-        self._intend(path, earlier)
-        return self.replica.local(path, observed, _ms())
-
-    def _changed_since_landing(self, path: str, version: Version) -> bool:
-        w = version.winner
+    def _put_back(self, kept: Path, rel: str) -> None:
+        dest = self.root / rel
         try:
-            st = os.lstat(self.root / path)
-        except (FileNotFoundError, NotADirectoryError):
-            return w.hash is not None
-        if w.hash is None:
-            return True
-        kind = (Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.SYMLINK
-                if stat.S_ISLNK(st.st_mode) else Kind.FILE)
-        if kind is not w.kind:
-            return True
-        return kind is Kind.FILE and (st.st_size, st.st_mtime_ns) != (w.size, w.mtime_ns)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            kept.rename(dest)
+            LOG.warning("put back %s: a push removed it without naming it", rel)
+        except OSError as err:
+            LOG.warning("put back %s: %s", rel, err)
+
+    def _keep_displaced(self, path: Path, push_id: str) -> None:
+        if not os.path.lexists(path):
+            return  # put back
+        try:
+            observed = self._observe_file(path)
+            if observed is not None:
+                self.keep.file_away(path, observed.content)
+        except (OSError, ScanError) as err:
+            LOG.warning("keep %s displaced by push %s: %s", path, push_id, err)
 
     def _observe_file(self, path: Path) -> Observed | None:
         scanner = Scanner(path.parent, ignore=lambda _: False)

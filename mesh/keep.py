@@ -11,10 +11,10 @@ push keeps what it replaces), so keeping is a rename, never a copy. It holds
   the daemon's filter allows it (``mesh.adapters.rsyncd``: ``/<keep>/<push id>``);
   a push id cannot take the name of ``objects`` or ``tmp``, which exist already
   (the tunnel creates the push's dir exclusively);
-* ``<push id>.paths``: the paths that push writes, so that after a crash the
-  agent can drop rsync's partial files of them (rsync writes ``.<name>.XXXXXX``
-  next to the target, and a killed receiver leaves it there). The daemon's
-  filter keeps every client away from files here.
+* ``<push id>.note``: that push's announcement (its versions), so that after a
+  crash the agent can settle what it was landing, finish a rename rsync was
+  killed in, and drop rsync's partial files (``.<name>.XXXXXX`` next to the
+  target). The daemon's filter keeps every client away from files here.
 
 A push dir found when the agent starts belongs to a push that was landing when
 the agent stopped (the tunnel makes one only while the agent runs): it is in
@@ -82,22 +82,22 @@ class KeepArea:
     def push_dir(self, push_id: str) -> Path:
         return self.root / push_id
 
-    def note_push(self, push_id: str, paths: list[str]) -> None:
-        """Remember the paths push ``push_id`` writes until ``forget_push``."""
-        self._write_atomic(self._note(push_id), "\0".join(paths).encode())
+    def note_push(self, push_id: str, header: bytes) -> None:
+        """Remember the announcement of push ``push_id`` until ``forget_push``: after a
+        crash, what it was landing is settled from it (``mesh.core.landing``)."""
+        self._write_atomic(self._note(push_id), header)
 
-    def noted_paths(self, push_id: str) -> list[str]:
+    def noted(self, push_id: str) -> bytes | None:
         try:
-            data = self._note(push_id).read_bytes().decode()
+            return self._note(push_id).read_bytes()
         except FileNotFoundError:
-            return []  # it died before rsync started: nothing partial
-        return data.split("\0") if data else []
+            return None  # it died before the note was written: nothing landed
 
     def forget_push(self, push_id: str) -> None:
         self._note(push_id).unlink(missing_ok=True)
 
     def _note(self, push_id: str) -> Path:
-        return self.root / f"{push_id}.paths"
+        return self.root / f"{push_id}.note"
 
     def temp_name(self, near: Path) -> Path:
         """A temp name next to ``near`` (same directory, so rename is atomic),

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.core import manifest
+from mesh.core.landing import Outcome
 from mesh.core.manifest import Manifest
 from mesh.core.replica import group
 from mesh.core.resolver import Version
@@ -201,13 +202,13 @@ class Pushes:
             raise RemoteProtocolError(f"push {push_id} announced by {m.origin}", peer=peer)
         versions = group(m.entries)
         paths = sorted(versions)
-        self.data.receiving(push_id, versions)
+        await self.data.receiving(push_id, peer, versions, header)
         try:
             with self.index.batch():
-                effects = self.replica.expect_push(peer, m.entries, m.conflicts, _ms())
+                effects = self.replica.remote(peer, m.entries, m.conflicts, _ms())
             await self.data.apply(effects)
         except BaseException:
-            self.data.refused(push_id, paths)  # the tunnel refuses it: no end() follows
+            await self.data.refused(push_id)  # the tunnel refuses it: no end() follows
             raise
         self.received += 1
         return _Ticket(peer, push_id, paths)
@@ -217,7 +218,8 @@ class Pushes:
         if returncode:
             LOG.warning("push %s from %s ended with rsync status %d", ticket.push_id,
                         ticket.peer, returncode)
-        await self.data.push_ended(ticket.push_id, ticket.paths, complete=returncode == 0)
+        await self.data.push_ended(ticket.push_id,
+                                   Outcome.COMPLETE if returncode == 0 else Outcome.FAILED)
 
     # --- the agent's own pusher ------------------------------------------------------
 

@@ -8,6 +8,8 @@ only in normalization are two files on Linux, and we mirror the filesystem.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from mesh.errors import InvalidPath
 
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
@@ -55,3 +57,10 @@ def parent(path: str) -> str | None:
     """The parent directory of a normalized path, or None at the top level."""
     head, sep, _ = path.rpartition("/")
     return head if sep else None
+
+
+def deepest_first(paths: Iterable[str]) -> list[str]:
+    """``paths`` with what is in a folder before the folder (then by name): a folder
+    delete is applied after the deletes of what it held, and finds it gone."""
+    return sorted(paths, key=lambda p: (-p.count("/"), p))
+

@@ -18,23 +18,37 @@ Only ``disk`` versions are announced, so a peer's announcements say what it
 holds, and the gate (``may_push``) lets a node push a path only when its disk
 version strictly dominates what the peer last announced.
 
-Pushed bytes are recognised by the push's own announcement (``expect_push``),
-registered before rsync runs — never by timing. Content a push or a restore
-replaced is reported through ``displaced``; if it was a local edit the node had
-not recorded yet (DESIGN.md, "the race to design for"), it becomes a local
-version here and is resolved like any other, so nothing is lost.
+What an incoming push means for each path is decided by ``mesh.core.landing``
+(never by timing); it calls back here: ``unrecorded`` (content the push
+displaced that was a write of ours no scan had seen: it becomes a local write,
+resolved like any other, DESIGN.md "the race to design for"), ``landed`` (the
+path holds the pushed version) and ``local`` (a scan).
+
+Folders (DESIGN.md, "Folders"): a folder delete is applied only once nothing
+under it stays. A folder whose delete would take an entry that stays (one the
+deleter did not see, or an edit that beat its delete) is re-created around it:
+a new write of the folder on top of the delete, which every node then makes
+the same way.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from mesh.core.manifest import ContentKey, Entry, Kind
+from mesh.core.paths import deepest_first, parent
 from mesh.core.resolver import Conflict, Merged, Version, conflict_copy_path, resolve
-from mesh.core.vclock import Ordering, VersionVector, hlc_observe, hlc_tick
+from mesh.core.vclock import Ordering, VersionVector, hlc_observe, hlc_tick, hlc_wall_ms
 from mesh.errors import RemoteProtocolError
+
+
+class _Under(enum.Enum):
+    EMPTY = "empty"  # nothing known inside the folder stays on disk
+    GOING = "going"  # what is inside is to be deleted, and not yet
+    STAYING = "staying"  # something inside stays (or is on its way)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +137,10 @@ class ReplicaStore(Protocol):
         """Whether the keep area holds this content."""
         ...
 
+    def paths_under(self, folder: str) -> list[str]:
+        """The paths known strictly inside ``folder``."""
+        ...
+
 
 def _content(v: Version | None) -> ContentKey | None:
     return None if v is None else v.content
@@ -146,7 +164,6 @@ class Replica:
         self.node = node
         self.store = store
         self.clock = clock
-        self.intents: dict[str, Version] = {}
 
     # --- what the scanner saw ----------------------------------------------
 
@@ -157,20 +174,54 @@ class Replica:
         seen = None if observed is None else observed.content
         if seen == _content(st.disk):
             return fx
-        intent = self.intents.pop(path, None)
         if st.target is not None and st.target.content == seen:
             self._put(path, PathState(st.target, None), fx)
-        elif intent is not None and intent.content == seen:
-            self._put(path, PathState(intent, None), fx)
-            goal = st.target or st.disk
-            if goal is not None:  # a late push may have landed on newer content
-                self._learn(path, goal, fx)
+        elif st.target is not None and st.target.holds(seen):
+            # Stale content of a write we know (a loser, say), while the winner is on
+            # its way: it is that write, never a new one (issue 11, mechanism 3).
+            head = next(h for h in st.target.heads if h.content == seen)
+            self._put(path, PathState(Version((head,)), st.target), fx)
+            self._aim(path, st.target, fx)
         else:
-            before = _content(st.disk) if intent is None else intent.content
-            edit = Version((self._edit(path, st, observed, wall_ms, fx, before=before),))
+            edit = Version((self._edit(path, st, observed, wall_ms, fx, before=_content(st.disk)),))
             self._put(path, PathState(edit, st.target), fx)
             if st.target is not None:
                 self._learn(path, edit, fx)
+        return fx
+
+    def unrecorded(self, path: str, observed: Observed, wall_ms: int) -> list[Effect]:
+        """A push displaced ``observed`` from ``path`` before any scan of ours saw it, and
+        no version we hold has it: a write of ours made on top of our disk version (the
+        landing held the path, so that is still the one it was written on). It is in
+        the keep area now; it becomes a write like any other and is resolved against
+        the push's version (DESIGN.md, "the race to design for")."""
+        fx: list[Effect] = []
+        st = self.store.state(path)
+        if any(_holds(v, observed.content) for v in (st.disk, st.target)):
+            return fx
+        edit = self._edit(path, st, observed, wall_ms, fx, before=_content(st.disk))
+        self._learn(path, Version((edit,)), fx)
+        return fx
+
+    def landed(self, path: str, version: Version) -> list[Effect]:
+        """The path holds ``version``'s content: a push's bytes (``mesh.core.landing``).
+        Whatever else we know of the path is folded in again: a push that went stale
+        on its way may have landed older content than we hold, which is put back."""
+        fx: list[Effect] = []
+        self._learn(path, version, fx)  # known since the push began, unless forgotten
+        st = self.store.state(path)
+        goal = st.target or st.disk
+        assert goal is not None
+        self._put(path, PathState(version, st.target), fx)
+        self._aim(path, goal, fx)
+        return fx
+
+    def reaim(self, path: str) -> list[Effect]:
+        """Ask again for what ``path`` converges to (a restore held up by a landing)."""
+        fx: list[Effect] = []
+        st = self.store.state(path)
+        if st.target is not None:
+            self._aim(path, st.target, fx)
         return fx
 
     # --- what peers said -----------------------------------------------------
@@ -190,56 +241,14 @@ class Replica:
             if self.store.log_conflict(c):
                 fx.append(Logged(c))
             self._learn(c.path, Version.of(c.winner, c.loser), fx)
-        for path, version in group(entries).items():
+        grouped = group(entries)
+        for path in deepest_first(grouped):
+            version = grouped[path]
             self.clock = hlc_observe(self.clock, version.winner.hlc, wall_ms)
             seen = self.store.peer_vector(peer, path)
             if seen is None or version.vector.compare(seen) is not Ordering.BEFORE:
                 self.store.set_peer_vector(peer, path, version.vector)
             self._learn(path, version, fx)
-        return fx
-
-    def expect_push(
-        self,
-        peer: str,
-        entries: Sequence[Entry],
-        conflicts: Sequence[tuple[Entry, Entry]] = (),
-        wall_ms: int = 0,
-    ) -> list[Effect]:
-        """A peer is about to push these versions' bytes to us."""
-        fx = self.remote(peer, entries, conflicts, wall_ms)
-        self.intents.update(group(entries))
-        return fx
-
-    def clear_intents(self, paths: Iterable[str]) -> None:
-        """The push ended and its events were applied."""
-        for path in paths:
-            self.intents.pop(path, None)
-
-    def displaced(self, path: str, observed: Observed | None, wall_ms: int, *,
-                  known: Version | None = None) -> list[Effect]:
-        """``observed`` was at ``path`` until a push or a restore replaced it;
-        it is in the keep area now. ``known``: the version on disk when that push
-        began; another push that ended since may have moved ``disk`` past it (two
-        pushes landing on one path), and what the first displaced is still no edit."""
-        fx: list[Effect] = []
-        st = self.store.state(path)
-        seen = None if observed is None else observed.content
-        intent = self.intents.get(path)
-        if seen == _content(st.disk) or any(
-            _holds(v, seen) for v in (st.disk, st.target, intent, known)
-        ):
-            # A push that went stale can land on newer content we hold: put
-            # that back now rather than leave older bytes for a user to edit.
-            goal = st.target or st.disk
-            if (
-                goal is not None and intent is not None and goal.content != intent.content
-                and (goal.content is None or self.store.kept(goal.content))
-            ):
-                fx.append(Restore(goal))
-            return fx
-        # An edit we had not recorded yet: it becomes a write like any other.
-        edit = self._edit(path, st, observed, wall_ms, fx, before=_content(st.disk))
-        self._learn(path, Version((edit,)), fx)
         return fx
 
     # --- the gate --------------------------------------------------------------
@@ -281,6 +290,11 @@ class Replica:
         self.store.set_state(path, st)
         if st.disk is not None and st.disk != before.disk:
             fx.append(Announce(st.disk))
+        folder = parent(path)
+        if folder is not None:
+            up = self.store.state(folder)
+            if up.target is not None and up.target.content is None:
+                self._aim(folder, up.target, fx)  # a folder delete waits on what it holds
 
     def _learn(self, path: str, incoming: Version, fx: list[Effect]) -> None:
         """Fold writes we learned of into what this path converges to."""
@@ -297,6 +311,13 @@ class Replica:
 
     def _aim(self, path: str, version: Version, fx: list[Effect]) -> None:
         st = self.store.state(path)
+        if version.content is None and version.winner.kind is Kind.DIR and _content(st.disk):
+            under = self._under(path)
+            if under is _Under.STAYING:
+                version = self._recreate(path, st, version)
+            elif under is _Under.GOING:
+                self.store.set_state(path, PathState(st.disk, version))
+                return  # applied once the deletes of what it holds are (``_put``)
         if _content(st.disk) == version.content:
             self._put(path, PathState(version, None), fx)
             return
@@ -305,6 +326,27 @@ class Replica:
             fx.append(Restore(version))
         else:
             fx.append(Want(version))
+
+    def _under(self, folder: str) -> _Under:
+        """What becomes of the entries known inside ``folder``."""
+        going = False
+        for path in self.store.paths_under(folder):
+            st = self.store.state(path)
+            goal = st.target or st.disk
+            if goal is not None and goal.content is not None:
+                return _Under.STAYING
+            going = going or _content(st.disk) is not None
+        return _Under.GOING if going else _Under.EMPTY
+
+    def _recreate(self, path: str, st: PathState, delete: Version) -> Version:
+        """The folder again, as a write of ours on top of its delete: something inside
+        it stays (DESIGN.md, "Folders"). Every node holding what stays writes the same
+        content, so their writes merge without a conflict."""
+        mode = st.disk.winner.mode if st.disk is not None else delete.winner.mode
+        base = delete.vector if st.disk is None else delete.vector.merge(st.disk.vector)
+        vector = VersionVector.of({**base.to_dict(), self.node: base.get(self.node) + 1})
+        self.clock = hlc_tick(self.clock, hlc_wall_ms(self.clock))
+        return Version((Entry(path, vector, b"", 0, 0, mode, Kind.DIR, self.clock, self.node),))
 
     def _keep_unseen_own_writes(
         self, st: PathState, before: ContentKey | None, fx: list[Effect]

@@ -23,6 +23,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from mesh import dataplane as dataplane_module
 from mesh.adapters import scanner as scanner_module
 from mesh.adapters.scanner import PREHASH_BYTES, Scanner, hash_fd
 from mesh.core import manifest
@@ -389,18 +390,24 @@ async def two_edits_of_v0(tmp_path: Path) -> tuple[Receiver, Entry, Entry]:
     return r, e1, e2
 
 
-async def test_two_pushes_landing_on_one_path_at_once(tmp_path: Path) -> None:
+async def test_a_second_push_on_a_path_waits_until_the_first_ended(tmp_path: Path) -> None:
+    """One push per path at a time (mesh.core.landing): the second push's begin returns
+    only once the first ended, so what each displaced is what was there just before its
+    own bytes (two overlapping pushes once made v0 look like a new write of ours)."""
     r, e1, e2 = await two_edits_of_v0(tmp_path)
     stale = await r.begin("n1-1-1", e1)  # n1 had not heard of e2 yet
-    winner = await r.begin("n2-1-1", e2)
-    r.land("n2-1-1", "p", b"n2's later edit\n")
-    r.land("n1-1-1", "p", b"n1's edit\n")  # the last rename wins
-    await r.plane.scan(["p"])
-    await r.sink.end(winner, 0)
+    winner = asyncio.create_task(r.begin("n2-1-1", e2))
+    await asyncio.sleep(0)  # let it start waiting (nothing is waited *for* here)
+    assert not winner.done()
+    r.land("n1-1-1", "p", b"n1's edit\n")
+    await r.plane.scan(["p"])  # the watcher: the path is held, nothing is recorded
     await r.sink.end(stale, 0)
+    ticket = await asyncio.wait_for(winner, 10)
+    r.land("n2-1-1", "p", b"n2's later edit\n")
+    await r.sink.end(ticket, 0)
     assert r.writes_of_mine("p") == []
     assert r.index.state("p") == PathState(Version.of(e1, e2), None)
-    assert (r.root / "p").read_bytes() == b"n2's later edit\n"  # put back from the keep
+    assert (r.root / "p").read_bytes() == b"n2's later edit\n"
 
 
 async def test_a_large_pushed_file_is_hashed_once(tmp_path: Path,
@@ -443,29 +450,18 @@ async def test_a_large_pushed_file_is_hashed_once(tmp_path: Path,
     assert r.writes_of_mine("big") == []
 
 
-async def test_what_a_push_displaced_is_no_edit_once_another_push_ended_first(
-        tmp_path: Path) -> None:
-    """Two pushes on one path: the first renames its bytes over v0, the second over the
-    first's. The second ends first and takes the first's version in; the first then
-    files v0, which it displaced when v0 was our disk version: no edit of ours (seen
-    as a second conflict, v0 written back as a new write that beat both)."""
-    r, e1, e2 = await two_edits_of_v0(tmp_path)
-    first = await r.begin("n1-1-1", e1)
-    second = await r.begin("n2-1-1", e2)
-    r.land("n1-1-1", "p", b"n1's edit\n")  # v0 into n1-1-1's dir
-    r.land("n2-1-1", "p", b"n2's later edit\n")  # n1's edit into n2-1-1's dir
-    await r.sink.end(second, 0)
-    await r.sink.end(first, 0)
-    assert r.writes_of_mine("p") == []
-    assert r.index.state("p") == PathState(Version.of(e1, e2), None)
-    assert (r.root / "p").read_bytes() == b"n2's later edit\n"
-
-
-async def test_a_stalled_push_holds_nothing_up(tmp_path: Path) -> None:
+async def test_a_push_waiting_on_a_stalled_one_is_refused_in_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push that stalls holds its paths (nothing may guess what it displaced); a push
+    on them waits, and is refused after BUSY_WAIT_S (its sender retries later)."""
+    monkeypatch.setattr(dataplane_module, "BUSY_WAIT_S", 0.2)
     r = Receiver(tmp_path / "data")
     await r.write("p", b"v0 by n3\n")
     e1 = write("p", b"n1's edit\n", "n1", {"n1": 1, "n3": 1}, NOW_MS)
-    await r.begin("n2-1-1", e1)  # forwarded by n2, whose sender went silent: no end yet
+    stalled = await r.begin("n2-1-1", e1)  # forwarded by n2, whose sender went silent
+    with pytest.raises(MeshError, match="still held"):
+        await r.begin("n1-1-1", e1)
+    await r.sink.end(stalled, 12)  # rsync's daemon gives up (its timeout)
     ticket = await r.begin("n1-1-1", e1)
     r.land("n1-1-1", "p", b"n1's edit\n")
     await r.sink.end(ticket, 0)
@@ -475,16 +471,17 @@ async def test_a_stalled_push_holds_nothing_up(tmp_path: Path) -> None:
 async def test_displaced_content_that_cannot_be_kept_stays_where_rsync_put_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     r = Receiver(tmp_path / "data")
-    backup = r.keep.push_dir("n2-1-1")
-    backup.mkdir()
-    (backup / "a.txt").write_bytes(b"the only copy")
+    await r.write("a.txt", b"the only copy")
+    e1 = write("a.txt", b"n2's edit\n", "n2", {"n2": 1}, NOW_MS)
+    ticket = await r.begin("n2-1-1", e1)
+    r.land("n2-1-1", "a.txt", b"n2's edit\n")
 
     def fails(path: Path, content: object) -> None:
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(r.keep, "file_away", fails)
-    await r.plane.push_ended("n2-1-1", ["a.txt"])
-    assert (backup / "a.txt").read_bytes() == b"the only copy"
+    await r.sink.end(ticket, 0)
+    assert (r.keep.push_dir("n2-1-1") / "a.txt").read_bytes() == b"the only copy"
 
 
 @pytest.mark.parametrize("change", ["delete", "overwrite"])
@@ -514,9 +511,10 @@ async def test_a_change_right_after_a_push_landed_sees_the_pushed_version(
 
 async def test_a_delete_pushed_over_an_unscanned_push_does_not_bring_the_file_back(
         tmp_path: Path) -> None:
-    """Two pushes overlap on a path: the first lands a file, the second (its delete)
-    removes it before any scan took the file in. The displaced file is the first push's
-    version, not an edit of ours: no new write, the delete stands."""
+    """Two pushes on a path: the first lands a file, the second (its delete) removes it
+    before any watcher scan took the file in. The second waits for the first's end, so
+    the displaced file is the first push's version, known: no new write, the delete
+    stands."""
     r = Receiver(tmp_path / "data")
     data = b"n1's file\n"
     e1 = write("p", data, "n1", {"n1": 1}, NOW_MS)
@@ -527,10 +525,11 @@ async def test_a_delete_pushed_over_an_unscanned_push_does_not_bring_the_file_ba
     temp.write_bytes(data)
     temp.chmod(0o644)
     temp.rename(r.root / "p")
-    second = await r.begin("n1-1-2", gone)
-    (r.root / "p").rename(r.keep.push_dir("n1-1-2") / "p")  # rsync --delete, with a backup
+    second = asyncio.create_task(r.begin("n1-1-2", gone))
     await r.sink.end(first, 0)
-    await r.sink.end(second, 0)
+    ticket = await asyncio.wait_for(second, 10)
+    (r.root / "p").rename(r.keep.push_dir("n1-1-2") / "p")  # rsync --delete, with a backup
+    await r.sink.end(ticket, 0)
     assert r.writes_of_mine("p") == []
     assert not (r.root / "p").exists()
     disk = r.index.state("p").disk
