@@ -7,14 +7,15 @@ renames, deletes, mkdir and rmdir (of a folder with every file in it its node
 knows), 2-8 MiB files; 1 tick in 17 is a storm (one path written or deleted
 on 2-3 nodes frozen together, so none sees another's write: about 10 % of the
 ops); 1 in 33 a race (one node removes a folder - empty there, or with the
-files it holds — while another creates a file in it, nothing frozen).
+files it holds - while another creates a file in it, nothing frozen).
 
 The faults, one after another from 10 % of the run to its last seconds, each
 kind at least once (shorter in short runs): ``kill`` (SIGKILL of the node's
 agent with its lsyncd and rsync children, restart 2-8 s later), ``kill-send``
 and ``kill-recv`` (a 3-8 MiB file written, then the sender, or the receiver,
-killed once a push of it is under way on the link), ``freeze`` (SIGSTOP of
-the node's processes for 2-6 s) and ``partition`` (the node cut off for
+killed once a push of it is under way: as soon as the link carried 1 MiB more,
+within the fault's 2.5-10 s, whose end is the restart), ``freeze`` (SIGSTOP
+of the node's processes for 2-6 s) and ``partition`` (the node cut off for
 5-20 s). Faults happen to the agents only: each node's probe goes on writing,
 so what a killed, frozen or cut-off node's user does is an offline edit.
 
@@ -41,7 +42,7 @@ TOP = "faults"
 BIG = (2 * MIB, 8 * MIB)
 TRANSFER_BIG = (3 * MIB, 8 * MIB)  # the file whose push a kill cuts short
 # (kind, shortest, longest) seconds of each fault; restarts come at the end
-FAULTS = (("kill", 2.0, 8.0), ("kill-send", 2.5, 8.0), ("kill-recv", 2.5, 8.0),
+FAULTS = (("kill", 2.0, 8.0), ("kill-send", 2.5, 10.0), ("kill-recv", 2.5, 10.0),
           ("freeze", 2.0, 6.0), ("partition", 5.0, 20.0))
 GAP = (2.0, 5.0)  # seconds between two faults (in a 90 s run)
 # after a fault, how long (beyond COOLDOWN_S) the others leave what the two sides
@@ -298,7 +299,7 @@ class FaultPlanner(Planner):
             sender, receiver = (x, ep.other) if ep.kind == "kill-send" else (ep.other, x)
             op = self.create_at(t, sender, self.big(TRANSFER_BIG))
             self.add(Fault(round(t + 0.001, 4), "kill", (x,), during=(sender, receiver),
-                           wait_s=round(max(0.5, ep.end - ep.start - 1.0), 3), path=op.path))
+                           wait_s=round(max(0.5, ep.end - ep.start - 0.5), 3), path=op.path))
         elif ep.kind == "freeze":
             self.add(Fault(t, "freeze", (x,)))
         else:
