@@ -1,0 +1,403 @@
+"""What this node pushes to which peer, and when (issue 11), with no I/O and no clock.
+
+The caller reports what happened — our disk holds a new version of a path, a
+resync found a peer behind, lsyncd's gate asks about some paths, a push
+started or ended, a peer announced what it holds — and asks what to push now:
+``tick`` returns the pushes to start, each a batch of at most
+``PATHS_PER_PUSH`` paths, and when to tick again. Every method that depends
+on time takes ``now`` (seconds, monotonic). What it needs of the replica comes
+through ``PushView``: the gate (``Replica.may_push``) and the disk version.
+
+Policy (moved from mesh/pushes.py unchanged; issue 12 will revisit it):
+
+* a healthy mesh moves each version once per peer: our own writes go at once
+  (``OWN_GRACE``), and lsyncd's gate may carry them too; a version written
+  elsewhere is *forwarded* only when the peer is still behind after
+  ``FORWARD_GRACE`` (its writer is down or cut off), so a partition heals;
+* a path is in at most one push to a peer at a time, and a delivered version
+  is not pushed again while the peer's announcement of it is awaited; if none
+  came within ``CONFIRM_S``, the path is queued again;
+* one push of our own per peer at a time; after a failed one, none to that peer
+  before the backoff (``RETRY_S``, doubling from the push's start) is over.
+  Its paths stay queued.
+
+The states and transitions are in mesh/core/pushstate.py, in one table; every
+move of a path or a peer goes through it.
+
+Driving it (an agent does this in mesh/pushes.py; a simulated node the same):
+
+    plan = PushPlanner("n1", ReplicaView(replica))
+    plan.add_peer("n2")
+    plan.changed("a.txt", now)                   # for every Announce effect
+    tick = plan.tick(now, up=["n2"])             # peers whose link is up and current
+    for push in tick.pushes:                     # (key, peer, paths, versions, ...)
+        ...                                      # carry push.versions to push.peer
+        plan.end(push, later, 0)                 # rsync's exit status
+    plan.announced("n2", "a.txt", vector)        # n2's manifest: it holds ``vector``
+    plan.behind("n2", every_path, now)           # after a resync with n2
+    # Tick again at tick.wake (None: nothing timed is pending), or after any input.
+
+    # lsyncd's gate asks about `paths` for peer "n2":
+    asked = plan.unclaimed("n2", paths, now, current=True)   # then scan these
+    allowed = plan.grantable("n2", asked, now, asked=len(paths))
+    if allowed:
+        push = plan.start("n2", allowed, now, own=False)
+        ...                                      # lsyncd's rsync runs
+        plan.end(push, later, None)              # its status is not known
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mesh.core.pushstate import (
+    PEER_TRANSITIONS,
+    TRANSITIONS,
+    Event,
+    PeerEvent,
+    PeerStage,
+    Stage,
+)
+from mesh.core.replica import Replica
+from mesh.core.resolver import Version
+from mesh.core.vclock import Ordering, VersionVector
+from mesh.errors import LocalProtocolError
+
+OWN_GRACE = 0.0  # our own writes go at once; lsyncd's gate is the second path
+FORWARD_GRACE = 5.0
+CONFIRM_S = 30.0  # after a push, how long to wait for the peer's announcement before again
+PATHS_PER_PUSH = 2000  # keeps the announcement under the manifest's size limits
+RETRY_S = (1.0, 30.0)  # backoff after a failed push: first, most
+
+
+class PushView(Protocol):
+    """What the planner asks of the replica."""
+
+    def may_push(self, peer: str, path: str) -> bool:
+        """The gate: whether our disk version of ``path`` may overwrite ``peer``'s."""
+        ...
+
+    def disk(self, path: str) -> Version | None:
+        """The version whose content our data folder holds."""
+        ...
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """A ``PushView`` of a ``Replica`` and its store."""
+
+    replica: Replica
+
+    def may_push(self, peer: str, path: str) -> bool:
+        return self.replica.may_push(peer, path)
+
+    def disk(self, path: str) -> Version | None:
+        return self.replica.store.state(path).disk
+
+
+@dataclass(frozen=True)
+class Push:
+    """A push under way: these versions (path, version) to ``peer``."""
+
+    key: int
+    peer: str
+    versions: tuple[tuple[str, Version], ...]
+    started: float
+    own: bool  # our pusher's (retried with backoff), else lsyncd's through the gate
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.versions]
+
+
+@dataclass(frozen=True)
+class Tick:
+    pushes: tuple[Push, ...]  # started now: carry each out, then ``end`` it
+    wake: float | None  # tick again by then at the latest (None: on the next input)
+
+
+@dataclass
+class Counters:
+    allowed: int = 0  # paths lsyncd's gate let through
+    denied: int = 0
+    sent: int = 0  # pushes of our own that ended with exit 0
+    sent_paths: int = 0
+    send_failures: int = 0
+
+
+@dataclass
+class _Peer:
+    name: str
+    queued: dict[str, float] = field(default_factory=dict)  # path -> since; oldest first
+    sending: dict[str, int] = field(default_factory=dict)  # path -> the push's key
+    awaiting: dict[str, tuple[Version, float]] = field(default_factory=dict)  # -> until
+    stage: PeerStage = PeerStage.READY
+    failures: int = 0
+    retry_at: float = 0.0
+
+    def at(self, path: str) -> Stage:
+        try:
+            return Stage((path in self.queued, path in self.sending, path in self.awaiting))
+        except ValueError:
+            raise LocalProtocolError(f"{path} to {self.name}: sending and awaiting") from None
+
+    def move(self, event: PeerEvent) -> None:
+        to = PEER_TRANSITIONS.get((self.stage, event))
+        if to is None:
+            raise LocalProtocolError(f"push to {self.name}: {event.value} while {self.stage.value}")
+        self.stage = to
+
+
+class PushPlanner:
+    def __init__(self, me: str, view: PushView) -> None:
+        self.me = me
+        self.view = view
+        self.counters = Counters()
+        self._peers: dict[str, _Peer] = {}
+        self._open: dict[int, Push] = {}
+        self._keys = itertools.count(1)
+
+    # --- the one place a path changes stage ---------------------------------------
+
+    def _fire(self, q: _Peer, path: str, event: Event, now: float, *, key: int = 0,
+              pushed: Version | None = None) -> Stage:
+        before = q.at(path)
+        after = TRANSITIONS.get((before, event))
+        if after is None:
+            raise LocalProtocolError(f"{path} to {q.name}: {event.value} while {before.name}")
+        queued, sending, awaiting = after.value
+        if queued:
+            q.queued.setdefault(path, now)
+        else:
+            q.queued.pop(path, None)
+        if sending and not before.value[1]:
+            q.sending[path] = key
+        elif not sending:
+            q.sending.pop(path, None)
+        if awaiting and pushed is not None:
+            q.awaiting[path] = (pushed, now + CONFIRM_S)
+        elif not awaiting:
+            q.awaiting.pop(path, None)
+        return after
+
+    # --- inputs -------------------------------------------------------------------
+
+    def add_peer(self, peer: str) -> None:
+        self._queue(peer)
+
+    def peers(self) -> list[str]:
+        return list(self._peers)
+
+    def changed(self, path: str, now: float) -> None:
+        """Our disk holds a new version of ``path``: every peer may need it."""
+        for q in self._peers.values():
+            self._fire(q, path, Event.CHANGED, now)
+
+    def behind(self, peer: str, paths: Iterable[str], now: float) -> int:
+        """After a resync with ``peer``: queue those of ``paths`` it is behind on.
+        Returns how many paths are queued for it now."""
+        q = self._queue(peer)
+        for path in paths:
+            if self.view.may_push(peer, path):
+                self._fire(q, path, Event.CHANGED, now)
+        return len(q.queued)
+
+    def announced(self, peer: str, path: str, vector: VersionVector) -> None:
+        """``peer`` announced that it holds ``vector`` of ``path``."""
+        q = self._peers.get(peer)
+        pushed = None if q is None else q.awaiting.get(path)
+        if q is not None and pushed is not None and vector.compare(pushed[0].vector) in (
+                Ordering.EQUAL, Ordering.AFTER):
+            self._fire(q, path, Event.CONFIRMED, 0.0)  # queues nothing anew: no time needed
+
+    def unclaimed(self, peer: str, paths: Iterable[str], now: float, *,
+                  current: bool = True) -> list[str]:
+        """lsyncd's gate asks about ``paths``: those our pusher is not carrying (or has
+        carried, awaiting the peer's announcement). Scan them, then ``grantable``. Nothing
+        goes to a peer we are not current with: a push would race its partition writes."""
+        if not current:
+            return []
+        q = self._queue(peer)
+        return [p for p in paths if p and not self._claimed(q, p, now)]
+
+    def grantable(self, peer: str, paths: Iterable[str], now: float, *, asked: int,
+                  ) -> list[str]:
+        """After the scan: which of ``paths`` lsyncd may push now (our own writes only;
+        at most ``PATHS_PER_PUSH``). ``asked``: how many paths it asked about."""
+        q = self._queue(peer)
+        allowed = [p for p in paths if self._own(peer, p) and not self._claimed(q, p, now)]
+        self.counters.allowed += len(allowed)
+        self.counters.denied += asked - len(allowed)
+        return allowed[:PATHS_PER_PUSH]
+
+    def start(self, peer: str, paths: Iterable[str], now: float, *, own: bool) -> Push:
+        """A push of ``paths`` to ``peer`` starts, at their disk versions now."""
+        q = self._queue(peer)
+        paths = list(paths)
+        if not paths:
+            raise LocalProtocolError(f"an empty push to {peer}")
+        versions: list[tuple[str, Version]] = []
+        for path in paths:
+            version = self.view.disk(path)
+            if version is None:
+                raise LocalProtocolError(f"push of {path} to {peer}: no version on disk")
+            if (q.at(path), Event.TAKEN) not in TRANSITIONS:
+                raise LocalProtocolError(f"push of {path} to {peer} while {q.at(path).name}")
+            versions.append((path, version))
+        if len(set(paths)) != len(paths):
+            raise LocalProtocolError(f"push to {peer} lists a path twice")
+        if own:
+            q.move(PeerEvent.SENT)
+        push = Push(next(self._keys), peer, tuple(versions), now, own)
+        for path in paths:
+            self._fire(q, path, Event.TAKEN, now, key=push.key)
+        self._open[push.key] = push
+        return push
+
+    def end(self, push: Push, now: float, status: int | None) -> None:
+        """``push`` ended with rsync's exit ``status``; None: not known (lsyncd's gate
+        sees only its connection close), taken as delivered: the peer's announcement,
+        or the recheck after ``CONFIRM_S``, tells."""
+        q = self._close(push)
+        ok = status is None or status == 0
+        for path, version in push.versions:
+            event = (Event.FAILED if not ok else
+                     Event.DELIVERED if self.view.disk(path) == version else Event.OVERTAKEN)
+            self._fire(q, path, event, now, pushed=version)
+        if not push.own:
+            return
+        if ok:
+            q.move(PeerEvent.SUCCEEDED)
+            q.failures = 0
+            self.counters.sent += 1
+            self.counters.sent_paths += len(push.versions)
+        else:
+            q.move(PeerEvent.FAILED)
+            q.failures += 1
+            self.counters.send_failures += 1
+            q.retry_at = push.started + min(RETRY_S[1], RETRY_S[0] * 2 ** (q.failures - 1))
+
+    def abandon(self, push: Push) -> None:
+        """``push`` was cut short by us (the agent stops): release its paths."""
+        q = self._close(push)
+        for path, _ in push.versions:
+            self._fire(q, path, Event.RELEASED, push.started)
+        if push.own:
+            q.move(PeerEvent.ABANDONED)
+
+    # --- outputs ------------------------------------------------------------------
+
+    def tick(self, now: float, up: Iterable[str]) -> Tick:
+        """Start what is due for the peers in ``up`` (link up, our view of them current):
+        for each, one batch of our own unless one is running or it is backing off."""
+        pushes: list[Push] = []
+        wake: float | None = None
+        for peer in up:
+            q = self._peers.get(peer)
+            if q is None or q.stage is PeerStage.PUSHING:
+                continue  # its push's end ticks again
+            wake = _earliest(wake, self._recheck(q, now))
+            if not q.queued:
+                continue
+            if q.stage is PeerStage.BACKING_OFF:
+                if now < q.retry_at:
+                    wake = _earliest(wake, q.retry_at)
+                    continue
+                q.move(PeerEvent.RETRY_DUE)
+            ready, due = self._ready(q, now)
+            wake = _earliest(wake, due)
+            if ready:
+                pushes.append(self.start(peer, ready, now, own=True))
+        return Tick(tuple(pushes), wake)
+
+    def pending(self, peer: str) -> int:
+        """Paths queued for ``peer`` or on their way to it."""
+        q = self._peers.get(peer)
+        return 0 if q is None else len(q.queued.keys() | q.sending.keys())
+
+    def stage(self, peer: str, path: str) -> Stage:
+        q = self._peers.get(peer)
+        return Stage.IDLE if q is None else q.at(path)
+
+    def due_since(self, peer: str, path: str) -> float | None:
+        """When ``path`` became due for ``peer``, while it is queued."""
+        q = self._peers.get(peer)
+        return None if q is None else q.queued.get(path)
+
+    def peer_stage(self, peer: str) -> PeerStage:
+        q = self._peers.get(peer)
+        return PeerStage.READY if q is None else q.stage
+
+    # --- internals ----------------------------------------------------------------
+
+    def _queue(self, peer: str) -> _Peer:
+        q = self._peers.get(peer)
+        if q is None:
+            q = self._peers[peer] = _Peer(peer)
+        return q
+
+    def _close(self, push: Push) -> _Peer:
+        if self._open.pop(push.key, None) is None:
+            raise LocalProtocolError(f"push {push.key} to {push.peer} ended twice")
+        return self._peers[push.peer]
+
+    def _own(self, peer: str, path: str) -> bool:
+        """Whether ``path`` may go to ``peer`` and this node wrote the version."""
+        if not self.view.may_push(peer, path):
+            return False
+        disk = self.view.disk(path)
+        return disk is not None and disk.winner.writer == self.me
+
+    def _claimed(self, q: _Peer, path: str, now: float) -> bool:
+        """Whether ``path`` is on its way to the peer already: a push carries it now, or
+        one delivered our current version and the peer has not announced it back yet."""
+        if path in q.sending:
+            return True
+        pushed = q.awaiting.get(path)
+        if pushed is None:
+            return False
+        if now < pushed[1] and pushed[0] == self.view.disk(path):
+            return True
+        self._fire(q, path, Event.UNCONFIRMED, now)
+        return False
+
+    def _recheck(self, q: _Peer, now: float) -> float | None:
+        """Pushed paths the peer never announced back go round again; returns the
+        next time one will."""
+        wake = None
+        for path, (_, until) in list(q.awaiting.items()):
+            if now >= until:
+                self._fire(q, path, Event.UNCONFIRMED, now)
+            else:
+                wake = _earliest(wake, until)
+        return wake
+
+    def _ready(self, q: _Peer, now: float) -> tuple[list[str], float | None]:
+        """Queued paths due now, oldest first, at most ``PATHS_PER_PUSH``; and when the
+        next of the others falls due."""
+        ready: list[str] = []
+        wake: float | None = None
+        for path, since in list(q.queued.items()):
+            if path in q.sending:
+                continue  # lsyncd's gate carries it; confirmed or retried afterwards
+            if not self.view.may_push(q.name, path):
+                self._fire(q, path, Event.DROPPED, now)  # the peer has it (or newer)
+                continue
+            if self._claimed(q, path, now):
+                self._fire(q, path, Event.CONFIRMING, now)  # rechecked after CONFIRM_S
+                continue
+            grace = OWN_GRACE if self._own(q.name, path) else FORWARD_GRACE
+            if now >= since + grace:
+                ready.append(path)
+            else:
+                wake = _earliest(wake, since + grace)
+            if len(ready) >= PATHS_PER_PUSH:
+                return ready, now
+        return ready, wake
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)

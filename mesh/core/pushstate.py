@@ -1,0 +1,102 @@
+"""Where each path stands with each peer, and how it moves (issue 11): one table.
+
+mesh/core/pushplan.py plans pushes; every change of a path's stage with a peer
+goes through ``TRANSITIONS`` (a pair not listed there is a misuse of the
+planner: ``LocalProtocolError``), every change of a peer's through
+``PEER_TRANSITIONS``, as h11's ``_state.py`` does for HTTP.
+
+Each (peer, path) is in one ``Stage``: queued (due to go, with the time it
+became due), sending (a push carries it now), awaiting (a push delivered a
+version and the peer has not announced it back), or queued and one of the
+others. Events:
+
+CHANGED      our disk holds a new version; or a resync found the peer behind
+TAKEN        a push starts carrying it (not while sending or awaiting)
+DELIVERED    the push ended (exit 0, or lsyncd's: status unknown), disk unchanged
+OVERTAKEN    the push ended as delivered, but our disk moved on meanwhile
+FAILED       the push ended with a non-zero status: queued again
+RELEASED     the push was abandoned (the agent stops): queued again
+DROPPED      picked from the queue, but the gate says no: the peer holds it or newer
+CONFIRMING   picked from the queue, but the version it holds is awaited
+UNCONFIRMED  the wait for the announcement ran out, or our disk moved past it
+CONFIRMED    the peer announced the awaited version or a newer one
+
+Per peer: READY -(a batch of ours starts)-> PUSHING -(exit 0)-> READY, or
+-(failure)-> BACKING_OFF -(retry time passed)-> READY; abandoned: READY.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Stage(enum.Enum):
+    """Where one path stands with one peer: (queued, sending, awaiting)."""
+
+    IDLE = (False, False, False)
+    QUEUED = (True, False, False)
+    SENDING = (False, True, False)
+    QUEUED_SENDING = (True, True, False)
+    AWAITING = (False, False, True)
+    QUEUED_AWAITING = (True, False, True)
+
+
+class Event(enum.Enum):
+    CHANGED = "changed"
+    TAKEN = "taken"
+    DELIVERED = "delivered"
+    OVERTAKEN = "overtaken"
+    FAILED = "failed"
+    RELEASED = "released"
+    DROPPED = "dropped"
+    CONFIRMING = "confirming"
+    UNCONFIRMED = "unconfirmed"
+    CONFIRMED = "confirmed"
+
+
+class PeerStage(enum.Enum):
+    READY = "ready"
+    PUSHING = "pushing"  # one push of ours to the peer is running
+    BACKING_OFF = "backing off"
+
+
+class PeerEvent(enum.Enum):
+    SENT = "sent"  # a batch of ours starts
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+    RETRY_DUE = "retry due"  # a tick after the backoff, with paths queued
+
+
+TRANSITIONS: dict[tuple[Stage, Event], Stage] = {
+    (Stage.IDLE, Event.CHANGED): Stage.QUEUED,
+    (Stage.IDLE, Event.TAKEN): Stage.SENDING,  # lsyncd's gate, for a path not queued
+    (Stage.QUEUED, Event.CHANGED): Stage.QUEUED,  # it keeps the time it first became due
+    (Stage.QUEUED, Event.TAKEN): Stage.QUEUED_SENDING,  # it leaves the queue once delivered
+    (Stage.QUEUED, Event.DROPPED): Stage.IDLE,
+    (Stage.SENDING, Event.CHANGED): Stage.QUEUED_SENDING,
+    (Stage.SENDING, Event.DELIVERED): Stage.AWAITING,
+    (Stage.SENDING, Event.OVERTAKEN): Stage.AWAITING,
+    (Stage.SENDING, Event.FAILED): Stage.QUEUED,
+    (Stage.SENDING, Event.RELEASED): Stage.QUEUED,
+    (Stage.QUEUED_SENDING, Event.CHANGED): Stage.QUEUED_SENDING,
+    (Stage.QUEUED_SENDING, Event.DELIVERED): Stage.AWAITING,
+    (Stage.QUEUED_SENDING, Event.OVERTAKEN): Stage.QUEUED_AWAITING,  # the newer one still goes
+    (Stage.QUEUED_SENDING, Event.FAILED): Stage.QUEUED,
+    (Stage.QUEUED_SENDING, Event.RELEASED): Stage.QUEUED,
+    (Stage.AWAITING, Event.CHANGED): Stage.QUEUED_AWAITING,
+    (Stage.AWAITING, Event.UNCONFIRMED): Stage.QUEUED,
+    (Stage.AWAITING, Event.CONFIRMED): Stage.IDLE,
+    (Stage.QUEUED_AWAITING, Event.CHANGED): Stage.QUEUED_AWAITING,
+    (Stage.QUEUED_AWAITING, Event.DROPPED): Stage.IDLE,
+    (Stage.QUEUED_AWAITING, Event.CONFIRMING): Stage.AWAITING,
+    (Stage.QUEUED_AWAITING, Event.UNCONFIRMED): Stage.QUEUED,
+    (Stage.QUEUED_AWAITING, Event.CONFIRMED): Stage.QUEUED,
+}
+PEER_TRANSITIONS: dict[tuple[PeerStage, PeerEvent], PeerStage] = {
+    (PeerStage.READY, PeerEvent.SENT): PeerStage.PUSHING,
+    (PeerStage.PUSHING, PeerEvent.SUCCEEDED): PeerStage.READY,
+    (PeerStage.PUSHING, PeerEvent.FAILED): PeerStage.BACKING_OFF,
+    (PeerStage.PUSHING, PeerEvent.ABANDONED): PeerStage.READY,
+    (PeerStage.BACKING_OFF, PeerEvent.RETRY_DUE): PeerStage.READY,
+}

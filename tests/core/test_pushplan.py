@@ -1,0 +1,376 @@
+"""The push planner: every transition of its table, and its policy, with time passed in.
+
+The laws over random runs are in test_pushplan_laws.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from mesh.core.manifest import Entry, Kind
+from mesh.core.pushplan import (
+    CONFIRM_S,
+    FORWARD_GRACE,
+    PATHS_PER_PUSH,
+    Push,
+    PushPlanner,
+)
+from mesh.core.pushstate import PEER_TRANSITIONS, TRANSITIONS, Event, PeerStage, Stage
+from mesh.core.resolver import Version
+from mesh.core.vclock import VersionVector
+from mesh.errors import LocalProtocolError
+
+ME, PEER, OTHER = "n1", "n2", "n9"
+
+
+@dataclass
+class View:
+    """The replica as the planner sees it: our disk versions, the peers' announcements,
+    and the gate's rule (our disk version strictly dominates the peer's)."""
+
+    disks: dict[str, Version] = field(default_factory=dict)
+    seen: dict[tuple[str, str], VersionVector] = field(default_factory=dict)
+
+    def may_push(self, peer: str, path: str) -> bool:
+        disk = self.disks.get(path)
+        seen = self.seen.get((peer, path))
+        return disk is not None and (seen is None or disk.vector.dominates(seen))
+
+    def disk(self, path: str) -> Version | None:
+        return self.disks.get(path)
+
+    def write(self, path: str, writer: str = ME) -> Version:
+        """A new version of ``path`` on our disk, written by ``writer``."""
+        old = self.disks.get(path)
+        counters = {} if old is None else old.vector.to_dict()
+        counters[writer] = counters.get(writer, 0) + 1
+        vector = VersionVector.of(counters)
+        version = Version((Entry(path, vector, bytes([len(counters) % 256]) * 32, 1, 0, 0o644,
+                                 Kind.FILE, sum(counters.values()), writer),))
+        self.disks[path] = version
+        return version
+
+
+class Rig:
+    """A planner with one peer, and the calls a node would make."""
+
+    def __init__(self) -> None:
+        self.view = View()
+        self.plan = PushPlanner(ME, self.view)
+        self.plan.add_peer(PEER)
+        self.now = 100.0
+        self.push: Push | None = None
+
+    def write(self, path: str = "a", writer: str = ME) -> None:
+        self.view.write(path, writer)
+        self.plan.changed(path, self.now)
+
+    def gate(self, paths: list[str], *, current: bool = True) -> list[str]:
+        """lsyncd's question: what it may push now (and the grant, started)."""
+        asked = self.plan.unclaimed(PEER, paths, self.now, current=current)
+        allowed = self.plan.grantable(PEER, asked, self.now, asked=len(paths))
+        if allowed:
+            self.push = self.plan.start(PEER, allowed, self.now, own=False)
+        return allowed
+
+    def tick(self, up: bool = True) -> list[Push]:
+        pushes = list(self.plan.tick(self.now, [PEER] if up else []).pushes)
+        if pushes:
+            self.push = pushes[0]
+        return pushes
+
+    def end(self, status: int | None = 0) -> None:
+        assert self.push is not None
+        self.plan.end(self.push, self.now, status)
+
+    def announce(self, path: str = "a") -> None:
+        """The peer announces that it holds our disk version."""
+        vector = self.view.disks[path].vector
+        self.view.seen[(PEER, path)] = vector
+        self.plan.announced(PEER, path, vector)
+
+    @property
+    def stage(self) -> Stage:
+        return self.plan.stage(PEER, "a")
+
+
+# --- every transition of the table -------------------------------------------------------
+
+
+def _sending(r: Rig) -> None:
+    r.view.write("a")
+    r.push = r.plan.start(PEER, ["a"], r.now, own=False)
+
+
+def _queued_sending(r: Rig) -> None:
+    r.write()
+    r.push = r.plan.start(PEER, ["a"], r.now, own=False)
+
+
+def _awaiting(r: Rig) -> None:
+    _sending(r)
+    r.end()
+
+
+def _queued_awaiting(r: Rig) -> None:
+    """Awaiting, and queued again for the same version (a resync found it behind)."""
+    _awaiting(r)
+    r.plan.behind(PEER, ["a"], r.now)
+
+
+REACH: dict[Stage, Callable[[Rig], None]] = {
+    Stage.IDLE: lambda r: None,
+    Stage.QUEUED: lambda r: r.write(),
+    Stage.SENDING: _sending,
+    Stage.QUEUED_SENDING: _queued_sending,
+    Stage.AWAITING: _awaiting,
+    Stage.QUEUED_AWAITING: _queued_awaiting,
+}
+
+
+def _unconfirmed(r: Rig) -> None:
+    r.now += CONFIRM_S
+    assert r.plan.unclaimed(PEER, ["a"], r.now) == ["a"]
+
+
+def _overtaken(r: Rig) -> None:
+    r.view.write("a")  # our disk moved on while the push ran
+    r.end(None)
+
+
+def _dropped(r: Rig) -> None:
+    r.announce()
+    assert r.tick() == []
+
+
+FIRE: dict[Event, Callable[[Rig], object]] = {
+    Event.CHANGED: lambda r: r.write(writer=OTHER),
+    Event.TAKEN: lambda r: setattr(r, "push", r.plan.start(PEER, ["a"], r.now, own=False)),
+    Event.DELIVERED: lambda r: r.end(0),
+    Event.OVERTAKEN: _overtaken,
+    Event.FAILED: lambda r: r.end(23),
+    Event.RELEASED: lambda r: r.plan.abandon(r.push) if r.push else None,
+    Event.DROPPED: _dropped,
+    Event.CONFIRMING: lambda r: r.tick(),
+    Event.UNCONFIRMED: _unconfirmed,
+    Event.CONFIRMED: lambda r: r.announce(),
+}
+
+
+@pytest.mark.parametrize(("before", "event"), sorted(TRANSITIONS, key=str))
+def test_every_transition_in_the_table(before: Stage, event: Event) -> None:
+    r = Rig()
+    if event is Event.TAKEN:
+        r.view.write("a")
+    REACH[before](r)
+    assert r.stage is before
+    FIRE[event](r)
+    assert r.stage is TRANSITIONS[before, event]
+
+
+def test_a_push_of_a_path_already_on_its_way_is_refused() -> None:
+    for stage in (Stage.SENDING, Stage.QUEUED_SENDING, Stage.AWAITING, Stage.QUEUED_AWAITING):
+        r = Rig()
+        REACH[stage](r)
+        with pytest.raises(LocalProtocolError):
+            r.plan.start(PEER, ["a"], r.now, own=False)
+        assert r.stage is stage
+    r = Rig()
+    with pytest.raises(LocalProtocolError):  # nothing on our disk to push
+        r.plan.start(PEER, ["a"], r.now, own=False)
+
+
+def test_a_push_ends_once() -> None:
+    r = Rig()
+    _sending(r)
+    r.end()
+    with pytest.raises(LocalProtocolError):
+        r.end()
+    assert r.push is not None
+    with pytest.raises(LocalProtocolError):
+        r.plan.abandon(r.push)
+
+
+def test_every_stage_is_reachable_and_left() -> None:
+    assert {before for before, _ in TRANSITIONS} == set(Stage)
+    assert {after for after in TRANSITIONS.values()} == set(Stage)
+    assert {before for before, _ in PEER_TRANSITIONS} == set(PeerStage)
+
+
+# --- the peer's own stages: one push of ours at a time, backoff after a failure ----------
+
+
+def test_one_push_of_ours_per_peer_then_the_next_batch() -> None:
+    r = Rig()
+    r.write("a")
+    [first] = r.tick()
+    assert r.plan.peer_stage(PEER) is PeerStage.PUSHING
+    r.write("b")
+    assert r.tick() == []  # "b" waits for the running push to end
+    r.end(0)
+    assert r.plan.peer_stage(PEER) is PeerStage.READY
+    [second] = r.tick()
+    assert (first.paths, second.paths) == (["a"], ["b"])
+    assert r.plan.counters.sent == 1
+
+
+def test_failures_back_off_from_the_push_start_doubling_up_to_the_most() -> None:
+    r = Rig()
+    r.write("a")
+    waits = []
+    for _ in range(7):
+        [push] = r.tick()
+        r.now += 0.5  # the push takes a while to fail
+        r.end(12)
+        assert r.plan.peer_stage(PEER) is PeerStage.BACKING_OFF
+        assert r.stage is Stage.QUEUED  # never lost from the queue
+        assert r.tick() == []
+        tick = r.plan.tick(r.now, [PEER])
+        assert tick.wake is not None
+        waits.append(tick.wake - push.started)
+        r.now = tick.wake
+    assert waits == [1, 2, 4, 8, 16, 30, 30]
+    [push] = r.tick()
+    r.end(0)
+    assert r.plan.peer_stage(PEER) is PeerStage.READY
+    assert r.plan.counters.send_failures == 7 and r.plan.counters.sent == 1
+    r.write("a")
+    assert r.tick() != []  # a success resets the backoff
+
+
+def test_an_abandoned_push_releases_its_paths_and_counts_nothing() -> None:
+    r = Rig()
+    r.write("a")
+    [push] = r.tick()
+    r.plan.abandon(push)
+    assert (r.stage, r.plan.peer_stage(PEER)) == (Stage.QUEUED, PeerStage.READY)
+    assert r.plan.counters.send_failures == 0
+    assert [p.paths for p in r.tick()] == [["a"]]
+
+
+# --- the policy -------------------------------------------------------------------------
+
+
+def test_own_writes_go_at_once_forwarded_ones_after_the_grace() -> None:
+    r = Rig()
+    r.write("mine")
+    r.write("theirs", writer=OTHER)
+    tick = r.plan.tick(r.now, [PEER])
+    assert [p.paths for p in tick.pushes] == [["mine"]]
+    r.push = tick.pushes[0]
+    r.end(0)
+    tick = r.plan.tick(r.now, [PEER])
+    assert tick.pushes == () and tick.wake == r.now + FORWARD_GRACE
+    r.now += FORWARD_GRACE - 0.01
+    assert r.tick() == []
+    r.now += 0.01
+    assert [p.paths for p in r.tick()] == [["theirs"]]
+
+
+def test_nothing_goes_to_a_peer_that_is_not_up_or_current() -> None:
+    r = Rig()
+    r.write("a")
+    assert r.tick(up=False) == []
+    assert r.gate(["a"], current=False) == []
+    assert r.plan.counters.denied == 1
+    assert [p.paths for p in r.tick()] == [["a"]]
+
+
+def test_batches_hold_at_most_paths_per_push() -> None:
+    r = Rig()
+    paths = [f"f{i:05}" for i in range(PATHS_PER_PUSH + 1)]
+    for path in paths:
+        r.write(path)
+    [push] = r.tick()
+    assert push.paths == paths[:PATHS_PER_PUSH]
+    r.end(0)
+    assert [p.paths for p in r.tick()] == [paths[PATHS_PER_PUSH:]]
+    assert r.plan.pending(PEER) == 1
+
+
+def test_the_gate_lets_only_our_own_unclaimed_writes_through() -> None:
+    r = Rig()
+    r.write("mine")
+    r.write("theirs", writer=OTHER)
+    r.write("carried")
+    [push] = r.tick()  # our pusher carries all three's own ones now
+    assert push.paths == ["mine", "carried"]
+    r.write("later")
+    assert r.gate(["mine", "theirs", "later", ""]) == ["later"]
+    assert (r.plan.counters.allowed, r.plan.counters.denied) == (1, 3)
+
+
+def test_a_delivered_push_is_awaited_then_rechecked_after_confirm_s() -> None:
+    r = Rig()
+    r.write()
+    r.tick()
+    r.end(0)
+    assert r.stage is Stage.AWAITING
+    assert r.gate(["a"]) == []  # lsyncd does not carry it again meanwhile
+    r.push = None
+    tick = r.plan.tick(r.now, [PEER])
+    assert tick.pushes == () and tick.wake == r.now + CONFIRM_S
+    r.now += CONFIRM_S
+    assert [p.paths for p in r.tick()] == [["a"]]  # never announced: again
+
+
+def test_an_announced_version_is_not_pushed_again() -> None:
+    r = Rig()
+    r.write()
+    r.tick()
+    r.end(0)
+    r.announce()
+    assert r.stage is Stage.IDLE
+    r.now += CONFIRM_S
+    r.plan.behind(PEER, ["a"], r.now)  # a resync: the gate says the peer has it
+    assert r.tick() == [] and r.gate(["a"]) == [] and r.stage is Stage.IDLE
+
+
+def test_an_older_announcement_confirms_nothing() -> None:
+    r = Rig()
+    r.write()
+    old = r.view.disks["a"].vector
+    r.write()
+    r.tick()
+    r.end(0)
+    r.plan.announced(PEER, "a", old)
+    assert r.stage is Stage.AWAITING
+
+
+def test_a_newer_write_during_a_push_goes_after_it() -> None:
+    r = Rig()
+    r.write()
+    [first] = r.tick()
+    r.write()
+    r.end(0)
+    assert r.stage is Stage.QUEUED_AWAITING
+    [second] = r.tick()
+    assert second.versions[0][1] == r.view.disks["a"] != first.versions[0][1]
+
+
+# --- bugs found moving the planner out of mesh/pushes.py ---------------------------------
+
+
+def test_the_gate_asking_about_an_unconfirmed_forwarded_path_queues_it_again() -> None:
+    """Before, lsyncd's gate asking about a path whose push went unconfirmed past
+    CONFIRM_S dropped the wait *without* queueing the path again (only the pusher's own
+    recheck did that). A forwarded version is then denied by the gate, and the peer was
+    left behind on it until the next change or resync. Now it goes round again."""
+    r = Rig()
+    r.write(writer=OTHER)
+    r.now += FORWARD_GRACE
+    r.tick()
+    r.end(None)  # delivered as far as we know; the peer never announces it
+    r.now += CONFIRM_S  # ... and the pusher's recheck has not run yet (its push was long)
+    assert r.gate(["a"]) == []  # not ours to send through lsyncd
+    assert r.stage is Stage.QUEUED
+    r.now += FORWARD_GRACE
+    assert [p.paths for p in r.tick()] == [["a"]]
+
+
+def test_an_empty_push_is_refused() -> None:
+    with pytest.raises(LocalProtocolError):
+        Rig().plan.start(PEER, [], 0.0, own=False)
