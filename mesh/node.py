@@ -12,6 +12,7 @@ one line for the operator (bad certificate, port in use, unreadable state).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -300,11 +301,9 @@ class Node:
             "pending_content": sum(1 for _ in itertools.islice(self.index.targets(), PENDING_CAP)),
             "watches": self.watcher.watch_count if self.watcher is not None else 0,
             "metrics": self.metrics_server and self.metrics_server.where,
-            "pushes": {"allowed": self.pushes.allowed, "denied": self.pushes.denied,
-                       "received": self.pushes.received, "sent": self.pushes.sent,
-                       "sent_paths": self.pushes.sent_paths,
-                       "send_failures": self.pushes.send_failures,
-                       "pending": {p: self.pushes.pending(p) for p in self.pushes.queues}},
+            "pushes": {**dataclasses.asdict(self.pushes.plan.counters),
+                       "received": self.pushes.received,
+                       "pending": {p: self.pushes.pending(p) for p in self.pushes.peers()}},
             "lsyncd": {"pid": self.lsyncd.pid, "peers": self.lsyncd.peers},
         }
 

@@ -1,4 +1,7 @@
-"""Who pushes what, and what a push announces (DESIGN.md, data plane).
+"""Who pushes what, and what a push announces (DESIGN.md, data plane): the I/O shell.
+
+What goes to which peer and when is planned in mesh/core/pushplan.py, with the
+time passed in from here; this module carries it out.
 
 * ``authorize`` is the gate's policy (lsyncd asks it for every batch): a path
   goes to a peer only if our disk version strictly dominates what that peer
@@ -24,43 +27,27 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from mesh import gate
 from mesh.core import manifest
 from mesh.core.landing import Outcome
 from mesh.core.manifest import Manifest
+from mesh.core.pushplan import Push, PushPlanner, ReplicaView
+from mesh.core.pushstate import PeerStage
 from mesh.core.replica import group
 from mesh.core.resolver import Version
 from mesh.dataplane import DataPlane
 from mesh.errors import MeshError, RemoteProtocolError
 from mesh.exchange import Exchange
-from mesh.gate import PushGrant, push
+from mesh.gate import PushGrant
 from mesh.store.index import Index
 from mesh.tls import NodeCredentials
 
 LOG = logging.getLogger("mesh.push")
 
-OWN_GRACE = 0.0  # our own writes go at once; lsyncd's gate is the second path
-FORWARD_GRACE = 5.0
-CONFIRM_S = 30.0  # after a push, how long to wait for the peer's announcement before again
-PATHS_PER_PUSH = 2000  # keeps the announcement under the manifest's size limits
-RETRY_S = (1.0, 30.0)
-TICK = 0.25
-
-
-@dataclass
-class _PeerQueue:
-    dirty: dict[str, float] = field(default_factory=dict)  # path -> when it became pushable
-    # Pushed (by us or by lsyncd's gate) and not yet announced back by the peer:
-    # path -> (the version pushed, when to look again).
-    awaiting: dict[str, tuple[Version, float]] = field(default_factory=dict)
-    inflight: dict[str, int] = field(default_factory=dict)  # path -> pushes carrying it now
-    retry_at: float = 0.0
-    failures: int = 0
-    pushes: int = 0
-    pushed_paths: int = 0
-    task: asyncio.Task[None] | None = None
+TICK = 0.25  # how often the pusher looks at links coming up and timed plans
 
 
 @dataclass(frozen=True)
@@ -83,7 +70,9 @@ class Pushes:
         self.creds = creds
         self.data_dir = data_dir
         self.endpoint = endpoint  # peer -> (host, tunnel port) while its link is up
-        self.queues: dict[str, _PeerQueue] = {}
+        # What goes where and when; it counts the gate's answers (``allowed``, ``denied``)
+        # and our own pushes (``sent``...); lsyncd's pushes are counted where they land.
+        self.plan = PushPlanner(me, ReplicaView(self.replica))
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         # Applies every inotify event up to now; the node's uses its watcher so that what
@@ -93,21 +82,11 @@ class Pushes:
         # it had published when its link came up is applied). Until then nothing goes
         # to it: a push would race the writes it made while we were apart.
         self.current: Callable[[str], bool] = lambda peer: True
-        self._granted: dict[str, dict[str, Version | None]] = {}  # lsyncd's, by push id
-        self.denied = 0
-        self.allowed = 0
+        self._granted: dict[str, Push] = {}  # lsyncd's, by push id
+        self._sending: set[asyncio.Task[None]] = set()
         self.received = 0
-        self.sent = 0  # pushes by our own pusher (lsyncd's are the gate's ``allowed``)
-        self.sent_paths = 0
-        self.send_failures = 0
 
     # --- what may go where --------------------------------------------------------
-
-    def _may(self, peer: str, path: str, *, forward: bool) -> bool:
-        if not self.replica.may_push(peer, path):
-            return False
-        disk = self.index.state(path).disk
-        return forward or (disk is not None and disk.winner.writer == self.me)
 
     def _grant(self, peer: str, paths: list[str]) -> PushGrant | None:
         where = self.endpoint(peer)
@@ -123,64 +102,24 @@ class Pushes:
         push_id = f"{self.me}-{self.epoch}-{next(self._ids)}"
         return PushGrant(peer, where[0], where[1], push_id, sorted(chosen), header)
 
-    def _busy(self, queue: _PeerQueue, path: str, now: float) -> bool:
-        """Whether ``path`` is on its way to the peer already: a push carries it now, or
-        one delivered our current version and the peer has not announced it back yet."""
-        if path in queue.inflight:
-            return True
-        pushed = queue.awaiting.get(path)
-        if pushed is None:
-            return False
-        if now < pushed[1] and pushed[0] == self.index.state(path).disk:
-            return True
-        del queue.awaiting[path]
-        return False
-
-    def _take(self, peer: str, paths: list[str]) -> dict[str, Version | None]:
-        """Mark ``paths`` as on their way to ``peer``; the versions they go at."""
-        queue = self.queues.setdefault(peer, _PeerQueue())
-        for path in paths:
-            queue.inflight[path] = queue.inflight.get(path, 0) + 1
-        return {path: self.index.state(path).disk for path in paths}
-
-    def _release(self, peer: str, taken: dict[str, Version | None], *, delivered: bool,
-                 ) -> None:
-        queue = self.queues.setdefault(peer, _PeerQueue())
-        until = time.monotonic() + CONFIRM_S
-        for path, version in taken.items():
-            left = queue.inflight.get(path, 0) - 1
-            if left > 0:
-                queue.inflight[path] = left
-            else:
-                queue.inflight.pop(path, None)
-            if delivered and version is not None:
-                queue.awaiting[path] = (version, until)
-                if self.index.state(path).disk == version:
-                    queue.dirty.pop(path, None)  # else a newer write still has to go
-        self._wake.set()
-
     async def authorize(self, target: str, paths: list[str]) -> PushGrant:
         """The gate's question for lsyncd: which of ``paths`` may go to ``target`` now.
         Paths the agent's own pusher is carrying (or has carried and awaits the peer's
-        announcement of) are left out: a healthy mesh moves each version once per peer."""
+        announcement of) are left out: a healthy mesh moves each version once per peer.
+        While our view of ``target`` is not current, none: lsyncd's batch is done, and
+        our pusher sends what is still due."""
         asked = len(paths)
-        if not self.current(target):
-            paths = []  # lsyncd's batch is done; our pusher sends what is still due
-        queue = self.queues.setdefault(target, _PeerQueue())
         now = time.monotonic()
         # What our pusher carries (or carried, and the peer has yet to announce) is not
         # scanned here: a newer write reaches the pusher through the watcher anyway.
-        paths = [p for p in paths if p and not self._busy(queue, p, now)]
+        paths = self.plan.unclaimed(target, paths, now, current=self.current(target))
         await self.catch_up(paths)
-        allowed = [p for p in paths
-                   if self._may(target, p, forward=False) and not self._busy(queue, p, now)]
-        self.allowed += len(allowed)
-        self.denied += asked - len(allowed)
-        grant = self._grant(target, allowed[:PATHS_PER_PUSH]) if allowed else None
+        allowed = self.plan.grantable(target, paths, now, asked=asked)
+        grant = self._grant(target, allowed) if allowed else None
         if grant is None:
             where = self.endpoint(target) or ("127.0.0.1", 1)
             return PushGrant(target, where[0], where[1], f"{self.me}-none", [], b"")
-        self._granted[grant.push_id] = self._take(target, grant.allowed)
+        self._granted[grant.push_id] = self.plan.start(target, grant.allowed, now, own=False)
         return grant
 
     def finished(self, grant: PushGrant) -> None:
@@ -189,7 +128,8 @@ class Pushes:
         ``CONFIRM_S`` if the peer has not announced them by then."""
         taken = self._granted.pop(grant.push_id, None)
         if taken is not None:
-            self._release(grant.peer, taken, delivered=True)
+            self.plan.end(taken, time.monotonic(), None)
+            self._wake.set()
 
     # --- receiving ------------------------------------------------------------------
 
@@ -225,109 +165,68 @@ class Pushes:
 
     def changed(self, version: Version) -> None:
         """Our disk holds a new version of this path: every peer may need it."""
-        now = time.monotonic()
-        for queue in self.queues.values():
-            queue.dirty.setdefault(version.path, now)
+        self.plan.changed(version.path, time.monotonic())
         self._wake.set()
 
     def sweep(self, peer: str) -> None:
         """After a resync with ``peer``: queue every path it is behind on."""
-        queue = self.queues.setdefault(peer, _PeerQueue())
-        now = time.monotonic()
-        for path in self.index.paths():
-            if self.replica.may_push(peer, path):
-                queue.dirty.setdefault(path, now)
-        if queue.dirty:
-            LOG.info("%s is behind on %d paths", peer, len(queue.dirty))
+        behind = self.plan.behind(peer, self.index.paths(), time.monotonic())
+        if behind:
+            LOG.info("%s is behind on %d paths", peer, behind)
         self._wake.set()
+
+    def add_peer(self, peer: str) -> None:
+        self.plan.add_peer(peer)
+
+    def peers(self) -> list[str]:
+        return self.plan.peers()
 
     def pending(self, peer: str) -> int:
         """Paths queued for ``peer`` or on their way to it."""
-        queue = self.queues.get(peer)
-        return 0 if queue is None else len(queue.dirty.keys() | queue.inflight.keys())
+        return self.plan.pending(peer)
 
     async def run(self) -> None:
-        """One drain task per peer at a time, peers in parallel; woken by every change,
-        and every ``TICK`` for grace periods, retries and unconfirmed pushes."""
+        """Start what the plan says is due: one push of ours per peer at a time, peers in
+        parallel; woken by every change and every push's end, and every ``TICK`` for
+        links coming up, grace periods, retries and unconfirmed pushes."""
         try:
             while True:
                 self._wake.clear()
-                for peer, queue in self.queues.items():
-                    if ((queue.task is None or queue.task.done()) and self.endpoint(peer)
-                            and self.current(peer)):
-                        queue.task = asyncio.create_task(self._drain(peer),
-                                                         name=f"push-{peer}")
+                up = [peer for peer in self.plan.peers()
+                      if self.plan.peer_stage(peer) is not PeerStage.PUSHING
+                      and self.endpoint(peer) and self.current(peer)]
+                for planned in self.plan.tick(time.monotonic(), up).pushes:
+                    self._start(planned)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(TICK):
                         await self._wake.wait()
         finally:
-            tasks = [q.task for q in self.queues.values() if q.task is not None]
+            tasks = list(self._sending)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _recheck(self, queue: _PeerQueue, now: float) -> None:
-        """Pushed paths the peer never announced back go round again."""
-        for path, (_, until) in list(queue.awaiting.items()):
-            if now >= until:
-                del queue.awaiting[path]
-                queue.dirty.setdefault(path, now)
+    def _start(self, planned: Push) -> None:
+        grant = self._grant(planned.peer, planned.paths)
+        if grant is None:  # its link went down since
+            self.plan.abandon(planned)
+            return
+        task = asyncio.create_task(self._send(planned, grant), name=f"push-{planned.peer}")
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
-    async def _drain(self, peer: str) -> None:
-        queue = self.queues[peer]
-        for _ in range(1000):  # bounded; each round pushes or returns
-            now = time.monotonic()
-            self._recheck(queue, now)
-            if not queue.dirty or now < queue.retry_at:
-                return
-            ready = self._ready(peer, queue, now)
-            if not ready:
-                return
-            grant = self._grant(peer, ready)
-            if grant is None:
-                return
-            taken = self._take(peer, ready)
-            code = -1
-            try:
-                code = await push(grant, self.data_dir, self.creds, inline=True)
-            except (MeshError, OSError) as err:
-                LOG.warning("push to %s: %s", peer, err)
-            finally:
-                self._release(peer, taken, delivered=code == 0)
-            if code != 0:
-                self.send_failures += 1
-                queue.failures += 1
-                queue.retry_at = now + min(RETRY_S[1], RETRY_S[0] * 2 ** (queue.failures - 1))
-                return
-            queue.failures = 0
-            queue.pushes += 1
-            queue.pushed_paths += len(ready)
-            self.sent += 1
-            self.sent_paths += len(ready)
-
-    def _ready(self, peer: str, queue: _PeerQueue, now: float) -> list[str]:
-        ready: list[str] = []
-        for path, since in list(queue.dirty.items()):
-            if path in queue.inflight:
-                continue  # lsyncd's gate carries it; confirmed or retried afterwards
-            if not self.replica.may_push(peer, path):
-                del queue.dirty[path]  # the peer has it (or something newer)
-                queue.awaiting.pop(path, None)
-                continue
-            if self._busy(queue, path, now):
-                del queue.dirty[path]  # delivered; ``_recheck`` brings it back if need be
-                continue
-            own = self._may(peer, path, forward=False)
-            if now - since >= (OWN_GRACE if own else FORWARD_GRACE):
-                ready.append(path)
-            if len(ready) >= PATHS_PER_PUSH:
-                break
-        return ready
-
-    def add_peer(self, peer: str) -> None:
-        self.queues.setdefault(peer, _PeerQueue())
+    async def _send(self, planned: Push, grant: PushGrant) -> None:
+        code = -1
+        try:
+            code = await gate.push(grant, self.data_dir, self.creds, inline=True)
+        except (MeshError, OSError) as err:
+            LOG.warning("push to %s: %s", planned.peer, err)
+        except BaseException:
+            self.plan.abandon(planned)
+            raise
+        self.plan.end(planned, time.monotonic(), code)
+        self._wake.set()
 
 
 def _ms() -> int:
     return time.time_ns() // 1_000_000
-
