@@ -72,7 +72,7 @@ class Pushes:
         self.endpoint = endpoint  # peer -> (host, tunnel port) while its link is up
         # What goes where and when; it counts the gate's answers (``allowed``, ``denied``)
         # and our own pushes (``sent``...); lsyncd's pushes are counted where they land.
-        self.plan = PushPlanner(me, ReplicaView(self.replica))
+        self.plan = PushPlanner(me, ReplicaView(self.replica, data.held))
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         # Applies every inotify event up to now; the node's uses its watcher so that what
