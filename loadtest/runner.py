@@ -571,7 +571,7 @@ class Runner:
         invented = sorted({(names[k], p, c) for k, t in enumerate(trees)
                            for p, c in h.invented(t)})
         logs = [set(entries) for entries in logged.values()]
-        identical = all(x == logs[0] for x in logs[1:])
+        identical = all(x == logs[0] for x in logs[1:]) if logs else None  # None: no log
         spurious = self._conflicts(by_index)
         findings: dict[str, list[str]] = {}
         for r in lost:
