@@ -117,11 +117,13 @@ from mesh.adapters import rsyncd_hook
 
 # The hook's half (mesh.adapters.rsyncd_hook), here too for the sending side and tests.
 KEEP_NAME_RE = rsyncd_hook.KEEP_NAME_RE
+COPY_DEST = rsyncd_hook.COPY_DEST
 MODULE = rsyncd_hook.MODULE
 PUSH_ID_RE = rsyncd_hook.PUSH_ID_RE
-backup_dir = rsyncd_hook.backup_dir
+STAGING = rsyncd_hook.STAGING
 check_server_args = rsyncd_hook.check_server_args
 hook_main = rsyncd_hook.hook_main
+staging_dest = rsyncd_hook.staging_dest
 valid_keep_name = rsyncd_hook.valid_keep_name
 valid_push_id = rsyncd_hook.valid_push_id
 
@@ -133,11 +135,8 @@ RSYNC_TEMP_GLOB = ".*.??????"  # rsync's mkstemp name: "." + name + "." + 6 char
 # -I (--ignore-times): every path in a push is one the gate decided the peer lacks, so
 # never skip it because size and mtime match: two versions of one size written in the
 # same second would never move (found by the operator tests' conflicts).
-SEND_FLAGS = ("-rlptgoI", "--numeric-ids", "--delete")
-_REFUSE = (
-    "* !recursive !links !perms !times !group !owner !backup !backup-dir !ignore-times"
-    " !delete !delete-during !numeric-ids"
-)
+SEND_FLAGS = ("-rlptgoI", "--numeric-ids", f"--copy-dest={COPY_DEST}")
+_REFUSE = "* !recursive !links !perms !times !group !owner !ignore-times !numeric-ids !copy-dest"
 _WILDCARDS = frozenset("*?[")
 
 
@@ -162,6 +161,14 @@ class DaemonConfig:
             raise ValueError(f"invalid keep dir name {self.keep_name!r}")
 
 
+def daemon_filter(keep: str) -> str:
+    """The module's filter: the push may write only inside its own staging dir (the
+    daemon expands ``%MESH_PUSH_ID%``, set by the tunnel, per connection), never into a
+    keep area inside it (which would also make the keep area a delta basis)."""
+    staging = f"/{keep}/{STAGING}/%MESH_PUSH_ID%"
+    return f"- {staging}/{keep}/*** + {staging} + {staging}/** - /**"
+
+
 def render_daemon_config(config: DaemonConfig) -> str:
     """The rsyncd.conf of the receiving daemon (see the module docstring for each line)."""
     keep = config.keep_name
@@ -184,7 +191,7 @@ def render_daemon_config(config: DaemonConfig) -> str:
         "numeric ids = yes",
         "munge symlinks = no",
         f"timeout = {config.io_timeout}",
-        f"filter = + /{keep}/ - /{keep} + /{keep}/*/ - /{keep}/**",
+        f"filter = {daemon_filter(keep)}",
         f"refuse options = {_REFUSE}",
         f"pre-xfer exec = {hook}",
     ]
@@ -204,9 +211,10 @@ def rsh_command(words: Sequence[str]) -> str:
     return " ".join("'" + word.replace("'", "''") + "'" for word in words)
 
 
-def daemon_target(host: str) -> str:
-    """``host::data/``, bracketing an IPv6 address as rsync wants."""
-    return f"[{host}]::{MODULE}/" if ":" in host else f"{host}::{MODULE}/"
+def daemon_target(host: str, path: str = "/") -> str:
+    """``host::data/<path>`` (``path`` from the module root, starting with ``/``),
+    bracketing an IPv6 address as rsync wants."""
+    return f"[{host}]::{MODULE}{path}" if ":" in host else f"{host}::{MODULE}{path}"
 
 
 def client_argv(
@@ -216,13 +224,12 @@ def client_argv(
     return [
         rsync,
         *SEND_FLAGS,
-        f"--backup-dir={backup_dir(keep_name, push_id)}",
         "--from0",
         "--include-from=-",
         "--exclude=*",
         f"--rsh={rsh}",
         f"{str(source).rstrip('/')}/",
-        daemon_target(host),
+        daemon_target(host, staging_dest(keep_name, push_id)),
     ]
 
 
@@ -236,27 +243,26 @@ def _literal(path: str) -> str:
 
 
 def include_patterns(paths: Iterable[str], source: Path) -> list[str]:
-    """The ``--include-from`` list that sends exactly ``paths`` (normalized, relative to
-    ``source``), as the sender sees them now, and lets the receiver remove nothing else:
+    """The ``--include-from`` list that sends exactly those of ``paths`` (normalized,
+    relative to ``source``) that exist here now, as they are now:
 
     - a directory: ``/p/``, the directory itself but none of its entries;
-    - anything else, or nothing: ``/p``. A directory the receiver has there (deleted
-      here, or replaced by a file or a link) goes only if what is in it goes too: the
-      entries ``paths`` names are removed, every other one is protected by
-      ``--exclude=*``, and then the directory stays (see the module docstring). Never
-      ``/p/***``: that named the receiver's whole subtree, including what the sender
-      never saw (a file created there concurrently), and ``--delete`` took it;
+    - anything else (a file, a symlink): ``/p``;
+    - nothing (deleted here): no pattern. The push deletes nothing on the receiver (no
+      ``--delete``); its agent applies deletes from the push's announcement;
 
-    plus every parent directory, ``/a/``, and ``/``, which rsync must enter to reach them.
+    plus every parent directory of a path that is sent, ``/a/``, and ``/``, which rsync
+    must enter to reach them (they are created in the staging dir with their modes here).
+    Never ``/p/***``: that named the whole subtree, including what the grant never saw.
     """
     patterns: dict[str, None] = {"/": None}
     for path in paths:
-        parts = path.split("/")
-        for depth in range(1, len(parts)):
-            patterns["/" + _literal("/".join(parts[:depth])) + "/"] = None
         try:
             is_dir = stat.S_ISDIR(os.lstat(source / path).st_mode)
         except (FileNotFoundError, NotADirectoryError):
-            is_dir = False
+            continue
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            patterns["/" + _literal("/".join(parts[:depth])) + "/"] = None
         patterns["/" + _literal(path) + ("/" if is_dir else "")] = None
     return list(patterns)

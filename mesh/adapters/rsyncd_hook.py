@@ -1,5 +1,6 @@
-"""The receiving daemon's ``pre-xfer exec`` hook: the check that forces ``--backup`` into
-the push's own keep dir (see ``mesh.adapters.rsyncd`` for why and how).
+"""The receiving daemon's ``pre-xfer exec`` hook: the check that lets a push write only into
+its own staging dir, ``<keep>/in/<push id>/``, with the live tree as its delta basis (see
+``mesh.adapters.rsyncd`` for why and how).
 
 rsync starts it once per push, as ``python -I -S <this file>``: standard library only, and
 only ``os``, ``re`` and ``sys`` (each import is milliseconds on every push).
@@ -16,10 +17,14 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
 MODULE = "data"
+STAGING = "in"  # <keep>/in/<push id>/: where a push lands, for the agent to check and place
+# --copy-dest is relative to the destination dir, <keep>/in/<push id>/: three levels up is
+# the module root, the live tree (rsync 3.5.0 accepts it with and without the chroot).
+COPY_DEST = "../../../"
 PUSH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 KEEP_NAME_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
-_ALLOWED_SHORT = frozenset("rlptgobI")  # what SEND_FLAGS and --backup-dir put in the bundle
-_ALLOWED_LONG = frozenset({"--delete", "--numeric-ids"})  # no --force: see SEND_FLAGS
+_ALLOWED_SHORT = frozenset("rlptgoI")  # what SEND_FLAGS put in the bundle
+_ALLOWED_LONG = frozenset({"--numeric-ids"})
 
 
 def valid_push_id(push_id: object) -> bool:
@@ -30,41 +35,45 @@ def valid_keep_name(name: object) -> bool:
     return isinstance(name, str) and KEEP_NAME_RE.fullmatch(name) is not None
 
 
-def backup_dir(keep_name: str, push_id: str) -> str:
-    """The ``--backup-dir`` of one push: absolute, so the module root anchors it."""
-    return f"/{keep_name}/{push_id}"
+def staging_dest(keep_name: str, push_id: str) -> str:
+    """The destination of one push as the daemon's server sees it: ``/<keep>/in/<push id>/``
+    (the client names it ``host::data/<keep>/in/<push id>/``)."""
+    return f"/{keep_name}/{STAGING}/{push_id}/"
 
 
 def check_server_args(args: Sequence[str], keep_name: str, push_id: str) -> str | None:
     """Why the daemon must refuse a transfer with these ``RSYNC_ARG0..n``, or None.
 
-    Accepted: ``rsyncd --server -<bundle> --backup-dir /<keep>/<push id> [--delete]
-    [--numeric-ids] . /`` in any option order, where the bundle holds ``b``, other
-    letters of ``rlptgoI`` and rsync's ``e.<capabilities>`` suffix.
+    Accepted: ``rsyncd --server -<bundle> [--numeric-ids] --copy-dest ../../../ .
+    /<keep>/in/<push id>/`` in any option order (``--copy-dest=../../../`` too), where the
+    bundle holds letters of ``rlptgoI`` and rsync's ``e.<capabilities>`` suffix.
     """
     if list(args[:2]) != ["rsyncd", "--server"]:
         return "not an rsync server request"
     if "." not in args:
         return "no end of options"
     end = args.index(".")
-    if list(args[end + 1 :]) != ["/"]:
-        return f"destination must be the module root, not {list(args[end + 1 :])!r}"
+    expected = staging_dest(keep_name, push_id)
+    if list(args[end + 1 :]) != [expected]:
+        return f"destination must be {expected}, not {list(args[end + 1 :])!r}"
     bundles: list[str] = []
-    backup_dirs: list[str] = []
+    copy_dests: list[str] = []
     options = list(args[2:end])
     while options:
         arg = options.pop(0)
-        if arg == "--backup-dir" and options:
-            backup_dirs.append(options.pop(0))
-        elif arg.startswith("--backup-dir="):
-            backup_dirs.append(arg.partition("=")[2])
+        if arg == "--copy-dest" and options:
+            copy_dests.append(options.pop(0))
+        elif arg.startswith("--copy-dest="):
+            copy_dests.append(arg.partition("=")[2])
         elif arg in _ALLOWED_LONG:
             continue
         elif arg.startswith("-") and not arg.startswith("--"):
             bundles.append(arg[1:])
         else:
             return f"option {arg[:60]!r} is not allowed"
-    return _bundle_refusal(bundles) or _backup_refusal(backup_dirs, keep_name, push_id)
+    if copy_dests != [COPY_DEST]:
+        return f"exactly one --copy-dest={COPY_DEST} is required"
+    return _bundle_refusal(bundles)
 
 
 def _bundle_refusal(bundles: list[str]) -> str | None:
@@ -76,15 +85,6 @@ def _bundle_refusal(bundles: list[str]) -> str | None:
         return f"short option(s) {''.join(sorted(unknown))!r} not allowed"
     if re.fullmatch(r"[.A-Za-z0-9]*", capabilities) is None:
         return "malformed capability flags"
-    if "b" not in letters:
-        return "--backup is required"
-    return None
-
-
-def _backup_refusal(backup_dirs: list[str], keep_name: str, push_id: str) -> str | None:
-    expected = backup_dir(keep_name, push_id)
-    if backup_dirs != [expected]:
-        return f"exactly one --backup-dir={expected} is required"
     return None
 
 

@@ -16,7 +16,9 @@ client with the receiver's reason instead of a broken rsync stream.
 
 Whatever command the client's rsync asked its remote shell to run, the server starts
 ``rsync --server --daemon --config=C .`` with the config of ``mesh.adapters.rsyncd``,
-which keeps every file the push replaces or deletes under ``<keep>/<push id>``.
+which lets the push write only into its staging dir, ``<keep>/in/<push id>/``, made here
+(exclusively) before the daemon starts. Nothing in the live tree is created, changed or
+removed by the daemon: the agent checks what was staged and places it after ``end``.
 """
 
 from __future__ import annotations
@@ -160,8 +162,8 @@ class PushSink(Protocol):
 
     async def begin(self, peer: str, push_id: str, header: bytes) -> object:
         """Register the push before any of its data lands; raise to refuse it. The return
-        value is handed back to ``end``. Files the push displaces are kept in
-        ``<keep_dir>/<push_id>``."""
+        value is handed back to ``end``. The push lands in ``<keep_dir>/in/<push_id>/``
+        (its staging dir, empty when ``begin`` is called), never in the live tree."""
         ...
 
     async def end(self, ticket: object, returncode: int) -> None:
@@ -328,14 +330,14 @@ class TunnelServer:
     async def _begin(
         self, peer: str, hello: PushHello, writer: asyncio.StreamWriter
     ) -> object | None:
-        """Make the push's keep dir, then let the agent register the push; None (after
+        """Make the push's staging dir, then let the agent register the push; None (after
         telling the client why) when either refuses."""
         where = f"push {hello.push_id} from {peer}"
         try:
-            _make_keep_subdir(self.keep_dir, hello.push_id)
+            _make_staging_dir(self.keep_dir, hello.push_id)
         except OSError as err:
             why = "push id already used" if isinstance(err, FileExistsError) else str(err)
-            await _refuse(writer, where, f"keep dir: {why}")
+            await _refuse(writer, where, f"staging dir: {why}")
             return None
         try:
             return await self.sink.begin(peer, hello.push_id, hello.header)
@@ -345,7 +347,7 @@ class TunnelServer:
             LOG.exception("tunnel: %s: the push sink failed", where)
             why = f"internal error ({type(err).__name__})"
         with contextlib.suppress(OSError):
-            (self.keep_dir / hello.push_id).rmdir()
+            (self.keep_dir / rsyncd.STAGING / hello.push_id).rmdir()
         await _refuse(writer, where, why)
         return None
 
@@ -422,7 +424,8 @@ class TunnelServer:
 
 
 def _check_dirs(data_dir: Path, keep_dir: Path) -> tuple[Path, str]:
-    """The resolved data dir and the keep dir's name; creates the keep dir (mode 0700)."""
+    """The resolved data dir and the keep dir's name; creates the keep dir and its staging
+    area, ``<keep>/in`` (mode 0700)."""
     if not data_dir.is_dir():
         raise ConfigError(f"tunnel: data dir {data_dir} is not a directory")
     if keep_dir.parent.resolve() != data_dir.resolve():
@@ -433,12 +436,29 @@ def _check_dirs(data_dir: Path, keep_dir: Path) -> tuple[Path, str]:
         keep_dir.mkdir(mode=0o700)
     if not keep_dir.is_dir() or keep_dir.is_symlink():
         raise ConfigError(f"tunnel: keep dir {keep_dir} is not a directory")
+    try:
+        os.close(_open_staging_area(keep_dir))
+    except OSError as err:
+        raise ConfigError(f"tunnel: staging area {keep_dir / rsyncd.STAGING}: {err}") from err
     return data_dir.resolve(), keep_dir.name
 
 
-def _make_keep_subdir(keep_dir: Path, push_id: str) -> None:
-    """Create ``<keep_dir>/<push_id>``, failing if it exists, without following a link."""
-    fd = os.open(keep_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+def _open_staging_area(keep_dir: Path) -> int:
+    """An fd of ``<keep_dir>/in``, made (mode 0700) if missing; no link is followed."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    keep_fd = os.open(keep_dir, flags)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(rsyncd.STAGING, 0o700, dir_fd=keep_fd)
+        return os.open(rsyncd.STAGING, flags, dir_fd=keep_fd)
+    finally:
+        os.close(keep_fd)
+
+
+def _make_staging_dir(keep_dir: Path, push_id: str) -> None:
+    """Create ``<keep_dir>/in/<push_id>`` (mode 0700), failing if it exists, without
+    following a link."""
+    fd = _open_staging_area(keep_dir)
     try:
         os.mkdir(push_id, 0o700, dir_fd=fd)
     finally:

@@ -1,10 +1,12 @@
-"""What a push may remove on the receiver: only what it names. Real rsync through the real
-tunnel and fixed daemon on 127.0.0.1, as in ``test_tunnel`` (``mesh.adapters.rsyncd``,
-"What a push may remove", lists the facts these check).
+"""What rsync removes on the receiver: nothing. Real rsync through the real tunnel and
+fixed daemon on 127.0.0.1, as in ``test_tunnel`` (``mesh.adapters.rsyncd``, "What a push
+stages", lists the facts these check).
 
 The sender deleted (or replaced) ``p``; the receiver's ``p`` holds entries the push names
-and entries it does not, a file created there concurrently say. The named ones go into the
-push's backup dir; the others, and every directory on the way to them, stay.
+and entries it does not, a file created there concurrently say. rsync stages what the
+sender has of the named paths and nothing for a named path the sender lacks; the live
+tree, named entries and unnamed ones alike, is left as it was: deletes are the receiving
+agent's, from the push's announcement.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from tests.integration.test_tunnel import (
     raw_rsync,
     receiver,
     refused_in_log,
+    snapshot,
+    staged,
 )
 
 pytestmark = pytest.mark.integration
@@ -62,102 +66,76 @@ class Case:
     sender: Tree
     receiver: Tree
     named: list[str]
-    left: Tree  # the receiver afterwards
-    kept: Tree  # the push's backup dir afterwards
-    daemon: int = 0  # the receiving daemon's exit status
+    staged: Tree  # the push's staging dir afterwards
     why: str = field(default="", compare=False)
 
 
 CASES = {
-    "empty dir deleted": Case({}, {"p": DIR}, ["p"], {}, {}),
-    "dir deleted with the child it named": Case(
-        {}, {"p/c": b"c"}, ["p", "p/c"], {}, {"p": DIR, "p/c": b"c"}),
-    "unnamed child survives a dir delete": Case(
-        {}, {"p/c": b"new"}, ["p"], {"p": DIR, "p/c": b"new"}, {}),
-    "named child goes, unnamed stays": Case(
-        {}, {"p/known": b"k", "p/new": b"n"}, ["p", "p/known"],
-        {"p": DIR, "p/new": b"n"}, {"p": DIR, "p/known": b"k"}),
-    "unnamed child deeper down survives": Case(
-        {}, {"p/sub/x": b"x"}, ["p", "p/sub"], {"p": DIR, "p/sub": DIR, "p/sub/x": b"x"}, {}),
-    "every level named": Case(
-        {}, {"p/sub/x": b"x"}, ["p", "p/sub", "p/sub/x"], {},
-        {"p": DIR, "p/sub": DIR, "p/sub/x": b"x"}),
-    "deleted link": Case({}, {"l": LINK}, ["l"], {}, {"l": LINK}),
+    "empty dir deleted": Case({}, {"p": DIR}, ["p"], {}),
+    "dir deleted with the child it named": Case({}, {"p/c": b"c"}, ["p", "p/c"], {}),
+    "unnamed child of a deleted dir": Case({}, {"p/c": b"new"}, ["p"], {}),
+    "named child deleted, unnamed one there": Case(
+        {"p": DIR}, {"p/known": b"k", "p/new": b"n"}, ["p", "p/known"], {"p": DIR}),
+    "every level named": Case({}, {"p/sub/x": b"x"}, ["p", "p/sub", "p/sub/x"], {}),
+    "deleted link": Case({}, {"l": LINK}, ["l"], {}),
     "dir replaced by a file, its children named": Case(
-        {"p": b"F"}, {"p/c": b"c"}, ["p", "p/c"], {"p": b"F"}, {"p": DIR, "p/c": b"c"}),
+        {"p": b"F"}, {"p/c": b"c"}, ["p", "p/c"], {"p": b"F"}),
     "dir replaced by a file, an unnamed child": Case(
-        {"p": b"F"}, {"p/c": b"new"}, ["p"], {"p": DIR, "p/c": b"new"}, {}, daemon=23),
+        {"p": b"F"}, {"p/c": b"new"}, ["p"], {"p": b"F"}),
     "file replaced by a dir": Case(
-        {"p/c": b"c"}, {"p": b"old"}, ["p", "p/c"], {"p": DIR, "p/c": b"c"}, {"p": b"old"}),
-    "parent the sender lacks, emptied": Case(
-        {}, {"p/c": b"c"}, ["p/c"], {}, {"p": DIR, "p/c": b"c"}),
-    "parent the sender lacks, not emptied": Case(
-        {}, {"p/c": b"c", "p/d": b"d"}, ["p/c"], {"p": DIR, "p/d": b"d"},
-        {"p": DIR, "p/c": b"c"}),
+        {"p/c": b"c"}, {"p": b"old"}, ["p", "p/c"], {"p": DIR, "p/c": b"c"}),
+    "parent the sender lacks": Case({}, {"p/c": b"c", "p/d": b"d"}, ["p/c"], {}),
+    "a child named, its parent not": Case(
+        {"p/c": b"new c", "p/d": b"not named"}, {"p/c": b"old c"}, ["p/c"],
+        {"p": DIR, "p/c": b"new c"}),
 }
 
 
+@pytest.mark.parametrize("inline", [False, True], ids=["rsh", "inline"])
 @pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
-async def test_a_push_removes_only_what_it_names(
-    cluster_pki: Pki, tmp_path: Path, case: Case
+async def test_rsync_stages_what_the_sender_has_and_removes_nothing(
+    cluster_pki: Pki, tmp_path: Path, case: Case, inline: bool
 ) -> None:
     source, target = make_dirs(tmp_path)
     build(source, case.sender)
     build(target, {**case.receiver, "other": b"not in this push"})
     sink = RecordingSink(target)
     async with receiver(cluster_pki, target, sink) as server:
+        before = snapshot(target)
         returncode = await push(grant(server, "p1", case.named), source,
-                                cluster_pki.creds(SENDER))
+                                cluster_pki.creds(SENDER), inline=inline)
         await until(lambda: len(sink.finished()) == 1, "the push to end")
-    # The sender's status is its remote shell's, which does not carry the daemon's.
-    assert returncode == 0
-    assert sink.pushes[0].returncode == case.daemon
-    assert shape(target) == {**case.left, "other": b"not in this push"}
-    assert shape(target / KEEP / "p1", skip="") == case.kept
+        assert snapshot(target) == before  # names, inodes, modes, sizes, mtimes
+    assert (returncode, sink.pushes[0].returncode) == (0, 0)
+    assert shape(staged(target, "p1"), skip="") == case.staged
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["rsh", "inline"])
-async def test_unnamed_entries_block_a_file_replacing_their_dir(
-    cluster_pki: Pki, tmp_path: Path, inline: bool, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The one case that fails: the file cannot land where a directory must stay. The
-    receiver's daemon says why and exits 23; the sender, either way it pushes, exits 0."""
-    source, target = make_dirs(tmp_path)
-    build(source, {"p": b"a file now"})
-    build(target, {"p/c": b"created here, never seen by the sender"})
-    sink = RecordingSink(target)
-    async with receiver(cluster_pki, target, sink) as server:
-        returncode = await push(grant(server, "p1", ["p"]), source, cluster_pki.creds(SENDER),
-                                inline=inline)
-        await until(lambda: len(sink.finished()) == 1, "the push to end")
-    assert (returncode, sink.pushes[0].returncode) == (0, 23)
-    assert (target / "p" / "c").read_bytes() == b"created here, never seen by the sender"
-    lines = [r.getMessage() for r in caplog.records if r.name == "mesh.adapters.tunnel"]
-    assert any("could not make way for new regular file: p" in line for line in lines), lines
-
-
-def test_include_patterns_never_name_a_subtree(tmp_path: Path) -> None:
-    (tmp_path / "d").mkdir()
+def test_include_patterns_name_only_what_exists_never_a_subtree(tmp_path: Path) -> None:
+    (tmp_path / "d" / "e").mkdir(parents=True)
     (tmp_path / "file").write_bytes(b"")
-    got = rsyncd.include_patterns(["d", "file", "gone", "gone/sub/x", "w*ld"], tmp_path)
-    assert got == ["/", "/d/", "/file", "/gone", "/gone/", "/gone/sub/", "/gone/sub/x",
-                   "/w\\*ld"]
+    (tmp_path / "d" / "e" / "w*ld").write_bytes(b"")
+    (tmp_path / "link").symlink_to("d")
+    got = rsyncd.include_patterns(
+        ["d", "file", "gone", "gone/sub/x", "d/e/w*ld", "d/gone", "link"], tmp_path)
+    assert got == ["/", "/d/", "/file", "/d/e/", "/d/e/w\\*ld", "/link"]
     assert not any(p.endswith("***") for p in got)
 
 
-async def test_the_daemon_refuses_force(
-    cluster_pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("option", ["--delete", "--force", "--backup"])
+async def test_the_daemon_refuses_what_deletes_or_backs_up(
+    cluster_pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture, option: str
 ) -> None:
-    """``--force`` is no longer sent (a no-op with ``--delete``), so it is not accepted:
-    the hook and the daemon's own allow-list both refuse it."""
-    assert "--force" not in rsyncd.SEND_FLAGS
+    """Nothing that deletes or moves receiver files is sent any more, so none of it is
+    accepted: the hook and the daemon's own allow-list both refuse it."""
+    assert not any(flag.startswith(option) for flag in rsyncd.SEND_FLAGS)
     source, target = make_dirs(tmp_path)
     build(source, {"f": b"new"})
-    build(target, {"f": b"old"})
+    build(target, {"f": b"old", "g": b"the sender lacks it"})
     sink = RecordingSink(target)
     async with receiver(cluster_pki, target, sink) as server:
-        returncode, _ = await raw_rsync(cluster_pki, server, source, "forced", "--delete",
-                                        "--force", "--backup-dir", f"/{KEEP}/forced")
+        returncode, _ = await raw_rsync(cluster_pki, server, source, "forced", option,
+                                        "--copy-dest=../../../")
         await until(lambda: refused_in_log(caplog, "forced"), "the daemon's refusal")
     assert returncode != 0
-    assert (target / "f").read_bytes() == b"old"
+    assert shape(target) == {"f": b"old", "g": b"the sender lacks it"}
+    assert list(staged(target, "forced").iterdir()) == []

@@ -1,5 +1,5 @@
 """The rsync push tunnel with real TLS, real rsync and the real fixed daemon on 127.0.0.1:
-what lands, what is kept, who is refused and with which line."""
+what is staged, that the live tree is untouched, who is refused and with which line."""
 
 from __future__ import annotations
 
@@ -67,41 +67,89 @@ def describe(root: Path, skip: str = KEEP) -> dict[str, tuple[str, int, bytes | 
     return tree
 
 
+def staged(target: Path, push_id: str) -> Path:
+    """Where push ``push_id`` lands on the receiver: its staging dir."""
+    return target / KEEP / "in" / push_id
+
+
+def snapshot(root: Path, skip: str = f"{KEEP}/in") -> dict[str, tuple[int, int, int, int]]:
+    """Every entry under ``root`` but ``skip`` and what is in it: inode, mode, size and
+    mtime, as ``lstat`` sees them (a link is not followed)."""
+    tree: dict[str, tuple[int, int, int, int]] = {}
+    for path in [root, *root.rglob("*")]:
+        rel = path.relative_to(root).as_posix()
+        if rel == skip or rel.startswith(skip + "/"):
+            continue
+        st = path.lstat()
+        tree[rel] = (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns)
+    return tree
+
+
 # --- the fixed daemon's argument check (pure) -----------------------------------------------
 
 
-def server_args(*options: str, dest: str = "/") -> list[str]:
+DEST = f"/{KEEP}/in/p1/"
+
+
+def server_args(*options: str, dest: str = DEST) -> list[str]:
     return ["rsyncd", "--server", *options, ".", dest]
 
 
-GOOD = ("-blogtprIe.iLsfxCIvu", "--backup-dir", f"/{KEEP}/p1", "--delete", "--numeric-ids")
+GOOD = ("-logtprIe.iLsfxCIvu", "--numeric-ids", "--copy-dest", "../../../")
 
 
 def test_check_accepts_what_our_client_sends() -> None:
     assert rsyncd.check_server_args(server_args(*GOOD), KEEP, "p1") is None
-    joined = ("-blogtpre.iLsfxCIvu", f"--backup-dir=/{KEEP}/p1", "--numeric-ids")
+    joined = ("-logtpre.iLsfxCIvu", "--copy-dest=../../../")
     assert rsyncd.check_server_args(server_args(*joined), KEEP, "p1") is None
+
+
+def test_our_client_sends_what_the_check_accepts(tmp_path: Path) -> None:
+    argv = rsyncd.client_argv(tmp_path, "127.0.0.1", "rsh", KEEP, "p1")
+    assert argv[1:4] == ["-rlptgoI", "--numeric-ids", "--copy-dest=../../../"]
+    assert argv[-1] == f"127.0.0.1::data{DEST}"
+    assert not any(a.startswith(("--delete", "--force", "--backup", "-b")) for a in argv)
 
 
 @pytest.mark.parametrize(
     ("options", "dest", "reason"),
     [
-        (("-logtpre.iLsfxCIvu", "--backup-dir", f"/{KEEP}/p1"), "/", "--backup is required"),
-        (("-blogtpre.iLsfxCIvu",), "/", "--backup-dir"),
-        (("-blogtpre.iLsfxCIvu", "--backup-dir", f"/{KEEP}/p2"), "/", "--backup-dir"),
-        ((*GOOD, "--backup-dir", f"/{KEEP}/p1"), "/", "exactly one"),
-        ((*GOOD, "--no-backup"), "/", "not allowed"),
-        (("-bKlogtpre.iLsfxCIvu", "--backup-dir", f"/{KEEP}/p1"), "/", "'K'"),
-        (("-sblogtpre.iLsfxCIvu", "--backup-dir", f"/{KEEP}/p1"), "/", "'s'"),
-        ((*GOOD, "--inplace"), "/", "not allowed"),
-        ((*GOOD, "--force"), "/", "not allowed"),
-        (GOOD, "/sub/", "module root"),
-        ((*GOOD, "-b"), "/", "one short-option bundle"),
+        (GOOD, "/", "destination must be"),
+        (GOOD, f"/{KEEP}/in/p2/", "destination must be"),
+        (GOOD, f"/{KEEP}/in/p1", "destination must be"),
+        (GOOD, f"/{KEEP}/p1/", "destination must be"),
+        (GOOD, f"/{KEEP}/in/p1/sub/", "destination must be"),
+        (GOOD, f"//{KEEP}/in/p1/", "destination must be"),
+        (("-logtpre.iLsfxCIvu",), DEST, "--copy-dest"),
+        (("-logtpre.iLsfxCIvu", "--copy-dest", "../../"), DEST, "--copy-dest"),
+        (("-logtpre.iLsfxCIvu", "--copy-dest", "/"), DEST, "--copy-dest"),
+        ((*GOOD, "--copy-dest", "../../../"), DEST, "exactly one"),
+        ((*GOOD, "--compare-dest", "../../../"), DEST, "not allowed"),
+        ((*GOOD, "--link-dest", "../../../"), DEST, "not allowed"),
+        ((*GOOD, "--delete"), DEST, "not allowed"),
+        ((*GOOD, "--force"), DEST, "not allowed"),
+        ((*GOOD, "--backup-dir", f"/{KEEP}/p1"), DEST, "not allowed"),
+        (("-blogtpre.iLsfxCIvu", *GOOD[1:]), DEST, "'b'"),
+        (("-Klogtpre.iLsfxCIvu", *GOOD[1:]), DEST, "'K'"),
+        (("-slogtpre.iLsfxCIvu", *GOOD[1:]), DEST, "'s'"),
+        ((*GOOD, "--inplace"), DEST, "not allowed"),
+        ((*GOOD, "--temp-dir", "/tmp"), DEST, "not allowed"),
+        ((*GOOD, "--partial-dir", "x"), DEST, "not allowed"),
+        ((*GOOD, "-b"), DEST, "one short-option bundle"),
+        (GOOD[1:], DEST, "one short-option bundle"),
     ],
 )
 def test_check_refuses_anything_else(options: tuple[str, ...], dest: str, reason: str) -> None:
     why = rsyncd.check_server_args(server_args(*options, dest=dest), KEEP, "p1")
     assert why is not None and reason in why
+
+
+def test_daemon_config_lines() -> None:
+    text = rsyncd.render_daemon_config(rsyncd.DaemonConfig(Path("/data"), KEEP))
+    staging = f"/{KEEP}/in/%MESH_PUSH_ID%"
+    assert f"filter = - {staging}/{KEEP}/*** + {staging} + {staging}/** - /**\n" in text
+    assert ("refuse options = * !recursive !links !perms !times !group !owner !ignore-times"
+            " !numeric-ids !copy-dest\n") in text
 
 
 # --- pushes ------------------------------------------------------------------------------
@@ -111,7 +159,7 @@ ODD_NAMES = ["with space.txt", "new\nline", "ünïcødé ✓.txt", "star*q?[b]",
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["rsh", "inline"])
-async def test_push_lands_byte_for_byte_and_keeps_what_it_displaces(
+async def test_push_is_staged_byte_for_byte_and_the_live_tree_is_untouched(
     cluster_pki: Pki, tmp_path: Path, inline: bool
 ) -> None:
     source, target = make_dirs(tmp_path)
@@ -121,60 +169,67 @@ async def test_push_lands_byte_for_byte_and_keeps_what_it_displaces(
     (source / "dir" / "sub").mkdir(parents=True)
     (source / "dir" / "sub" / "deep.bin").write_bytes(os.urandom(300_000))
     (source / "dir").chmod(0o750)
+    (source / "dir" / "sub").chmod(0o711)
     (source / "run.sh").write_bytes(b"#!/bin/sh\n")
     (source / "run.sh").chmod(0o751)
     (source / "link").symlink_to("with space.txt")
     (source / "abs").symlink_to("/etc/passwd")  # stored as sent, never followed
+    (source / "up").symlink_to("../../../../..")
     (source / "replaced").write_bytes(b"new content")
     (target / "replaced").write_bytes(b"the receiver's own edit")
     (target / "deleted").write_bytes(b"deleted at the source")
     (target / "held back").write_bytes(b"not in this push")  # missing at A, not allowed
-    before = describe(target)
+    (target / "dir").mkdir()
+    (target / "dir" / "sub").write_bytes(b"a file here, a folder at the sender")
+    # A folder's mtime is kept when it is in another second than the staged folder's
+    # creation: in the same second rsync (3.1.3+) takes the two for equal and leaves it.
+    os.utime(source / "dir" / "sub", ns=(1_600_000_000_123_456_789,) * 2)
+    os.utime(source / "dir", ns=(1_600_000_000_000_000_000,) * 2)
     sink = RecordingSink(target, watch=("replaced",))
 
     async with receiver(cluster_pki, target, sink) as server:
+        before = snapshot(target)
         allowed = sorted(p.relative_to(source).as_posix() for p in source.rglob("*"))
         returncode = await push(
             grant(server, "first", [*allowed, "deleted"]), source, cluster_pki.creds(SENDER),
             inline=inline,
         )
         await until(lambda: len(sink.finished()) == 1, "the push to end")
+        after = snapshot(target)
 
     assert returncode == 0
-    expected = describe(source)
-    landed = describe(target)
-    assert {k: landed[k] for k in expected} == expected
-    assert "deleted" not in landed
-    assert landed["held back"] == before["held back"]
-    deep = Path("dir", "sub", "deep.bin")
-    assert (target / deep).stat().st_mtime == (source / deep).stat().st_mtime
-    kept = target / KEEP / "first"
-    assert (kept / "replaced").read_bytes() == b"the receiver's own edit"
-    assert (kept / "deleted").read_bytes() == b"deleted at the source"
-    assert sorted(p.name for p in kept.iterdir()) == ["deleted", "replaced"]
+    # Nothing in the live tree was created, changed or removed, the keep area included
+    # (its staging area aside).
+    assert after == before
+    stage = staged(target, "first")
+    assert describe(stage, skip="") == describe(source)  # links as sent, modes kept
+    assert "deleted" not in describe(stage, skip="")  # deletes are the agent's to apply
+    for rel in ["dir", "dir/sub", "dir/sub/deep.bin", "run.sh"]:
+        assert (stage / rel).stat().st_mtime_ns == (source / rel).stat().st_mtime_ns, rel
+    assert str((stage / "abs").readlink()) == "/etc/passwd"
+    assert not any(p.name.startswith(".") for p in stage.rglob("*"))  # no temp file left
     [record] = sink.pushes
     assert (record.peer, record.push_id, record.header) == (SENDER, "first", b"announcement first")
     assert record.seen == {"replaced": b"the receiver's own edit"}  # begin ran before any data
     assert record.returncode == 0
 
 
-async def test_replaced_directory_and_symlink_are_kept(cluster_pki: Pki, tmp_path: Path) -> None:
+async def test_a_changed_big_file_is_staged_whole(cluster_pki: Pki, tmp_path: Path) -> None:
+    """The live file is only the delta basis (--copy-dest): the staged file is the
+    sender's, complete, and the live one keeps its inode and bytes."""
     source, target = make_dirs(tmp_path)
-    (source / "was-a-dir").write_bytes(b"now a file")
-    (source / "was-a-link").write_bytes(b"now a file too")
-    (target / "was-a-dir" / "inner").mkdir(parents=True)
-    (target / "was-a-dir" / "inner" / "f").write_bytes(b"deep")
-    (target / "was-a-link").symlink_to("/nowhere")
+    base = os.urandom(3 << 20)
+    (target / "big").write_bytes(base)
+    cut = 1 << 20
+    (source / "big").write_bytes(base[:cut] + os.urandom(1 << 16) + base[cut + (1 << 16) :])
+    inode = (target / "big").stat().st_ino
     sink = RecordingSink(target)
     async with receiver(cluster_pki, target, sink) as server:
-        # The sender names the entries it knew in the directory it replaced: a push removes
-        # nothing else (test_push_deletes).
-        paths = ["was-a-dir", "was-a-dir/inner", "was-a-dir/inner/f", "was-a-link"]
-        assert await push(grant(server, "second", paths), source, cluster_pki.creds(SENDER)) == 0
-    kept = target / KEEP / "second"
-    assert (kept / "was-a-dir" / "inner" / "f").read_bytes() == b"deep"
-    assert str((kept / "was-a-link").readlink()) == "/nowhere"
-    assert (target / "was-a-dir").read_bytes() == b"now a file"
+        assert await push(grant(server, "big", ["big"]), source, cluster_pki.creds(SENDER)) == 0
+        await until(lambda: len(sink.finished()) == 1, "the push to end")
+    assert (staged(target, "big") / "big").read_bytes() == (source / "big").read_bytes()
+    assert (target / "big").read_bytes() == base
+    assert (target / "big").stat().st_ino == inode
 
 
 async def test_refused_push_changes_nothing(cluster_pki: Pki, tmp_path: Path) -> None:
@@ -187,7 +242,7 @@ async def test_refused_push_changes_nothing(cluster_pki: Pki, tmp_path: Path) ->
         returncode = await push(grant(server, "refused", ["f"]), source, cluster_pki.creds(SENDER))
     assert returncode != 0
     assert (target / "f").read_bytes() == b"old"
-    assert not (target / KEEP / "refused").exists()
+    assert not staged(target, "refused").exists()
     assert sink.pushes == []
 
 
@@ -195,17 +250,20 @@ async def test_refused_push_changes_nothing(cluster_pki: Pki, tmp_path: Path) ->
 
 
 async def raw_rsync(
-    cluster_pki: Pki, server: TunnelServer, source: Path, push_id: str, *options: str
+    cluster_pki: Pki, server: TunnelServer, source: Path, push_id: str, *options: str,
+    dest: str | None = None,
 ) -> tuple[int, str]:
-    """Our rsync client, but with the command line given here instead of ours."""
+    """Our rsync client, but with the command line given here instead of ours (the
+    destination: this push's staging dir unless ``dest`` says otherwise)."""
     header = source.parent / f"{push_id}.header"
     header.write_bytes(b"raw")
     env = {"PATH": os.environ["PATH"]}
     env |= tunnel_env(grant(server, push_id, []), cluster_pki.creds(SENDER), header)
     rsh = rsyncd.rsh_command([sys.executable, *TUNNEL_RSH])
+    path = rsyncd.staging_dest(KEEP, push_id) if dest is None else dest
     proc = await asyncio.create_subprocess_exec(
         rsyncd.RSYNC, "-rlptgo", *options, f"--rsh={rsh}", f"{source}/",
-        rsyncd.daemon_target(server.address[0]),
+        rsyncd.daemon_target(server.address[0], path),
         stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     _, errors = await proc.communicate()
@@ -219,57 +277,80 @@ def refused_in_log(caplog: pytest.LogCaptureFixture, push_id: str) -> bool:
     return any(f"push {push_id}: rsync: " in line and "refuse" in line for line in lines)
 
 
-async def test_client_cannot_choose_the_command_nor_skip_the_backup(
+COPY = "--copy-dest=../../../"
+
+
+async def test_client_cannot_choose_the_command_nor_the_destination(
     cluster_pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     source, target = make_dirs(tmp_path)
     (source / "f").write_bytes(b"from a hostile client")
     (target / "f").write_bytes(b"precious")
+    (target / KEEP / "in" / "other").mkdir(parents=True)
     sink = RecordingSink(target)
+    refusals: dict[str, tuple[list[str], str | None]] = {
+        "root": ([COPY], "/"),
+        "otherpush": ([COPY], f"/{KEEP}/in/other/"),
+        "keeparea": ([COPY], f"/{KEEP}/"),
+        "nocopydest": ([], None),
+        "otherbasis": (["--copy-dest=../../"], None),
+        "linkdest": (["--link-dest=../../../"], None),  # rsync mixes no two *-dest
+        "delete": ([COPY, "--delete"], None),
+        "backup": ([COPY, "--backup"], None),
+        "keepdirlinks": ([COPY, "-K"], None),
+        "inplace": ([COPY, "--inplace"], None),
+        "tempdir": ([COPY, "--temp-dir=/"], None),
+    }
     async with receiver(cluster_pki, target, sink) as server:
-        refusals = {
-            "nobackup": ["--delete"],
-            "otherdir": ["--backup-dir", f"/{KEEP}/someone-else"],
-            "keepdirlinks": ["-K", "--backup-dir", f"/{KEEP}/keepdirlinks"],
-            "inplace": ["--inplace", "--backup-dir", f"/{KEEP}/inplace"],
-        }
-        for push_id, options in refusals.items():
-            returncode, _ = await raw_rsync(cluster_pki, server, source, push_id, *options)
+        before = snapshot(target)
+        for push_id, (options, dest) in refusals.items():
+            returncode, _ = await raw_rsync(
+                cluster_pki, server, source, push_id, *options, dest=dest)
             assert returncode != 0, push_id
-            assert (target / "f").read_bytes() == b"precious", push_id
             # The daemon refuses before its protocol starts, so the reason reaches the
             # receiver's log only; the client sees an exit status.
             await until(
                 functools.partial(refused_in_log, caplog, push_id),
                 f"the daemon's refusal of {push_id}",
             )
+            staging = staged(target, push_id)
+            assert list(staging.iterdir()) == [], push_id
+        assert snapshot(target) == before
+        assert list(staged(target, "other").iterdir()) == []
         # Asking the remote shell for another program changes nothing: the tunnel runs its
-        # own daemon, which keeps what it replaces.
+        # own daemon, which stages the push.
         marker = tmp_path / "ran"
         returncode, errors = await raw_rsync(
-            cluster_pki, server, source, "othercmd",
-            f"--rsync-path=touch {marker}; rsync", "--backup-dir", f"/{KEEP}/othercmd",
+            cluster_pki, server, source, "othercmd", f"--rsync-path=touch {marker}; rsync", COPY,
         )  # fmt: skip
     assert returncode == 0, errors
     assert not marker.exists()
-    assert (target / "f").read_bytes() == b"from a hostile client"
-    assert (target / KEEP / "othercmd" / "f").read_bytes() == b"precious"
-    assert [p.returncode != 0 for p in sink.pushes] == [True] * 4 + [False]
+    assert (target / "f").read_bytes() == b"precious"
+    assert (staged(target, "othercmd") / "f").read_bytes() == b"from a hostile client"
+    assert [p.returncode != 0 for p in sink.pushes] == [True] * len(refusals) + [False]
 
 
 async def test_client_cannot_write_into_the_keep_area(cluster_pki: Pki, tmp_path: Path) -> None:
+    """Not the live one (test above), nor one inside its staging dir: that would also
+    make the live keep area a delta basis for it."""
     source, target = make_dirs(tmp_path)
     (source / KEEP / "older").mkdir(parents=True)
     (source / KEEP / "older" / "f").write_bytes(b"forged")
     (source / KEEP / "planted").symlink_to("/")
+    (source / "ok").write_bytes(b"fine")
     (target / KEEP / "older").mkdir(parents=True)
     (target / KEEP / "older" / "f").write_bytes(b"kept by an older push")
     sink = RecordingSink(target)
     async with receiver(cluster_pki, target, sink) as server:
-        paths = [f"{KEEP}/older/f", f"{KEEP}/planted"]
+        paths = [f"{KEEP}/older/f", f"{KEEP}/planted", "ok"]
         await push(grant(server, "forge", paths), source, cluster_pki.creds(SENDER))
+        await until(lambda: len(sink.finished()) == 1, "the push to end")
     assert (target / KEEP / "older" / "f").read_bytes() == b"kept by an older push"
-    assert not (target / KEEP / "planted").is_symlink()
+    stage = staged(target, "forge")
+    assert (stage / "ok").read_bytes() == b"fine"
+    # rsync leaves the refused directory behind, empty (mode 0700), and nothing in it.
+    assert [p.relative_to(stage).as_posix() for p in stage.rglob("*")] in (["ok"], [KEEP, "ok"])
+    assert not any((stage / KEEP).rglob("*")) if (stage / KEEP).exists() else True
 
 
 # --- TLS and the header --------------------------------------------------------------------
@@ -402,7 +483,8 @@ async def test_reused_push_id_is_refused(cluster_pki: Pki, tmp_path: Path) -> No
         assert await push(grant(server, "same", ["f"]), source, creds) == 0
         (source / "f").write_bytes(b"two")
         assert await push(grant(server, "same", ["f"]), source, creds) != 0
-    assert (target / "f").read_bytes() == b"one"
+    assert (staged(target, "same") / "f").read_bytes() == b"one"
+    assert not (target / "f").exists()
     assert len(sink.pushes) == 1
 
 
@@ -423,7 +505,8 @@ def test_pushes_work_under_uvloop(cluster_pki: Pki, tmp_path: Path) -> None:
             ))
             await until(lambda: len(sink.finished()) == 4, "the pushes to end")
         assert codes == [0, 0, 0, 0]
-        assert (target / "f").read_bytes() == (source / "f").read_bytes()
+        for i in range(4):
+            assert (staged(target, f"uv{i}") / "f").read_bytes() == (source / "f").read_bytes()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(pushes(), 60))
@@ -442,4 +525,4 @@ async def test_same_size_same_mtime_change_still_moves(cluster_pki: Pki, tmp_pat
         code = await push(grant(server, "same", ["plan"]), source, cluster_pki.creds(SENDER))
         await until(lambda: len(sink.finished()) == 1, "the push to end")
     assert code == 0
-    assert (target / "plan").read_bytes() == b"n1's plan"
+    assert (staged(target, "same") / "plan").read_bytes() == b"n1's plan"
