@@ -5,12 +5,12 @@ push keeps what it replaces), so keeping is a rename, never a copy. It holds
 
 * ``objects/<sha256 hex>``: content by hash (a file's bytes, a symlink's
   target), for restores and conflict copies;
-* ``<push id>/``: rsync's ``--backup-dir`` for one incoming push — what that
-  push replaced or deleted — until the agent has filed it into objects. It is
-  directly under the keep area because that is where the tunnel makes it and
-  the daemon's filter allows it (``mesh.adapters.rsyncd``: ``/<keep>/<push id>``);
-  a push id cannot take the name of ``objects`` or ``tmp``, which exist already
-  (the tunnel creates the push's dir exclusively);
+* ``in/<push id>/``: the staging dir of one incoming push: rsync lands the
+  push there (the daemon may write nowhere else: ``mesh.adapters.rsyncd``),
+  and the agent checks each staged entry against the push's announcement and
+  places it in the live tree. The tunnel creates it exclusively;
+* ``<push id>/``: rsync's ``--backup-dir`` of one push, from releases that
+  landed pushes in the live tree: found after an upgrade only;
 * ``<push id>.note``: that push's announcement (its versions), so that after a
   crash the agent can settle what it was landing, finish a rename rsync was
   killed in, and drop rsync's partial files (``.<name>.XXXXXX`` next to the
@@ -36,16 +36,29 @@ from mesh.core.manifest import ContentKey, Kind
 KEEP_NAME = ".mesh-keep"
 
 
+def _subdirs(parent: Path) -> list[Path]:
+    """The directories directly in ``parent`` (no symlinks)."""
+    return [p for p in parent.iterdir() if p.is_dir() and not p.is_symlink()]
+
+
 class KeepArea:
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir / KEEP_NAME
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
-        for d in (self.objects, self.tmp):
+        self.incoming = self.root / "in"
+        for d in (self.objects, self.tmp, self.incoming):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The staging dirs, and the backup dirs of an older release (directly under the
+        # keep area: every dir there but ours).
+        ours = {self.objects.name, self.tmp.name, self.incoming.name}
         self.unfinished = sorted(
-            p.name for p in self.root.iterdir()
-            if p.is_dir() and not p.is_symlink() and p not in (self.objects, self.tmp))
+            {p.name for p in _subdirs(self.incoming)}
+            | {p.name for p in _subdirs(self.root) if p.name not in ours})
+
+    def staging_dir(self, push_id: str) -> Path:
+        """Where rsync lands push ``push_id`` (``mesh.core.landing``)."""
+        return self.incoming / push_id
 
     def object_path(self, content: ContentKey) -> Path:
         return self.objects / content[1].hex()
@@ -80,6 +93,7 @@ class KeepArea:
         shutil.copyfile(self.object_path(content), dest)
 
     def push_dir(self, push_id: str) -> Path:
+        """The backup dir of a push landed by an older release (see the module doc)."""
         return self.root / push_id
 
     def note_push(self, push_id: str, header: bytes) -> None:
