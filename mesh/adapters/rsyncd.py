@@ -1,106 +1,108 @@
 """rsync at both ends of a push: the receiving daemon's config and argument check, and the
 sending command line with its include patterns.
 
-How the receiver is made unable to destroy content (checked with rsync 3.5.0 on Debian 12;
-``man rsyncd.conf``, and the behaviour observed, not assumed):
+A push lands in two phases (issue 11): rsync writes it into the push's own *staging dir*,
+``<data>/<keep>/in/<push id>/``, and nothing else; after the daemon exits, the receiving
+agent checks each staged entry against the version the push announced and places it in the
+live tree itself. So rsync never creates, changes or removes anything in the live tree,
+and bytes the sender changed during the push are told apart from an edit made here.
+
+How the receiver is made unable to write outside the staging dir (checked with rsync
+3.5.0, protocol 32, on Debian 12; ``man rsyncd.conf``, and the behaviour observed, not
+assumed):
 
 - The receiver is rsync's *daemon* protocol spoken over our TLS tunnel: the tunnel starts a
   fixed ``rsync --server --daemon --config=C .`` whatever the client asked for, and the
-  config has one write-only module, ``data``, whose ``path`` is the data folder.
-- Why not the simpler fixed remote-shell server, ``rsync --server <our flags> . DATA/``,
-  where ``--backup`` would be ours by construction: it has no chroot and no filter the
-  client cannot override, so a client could plant a symlink in the keep area and have
-  later backups (renames, done as root) land where it points; rsync 3.5.0's resolver
-  follows links owned by root, i.e. every link a root receiver created. The daemon gives
-  ``use chroot = yes`` (the module path becomes ``/``), a daemon filter and
-  ``refuse options``; what it lacks, a way to force an option, the hook below supplies.
-- The daemon has no setting that *forces* an option, so ``--backup`` is enforced by a
-  ``pre-xfer exec`` hook (:func:`check_server_args`, run as ``python -I -S
-  mesh/adapters/rsyncd_hook.py``). rsync hands the hook the client's exact server arguments as
-  ``RSYNC_ARG0..n``, also when the client used ``--secluded-args`` (verified), and aborts
-  the transfer when it exits non-zero. The hook accepts one shape only: ``-b`` in the
-  single short-option bundle, exactly one ``--backup-dir`` equal to
-  ``/<keep>/<this push id>`` (the tunnel passes the push id in the environment), the
-  destination ``/``, and nothing it does not know. A client that omits the backup, names
-  another backup dir or adds an option is refused before any file is touched.
-- ``refuse options = * !recursive ...`` is the second lock, an allow-list that rsync itself
-  applies with its own option parser, so no alias or abbreviation of ``--inplace``,
-  ``--append``, ``--temp-dir``, ``--partial(-dir)``, ``--delay-updates``, ``--suffix``,
-  ``--link-dest`` and its kin, ``-K``, ``-D``, ``-H``/``-A``/``-X``, ``--max-delete``,
-  ``--remove-source-files``, ``--usermap``/``--chown``, ``--timeout``... gets through even
-  if the hook misread one. (Checked: each of those is refused, exit code 4.)
-- With ``--backup-dir``, rsync *renames* every file it replaces or deletes into that dir,
-  keeping its relative path, also the entries of a directory that a push removes, and
-  symlinks (checked). The keep area is a hidden dir inside the module, so the rename stays
-  on the same filesystem. The tunnel creates ``<keep>/<push id>`` exclusively before the
-  transfer: a reused push id would let a second backup overwrite the first.
-- The daemon filter ``+ /K/ - /K + /K/*/ - /K/**`` keeps clients out of the keep area:
-  nothing but empty per-push directories may be sent or deleted there, and a symlink named
-  ``K`` or ``K/x`` is refused. A plain ``- /K/***`` cannot be used: rsync 3.5.0 rejects a
-  ``--backup-dir`` inside a daemon-excluded path ("Your options have been rejected").
-- Symlinks are stored as sent (``munge symlinks = no``). That is safe only because nothing
-  follows them inside the daemon: the chroot makes an absolute or ``..`` target resolve
-  inside the data folder at worst, the module is ``write only`` (the daemon never reads a
-  file through a link to serve it), and ``-K``/``-L``/``-k`` are refused. rsync's own
-  hardening (3.5.0: no symlinked parent is followed out of the tree) is a third layer.
-  What runs *outside* the chroot (the agent: hashing, restoring from the keep area) must
-  never follow a link either: ``lstat``/``O_NOFOLLOW`` only.
+  config has one write-only module, ``data``, whose ``path`` is the data folder. The
+  tunnel creates the staging dir exclusively (mode 0700, ``<keep>/in`` too, no link
+  followed) before the daemon starts, so a reused push id is refused.
+- Why not the simpler fixed remote-shell server, ``rsync --server <our flags> . DEST``: it
+  has no chroot and no filter the client cannot override. The daemon gives ``use chroot =
+  yes`` (the module path becomes ``/``), a daemon filter and ``refuse options``; what it
+  lacks, a way to force an option or a destination, the hook below supplies.
+- The ``pre-xfer exec`` hook (:func:`check_server_args`, run as ``python -I -S
+  mesh/adapters/rsyncd_hook.py``): rsync hands it the client's exact server arguments as
+  ``RSYNC_ARG0..n``, also when the client used ``--secluded-args``, and aborts the transfer
+  when it exits non-zero. Our client's arguments arrive as ``rsyncd --server
+  -logtprIe.<caps> --numeric-ids --copy-dest ../../../ . /<keep>/in/<push id>/`` (with the
+  chroot; without it the destination has no first ``/``). The hook accepts that shape
+  only: the destination exactly this push's staging dir (the tunnel passes the push id in
+  the environment), exactly one ``--copy-dest`` equal to ``../../../``, letters of
+  ``rlptgoI`` in one bundle, and nothing it does not know (``--delete``, ``--backup``,
+  ``-b``, ``--inplace``, another ``*-dest``... are refused before any file is touched).
+- ``refuse options`` is the second lock, an allow-list that rsync applies with its own
+  option parser: checked with the hook removed, each of ``--delete``, ``--force``,
+  ``--backup``, ``--backup-dir``, ``--suffix``, ``--inplace``, ``--append``,
+  ``--partial(-dir)``, ``--delay-updates``, ``--temp-dir``, ``--link-dest``,
+  ``--compare-dest``, ``-K``, ``-D``, ``-H``, ``-A``, ``-X``, ``-c``, ``-R``,
+  ``--max-delete``, ``--remove-source-files``, ``--chown``, ``--timeout``,
+  ``--copy-unsafe-links`` is refused ("The server is configured to refuse
+  ...", exit 4, nothing touched). (``-L``, ``-k`` are the sender's own business.)
+- The daemon filter, :func:`daemon_filter`, ``- /K/in/%MESH_PUSH_ID%/K/*** + /K/in/%ID%
+  + /K/in/%ID%/** - /**``, is the third lock. Daemon filter paths are from the module
+  root, not from the destination (checked: ``- /big`` does not stop ``K/in/P/big``), and
+  rsync expands ``%MESH_PUSH_ID%`` per connection from the tunnel's environment (checked:
+  a daemon started for push ``Q`` refuses the destination ``K/in/P/``: "daemon has
+  excluded destination"). rsync checks the destination both as a file and as a directory,
+  hence ``+ /K/in/%ID%`` besides ``/**``. So the daemon alone refuses any other
+  destination, and inside the staging dir it refuses a ``K`` subtree ("daemon refused to
+  receive directory"; it leaves that directory behind, empty, mode 0700), which would
+  otherwise make the live keep area a delta basis. ``--copy-dest=../../`` (the keep area)
+  is rejected by the daemon itself ("Your options have been rejected by the server").
+- The delta basis: ``--copy-dest=../../../`` is relative to the destination dir, three
+  levels up is the module root, and rsync looks each file up there by its own path: the
+  live file is the basis, read only (the daemon filter does not apply to basis reads:
+  checked). Checked with and without the chroot (as root and as ``nobody``): a 64 MiB
+  file with 1 MiB of it changed sent 1,081,367 bytes client to server (57,483 back)
+  with the basis, 67,125,500 without; the staged file was byte-identical to the
+  sender's, the live one untouched (same inode, bytes, mtime).
+- What is staged: every entry of the include list as the sender has it now, files,
+  symlinks and folders, each folder on the way with the sender's mode, owner and mtime
+  (also the staging dir itself: rsync applies the sender's data root to it, ``.``), and
+  file modes and mtimes (checked to the nanosecond). A folder's mtime is kept unless it
+  falls in the same second as the staged folder's creation: rsync (3.1.3+) then takes the
+  two for equal and leaves the creation time. A path that is a folder (or a file) in the
+  live tree and a file (or a folder) at the sender is staged as the sender has it, without
+  any error: rsync does not look at the live tree except for basis files.
+- Temp files: rsync writes each file as ``.<name>.XXXXXX`` (mode 0600) in the *staged*
+  file's directory, inside the staging dir, and renames it there (``--temp-dir``,
+  ``--partial-dir`` and ``--delay-updates`` are refused). A daemon killed with SIGKILL
+  leaves that temp file there (checked), and nothing in the live tree.
+- Symlinks are staged as sent (``munge symlinks = no``; checked: ``/etc/passwd`` and
+  ``../../../../..`` staged unchanged). That is safe only because nothing follows them
+  inside the daemon: the chroot makes an absolute or ``..`` target resolve inside the data
+  folder at worst, the module is ``write only``, ``-K``/``-L``/``-k`` make no difference
+  to the receiver (refused or sender-side), and rsync's own hardening (3.5.0: no symlinked
+  parent is followed) is another layer. What runs *outside* the chroot (the agent:
+  hashing staged files, placing them, restoring from the keep area) must never follow a
+  link: ``lstat``/``O_NOFOLLOW`` only.
 - As root, a daemon switches to ``nobody`` unless the module sets ``uid``/``gid``; we set
   ``uid = 0``/``gid = 0`` so owners and groups (sent as numbers: ``numeric ids``, which a
   chroot also implies) are kept. Without root there is no chroot: the module then runs
-  with ``use chroot = no`` and rsync *sanitizes* incoming symlink values (checked: ``/a``
-  is stored as ``a``, ``../../x`` as ``x``): a development mode, logged as such.
-- rsync writes each file into ``.<name>.XXXXXX`` in the target's own directory and renames
-  it into place (its default; ``--temp-dir``, ``--partial-dir`` and ``--delay-updates``
-  are refused), so the watcher can ignore one name pattern, :data:`RSYNC_TEMP_GLOB`.
+  with ``use chroot = no`` and rsync *sanitizes* incoming symlink values (checked:
+  ``/etc/passwd`` is staged as ``etc/passwd``, ``../../../../..`` as ``.``): a
+  development mode, logged as such.
+- The basis is a side channel the old shape had too: the receiver sends the block
+  checksums of the live file at the pushed path to the client. The filter keeps the keep
+  area out of it.
 
-Sending side: :func:`client_argv` is the only rsync command line we run: ``-rlptgo``
-(``archive`` without ``-D``: the module refuses devices and specials), ``--numeric-ids``,
-``--delete``, ``--backup-dir``, the include list on stdin (``--from0 --include-from=-
---exclude=*``) and ``--rsh`` naming our tunnel. No ``--ignore-errors``: an I/O error on the
-sender must not turn into deletions on the receiver.
+Sending side: :func:`client_argv` is the only rsync command line we run: ``-rlptgoI``
+(``archive`` without ``-D``: the module refuses devices and specials; ``-I``: see
+:data:`SEND_FLAGS`), ``--numeric-ids``, ``--copy-dest=../../../``, the include list on
+stdin (``--from0 --include-from=- --exclude=*``), ``--rsh`` naming our tunnel, and the
+destination ``host::data/<keep>/in/<push id>/``. Nothing that deletes or moves a receiver
+file: no ``--delete``, ``--force``, ``--backup(-dir)``. No ``--ignore-errors``.
 
-What a push may remove: only what it names (:func:`include_patterns`). Checked with rsync
-3.5.0 through this daemon config and hook, the sender lacking ``p`` (deleted there) and
-naming it as ``/p``, ``--exclude=*`` after the list:
-
-- The receiver's ``p`` is an empty directory, a file or a link: removed; a file or link
-  is renamed into the backup dir, an empty directory is not kept. Exit 0.
-- ``p`` holds entries the push also names (``/p/c``; ``/p/sub`` and ``/p/sub/x``...):
-  each goes into the backup dir under its path (``<push>/p/c``), then ``p`` is removed.
-  Exit 0.
-- ``p`` holds an entry the push does not name, at any depth (``p/c``, or ``p/sub/x``
-  with ``/p/sub`` named): ``--exclude=*`` protects it, so it stays, and so do ``p`` and
-  every directory on the way to it (their named entries are still removed and kept).
-  "cannot delete non-empty directory: p" is an info line, not an error: the daemon logs
-  it, the client prints it on its stdout. Exit 0.
-- The sender has a *file* (or link) ``p`` and the receiver a directory ``p``: as above,
-  the named entries go and the directory is removed if nothing is left, and the file
-  takes its place. If an unnamed entry is left, the file does not land: the daemon
-  logs "could not make way for new regular file: p" and exits 23 (a partial transfer;
-  the agent's push end then takes the push as not complete). The *sender's* rsync exits
-  0 all the same: its remote shell (``mesh.rsh``, or the inline relay's ``cat``) exits
-  0, and a client whose server is a daemon behind a remote shell takes that status for
-  the server's.
-- The sender has a directory ``p`` with named children (``/p/``, ``/p/c``) and the
-  receiver a file ``p``: the file is renamed into the backup dir, the directory and
-  children land. Exit 0.
-- A named path whose parent directory the sender lacks (only ``/p/c`` named, with the
-  parent pattern ``/p/``): rsync can reach ``p/c`` only by deleting ``p``, so it removes
-  ``p/c`` and then ``p`` too if nothing unnamed is left in it (a directory the push did
-  not name, but one that holds nothing else); with an unnamed entry left, ``p`` stays.
-- ``--force`` changes none of these (each case run with and without it): with
-  ``--delete`` rsync already removes directories recursively; ``--force`` only matters
-  without ``--delete``. So it is not sent, and both the hook and ``refuse options``
-  refuse it (checked: the hook first, "option '--force' is not allowed"; with no hook,
-  the daemon itself, "The server is configured to refuse --force"; exit 4 either way,
-  nothing touched). A sender of an earlier release, which sent ``--force`` and
-  ``/p/***``, is so refused by an upgraded receiver: during a rolling upgrade its pushes
-  fail and are retried until it is upgraded too, rather than delete what it never saw.
-- The old list also sent ``/p/***`` for each such ``p``. It matches the receiver's whole
-  subtree, so ``--delete`` removed every entry under ``p``, named or not (kept in the
-  backup dir, exit 0): a file created there concurrently, which the sender never saw,
-  was deleted on the receiver, and its scan took the absence for a delete of its own.
+What a push stages (:func:`include_patterns`; checked through this daemon config and hook,
+``tests/integration/test_push_deletes.py``): exactly the named paths the sender has now,
+and the folders on the way to them (a folder not named but on the way is staged empty of
+anything else). A named path the sender lacks (deleted there) is not in the list and
+nothing is staged for it; the receiving agent applies the delete from the announcement.
+Whatever the live tree holds (a folder with unnamed entries where the sender now has a
+file, a file where it has a folder, entries created concurrently) is left as it was:
+rsync deletes nothing. The sender's rsync exits with its remote shell's status (``mesh.rsh``
+or the inline relay's ``cat``, 0), not the daemon's: the receiving agent's push end sees
+the daemon's.
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ RSYNC_TEMP_GLOB = ".*.??????"  # rsync's mkstemp name: "." + name + "." + 6 char
 
 # -I (--ignore-times): every path in a push is one the gate decided the peer lacks, so
 # never skip it because size and mtime match: two versions of one size written in the
-# same second would never move (found by the operator tests' conflicts).
+# same second would never move (found by the operator tests' conflicts), and with
+# --copy-dest such a file would be staged as a copy of the receiver's live file.
 SEND_FLAGS = ("-rlptgoI", "--numeric-ids", f"--copy-dest={COPY_DEST}")
 _REFUSE = "* !recursive !links !perms !times !group !owner !ignore-times !numeric-ids !copy-dest"
 _WILDCARDS = frozenset("*?[")

@@ -45,8 +45,9 @@ def check_server_args(args: Sequence[str], keep_name: str, push_id: str) -> str 
     """Why the daemon must refuse a transfer with these ``RSYNC_ARG0..n``, or None.
 
     Accepted: ``rsyncd --server -<bundle> [--numeric-ids] --copy-dest ../../../ .
-    /<keep>/in/<push id>/`` in any option order (``--copy-dest=../../../`` too), where the
-    bundle holds letters of ``rlptgoI`` and rsync's ``e.<capabilities>`` suffix.
+    /<keep>/in/<push id>/`` (also without the first ``/``, and ``--copy-dest=../../../``),
+    in any option order, where the bundle holds letters of ``rlptgoI`` and rsync's
+    ``e.<capabilities>`` suffix.
     """
     if list(args[:2]) != ["rsyncd", "--server"]:
         return "not an rsync server request"
@@ -54,7 +55,10 @@ def check_server_args(args: Sequence[str], keep_name: str, push_id: str) -> str 
         return "no end of options"
     end = args.index(".")
     expected = staging_dest(keep_name, push_id)
-    if list(args[end + 1 :]) != [expected]:
+    # With "use chroot = yes" rsync hands the hook the destination from the module root
+    # ("/<keep>/in/<push id>/"), without a chroot relative to it ("<keep>/in/<push id>/");
+    # in either mode both name the same dir (checked with rsync 3.5.0).
+    if list(args[end + 1 :]) not in ([expected], [expected[1:]]):
         return f"destination must be {expected}, not {list(args[end + 1 :])!r}"
     bundles: list[str] = []
     copy_dests: list[str] = []

@@ -102,6 +102,8 @@ def test_check_accepts_what_our_client_sends() -> None:
     assert rsyncd.check_server_args(server_args(*GOOD), KEEP, "p1") is None
     joined = ("-logtpre.iLsfxCIvu", "--copy-dest=../../../")
     assert rsyncd.check_server_args(server_args(*joined), KEEP, "p1") is None
+    # What a daemon without a chroot (not root) hands the hook.
+    assert rsyncd.check_server_args(server_args(*GOOD, dest=DEST[1:]), KEEP, "p1") is None
 
 
 def test_our_client_sends_what_the_check_accepts(tmp_path: Path) -> None:
@@ -120,6 +122,8 @@ def test_our_client_sends_what_the_check_accepts(tmp_path: Path) -> None:
         (GOOD, f"/{KEEP}/p1/", "destination must be"),
         (GOOD, f"/{KEEP}/in/p1/sub/", "destination must be"),
         (GOOD, f"//{KEEP}/in/p1/", "destination must be"),
+        (GOOD, f"{KEEP}/in/p2/", "destination must be"),
+        (GOOD, f"./{KEEP}/in/p1/", "destination must be"),
         (("-logtpre.iLsfxCIvu",), DEST, "--copy-dest"),
         (("-logtpre.iLsfxCIvu", "--copy-dest", "../../"), DEST, "--copy-dest"),
         (("-logtpre.iLsfxCIvu", "--copy-dest", "/"), DEST, "--copy-dest"),
