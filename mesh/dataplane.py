@@ -5,13 +5,10 @@ Effects are processed from a work queue, not by recursion: a restore first
 rescans its path (so what it replaces is an indexed version, see
 ``mesh.core.replica.Restore``), which can produce further effects.
 
-Incoming pushes follow ``mesh.core.landing``: a push begins only once no push
-still landing holds one of its paths (``receiving`` waits), its paths are held
-until it ended (no scan, restore or conflict copy touches them), and then each
-path is settled from what the push displaced (in its backup dir), what is there
-now and how rsync ended; the steps it returns are carried out here. A push cut
-short by a stop of the agent is noted in the keep area with its announcement and
-settled the same way at the next start, before anything else is scanned.
+Incoming pushes follow ``mesh.core.landing``: rsync stages a push's bytes in
+the keep area, never in the data folder; at the push's end (or at the next start,
+after a kill) the staged bytes that are a version the path converges to are kept,
+and the replica's restores put them in place, each after a scan of the path.
 """
 
 from __future__ import annotations
@@ -20,29 +17,18 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
+import shutil
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
-from mesh.adapters.scanner import ScanError, Scanner, Unsettled
-from mesh.core import manifest
-from mesh.core.landing import (
-    Landed,
-    Landing,
-    Landings,
-    Outcome,
-    Scanned,
-    Step,
-    Unrecorded,
-    settle,
-)
-from mesh.core.manifest import ContentKey, Kind
+from mesh.adapters.scanner import PREHASH_BYTES, ScanError, Scanner, Unsettled
+from mesh.core.landing import Staged, StagedFile, staged, to_reaim
+from mesh.core.manifest import Kind
 from mesh.core.paths import deepest_first
-from mesh.core.replica import Effect, Observed, Replica, Restore, Want, WriteCopy, group
+from mesh.core.replica import Effect, Observed, Replica, Restore, Want, WriteCopy
 from mesh.core.resolver import Version
-from mesh.errors import MeshError, RemoteProtocolError
 from mesh.keep import KeepArea
 from mesh.store.index import Index
 
@@ -51,9 +37,6 @@ LOG = logging.getLogger("mesh.data")
 SCAN_BATCH = 500
 SCANS_KEPT = 10_000
 SCANS_KEPT_S = 10.0  # a scan's mark matters only to watcher events already on their way
-BUSY_WAIT_S = 60.0  # a push waits this long for one landing on its paths, then is refused
-_RSYNC_TEMP = re.compile(rb"\..+\.[A-Za-z0-9]{6}", re.DOTALL)
-NAME_MAX = 255
 
 Forward = Callable[[list[Effect]], Awaitable[None]]
 
@@ -72,14 +55,8 @@ class DataPlane:
         self.scanner = scanner
         self.forward = forward  # announcements and conflicts go to the exchange
         self.unsettled: set[str] = set()
-        self.landings = Landings()
-        self._landing_ended = asyncio.Condition()
         self._scanned_at: dict[str, float] = {}  # path -> when its last scan began
         self.wants = 0
-
-    def held(self, path: str) -> bool:
-        """A push is landing on ``path``: nothing but its end may scan, restore or push it."""
-        return self.landings.held(path)
 
     # --- scanning ---------------------------------------------------------------------
 
@@ -93,7 +70,7 @@ class DataPlane:
         """
         now = time.monotonic()
         asked = list(paths)
-        paths = [p for p in asked if not self.held(p)]
+        paths = asked
         if events_read is not None:
             paths = [p for p in paths if self._scanned_at.get(p, -1.0) < events_read]
         if len(paths) < len(asked) and LOG.isEnabledFor(logging.DEBUG):
@@ -112,8 +89,6 @@ class DataPlane:
             await asyncio.to_thread(self.scanner.prehash, large)
         batch: list[str] = []
         for path in paths:
-            if self.held(path):  # again: a push may have begun meanwhile
-                continue
             batch.append(path)
             if len(batch) >= SCAN_BATCH:
                 await self.apply(self._observe(batch))
@@ -122,11 +97,15 @@ class DataPlane:
             await self.apply(self._observe(batch))
 
     async def startup(self) -> int:
-        """Settle the pushes the last stop cut short, then reconcile the index with the
-        disk: what changed while we were down becomes local edits (unchanged files are
-        not re-hashed); restores that were pending are asked for again."""
+        """Keep what the pushes the last stop cut short had staged, then reconcile the
+        index with the disk: what changed while we were down becomes local edits
+        (unchanged files are not re-hashed); restores that were pending are asked for
+        again."""
         while self.keep.unfinished:
-            await self._finish_push(self.keep.unfinished.pop())
+            push_id = self.keep.unfinished.pop()
+            LOG.warning("push %s was cut short when the agent stopped: keeping what it "
+                        "staged", push_id)
+            await self.push_ended(push_id)
         on_disk = list(self.scanner.walk())
         gone = set(self.index.paths()) - set(on_disk)
         await self.scan([*on_disk, *deepest_first(gone)])
@@ -159,7 +138,7 @@ class DataPlane:
                     # A folder moved out of the root is reported alone: what we indexed
                     # inside it is gone too, and its deletes go first (a folder delete
                     # is applied once what it held is gone, see Replica._aim).
-                    inside = [p for p in self.index.paths_under(path) if not self.held(p)]
+                    inside = self.index.paths_under(path)
                     if inside:
                         done.update([path, *inside])
                         queue.extendleft(reversed([*deepest_first(inside), path]))
@@ -191,8 +170,8 @@ class DataPlane:
     def _write_copy(self, fx: WriteCopy) -> list[Effect]:
         dest = self.root / fx.path
         content = fx.source.content
-        if content is None or self.held(fx.path) or dest.exists() or dest.is_symlink():
-            return []  # a push landing there brings the same copy (or the next one will)
+        if content is None or dest.exists() or dest.is_symlink():
+            return []
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             self._materialize(fx.source.path, fx.source.kind, content, fx.source.mode, dest,
@@ -207,53 +186,81 @@ class DataPlane:
 
     def _restore(self, version: Version) -> list[Effect]:
         rel = version.path
-        if self.held(rel):
-            return []  # the landing's end asks again (Replica.reaim)
         effects = self._observe([rel])  # record anything unscanned first
         if self.index.state(rel).target != version:
             return effects
         path = self.root / rel
+        winner = version.winner
         try:
             current = self.scanner.observe(rel)
-            if current is not None:
-                self.keep.file_away(path, current.content)
-            winner = version.winner
+
+            def keep_current() -> None:  # right before the new content takes its place
+                if current is not None:
+                    self.keep.file_away(path, current.content)
+
             if version.content is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._materialize(rel, winner.kind, version.content, winner.mode, path,
-                                  exclusive=False)
+                                  exclusive=False, mtime_ns=winner.mtime_ns,
+                                  before=keep_current)
+            else:
+                keep_current()
+                if os.path.lexists(path):  # a folder still holding entries: the replica
+                    return effects + self._observe([rel])  # decides (DESIGN.md, Folders)
         except (OSError, ScanError) as err:
             LOG.warning("restore %s: %s", rel, err)
-            return effects
-        return effects + self._observe([rel])
+            return effects + self._observe([rel])
+        # On disk from now on: a change made right after is an edit on top of it.
+        return effects + self.replica.restored(rel, version)
 
     def _materialize(self, source_rel: str, kind: Kind, content: tuple[Kind, bytes, int],
-                     mode: int, dest: Path, *, exclusive: bool) -> None:
-        """Write content (from the data folder if it is there, else the keep
-        area) at ``dest``, atomically; never over an existing file if exclusive."""
+                     mode: int, dest: Path, *, exclusive: bool, mtime_ns: int = 0,
+                     before: Callable[[], None] | None = None) -> None:
+        """Write content (from the data folder if it is there, else the keep area) at
+        ``dest``, atomically; never over an existing file if exclusive. ``before`` runs
+        once the new content is ready, right before it takes its place (so a kill
+        between the two leaves as short a gap as it can).
+
+        A large kept file is moved out of the keep area, not copied (a pushed 256 MiB
+        file is not written twice); it goes back if it cannot take its place, and is
+        filed again whenever it is replaced."""
         if kind is Kind.DIR:
+            if before is not None:
+                before()
             dest.mkdir(mode=mode or 0o755, exist_ok=not exclusive)
             dest.chmod(mode)
             return
         tmp = self.keep.temp_name(dest)
+        kept = self.keep.object_path(content)
+        taken = False
         at_source = self._observed_content(source_rel) == content
-        if kind is Kind.SYMLINK:
-            target = (str((self.root / source_rel).readlink()) if at_source
-                      else self.keep.read_link(content))
-            tmp.symlink_to(target)
-        else:
-            if at_source:
-                _copy(self.root / source_rel, tmp)
-            else:
-                self.keep.copy_out(content, tmp)
-            tmp.chmod(mode)
         try:
+            if kind is Kind.SYMLINK:
+                target = (str((self.root / source_rel).readlink()) if at_source
+                          else self.keep.read_link(content))
+                tmp.symlink_to(target)
+            else:
+                if at_source:
+                    _copy(self.root / source_rel, tmp)
+                elif not exclusive and kept.stat().st_size >= PREHASH_BYTES:
+                    kept.rename(tmp)
+                    taken = True
+                else:
+                    self.keep.copy_out(content, tmp)
+                tmp.chmod(mode)
+                if mtime_ns > 0:
+                    os.utime(tmp, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+            if before is not None:
+                before()
             if exclusive:
                 os.link(tmp, dest, follow_symlinks=False)  # fails if dest exists
                 tmp.unlink()
             else:
                 tmp.replace(dest)
         finally:
+            if taken and os.path.lexists(tmp):
+                with contextlib.suppress(OSError):
+                    tmp.rename(kept)  # it could not take its place: back into the keep
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
@@ -266,190 +273,53 @@ class DataPlane:
 
     # --- pushes -----------------------------------------------------------------------
 
-    async def _finish_push(self, push_id: str) -> None:
-        """A push that was landing when the agent stopped: settle it as cut short."""
-        LOG.warning("push %s was cut short when the agent stopped: settling it", push_id)
-        versions: dict[str, Version] = {}
-        header = self.keep.noted(push_id)
-        if header is not None:
-            try:
-                versions = group(manifest.decode(header).entries)
-            except RemoteProtocolError as err:
-                LOG.warning("push %s: its note is unreadable (%s): only what it displaced "
-                            "is put back", push_id, err.reason)
-        self.landings.begin(Landing(push_id, "", versions))
-        await self.push_ended(push_id, Outcome.CUT_SHORT)
-
-    def _temps_of(self, rel: str) -> list[Path]:
-        """rsync's temp files of ``rel``: ``.<name>.XXXXXX`` in its folder, the name cut
-        to fit NAME_MAX (rsync's receiver.c, get_tmpname)."""
-        folder, _, name = rel.rpartition("/")
-        known = self._observed_content(folder) if folder else (Kind.DIR, b"", 0)
-        if known is None or known[0] is not Kind.DIR:
-            return []  # gone, or a symlink we must not follow
-        target = os.fsencode(name)
-        found = []
-        with contextlib.suppress(OSError):
-            for entry in list((self.root / folder).iterdir()):
-                raw = os.fsencode(entry.name)
-                stem = raw[1:-7]
-                ours = stem == target or (len(target) > NAME_MAX - 8 and target.startswith(stem))
-                if ours and _RSYNC_TEMP.fullmatch(raw) and not entry.is_symlink():
-                    found.append(entry)
-        return found
-
-    def _finish_rename(self, rel: str, version: Version) -> None:
-        """rsync was killed between keeping a file's old content and renaming the new
-        one in: a temp of ``rel`` holding ``version``'s whole content is renamed into
-        place (``mesh.core.landing``: "D kept" then means "V was renamed in"). Other
-        temps of ``rel`` are partial files of a push cut short: removed."""
-        for temp in self._temps_of(rel):
-            try:
-                observed = self._observe_file(temp)
-                if (version.content is not None and observed is not None
-                        and observed.content == version.content
-                        and not os.path.lexists(self.root / rel)):
-                    temp.rename(self.root / rel)
-                    LOG.warning("finished the rename of %s that a push cut short", rel)
-                    continue
-                LOG.warning("removing %s, a partial file of a push cut short", temp)
-                temp.unlink()
-            except (OSError, ScanError) as err:
-                LOG.warning("partial file %s: %s", temp, err)
-
-    async def receiving(self, push_id: str, sender: str, versions: dict[str, Version],
-                        header: bytes) -> None:
-        """A push of ``versions`` is about to land: wait until no push still landing
-        holds one of its paths (one push per path at a time), then hold them and note
-        the push on disk. Raises ``MeshError`` if that takes over BUSY_WAIT_S."""
-        try:
-            async with asyncio.timeout(BUSY_WAIT_S), self._landing_ended:
-                await self._landing_ended.wait_for(lambda: not self.landings.busy(versions))
-                self.landings.begin(Landing(push_id, sender, versions))
-        except TimeoutError:
-            busy = sorted(self.landings.busy(versions))
-            raise MeshError(f"push {push_id}: its paths are still held by {busy}") from None
-        try:
-            self.keep.note_push(push_id, header)
-        except OSError:
-            await self._release(push_id)
-            raise
-
-    async def refused(self, push_id: str) -> None:
-        """``receiving`` returned, but the push will not run."""
-        await self._release(push_id)
-        self.keep.forget_push(push_id)
-
-    async def _release(self, push_id: str) -> None:
-        self.landings.end(push_id)
-        async with self._landing_ended:
-            self._landing_ended.notify_all()
-
-    async def push_ended(self, push_id: str, outcome: Outcome) -> None:
-        """An incoming push ended: settle each path it held (``mesh.core.landing``), then
-        file what it displaced into the keep area and carry out the effects."""
-        landing = self.landings.get(push_id)
-        versions = {} if landing is None else dict(landing.versions)
-        large = self.scanner.to_prehash(versions)
-        if large:  # in a thread, as scan() does: a large pushed file must not stall the loop
-            with contextlib.suppress(OSError, ScanError):
-                await asyncio.to_thread(self.scanner.prehash, large)
-        now = time.monotonic()
-        for path in versions:
-            self._scanned_at[path] = now  # the settle below reads them all after ``now``
-        backup = self.keep.push_dir(push_id)
-        displaced = _files_under(backup)
-        effects: list[Effect] = []
-        try:
-            with self.index.batch():
-                for rel in deepest_first(set(versions) | set(displaced)):
-                    effects += self._settle(rel, versions.get(rel), backup, outcome)
-                self.index.set_meta("clock", self.replica.clock)
-            for rel in displaced:
-                self._keep_displaced(backup / rel, push_id)
-        finally:
-            await self._release(push_id)
+    async def push_ended(self, push_id: str, announced: Iterable[str] = ()) -> None:
+        """An incoming push ended, however rsync exited (``mesh.core.landing``): keep the
+        staged bytes that are a version we converge to, drop the rest, and ask again
+        for what each path converges to; the restores that follow put them in place."""
+        staging = self.keep.staging_dir(push_id)
+        kept: list[str] = []
+        for rel in _files_under(staging):
+            found = self._observe_staged(staging / rel)
+            st = self.index.state(rel)
+            goal = st.target or st.disk
+            if (found is not None and goal is not None
+                    and staged({rel: goal}, StagedFile(rel, found.content)) is Staged.KEEP):
+                try:
+                    self.keep.file_away(staging / rel, found.content)
+                    kept.append(rel)
+                except OSError as err:
+                    LOG.warning("keep %s of push %s: %s", rel, push_id, err)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)  # what is left was not the version: dropped
+        self._file_old_backups(push_id)
         with self.index.batch():
-            for rel in versions:
-                effects += self.replica.reaim(rel)
+            effects = [fx for rel in to_reaim(announced, kept) for fx in self.replica.reaim(rel)]
         await self.apply(effects)
-        if self.unsettled:
-            await self.scan(sorted(self.unsettled & set(versions)))
+
+    def _file_old_backups(self, push_id: str) -> None:
+        """A push that landed the way releases before issue 11 did (in place, what it
+        replaced in ``<keep>/<push id>``), cut short by a stop: keep what it displaced."""
+        backup = self.keep.push_dir(push_id)
+        for rel in _files_under(backup):
+            found = self._observe_staged(backup / rel)
+            if found is not None:
+                with contextlib.suppress(OSError):
+                    self.keep.file_away(backup / rel, found.content)
         _remove_empty_dirs(backup)
-        self.keep.forget_push(push_id)
 
-    def _settle(self, rel: str, version: Version | None, backup: Path, outcome: Outcome,
-                ) -> list[Effect]:
-        """Carry out ``mesh.core.landing.settle`` for one path. A path the push did not
-        name but displaced (rsync removed it with a folder it deleted) is put back:
-        only the user removes what a push did not name (DESIGN.md, "Folders")."""
-        displaced = self._observe_displaced(backup / rel)
-        if version is not None:
-            self._finish_rename(rel, version)  # or drop its partial files
-        st = self.index.state(rel)
-
-        def known(content: ContentKey) -> bool:
-            return any(v is not None and v.holds(content) for v in (st.disk, st.target))
-
-        if version is None:  # displaced but not named
-            effects = ([] if displaced is None or known(displaced.content)
-                       else self.replica.unrecorded(rel, displaced, _ms()))
-            if displaced is not None and not os.path.lexists(self.root / rel):
-                self._put_back(backup / rel, rel)
-            return effects + self._observe([rel])
-        steps: list[Step]
+    def _observe_staged(self, path: Path) -> Observed | None:
         try:
-            current = self.scanner.observe(rel)
-        except (Unsettled, ScanError):
-            self.unsettled.add(rel)  # being written: scanned once it settles
-            current = None if displaced is None else displaced
-            steps = [s for s in settle(version, displaced, current, outcome, known)
-                     if not isinstance(s, Scanned)]
-        else:
-            steps = settle(version, displaced, current, outcome, known)
-        out: list[Effect] = []
-        for step in steps:
-            if isinstance(step, Unrecorded):
-                out += self.replica.unrecorded(rel, step.observed, _ms())
-            elif isinstance(step, Landed):
-                out += self.replica.landed(rel, step.version)
-            else:
-                out += self.replica.local(rel, step.observed, _ms())
-        return out
+            return self._observe_file(path)
+        except (OSError, ScanError) as err:
+            LOG.warning("staged %s: %s", path, err)
+            return None
 
     def _forget_scans(self) -> None:
         """Scan times matter only against events still on their way: keep them briefly."""
         if len(self._scanned_at) > SCANS_KEPT:
             old = time.monotonic() - SCANS_KEPT_S
             self._scanned_at = {p: t for p, t in self._scanned_at.items() if t > old}
-
-    def _observe_displaced(self, path: Path) -> Observed | None:
-        if not os.path.lexists(path):
-            return None
-        try:
-            return self._observe_file(path)
-        except (OSError, ScanError) as err:
-            LOG.warning("what a push displaced at %s: %s", path, err)
-            return None
-
-    def _put_back(self, kept: Path, rel: str) -> None:
-        dest = self.root / rel
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            kept.rename(dest)
-            LOG.warning("put back %s: a push removed it without naming it", rel)
-        except OSError as err:
-            LOG.warning("put back %s: %s", rel, err)
-
-    def _keep_displaced(self, path: Path, push_id: str) -> None:
-        if not os.path.lexists(path):
-            return  # put back
-        try:
-            observed = self._observe_file(path)
-            if observed is not None:
-                self.keep.file_away(path, observed.content)
-        except (OSError, ScanError) as err:
-            LOG.warning("keep %s displaced by push %s: %s", path, push_id, err)
 
     def _observe_file(self, path: Path) -> Observed | None:
         scanner = Scanner(path.parent, ignore=lambda _: False)

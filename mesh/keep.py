@@ -6,19 +6,17 @@ push keeps what it replaces), so keeping is a rename, never a copy. It holds
 * ``objects/<sha256 hex>``: content by hash (a file's bytes, a symlink's
   target), for restores and conflict copies;
 * ``in/<push id>/``: the staging dir of one incoming push: rsync lands the
-  push there (the daemon may write nowhere else: ``mesh.adapters.rsyncd``),
-  and the agent checks each staged entry against the push's announcement and
-  places it in the live tree. The tunnel creates it exclusively;
+  push there (the daemon may write nowhere else: ``mesh.adapters.rsyncd``).
+  At the push's end the agent keeps, into ``objects``, each staged file that
+  is a version the path converges to, and removes the dir; its restores then
+  put the content in place (``mesh.core.landing``). The tunnel creates it
+  exclusively;
 * ``<push id>/``: rsync's ``--backup-dir`` of one push, from releases that
-  landed pushes in the live tree: found after an upgrade only;
-* ``<push id>.note``: that push's announcement (its versions), so that after a
-  crash the agent can settle what it was landing, finish a rename rsync was
-  killed in, and drop rsync's partial files (``.<name>.XXXXXX`` next to the
-  target). The daemon's filter keeps every client away from files here.
+  landed pushes in the live tree: found after an upgrade only, and filed.
 
-A push dir found when the agent starts belongs to a push that was landing when
-the agent stopped (the tunnel makes one only while the agent runs): it is in
-``unfinished`` until the data plane has filed what it displaced.
+A staging dir found when the agent starts belongs to a push that was landing
+when the agent stopped (the tunnel makes one only while the agent runs): it is
+in ``unfinished`` until the data plane has kept what it staged.
 
 The watcher and the scanner ignore the whole area.
 """
@@ -95,23 +93,6 @@ class KeepArea:
     def push_dir(self, push_id: str) -> Path:
         """The backup dir of a push landed by an older release (see the module doc)."""
         return self.root / push_id
-
-    def note_push(self, push_id: str, header: bytes) -> None:
-        """Remember the announcement of push ``push_id`` until ``forget_push``: after a
-        crash, what it was landing is settled from it (``mesh.core.landing``)."""
-        self._write_atomic(self._note(push_id), header)
-
-    def noted(self, push_id: str) -> bytes | None:
-        try:
-            return self._note(push_id).read_bytes()
-        except FileNotFoundError:
-            return None  # it died before the note was written: nothing landed
-
-    def forget_push(self, push_id: str) -> None:
-        self._note(push_id).unlink(missing_ok=True)
-
-    def _note(self, push_id: str) -> Path:
-        return self.root / f"{push_id}.note"
 
     def temp_name(self, near: Path) -> Path:
         """A temp name next to ``near`` (same directory, so rename is atomic),

@@ -32,7 +32,6 @@ from pathlib import Path
 
 from mesh import gate
 from mesh.core import manifest
-from mesh.core.landing import Outcome
 from mesh.core.manifest import Manifest
 from mesh.core.pushplan import Push, PushPlanner, ReplicaView
 from mesh.core.pushstate import PeerStage
@@ -72,7 +71,7 @@ class Pushes:
         self.endpoint = endpoint  # peer -> (host, tunnel port) while its link is up
         # What goes where and when; it counts the gate's answers (``allowed``, ``denied``)
         # and our own pushes (``sent``...); lsyncd's pushes are counted where they land.
-        self.plan = PushPlanner(me, ReplicaView(self.replica, data.held))
+        self.plan = PushPlanner(me, ReplicaView(self.replica))
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         # Applies every inotify event up to now; the node's uses its watcher so that what
@@ -140,16 +139,10 @@ class Pushes:
             raise RemoteProtocolError(f"push {push_id}: {err.reason}", peer=peer) from None
         if m.origin != peer:
             raise RemoteProtocolError(f"push {push_id} announced by {m.origin}", peer=peer)
-        versions = group(m.entries)
-        paths = sorted(versions)
-        await self.data.receiving(push_id, peer, versions, header)
-        try:
-            with self.index.batch():
-                effects = self.replica.remote(peer, m.entries, m.conflicts, _ms())
-            await self.data.apply(effects)
-        except BaseException:
-            await self.data.refused(push_id)  # the tunnel refuses it: no end() follows
-            raise
+        paths = sorted(group(m.entries))
+        with self.index.batch():  # learned like any announcement (mesh.core.landing)
+            effects = self.replica.remote(peer, m.entries, m.conflicts, _ms())
+        await self.data.apply(effects)
         self.received += 1
         return _Ticket(peer, push_id, paths)
 
@@ -158,8 +151,7 @@ class Pushes:
         if returncode:
             LOG.warning("push %s from %s ended with rsync status %d", ticket.push_id,
                         ticket.peer, returncode)
-        await self.data.push_ended(ticket.push_id,
-                                   Outcome.COMPLETE if returncode == 0 else Outcome.FAILED)
+        await self.data.push_ended(ticket.push_id, ticket.paths)
 
     # --- the agent's own pusher ------------------------------------------------------
 

@@ -1,180 +1,81 @@
-"""What an incoming push means for each path it lands on (issue 11), with no I/O.
+"""What an incoming push means, from its begin to its end, a kill and a restart
+(issue 11), with no I/O.
 
-rsync lands a push on the receiver: for each path it moves what is there into
-the push's backup dir (what the push *displaced*) and renames the new bytes in.
-The user may write the same path at any moment before, during or after, and
-the agent may be killed in the middle. This module owns what each of those
-moments means; ``mesh.dataplane`` only observes the disk and carries out the
-steps it returns, and the simulation (``tests/core/sim.py``) drives the same
-code through every interleaving.
+rsync never writes into the data folder. It lands a push into the push's own
+staging folder in the keep area (``<keep>/in/<push id>/``), with the live files
+as its delta basis; the agent then decides, path by path, what reaches the data
+folder, and puts it there itself. That makes every moment of a landing exact
+instead of guessed from timing:
 
-Two rules make the meaning exact instead of guessed from timing:
+* the bytes rsync staged are checked against the version the push announced (by
+  hash): bytes the sender changed while rsync read them are never taken for
+  that version, nor for a write of ours;
+* what is replaced is observed by the agent itself, right before it replaces it
+  (``Restore``: scan first, then replace), so a write of ours that no scan had
+  seen yet is recorded as ours, concurrent with the pushed version, and
+  resolved by the rule (DESIGN.md, "the race to design for");
+* the agent records the pushed version as on disk the moment it put it there,
+  so a change made right after is an edit on top of it, not a write concurrent
+  with it (no spurious conflict, no undone delete);
+* a kill at any moment leaves the staged bytes where they were: the next start
+  keeps them and asks again for what each path converges to.
 
-* **One push per path at a time.** A push whose paths overlap one still landing
-  waits (``Landings.busy``) until that one ended. So at the end of a push, what
-  it displaced is what was on disk just before *its* bytes replaced it.
-* **A path is held while a push lands on it.** Nothing scans, restores or pushes
-  it until the push ended (``Landings.held``). So the index's disk version of a
-  held path is still the one it had when the push began: displaced content that
-  is not a version we know is a write of ours made before the bytes landed, and
-  the content found at the end (when it is not the pushed version and rsync
-  completed) is a write made after they landed, on top of them.
+The steps of one push (one table; ``mesh.dataplane`` and the simulation follow it)::
 
-The states of one path on the receiver, and what moves it (one table; the code
-below follows it)::
+    moment           what happens                              state of the live path
+    ---------------  ----------------------------------------  ----------------------
+    begin(X)         the replica learns X's versions (remote)  untouched
+    rsync runs       bytes land in <keep>/in/X/ only           untouched
+    end(X), any      each staged file or link whose content    untouched until the
+    exit status      is its path's version in X is kept (by    replica asks for a
+                     content, ``staged``); the rest is dropped  Restore, then replaced
+                     then ``Replica.reaim`` on each path of X:  by the agent, which
+                     a target it can now restore is restored    scans it first
+    killed           staging dir and the kept content stay     untouched, or restored
+    restart          every staged dir is kept as at end(X);    as above
+                     then the scan; then reaim of every target
 
-    state     event                                  next      steps
-    --------  -------------------------------------  --------  -----------------------------
-    idle      begin(X), no path of X held            held(X)   the peer's versions are learned
-    idle      begin(X), a path held by Y             idle      X waits for Y's end (busy)
-    held(X)   scan / restore / push of the path      held(X)   deferred: the end scans it
-    held(X)   end(X), see ``settle``                 idle      Unrecorded? then Landed(+Scanned)
-                                                               or Scanned
-    held(X)   agent stops                            (gone)    X is noted on disk (keep area)
-    (noted)   agent starts                           idle      settle(X, CUT_SHORT) first
-
-``settle`` for one path, given the pushed version V, what the push displaced D
-(or nothing), what is there now C, and how the push ended::
-
-    D not a known version          -> Unrecorded(D): a write of ours the push displaced,
-                                      concurrent with V (kept, then resolved by the rule)
-    C is V's content               -> Landed(V)
-    else rsync COMPLETE, or D kept -> Landed(V), Scanned(C): rsync renamed V in (it keeps
-                                      D only right before that), and C was written on top
-    else                           -> Scanned(C): rsync never reached the path; C is read
-                                      as any scan reads it
-
-rsync writes a file's new bytes into a temp name, then moves the old one into the
-backup dir, then renames the temp into place. Killed between the last two, it
-leaves D kept and the path empty: the data plane finishes that rename first (a
-temp holding V's whole content) and then settles; so "D kept" does mean "V was
-renamed in", and an empty path then is a delete of V, made by the user.
-
-Never does displaced content rank above what is on disk now: an ``Unrecorded``
-write is recorded before the scan of C, so a write found on disk afterwards gets
-a higher counter than it (and the replica keeps the displaced one as a conflict
-copy, ``Replica._keep_unseen_own_writes``).
+A version the push announced whose bytes did not arrive (rsync failed, or the
+sender changed the file while rsync read it) stays a target the replica
+``Want``s: a later push brings it.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-from mesh.core.manifest import ContentKey
-from mesh.core.replica import Observed
+from mesh.core.manifest import ContentKey, Kind
 from mesh.core.resolver import Version
-from mesh.errors import LocalProtocolError
 
 
-class Outcome(enum.Enum):
-    COMPLETE = "complete"  # rsync exited 0: it handled every path of the push
-    FAILED = "failed"  # rsync failed or was killed: some paths may not have been reached
-    CUT_SHORT = "cut-short"  # the agent stopped while it landed; found at the next start
-
-
-# --- steps (what the data plane carries out, in order) -----------------------------
+class Staged(enum.Enum):
+    KEEP = "keep"  # the version's content: keep it, a restore puts it in place
+    DROP = "drop"  # not the content the push announced for that path (or no path of it)
 
 
 @dataclass(frozen=True, slots=True)
-class Unrecorded:
-    """``observed`` is a write of ours the push displaced before any scan saw it."""
+class StagedFile:
+    """What rsync left in the staging dir at ``path``."""
 
     path: str
-    observed: Observed
+    content: ContentKey
 
 
-@dataclass(frozen=True, slots=True)
-class Landed:
-    """The path holds ``version``'s content: the push's bytes."""
+def staged(versions: Mapping[str, Version], found: StagedFile) -> Staged:
+    """Whether the bytes rsync staged at ``found.path`` are to be kept (see the table).
 
-    path: str
-    version: Version
-
-
-@dataclass(frozen=True, slots=True)
-class Scanned:
-    """What is at the path now, read as a scan reads it (``None``: absent)."""
-
-    path: str
-    observed: Observed | None
+    Only files and links: a folder has no content to stage (a restore makes it).
+    Content is kept when it is that path's version in the push, or any head of it
+    (a conflict's loser the sender holds: the copy is made from it)."""
+    version = versions.get(found.path)
+    if found.content[0] is Kind.DIR or version is None:
+        return Staged.DROP
+    return Staged.KEEP if version.holds(found.content) else Staged.DROP
 
 
-Step = Unrecorded | Landed | Scanned
-
-
-def _content(o: Observed | None) -> ContentKey | None:
-    return None if o is None else o.content
-
-
-def settle(version: Version, displaced: Observed | None, current: Observed | None,
-           outcome: Outcome, known: Callable[[ContentKey], bool]) -> list[Step]:
-    """The steps for one path of a push that ended (see the table above).
-
-    ``displaced``: what the push's backup dir holds for the path (``None``: nothing,
-    the path was absent or rsync did not reach it). ``current``: what is at the path
-    now. ``known(content)``: whether a version of the path we hold (disk or target)
-    has that content.
-    """
-    path = version.path
-    steps: list[Step] = []
-    if displaced is not None and not (version.holds(displaced.content)
-                                      or known(displaced.content)):
-        steps.append(Unrecorded(path, displaced))
-    if _content(current) == version.content:
-        steps.append(Landed(path, version))
-    elif outcome is Outcome.COMPLETE or displaced is not None:
-        steps += [Landed(path, version), Scanned(path, current)]
-    else:
-        steps.append(Scanned(path, current))
-    return steps
-
-
-# --- which pushes land where ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Landing:
-    push_id: str
-    sender: str
-    versions: Mapping[str, Version] = field(default_factory=dict)
-
-
-class Landings:
-    """The pushes landing now, and the paths each one holds."""
-
-    def __init__(self) -> None:
-        self._by_path: dict[str, str] = {}
-        self._pushes: dict[str, Landing] = {}
-
-    def busy(self, paths: Iterable[str]) -> set[str]:
-        """The pushes landing now on any of ``paths``: a new push on them waits."""
-        return {p for p in (self._by_path.get(path) for path in paths) if p is not None}
-
-    def begin(self, landing: Landing) -> None:
-        if landing.push_id in self._pushes:
-            raise LocalProtocolError(f"push {landing.push_id} is landing already")
-        if self.busy(landing.versions):
-            raise LocalProtocolError(f"push {landing.push_id}: its paths are held")
-        self._pushes[landing.push_id] = landing
-        for path in landing.versions:
-            self._by_path[path] = landing.push_id
-
-    def held(self, path: str) -> bool:
-        return path in self._by_path
-
-    def get(self, push_id: str) -> Landing | None:
-        return self._pushes.get(push_id)
-
-    def end(self, push_id: str) -> Landing | None:
-        """Release the push's paths; the landing it was (None: not landing)."""
-        landing = self._pushes.pop(push_id, None)
-        if landing is not None:
-            for path in landing.versions:
-                if self._by_path.get(path) == push_id:
-                    del self._by_path[path]
-        return landing
-
-    def __len__(self) -> int:
-        return len(self._pushes)
+def to_reaim(versions: Iterable[str], staged_paths: Iterable[str]) -> list[str]:
+    """The paths whose target is asked for again at the end: every path the push
+    announced, and what it staged (a kill may have lost the announcement)."""
+    return sorted(set(versions) | set(staged_paths))

@@ -49,7 +49,7 @@ Driving it (an agent does this in mesh/pushes.py; a simulated node the same):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,27 +84,18 @@ class PushView(Protocol):
         """The version whose content our data folder holds."""
         ...
 
-    def held(self, path: str) -> bool:
-        """A push is landing on ``path`` here (``mesh.core.landing``): its bytes are in
-        flux, so it goes nowhere until that push ended; it stays queued."""
-        ...
-
 
 @dataclass(frozen=True)
 class ReplicaView:
     """A ``PushView`` of a ``Replica`` and its store."""
 
     replica: Replica
-    landing: Callable[[str], bool] = lambda _path: False
 
     def may_push(self, peer: str, path: str) -> bool:
         return self.replica.may_push(peer, path)
 
     def disk(self, path: str) -> Version | None:
         return self.replica.store.state(path).disk
-
-    def held(self, path: str) -> bool:
-        return self.landing(path)
 
 
 @dataclass(frozen=True)
@@ -355,7 +346,7 @@ class PushPlanner:
 
     def _own(self, peer: str, path: str) -> bool:
         """Whether ``path`` may go to ``peer`` and this node wrote the version."""
-        if self.view.held(path) or not self.view.may_push(peer, path):
+        if not self.view.may_push(peer, path):
             return False
         disk = self.view.disk(path)
         return disk is not None and disk.winner.writer == self.me
@@ -390,8 +381,8 @@ class PushPlanner:
         ready: list[str] = []
         wake: float | None = None
         for path, since in list(q.queued.items()):
-            if path in q.sending or self.view.held(path):
-                continue  # lsyncd's gate carries it, or a push lands on it here: later
+            if path in q.sending:
+                continue  # lsyncd's gate carries it; confirmed or retried afterwards
             if not self.view.may_push(q.name, path):
                 self._fire(q, path, Event.DROPPED, now)  # the peer has it (or newer)
                 continue

@@ -18,11 +18,12 @@ Only ``disk`` versions are announced, so a peer's announcements say what it
 holds, and the gate (``may_push``) lets a node push a path only when its disk
 version strictly dominates what the peer last announced.
 
-What an incoming push means for each path is decided by ``mesh.core.landing``
-(never by timing); it calls back here: ``unrecorded`` (content the push
-displaced that was a write of ours no scan had seen: it becomes a local write,
-resolved like any other, DESIGN.md "the race to design for"), ``landed`` (the
-path holds the pushed version) and ``local`` (a scan).
+An incoming push is learned like any announcement (``remote``); its bytes are
+staged in the keep area and reach the data folder only through a ``Restore``,
+which the data plane carries out after scanning the path, and reports back with
+``restored`` (``mesh.core.landing``). So content a push replaces is always
+observed first: a write of ours no scan had seen becomes a local write,
+resolved like any other (DESIGN.md, "the race to design for").
 
 Folders (DESIGN.md, "Folders"): a folder delete is applied only once nothing
 under it stays. A folder whose delete would take an entry that stays (one the
@@ -146,6 +147,10 @@ def _content(v: Version | None) -> ContentKey | None:
     return None if v is None else v.content
 
 
+def _is_dir(v: Version | None) -> bool:
+    return v is not None and v.content is not None and v.content[0] is Kind.DIR
+
+
 def _holds(v: Version | None, content: ContentKey | None) -> bool:
     return v is not None and v.holds(content)
 
@@ -189,31 +194,13 @@ class Replica:
                 self._learn(path, edit, fx)
         return fx
 
-    def unrecorded(self, path: str, observed: Observed, wall_ms: int) -> list[Effect]:
-        """A push displaced ``observed`` from ``path`` before any scan of ours saw it, and
-        no version we hold has it: a write of ours made on top of our disk version (the
-        landing held the path, so that is still the one it was written on). It is in
-        the keep area now; it becomes a write like any other and is resolved against
-        the push's version (DESIGN.md, "the race to design for")."""
+    def restored(self, path: str, version: Version) -> list[Effect]:
+        """We just put ``version``'s content at ``path`` (a ``Restore``, which scanned the
+        path first). It is on disk from this moment: a change made right after is an
+        edit on top of it (``mesh.core.landing``)."""
         fx: list[Effect] = []
-        st = self.store.state(path)
-        if any(_holds(v, observed.content) for v in (st.disk, st.target)):
-            return fx
-        edit = self._edit(path, st, observed, wall_ms, fx, before=_content(st.disk))
-        self._learn(path, Version((edit,)), fx)
-        return fx
-
-    def landed(self, path: str, version: Version) -> list[Effect]:
-        """The path holds ``version``'s content: a push's bytes (``mesh.core.landing``).
-        Whatever else we know of the path is folded in again: a push that went stale
-        on its way may have landed older content than we hold, which is put back."""
-        fx: list[Effect] = []
-        self._learn(path, version, fx)  # known since the push began, unless forgotten
-        st = self.store.state(path)
-        goal = st.target or st.disk
-        assert goal is not None
-        self._put(path, PathState(version, st.target), fx)
-        self._aim(path, goal, fx)
+        if self.store.state(path).target == version:
+            self._put(path, PathState(version, None), fx)
         return fx
 
     def reaim(self, path: str) -> list[Effect]:
@@ -293,8 +280,8 @@ class Replica:
         folder = parent(path)
         if folder is not None:
             up = self.store.state(folder)
-            if up.target is not None and up.target.content is None:
-                self._aim(folder, up.target, fx)  # a folder delete waits on what it holds
+            if up.target is not None and _is_dir(up.disk) and not _is_dir(up.target):
+                self._aim(folder, up.target, fx)  # its delete (or file) waits on what it holds
 
     def _learn(self, path: str, incoming: Version, fx: list[Effect]) -> None:
         """Fold writes we learned of into what this path converges to."""
@@ -311,10 +298,21 @@ class Replica:
 
     def _aim(self, path: str, version: Version, fx: list[Effect]) -> None:
         st = self.store.state(path)
-        if version.content is None and version.winner.kind is Kind.DIR and _content(st.disk):
+        if _is_dir(st.disk) and not _is_dir(version):
+            # A folder on disk, and a delete of it (or a file or link in its place): only
+            # once nothing inside stays (DESIGN.md, "Folders").
             under = self._under(path)
-            if under is _Under.STAYING:
+            if under is _Under.STAYING and version.content is None:
                 version = self._recreate(path, st, version)
+            elif under is _Under.STAYING:
+                # A file or link in place of a folder that keeps entries: the folder again,
+                # as a write concurrent with the file's, so the file is a conflict's loser,
+                # kept as a copy by every node that holds it (the writer does).
+                version = version.join(self._recreate(path, st, None))
+                for c in version.conflicts():
+                    if self.store.log_conflict(c):
+                        fx.append(Logged(c))
+                    self._keep_loser(st, c, fx)
             elif under is _Under.GOING:
                 self.store.set_state(path, PathState(st.disk, version))
                 return  # applied once the deletes of what it holds are (``_put``)
@@ -338,13 +336,17 @@ class Replica:
             going = going or _content(st.disk) is not None
         return _Under.GOING if going else _Under.EMPTY
 
-    def _recreate(self, path: str, st: PathState, delete: Version) -> Version:
-        """The folder again, as a write of ours on top of its delete: something inside
-        it stays (DESIGN.md, "Folders"). Every node holding what stays writes the same
-        content, so their writes merge without a conflict."""
-        mode = st.disk.winner.mode if st.disk is not None else delete.winner.mode
-        base = delete.vector if st.disk is None else delete.vector.merge(st.disk.vector)
+    def _recreate(self, path: str, st: PathState, delete: Version | None) -> Version:
+        """The folder again, as a write of ours on top of its delete: something inside it
+        stays (DESIGN.md, "Folders"). Every node holding what stays writes the same
+        content, so their writes merge without a conflict. With no ``delete``, on top of
+        the folder we hold only (concurrent with whatever would replace it)."""
+        assert st.disk is not None
+        mode = st.disk.winner.mode
+        base = st.disk.vector if delete is None else delete.vector.merge(st.disk.vector)
         vector = VersionVector.of({**base.to_dict(), self.node: base.get(self.node) + 1})
+        # Later than every stamp we have seen, so the folder wins against a file it
+        # is concurrent with (rule 2: the later write).
         self.clock = hlc_tick(self.clock, hlc_wall_ms(self.clock))
         return Version((Entry(path, vector, b"", 0, 0, mode, Kind.DIR, self.clock, self.node),))
 

@@ -3,16 +3,15 @@
 Each node has a data folder (a dict of files and folders), a keep area, and a
 ``Replica`` over an in-memory store. Manifests travel encoded with the real
 codec. Pushes model lsyncd + rsync through the gate as the agent runs them
-(issue 11): the gate scans and grants at the sender; the push begins at the
-receiver when none of its paths is held by another push (``mesh.core.landing``);
-then, path by path and at any later step, rsync writes its temp file, moves what
-is there into the push's backup dir and renames the temp in — reading the
-*sender's disk as it is then*, which may no longer be the version granted. A
-folder delete removes only what the push names, and only an empty folder. The
-user may write anywhere at any step, and any node may be killed (what it held in
-memory is lost; its disk, index, keep area and push notes stay) and restarted.
-When a push ends, the receiver settles each path with ``mesh.core.landing.settle``
-and carries out the steps, as ``mesh.dataplane`` does.
+(``mesh.core.landing``): the gate scans and grants at the sender; the receiver
+learns the push's versions when it begins; then, path by path and at any later
+step, rsync stages a file in the push's staging dir, reading the *sender's disk
+as it is then*, which may no longer be the version granted. Nothing lands in the
+data folder until the push ends: the staged bytes that are a version the path
+converges to are kept, and the replica's restores put them in place, each after
+a scan of the path. The user may write anywhere at any step, and any node may be
+killed (what it held in memory is lost; its disk, index, keep area and staging
+dirs stay) and restarted.
 """
 
 from __future__ import annotations
@@ -24,17 +23,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mesh.core import manifest
-from mesh.core.landing import (
-    Landed,
-    Landing,
-    Landings,
-    Outcome,
-    Scanned,
-    Unrecorded,
-    settle,
-)
+from mesh.core.landing import Staged, StagedFile, staged, to_reaim
 from mesh.core.manifest import ContentKey, Entry, Kind, Manifest
 from mesh.core.paths import deepest_first, parent
+from mesh.core.pushplan import Push, PushPlanner, ReplicaView
 from mesh.core.replica import (
     Announce,
     Effect,
@@ -128,20 +120,20 @@ class PushMsg:
     push_id: str
     versions: dict[str, Version]
     conflicts: tuple[tuple[Entry, Entry], ...]
-    granted: dict[str, Node]  # what the sender's disk held for each path at the grant
+    planned: Push | None = None  # the sender's planner's push, told how it ended
+    planner: PushPlanner | None = None  # ... by the planner that started it
 
 
 @dataclass
 class Transfer:
-    """rsync at work on one push: each path goes pending -> staged -> done."""
+    """rsync at work on one push: it stages each path in turn."""
 
     msg: PushMsg
     order: list[str]
     phase: dict[str, str]
-    failed: bool = False
 
     def next_path(self) -> str | None:
-        return next((p for p in self.order if self.phase[p] != "done"), None)
+        return next((p for p in self.order if p not in self.phase), None)
 
 
 class SimStore(Protocol):
@@ -171,18 +163,44 @@ class SimNode:
         self.disk: dict[str, Node] = {}
         self.up = True
         # Lost when the node is killed:
-        self.landings = Landings()
+        self.plan = self._planner()
         self.outbox: dict[str, Version] = {}
         self.out_conflicts: list[tuple[Entry, Entry]] = []
-        # Kept on disk: the notes of pushes landing, their backup dirs, rsync's temps.
-        self.notes: dict[str, PushMsg] = {}
-        self.backups: dict[str, dict[str, Node]] = {}
-        self.temps: dict[tuple[str, str], Node] = {}  # (push id, path) -> staged bytes
+        # Kept on disk: each incoming push's staging dir.
+        self.staging: dict[str, dict[str, Node]] = {}
         self.seq = 0
 
     @property
     def now(self) -> int:
         return BASE_MS + self.cluster.time_ms + self.skew_ms
+
+    @property
+    def now_s(self) -> float:
+        return self.cluster.time_ms / 1000
+
+    def _planner(self) -> PushPlanner:
+        plan = PushPlanner(self.name, ReplicaView(self.replica))
+        for peer in self.peers:
+            plan.add_peer(peer)
+        return plan
+
+    def plan_tick(self) -> None:
+        """The agent's pusher (``mesh.core.pushplan``): start what is due for peers up."""
+        if not self.up:
+            return
+        up = [p for p in self.peers if self.cluster.nodes[p].up]
+        for push in self.plan.tick(self.now_s, up).pushes:
+            versions = dict(push.versions)
+            related = tuple((c.winner, c.loser) for c in self.store.conflict_map().values()
+                            if c.path in versions)
+            push_id = f"{self.name}-{next(self.cluster.ids)}"
+            self.cluster.network.append(
+                PushMsg(self.name, push.peer, push_id, versions, related, push, self.plan))
+
+    def push_done(self, msg: PushMsg, status: int) -> None:
+        """A push of ours ended (a planner of before a kill knows nothing of it)."""
+        if self.up and msg.planned is not None and msg.planner is self.plan:
+            self.plan.end(msg.planned, self.now_s, status)
 
     # user actions -----------------------------------------------------------
     def _supersede(self, path: str) -> None:
@@ -251,7 +269,7 @@ class SimNode:
 
     # agent actions ----------------------------------------------------------
     def scan(self, path: str) -> bool:
-        """Observe ``path`` as the data plane does; a held path waits for its push."""
+        """Observe ``path`` as the data plane does."""
         if not self.up:
             return False
         queue = [path]
@@ -259,8 +277,6 @@ class SimNode:
             queue = [*deepest_first(self.store.paths_under(path)), path]
         moved = False
         for p in queue:
-            if self.landings.held(p):
-                continue
             f = self.disk.get(p)
             fx = self.replica.local(p, None if f is None else f.observed(), self.now)
             self.apply(fx)
@@ -297,8 +313,7 @@ class SimNode:
             return None
         for p in paths:
             self.scan(p)
-        allowed = [p for p in paths
-                   if not self.landings.held(p) and self.replica.may_push(dst, p)]
+        allowed = [p for p in paths if self.replica.may_push(dst, p)]
         if not allowed:
             return None
         versions = {}
@@ -309,135 +324,70 @@ class SimNode:
         related = tuple((c.winner, c.loser) for c in self.store.conflict_map().values()
                         if c.path in versions)
         push_id = f"{self.name}-{next(self.cluster.ids)}"
-        granted = {p: self.disk[p] for p in allowed if p in self.disk}
-        return PushMsg(self.name, dst, push_id, versions, related, granted)
+        return PushMsg(self.name, dst, push_id, versions, related)
 
-    def begin(self, msg: PushMsg) -> bool:
-        """The push's header arrives; False while one of its paths is held."""
-        if self.landings.busy(msg.versions):
-            return False
-        self.landings.begin(Landing(msg.push_id, msg.src, msg.versions))
-        self.notes[msg.push_id] = msg
-        self.backups[msg.push_id] = {}
+    def begin(self, msg: PushMsg) -> None:
+        """The push's header arrives: its versions are learned, rsync starts."""
+        self.staging[msg.push_id] = {}
         entries = [h for v in msg.versions.values() for h in v.heads]
         self.apply(self.replica.remote(msg.src, entries, msg.conflicts, self.now))
-        order = deepest_first(msg.versions)
-        self.cluster.transfers.append(Transfer(msg, order, dict.fromkeys(order, "pending")))
-        return True
+        self.cluster.transfers.append(Transfer(msg, sorted(msg.versions), {}))
 
     def rsync_step(self, t: Transfer, path: str) -> None:
-        """One move of rsync on ``path``: write the temp, or keep the old and rename."""
-        src = self.cluster.nodes[t.msg.src]
-        version = t.msg.versions[path]
-        phase = t.phase[path]
-        key = (t.msg.push_id, path)
-        at = self.disk.get(path)
-        if version.content is None:  # a delete: only what the push names, only if empty
-            if at is not None and at.is_dir and self._children(path):
-                t.failed = True  # rsync: cannot delete non-empty directory
-            elif at is not None:
-                if not at.is_dir:
-                    self.backups[t.msg.push_id][path] = at
-                del self.disk[path]
-            t.phase[path] = "done"
+        """rsync stages ``path`` as the sender's disk holds it now (or nothing)."""
+        sent = self.cluster.nodes[t.msg.src].disk.get(path)
+        t.phase[path] = "done"
+        if self.cluster.old_rsync and t.msg.versions[path].content is None:
+            # Before issue 11: rsync --delete --force with /p/*** in the live folder
+            # removed a deleted folder with everything in it, into the backup dir.
+            for p in [*self._children(path), path]:
+                gone = self.disk.pop(p, None)
+                if gone is not None and gone.data is not None:
+                    self.store.keep[gone.observed().content] = gone.data
             return
-        if phase == "pending":
-            sent = (src.disk if self.cluster.live_reads else t.msg.granted).get(path)
-            if sent is None or sent.is_dir != (version.winner.kind is Kind.DIR):
-                t.failed = True  # vanished on the sender
-                t.phase[path] = "done"
-                return
-            self.temps[key] = sent
-            t.phase[path] = "staged"
-        elif phase == "staged":
-            new = self.temps[key]
-            if new.is_dir:
-                del self.temps[key]
-                if at is None and self._mkdirs(path):
-                    self.disk[path] = new
-                elif at is not None and at.is_dir:
-                    self.disk[path] = new  # rsync sets the folder's mode
-                else:
-                    t.failed = True
-                t.phase[path] = "done"
-                return
-            if (at is not None and at.is_dir) or not self._mkdirs(path):
-                del self.temps[key]
-                t.failed = True
-                t.phase[path] = "done"
-                return
-            self.keep_and_rename(t, path, rename=True)
+        if sent is None or sent.is_dir:
+            return  # a delete, a folder, or vanished on the sender: nothing to stage
+        self.staging[t.msg.push_id][path] = sent
 
-    def keep_and_rename(self, t: Transfer, path: str, *, rename: bool) -> None:
-        """rsync's finish of one file: keep what is there, rename the temp in. The two
-        follow each other at once; only a kill can come between (``rename=False``)."""
-        at = self.disk.pop(path, None)
-        if at is not None:
-            self.backups[t.msg.push_id][path] = at
-        if rename:
-            self.disk[path] = self.temps.pop((t.msg.push_id, path))
-            t.phase[path] = "done"
-
-    def end(self, push_id: str, outcome: Outcome) -> None:
-        """The push ended (or, after a restart, is found cut short): settle each path."""
-        msg = self.notes.pop(push_id)
-        backup = self.backups.pop(push_id)
-        self.landings.end(push_id)
-        for path in deepest_first(msg.versions):
-            version = msg.versions[path]
-            staged = self.temps.pop((push_id, path), None)
-            displaced = backup.get(path)
-            if displaced is not None and displaced.data is not None:
-                self.store.keep[displaced.observed().content] = displaced.data
-            if (staged is not None and displaced is not None and path not in self.disk
-                    and staged.observed().content == version.content):
-                self.disk[path] = staged  # rsync kept the old, then died: finish the rename
+    def end(self, push_id: str, announced: list[str]) -> None:
+        """The push ended (or, after a restart, is found cut short): keep what it staged
+        that a path converges to, then ask again for what each path converges to."""
+        kept = []
+        for path, node in self.staging.pop(push_id).items():
             st = self.store.state(path)
-            current = self.disk.get(path)
-            sent = msg.granted.get(path)
-            if (outcome is not Outcome.COMPLETE and displaced is None and current is None
-                    and sent is not None and sent.data is not None):
-                # Nothing tells whether rsync renamed the new file in and the user then
-                # deleted it, or never got to it: it is taken as not landed, and a delete
-                # of it would be undone (the lesser harm; see the xfail test).
-                self.cluster.unknowable.add((path, sent.data, sent.mode))
-            steps = settle(
-                version,
-                None if displaced is None else displaced.observed(),
-                None if current is None else current.observed(),
-                outcome,
-                lambda c, st=st: any(v is not None and v.holds(c) for v in (st.disk, st.target)),
-            )
-            for step in steps:
-                if isinstance(step, Unrecorded):
-                    self.apply(self.replica.unrecorded(path, step.observed, self.now))
-                elif isinstance(step, Landed):
-                    self.apply(self.replica.landed(path, step.version))
-                elif isinstance(step, Scanned):
-                    self.apply(self.replica.local(path, step.observed, self.now))
+            goal = st.target or st.disk
+            found = StagedFile(path, node.observed().content)
+            if goal is not None and staged({path: goal}, found) is Staged.KEEP:
+                assert node.data is not None
+                self.store.keep[found.content] = node.data
+                kept.append(path)
+        for path in to_reaim(announced, kept):
             self.apply(self.replica.reaim(path))
 
     def crash(self) -> None:
         self.up = False
-        self.landings = Landings()
+        self.plan = self._planner()
         self.outbox.clear()
         self.out_conflicts.clear()
 
     def restart(self) -> None:
-        """Finish the pushes cut short, reconcile the disk, resync with every peer."""
+        """Keep what cut-short pushes staged, reconcile the disk, resync with every peer."""
         self.up = True
-        for push_id in sorted(self.notes):
-            self.end(push_id, Outcome.CUT_SHORT)
+        for push_id in sorted(self.staging):
+            self.end(push_id, [])
         self.scan_all()
         for path, st in list(self.store.all_states().items()):
             if st.target is not None:
                 self.apply(self.replica.reaim(path))
         self.announce_all()
+        for peer in self.peers:  # as after each resync (Pushes.sweep)
+            self.plan.behind(peer, list(self.store.all_states()), self.now_s)
 
     def apply(self, fx: list[Effect]) -> None:
         for effect in fx:
             if isinstance(effect, Announce):
                 self.outbox[effect.version.path] = effect.version
+                self.plan.changed(effect.version.path, self.now_s)
             elif isinstance(effect, Logged):
                 c = effect.conflict
                 self.out_conflicts.append((c.winner, c.loser))
@@ -457,40 +407,39 @@ class SimNode:
 
     def _write_copy(self, effect: WriteCopy) -> None:
         data = self._content_of(effect.source)
-        if (data is not None and effect.path not in self.disk
-                and not self.landings.held(effect.path) and self._mkdirs(effect.path)):
+        if data is not None and effect.path not in self.disk and self._mkdirs(effect.path):
             self.disk[effect.path] = Node(data, effect.source.mode)
             self.cluster.dead.discard((effect.path, data, effect.source.mode))
             self.scan(effect.path)
 
     def _restore(self, version: Version) -> None:
+        """As ``DataPlane._restore``: scan first (so what it replaces is an indexed
+        version), replace, and tell the replica the version is on disk from now on."""
         path = version.path
-        if self.landings.held(path):
-            return  # the push's end asks again (reaim)
-        # Scan first, so that what the restore replaces is an indexed version.
         self.scan(path)
         if self.store.state(path).target != version:
             return
         at = self.disk.get(path)
         w = version.winner
         if version.content is None:
-            if at is None or (at.is_dir and self._children(path)):
-                return  # a folder that is not empty stays: the replica re-creates it
-            if at.data is not None:
-                self.store.keep[at.observed().content] = at.data
-            del self.disk[path]
-        elif w.kind is Kind.DIR:
-            if (at is not None and not at.is_dir) or not self._mkdirs(path):
+            if at is not None and at.is_dir and self._children(path):
+                self.scan(path)  # a folder still holding entries: the replica decides
                 return
-            self.disk[path] = Node(None, w.mode)
+        elif w.kind is Kind.DIR:
+            if (at is not None and at.is_dir and self._children(path)) or not self._mkdirs(path):
+                return
         else:
             data = self.store.keep.get(version.content)
-            if data is None or (at is not None and at.is_dir) or not self._mkdirs(path):
+            if (data is None or (at is not None and at.is_dir and self._children(path))
+                    or not self._mkdirs(path)):
                 return
-            if at is not None and at.data is not None:
-                self.store.keep[at.observed().content] = at.data
-            self.disk[path] = Node(data, w.mode)
-        self.scan(path)  # as the agent does (DataPlane._restore)
+        if at is not None and at.data is not None:
+            self.store.keep[at.observed().content] = at.data
+        self.disk.pop(path, None)
+        if version.content is not None:
+            self.disk[path] = Node(None if w.kind is Kind.DIR else self.store.keep[
+                version.content], w.mode)
+        self.apply(self.replica.restored(path, version))
 
 
 class Cluster:
@@ -504,13 +453,8 @@ class Cluster:
         self.written: list[bytes] = []
         self.superseded: set[bytes] = set()
         self.dead: set[tuple[str, bytes, int]] = set()  # what a user replaced, having seen it
-        self.unknowable: set[tuple[str, bytes, int]] = set()  # see SimNode.end
+        self.old_rsync = False  # rsync deleting in the live folder, as before issue 11
         self.ids = itertools.count(1)
-        # rsync reads the sender's disk as it is when it gets to a path, which may have
-        # moved on since the grant. The receiver cannot tell those bytes from an edit
-        # made on top of the landed version (see test_simulation's xfail); until the
-        # sender vouches for what it sent, the simulation sends what was granted.
-        self.live_reads = False
         self.nodes = {
             name: SimNode(
                 name, [p for p in names if p != name], skews[i % len(skews)], self, store()
@@ -527,14 +471,14 @@ class Cluster:
         msg = self.network.pop(index % len(self.network))
         dst = self.nodes[msg.dst]
         if not dst.up:
+            if isinstance(msg, PushMsg):
+                self.nodes[msg.src].push_done(msg, 255)  # the tunnel refused it
             return  # lost; a resync after the restart tells it again
         if isinstance(msg, ManifestMsg):
             m = manifest.decode(msg.payload)
             dst.apply(dst.replica.remote(m.origin, m.entries, m.conflicts, dst.now))
-        elif not self.nodes[msg.src].up or msg.push_id in dst.notes:
-            return  # the sender died before rsync started, or a duplicate
-        elif not dst.begin(msg):
-            self.network.append(msg)  # waits for the push holding its paths
+        elif self.nodes[msg.src].up and not any(t.msg == msg for t in self.transfers):
+            dst.begin(msg)  # else the sender died before rsync started, or a duplicate
 
     def push(self, src: str, dst: str, paths: list[str] | None = None) -> None:
         sender = self.nodes[src]
@@ -547,28 +491,20 @@ class Cluster:
         """rsync moves on one transfer; one that is done (or lost its sender) ends."""
         t = self.transfers[index % len(self.transfers)]
         dst = self.nodes[t.msg.dst]
-        if not dst.up or t.msg.push_id not in dst.notes:
-            self.transfers.remove(t)  # the receiver died: its note is settled at restart
+        if not dst.up or t.msg.push_id not in dst.staging:
+            self.transfers.remove(t)  # the receiver died: its staging dir is kept at restart
+            self.nodes[t.msg.src].push_done(t.msg, 255)
             return
         path = t.next_path()
-        if path is None or t.failed or not self.nodes[t.msg.src].up:
+        if path is None or not self.nodes[t.msg.src].up:
             self.transfers.remove(t)
-            ok = path is None and not t.failed
-            dst.end(t.msg.push_id, Outcome.COMPLETE if ok else Outcome.FAILED)
+            dst.end(t.msg.push_id, sorted(t.msg.versions))
+            self.nodes[t.msg.src].push_done(t.msg, 0 if path is None else 1)
             return
         dst.rsync_step(t, path)
 
-    def crash(self, name: str, index: int | None = None) -> None:
-        """Kill a node; with ``index``, in the middle of a push landing on it, between
-        keeping a file's old content and renaming its new content in."""
-        node = self.nodes[name]
-        landing = [t for t in self.transfers if t.msg.dst == name
-                   and any(phase == "staged" for phase in t.phase.values())]
-        if index is not None and landing and node.up:
-            t = landing[index % len(landing)]
-            path = next(p for p in t.order if t.phase[p] == "staged")
-            node.keep_and_rename(t, path, rename=False)
-        node.crash()
+    def crash(self, name: str) -> None:
+        self.nodes[name].crash()
 
     def restart(self, name: str) -> None:
         node = self.nodes[name]
@@ -643,9 +579,7 @@ class Cluster:
         return [d for d in self.written if d not in self.superseded and d not in present]
 
     def resurrected(self) -> list[tuple[str, bytes, int]]:
-        """Content a user replaced or deleted, having seen it, back at its path; except a
-        new file that a push cut short had landed, whose delete no node can see."""
+        """Content a user replaced or deleted, having seen it, back at its path."""
         return sorted({(p, f.data, f.mode) for n in self.nodes.values()
                        for p, f in n.disk.items()
-                       if f.data is not None and (p, f.data, f.mode) in self.dead
-                       and (p, f.data, f.mode) not in self.unknowable})
+                       if f.data is not None and (p, f.data, f.mode) in self.dead})

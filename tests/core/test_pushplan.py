@@ -33,7 +33,6 @@ class View:
 
     disks: dict[str, Version] = field(default_factory=dict)
     seen: dict[tuple[str, str], VersionVector] = field(default_factory=dict)
-    landing: set[str] = field(default_factory=set)  # paths a push is landing on here
 
     def may_push(self, peer: str, path: str) -> bool:
         disk = self.disks.get(path)
@@ -42,9 +41,6 @@ class View:
 
     def disk(self, path: str) -> Version | None:
         return self.disks.get(path)
-
-    def held(self, path: str) -> bool:
-        return path in self.landing
 
     def write(self, path: str, writer: str = ME) -> Version:
         """A new version of ``path`` on our disk, written by ``writer``."""
@@ -378,16 +374,3 @@ def test_the_gate_asking_about_an_unconfirmed_forwarded_path_queues_it_again() -
 def test_an_empty_push_is_refused() -> None:
     with pytest.raises(LocalProtocolError):
         Rig().plan.start(PEER, [], 0.0, own=False)
-
-
-def test_a_path_a_push_is_landing_on_goes_nowhere_until_it_ended() -> None:
-    """Its bytes are in flux (mesh.core.landing): neither our pusher nor lsyncd's gate
-    may send them, and it stays queued for when the landing ended."""
-    r = Rig()
-    r.write()
-    r.view.landing.add("a")
-    assert r.tick() == []
-    assert r.gate(["a"]) == []
-    assert r.stage is Stage.QUEUED
-    r.view.landing.clear()
-    assert [p.paths for p in r.tick()] == [["a"]]

@@ -142,8 +142,11 @@ def wait_lsyncd(cluster: Cluster, expected: dict[str, list[str]],
 
 
 def leftovers(node: Node) -> list[str]:
-    """What the keep area holds besides its objects: pushes not finished (yet)."""
-    return sorted({p.name for p in (node.data / ".mesh-keep").iterdir()} - {"objects", "tmp"})
+    """What the keep area holds besides its objects: pushes not finished (yet), staged
+    in ``in/`` (or, from releases before issue 11, backup dirs beside it)."""
+    keep = node.data / ".mesh-keep"
+    staged = {f"in/{p.name}" for p in (keep / "in").iterdir()} if (keep / "in").is_dir() else set()
+    return sorted({p.name for p in keep.iterdir()} - {"objects", "tmp", "in"} | staged)
 
 
 def wait_resolved(cluster: Cluster, path: str, timeout: float = 60) -> Conflict:

@@ -82,10 +82,14 @@ async def test_gate_pushes_only_what_the_agent_allows(cluster_pki: Pki, tmp_path
     assert policy.calls == [
         (RECEIVER, ["dir", "dir/sent [1].txt", "gone.txt", "held.txt", "kept.txt"])
     ]
-    assert (target / "dir" / "sent [1].txt").read_bytes() == b"allowed"
-    assert not (target / "held.txt").exists()
-    assert not (target / "gone.txt").exists()
-    assert (target / KEEP / sink.pushes[0].push_id / "gone.txt").exists()
+    # rsync lands a push in its staging dir only (mesh.core.landing); deletes and the
+    # move into place are the receiving agent's, from the push's announcement.
+    staged = target / KEEP / "in" / sink.pushes[0].push_id
+    assert (staged / "dir" / "sent [1].txt").read_bytes() == b"allowed"
+    assert not (staged / "held.txt").exists()
+    assert not (staged / "gone.txt").exists() and not (staged / "kept.txt").exists()
+    assert not (target / "dir").exists()
+    assert (target / "gone.txt").read_bytes() == b"deleted at A, delete allowed"
     assert (target / "kept.txt").read_bytes() == b"deleted at A, delete not allowed"
     assert [p.returncode for p in sink.pushes] == [0]
 

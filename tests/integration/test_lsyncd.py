@@ -73,11 +73,12 @@ async def poke_until(
     mesh: Mesh, condition: Callable[[str], bool] | None = None, *, within: float = 15.0
 ) -> None:
     """lsyncd says nothing once its watches are set, so write a probe file until
-    ``condition(content)`` holds; by default, until that probe has landed on bravo."""
+    ``condition(content)`` holds; by default, until that probe has landed on bravo (in a
+    push's staging dir: the receiving agent moves it into place, mesh.core.landing)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     if condition is None:
-        condition = lambda content: _read(mesh.target / "probe") == content  # noqa: E731
+        condition = lambda content: content in staged(mesh, "probe")  # noqa: E731
     count = 0
     while True:
         count += 1
@@ -91,6 +92,12 @@ async def poke_until(
                 raise
 
 
+def staged(mesh: Mesh, rel: str) -> list[str]:
+    """What the pushes to bravo staged at ``rel``, one entry per push."""
+    return [text for p in sorted((mesh.target / KEEP / "in").glob(f"*/{rel}"))
+            if (text := _read(p)) is not None]
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text()
@@ -98,23 +105,27 @@ def _read(path: Path) -> str | None:
         return None
 
 
-async def test_a_write_reaches_the_peer_and_a_delete_is_kept(
+async def test_a_write_reaches_the_peer_and_a_delete_is_only_announced(
     cluster_pki: Pki, tmp_path: Path
 ) -> None:
+    """rsync stages writes on bravo and never deletes there: a delete goes in the push's
+    announcement, and bravo's agent applies it (mesh.core.landing)."""
     async with running(cluster_pki, tmp_path) as mesh:
+        (mesh.target / "second").write_text("bravo's copy")
         await poke_until(mesh)
         (mesh.source / "sub" / "dir").mkdir(parents=True)
         (mesh.source / "sub" / "dir" / "new file.txt").write_text("written on alpha")
         (mesh.source / "second").write_text("second")
-        landed = mesh.target / "sub" / "dir" / "new file.txt"
-        await until(lambda: _read(landed) == "written on alpha", "the write on bravo", 5)
-        await until(lambda: _read(mesh.target / "second") == "second", "the second write", 5)
+        await until(lambda: "written on alpha" in staged(mesh, "sub/dir/new file.txt"),
+                    "the write on bravo", 5)
+        await until(lambda: "second" in staged(mesh, "second"), "the second write", 5)
+        asked = len(mesh.policy.calls)
         (mesh.source / "second").unlink()
-        await until(lambda: not (mesh.target / "second").exists(), "the delete on bravo", 5)
-        # rsync deletes early in a transfer: let the push finish before lsyncd is stopped.
+        await until(lambda: any("second" in ps for _, ps in mesh.policy.calls[asked:]),
+                    "the gate asked about the delete", 5)
         await until(lambda: len(mesh.sink.finished()) == len(mesh.sink.pushes), "the pushes", 5)
-    kept = [p for p in (mesh.target / KEEP).glob("*/second")]
-    assert [p.read_text() for p in kept] == ["second"]
+    assert (mesh.target / "second").read_text() == "bravo's copy"  # rsync deleted nothing
+    assert not (mesh.target / "sub").exists()  # nor wrote into the live folder
     assert [(p.peer, p.returncode) for p in mesh.sink.pushes] == [(SENDER, 0)] * len(
         mesh.sink.pushes
     )
@@ -150,7 +161,7 @@ async def test_peer_change_restarts_lsyncd_with_a_sync_per_peer(
             "the gate asking about charlie",
             5,
         )
-        await until(lambda: _read(mesh.target / "after") == "for both peers", "the write", 5)
+        await until(lambda: "for both peers" in staged(mesh, "after"), "the write", 5)
         assert mesh.supervisor.starts == 2
 
 

@@ -177,7 +177,8 @@ class SqlSimStore(Index):
 
     def __init__(self) -> None:
         self.keep: dict[ContentKey, bytes] = {}
-        super().__init__(":memory:", keep=self.keep.__contains__)
+        # As KeepArea.has: a folder has no content to keep, a restore makes it.
+        super().__init__(":memory:", keep=lambda c: c[0] is Kind.DIR or c in self.keep)
 
     def conflict_map(self) -> dict[str, Conflict]:
         return {r.conflict.id: r.conflict for r in self.conflicts()}
