@@ -503,6 +503,16 @@ class Cluster:
             return
         dst.rsync_step(t, path)
 
+    def land_all(self, limit: int = 10_000) -> None:
+        """Deliver everything under way and run every push to its end."""
+        for _ in range(limit):
+            if not self.network and not self.transfers:
+                return
+            if self.network:
+                self.deliver(0)
+            if self.transfers:
+                self.step(0)
+
     def crash(self, name: str) -> None:
         self.nodes[name].crash()
 
@@ -537,13 +547,7 @@ class Cluster:
                 for dst in src.peers:
                     self.push(src.name, dst)
                     moved |= bool(self.network)
-                    for _ in range(10_000):
-                        if not self.network and not self.transfers:
-                            break
-                        if self.network:
-                            self.deliver(0)
-                        while self.transfers:
-                            self.step(0)
+                    self.land_all()
             if not moved:
                 return rounds
         raise AssertionError(f"no quiescence after {max_rounds} rounds")

@@ -205,16 +205,6 @@ def test_edit_beats_delete() -> None:
     assert cluster.trees()["n1"]["f"] == (edit, 0o600)
 
 
-def _land_all(cluster: Cluster) -> None:
-    for _ in range(100):
-        if not cluster.network and not cluster.transfers:
-            return
-        if cluster.network:
-            cluster.deliver(0)
-        if cluster.transfers:
-            cluster.step(0)
-
-
 def test_bytes_the_sender_changed_mid_push_are_not_a_write_of_the_receiver() -> None:
     """Shrunk from the property test (rsync reads the sender's disk when it gets there).
 
@@ -229,7 +219,7 @@ def test_bytes_the_sender_changed_mid_push_are_not_a_write_of_the_receiver() -> 
     n2.user_write("f", 0o644)
     cluster.push("n2", "n3", ["f"])
     n2.user_chmod("f", 0o600)
-    _land_all(cluster)
+    cluster.land_all()
     n2.user_delete("f")
     cluster.quiesce()
     check_invariants(cluster)
@@ -268,7 +258,7 @@ def test_a_folder_delete_never_takes_a_file_the_deleter_did_not_see(old_rsync: b
     n2.user_write("d/x", 0o644)
     n1.user_rmdir("d")
     cluster.push("n1", "n2", ["d"])
-    _land_all(cluster)
+    cluster.land_all()
     cluster.quiesce()
     if old_rsync:
         with pytest.raises(AssertionError, match="a write was lost"):
