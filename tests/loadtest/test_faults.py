@@ -54,9 +54,6 @@ def run_faults(tmp_path: Path) -> tuple[int, str]:
     return proc.returncode, out.decode(errors="replace")
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue 11): after the landing rework (a849740) "
-                   "this seed loses nothing but undoes 1 delete (edit-beats-delete between a "
-                   "delete and a write that had seen the file); it runs and reports every time")
 def test_faults_profile_loses_nothing(tmp_path: Path) -> None:
     code, output = run_faults(tmp_path)
     assert code in (0, 1), f"the harness failed (exit {code}):\n{output[-4000:]}"
