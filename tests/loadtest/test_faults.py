@@ -8,50 +8,26 @@ conflict log on every node, converged, and an empty node's join that changes
 nothing. The plan is a function of the seed (the same ops, faults and times
 every run); what the agents make of it is not. The harness's own deadlines bound
 the run; a subprocess timeout bounds the harness.
-
-Expected to fail until the agent stops losing writes under faults (issue 11's
-three mechanisms): do not weaken it to pass.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.loadtest.harness import run_profile
+
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).absolute().parents[2]
 NET = "127.0.6"
 SEED = 9
-RUN_S = 540
 
 
 def run_faults(tmp_path: Path) -> tuple[int, str]:
-    argv = [sys.executable, "-m", "loadtest", "run", "--profile", "faults", "--duration", "30",
-            "--seed", str(SEED), "--nodes", "3", "--net", NET,
-            "--report", str(tmp_path / "report"), "--work", str(tmp_path / "work"),
-            "--no-progress"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=RUN_S)
-    except subprocess.TimeoutExpired:
-        # SIGINT: the harness stops its nodes on the way out; then the group, by its id.
-        os.killpg(proc.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    return proc.returncode, out.decode(errors="replace")
+    return run_profile(tmp_path, "--profile", "faults", "--duration", "30", "--seed", str(SEED),
+                       "--nodes", "3", "--net", NET)
 
 
 def test_faults_profile_loses_nothing(tmp_path: Path) -> None:

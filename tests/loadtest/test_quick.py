@@ -9,41 +9,20 @@ the run; a subprocess timeout bounds the harness.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.loadtest.harness import run_profile
+
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).absolute().parents[2]
 NET = "127.0.2"
-RUN_S = 540
 
 
 def run_quick(tmp_path: Path) -> tuple[int, str]:
-    argv = [sys.executable, "-m", "loadtest", "run", "--profile", "quick", "--nodes", "3",
-            "--net", NET, "--report", str(tmp_path / "report"), "--work", str(tmp_path / "work"),
-            "--no-progress"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=RUN_S)
-    except subprocess.TimeoutExpired:
-        # SIGINT: the harness stops its nodes on the way out; then the group, by its id.
-        os.killpg(proc.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    return proc.returncode, out.decode(errors="replace")
+    return run_profile(tmp_path, "--profile", "quick", "--nodes", "3", "--net", NET)
 
 
 def test_quick_profile_loses_nothing_and_logs_every_conflict(tmp_path: Path) -> None:
