@@ -14,7 +14,6 @@ import errno
 import hashlib
 import logging
 import os
-import re
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,31 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.core.manifest import Kind
-from mesh.core.paths import normalize
+from mesh.core.paths import normalize, reserved
 from mesh.core.replica import Observed
 from mesh.errors import InvalidPath, MeshError
 from mesh.store.statcache import CachedStat, StatCache
 
 log = logging.getLogger(__name__)
 
-KEEP_DIR = ".mesh-keep"
-STATE_DIR = ".mesh-state"
 CHUNK = 1 << 20
 RETRIES = 5
 PREHASH_BYTES = 1 << 20  # files this large are hashed in a worker thread first (DataPlane.scan)
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Above or at the path: missing, a file, or a symlink we do not follow.
 _ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP))
-
-# rsync writes into ".<name>.<6 random chars>" next to the target and renames
-# it into place (receiver.c, get_tmpname: mkstemp's "XXXXXX"). Not matched:
-# --temp-dir and --partial-dir. False positives: a user's hidden file whose
-# last dot is followed by exactly six letters or digits (".config.backup",
-# ".notes.2024ab") is never synced. We accept that rather than sync rsync's
-# half-written temp files. The pattern is ^\.(.+)\.[A-Za-z0-9]{6}$, used with
-# fullmatch: "$" would also match before a trailing newline, and names may
-# hold newlines (DOTALL).
-_RSYNC_TEMP = re.compile(r"\.(.+)\.[A-Za-z0-9]{6}", re.DOTALL)
 
 
 class ScanError(MeshError):
@@ -62,11 +49,9 @@ class Unsettled(ScanError):
 
 
 def default_ignore(rel: str) -> bool:
-    """Paths that are never synced: the keep area, the state dir, rsync temp files."""
-    top, _, _ = rel.partition("/")
-    if top in (KEEP_DIR, STATE_DIR):
-        return True
-    return _RSYNC_TEMP.fullmatch(rel.rpartition("/")[2]) is not None
+    """Paths that are never synced: the keep area, the state dir, rsync temp files
+    (``mesh.core.paths.reserved``, which peers' paths are refused by too)."""
+    return reserved(rel) is not None
 
 
 def utf8_name(name: str) -> bool:

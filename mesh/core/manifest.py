@@ -18,7 +18,10 @@ carry the two concurrent versions only; receivers re-derive the rest
 
 Decoding is strict (DESIGN.md, wire protocol): anything malformed raises
 ``RemoteProtocolError`` naming the reason, never another exception and never
-a partial result.
+a partial result. What a peer sends may not name a path the agent keeps for
+itself (``mesh.core.paths.reserved``: the keep area, the state dir, temp names;
+issue 13); the index, which decodes its own rows with ``entry_from_wire``,
+is not held to that.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 
 import msgpack
 
-from mesh.core.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, is_normalized
+from mesh.core.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, is_normalized, reserved
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, NODE_ID_RE, VersionVector
 from mesh.errors import LocalProtocolError, RemoteProtocolError
 
@@ -167,7 +170,7 @@ def decode(data: bytes) -> Manifest:
     seq = _uint(doc["s"], "seq")
     raw_entries = _list(doc["n"], "entries", MAX_ENTRIES)
     raw_conflicts = _list(doc["c"], "conflicts", MAX_CONFLICTS)
-    entries = tuple([entry_from_wire(x) for x in raw_entries])
+    entries = tuple([entry_from_peer(x) for x in raw_entries])
     if len(entries) > MAX_HEADS and len({e.path for e in entries}) < len(entries):
         heads = Counter(e.path for e in entries)
         if max(heads.values()) > MAX_HEADS:
@@ -198,6 +201,17 @@ def unpack(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
         # msgpack raises ValueError, ExtraData, FormatError, StackError,
         # UnicodeDecodeError, TypeError...: one boundary, one error type.
         raise RemoteProtocolError(f"undecodable msgpack ({type(err).__name__})") from None
+
+
+def entry_from_peer(raw: Any) -> Entry:
+    """An entry a peer sent: ``entry_from_wire``, and not on a reserved path."""
+    entry = entry_from_wire(raw)
+    path = entry.path
+    if path[0] == "." or "/." in path:  # every reserved name starts with a dot
+        why = reserved(path)
+        if why is not None:
+            raise RemoteProtocolError(f"reserved path {path[:80]!r}: {why}")
+    return entry
 
 
 def entry_from_wire(raw: Any) -> Entry:
@@ -238,7 +252,7 @@ def vector_from_wire(raw: Any) -> VersionVector:
 def _conflict(raw: Any) -> tuple[Entry, Entry]:
     if not isinstance(raw, list) or len(raw) != 2:
         raise RemoteProtocolError("conflict is not a pair of entries")
-    winner, loser = entry_from_wire(raw[0]), entry_from_wire(raw[1])
+    winner, loser = entry_from_peer(raw[0]), entry_from_peer(raw[1])
     if winner.path != loser.path:
         raise RemoteProtocolError("conflict pairs two different paths")
     return winner, loser

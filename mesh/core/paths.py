@@ -8,12 +8,30 @@ only in normalization are two files on Linux, and we mirror the filesystem.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from mesh.errors import InvalidPath
 
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
 MAX_NAME_BYTES = 255  # NAME_MAX on Linux
+
+# --- names the agent keeps for itself (issue 13) -------------------------------------
+#
+# Never synced, never scanned, and refused in anything a peer sends: a peer naming
+# one could otherwise write into the keep area (objects under another object's hash,
+# the area's own mode), the state dir, or a temp file the agent is about to rename.
+KEEP_NAME = ".mesh-keep"  # the keep area, <data>/.mesh-keep (mesh.keep)
+STATE_NAME = ".mesh-state"  # a state dir kept inside the data dir
+RESERVED_TOP = frozenset((KEEP_NAME, STATE_NAME))
+# rsync writes into ".<name>.<6 random chars>" next to the target and renames it into
+# place (receiver.c, get_tmpname: mkstemp's "XXXXXX"); the agent's own temp files take
+# the same shape (KeepArea.temp_name). Not matched: --temp-dir and --partial-dir.
+# False positives: a user's hidden file whose last dot is followed by exactly six
+# letters or digits (".config.backup", ".notes.2024ab") is never synced. We accept
+# that rather than sync half-written temp files. fullmatch, not "$" (which also
+# matches before a trailing newline), and DOTALL: names may hold newlines.
+RSYNC_TEMP = re.compile(r"\.(.+)\.[A-Za-z0-9]{6}", re.DOTALL)
 
 
 def normalize(path: str) -> str:
@@ -64,3 +82,13 @@ def deepest_first(paths: Iterable[str]) -> list[str]:
     delete is applied after the deletes of what it held, and finds it gone."""
     return sorted(paths, key=lambda p: (-p.count("/"), p))
 
+
+
+def reserved(path: str) -> str | None:
+    """Why the normalized ``path`` is the agent's own and never synced, or None."""
+    top, _, _ = path.partition("/")
+    if top in RESERVED_TOP:
+        return f"{top} is the agent's own"
+    if RSYNC_TEMP.fullmatch(path.rpartition("/")[2]) is not None:
+        return "an rsync temp name (.NAME.XXXXXX)"
+    return None

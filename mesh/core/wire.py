@@ -29,7 +29,7 @@ import msgpack
 from mesh.core import manifest
 from mesh.core.digest import BUCKETS, Digest
 from mesh.core.manifest import Entry, Manifest
-from mesh.core.paths import is_normalized
+from mesh.core.paths import is_normalized, reserved
 from mesh.core.vclock import NODE_ID_RE
 from mesh.errors import LocalProtocolError, RemoteProtocolError
 
@@ -246,6 +246,8 @@ def _ids(v: Any) -> tuple[str, ...]:
 def _folder(v: Any) -> str:
     if not isinstance(v, str) or (v and not is_normalized(v)):
         raise RemoteProtocolError("bad folder")
+    if v and (why := reserved(v)) is not None:
+        raise RemoteProtocolError(f"reserved folder {v[:80]!r}: {why}")
     return v
 
 
@@ -264,7 +266,7 @@ def _under(v: Any) -> tuple[str, ...]:
 
 
 def _entries(v: Any) -> tuple[Entry, ...]:
-    return tuple(manifest.entry_from_wire(e) for e in _list(v, manifest.MAX_ENTRIES))
+    return tuple(manifest.entry_from_peer(e) for e in _list(v, manifest.MAX_ENTRIES))
 
 
 def _pairs(v: Any) -> tuple[tuple[Entry, Entry], ...]:
@@ -273,7 +275,7 @@ def _pairs(v: Any) -> tuple[tuple[Entry, Entry], ...]:
         p = _list(pair, 2)
         if len(p) != 2:
             raise RemoteProtocolError("conflict is not a pair")
-        out.append((manifest.entry_from_wire(p[0]), manifest.entry_from_wire(p[1])))
+        out.append((manifest.entry_from_peer(p[0]), manifest.entry_from_peer(p[1])))
     return tuple(out)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from mesh.core.manifest import Entry, Kind
+from mesh.core.paths import reserved
 from mesh.core.vclock import VersionVector
 
 NODES = ["a", "b", "c", "d"]
@@ -17,7 +18,9 @@ names = st.text(
     st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"),
     min_size=1, max_size=12,
 ).filter(lambda s: s not in (".", ".."))
-paths = st.lists(names, min_size=1, max_size=3).map("/".join)
+# A synced path is never one the agent keeps for itself (".mesh-keep", temp names...).
+paths = st.lists(names, min_size=1, max_size=3).map("/".join).filter(
+    lambda p: reserved(p) is None)
 
 
 @st.composite

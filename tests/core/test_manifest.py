@@ -74,6 +74,10 @@ def _entry_with(index: int, value: object) -> bytes:
         (_entry_with(0, "a/../../b"), "bad path"),
         (_entry_with(0, "a\x00b"), "bad path"),
         (_entry_with(0, "x" * 5000), "bad path"),
+        (_entry_with(0, ".mesh-keep"), "reserved path '.mesh-keep'"),
+        (_entry_with(0, ".mesh-keep/objects/" + "ab" * 32), "reserved path"),
+        (_entry_with(0, ".mesh-state/state.db"), "reserved path"),
+        (_entry_with(0, "dir/.f.txt.Ab12cd"), "rsync temp name"),
         (_entry_with(1, {}), "vector"),
         (_entry_with(1, {"n1": 0}), "counter"),
         (_entry_with(1, {"n1": 2**64 - 1}), "counter"),
@@ -92,6 +96,24 @@ def test_refuses_with_a_reason(payload: bytes, reason: str) -> None:
     with pytest.raises(RemoteProtocolError) as err:
         manifest.decode(payload)
     assert reason in err.value.reason
+
+
+def test_a_conflict_on_a_reserved_path_is_refused() -> None:
+    doc = _doc()
+    e = list(doc["n"][0])  # type: ignore[index]
+    w, lo = [".mesh-keep", *e[1:]], [".mesh-keep", *e[1:]]
+    w[1], lo[1] = {"n1": 2}, {"n2": 1}
+    doc["c"] = [[w, lo]]
+    with pytest.raises(RemoteProtocolError, match="reserved path"):
+        manifest.decode(bytes(msgpack.packb(doc)))
+
+
+def test_the_index_reads_its_own_rows_without_the_reserved_check() -> None:
+    raw = list(msgpack.unpackb(_valid())["n"][0])
+    raw[0] = ".mesh-keep/x"
+    assert manifest.entry_from_wire(raw).path == ".mesh-keep/x"
+    with pytest.raises(RemoteProtocolError):
+        manifest.entry_from_peer(raw)
 
 
 def test_too_many_heads_for_one_path() -> None:

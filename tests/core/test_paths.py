@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 
-from mesh.core.paths import MAX_NAME_BYTES, is_normalized, normalize, parent
+from mesh.core.paths import MAX_NAME_BYTES, is_normalized, normalize, parent, reserved
 from mesh.errors import InvalidPath
 from tests.core.strategies import paths
 
@@ -50,3 +50,23 @@ def test_normalize_is_idempotent(p: str) -> None:
 def test_parent() -> None:
     assert parent("a/b/c") == "a/b"
     assert parent("a") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [(".mesh-keep", ".mesh-keep"), (".mesh-keep/objects/ab12", ".mesh-keep"),
+     (".mesh-keep/in/n9-1-1/x", ".mesh-keep"), (".mesh-state/state.db", ".mesh-state"),
+     (".f.txt.a1B2c3", "rsync temp"), ("dir/.f.txt.a1B2c3", "rsync temp"),
+     (".x\n.abcdef", "rsync temp")],
+)
+def test_names_the_agent_keeps_are_reserved(path: str, why: str) -> None:
+    found = reserved(path)
+    assert found is not None and why in found
+
+
+@pytest.mark.parametrize(
+    "path", ["a/.mesh-keep", "mesh-keep", ".mesh-keeping", "dir/.f.txt.a1B2c", ".f.abcdef/x",
+             "f.txt.abcdef", ".hidden"],
+)
+def test_other_names_are_not(path: str) -> None:
+    assert reserved(path) is None

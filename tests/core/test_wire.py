@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mesh.core import wire
 from mesh.core.digest import BUCKETS, Digest, bucket_of, in_buckets
-from mesh.core.manifest import Manifest
+from mesh.core.manifest import Entry, Manifest
 from mesh.core.vclock import VersionVector
 from mesh.errors import RemoteProtocolError
 from tests.core.strategies import entries
@@ -40,6 +40,21 @@ def test_round_trip(message: wire.Message) -> None:
 def test_entries_round_trip(items: list[object], done: bool) -> None:
     msg = wire.EntriesReply(7, tuple(items), done)  # type: ignore[arg-type]
     assert wire.decode(wire.encode(msg)) == msg
+
+
+@pytest.mark.parametrize("path", [".mesh-keep/objects/ab", ".mesh-keep", "d/.f.Ab12cd"])
+def test_replies_naming_a_reserved_path_are_refused(path: str) -> None:
+    entry = manifest_entry(path)
+    for message in (wire.EntriesReply(7, (entry,), True),
+                    wire.ConflictsReply(8, ((entry, entry),), True)):
+        with pytest.raises(RemoteProtocolError, match="reserved path"):
+            wire.decode(wire.encode(message))
+    with pytest.raises(RemoteProtocolError, match="reserved folder"):
+        wire.decode(wire.encode(wire.TreeReply(9, ((path, 1, 1),), True)))
+
+
+def manifest_entry(path: str) -> Entry:
+    return Entry(path, VersionVector.of({"n9": 1}), None, hlc=1, writer="n9")
 
 
 def test_a_manifest_passes_through() -> None:
