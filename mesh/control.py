@@ -212,12 +212,8 @@ class Operations:
                 f"the losing content of {path} is not on {self.me}: no unchanged conflict "
                 f"copy at {copy_path} and nothing in the keep area; restore it on a node "
                 "that has it")
-        (self.data.root / path).parent.mkdir(parents=True, exist_ok=True)
-        # The data plane's own atomic write: a temp name the watcher ignores, renamed
-        # into place, so the watcher sees one finished local edit.
         source = copy_path if at_copy and copy_path is not None else path
-        self.data._materialize(source, loser.kind, content, loser.mode, self.data.root / path,
-                               exclusive=False)
+        self.data.write_back(source, loser.kind, content, loser.mode, path)
         return f"the conflict copy {copy_path}" if at_copy else "the keep area"
 
     async def verify(self, args: dict[str, Any]) -> dict[str, Any]:

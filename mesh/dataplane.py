@@ -19,13 +19,13 @@ import logging
 import os
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from mesh.adapters.scanner import PREHASH_BYTES, ScanError, Scanner, Unsettled
 from mesh.core.landing import Staged, StagedFile, staged, to_reaim
-from mesh.core.manifest import Kind
+from mesh.core.manifest import ContentKey, Kind
 from mesh.core.paths import deepest_first
 from mesh.core.replica import Effect, Observed, Replica, Restore, Want, WriteCopy
 from mesh.core.resolver import Version
@@ -115,7 +115,10 @@ class DataPlane:
         await self.apply(effects)
         return len(on_disk)
 
-    def _observe(self, paths: list[str]) -> list[Effect]:
+    def _observe(self, paths: list[str],
+                 seen: dict[str, Observed | None] | None = None) -> list[Effect]:
+        """Scan ``paths`` and feed the replica; ``seen`` gets what was found at each
+        path that could be read."""
         effects: list[Effect] = []
         queue = deque(paths)
         done: set[str] = set()
@@ -134,6 +137,8 @@ class DataPlane:
                     continue
                 self.unsettled.discard(path)
                 self._scanned_at[path] = started
+                if seen is not None:
+                    seen[path] = observed
                 if observed is None and path not in done:
                     # A folder moved out of the root is reported alone: what we indexed
                     # inside it is gone too, and its deletes go first (a folder delete
@@ -152,6 +157,9 @@ class DataPlane:
     async def apply(self, effects: list[Effect]) -> None:
         queue: deque[Effect] = deque(effects)
         passed: list[Effect] = []
+        # How many restores want each content: the last one may take it out of the keep.
+        needed = Counter(fx.version.content for fx in effects
+                         if isinstance(fx, Restore) and fx.version.content is not None)
         # One transaction for them all: a push's end restores hundreds of paths, each
         # scanned and recorded (a commit each was most of a burst's time).
         with self.index.batch():
@@ -162,7 +170,7 @@ class DataPlane:
                 if isinstance(fx, WriteCopy):
                     queue.extend(self._write_copy(fx))
                 elif isinstance(fx, Restore):
-                    queue.extend(self._restore(fx.version))
+                    queue.extend(self._restore(fx.version, needed))
                 elif isinstance(fx, Want):
                     self.wants += 1
                 else:
@@ -177,8 +185,8 @@ class DataPlane:
             return []
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            self._materialize(fx.source.path, fx.source.kind, content, fx.source.mode, dest,
-                              exclusive=True)
+            self._materialize(fx.source.path, fx.source.kind, content, fx.source.mode,
+                              fx.path, exclusive=True)
         except FileExistsError:
             return []
         except OSError as err:
@@ -187,15 +195,18 @@ class DataPlane:
         LOG.info("kept the losing version of %s as %s", fx.source.path, fx.path)
         return self._observe([fx.path])
 
-    def _restore(self, version: Version) -> list[Effect]:
+    def _restore(self, version: Version, needed: Counter[ContentKey]) -> list[Effect]:
         rel = version.path
-        effects = self._observe([rel])  # record anything unscanned first
+        seen: dict[str, Observed | None] = {}
+        effects = self._observe([rel], seen)  # record anything unscanned first
+        if rel not in seen:  # unreadable or still being written: its next scan aims again
+            return effects
         if self.index.state(rel).target != version:
             return effects
         path = self.root / rel
         winner = version.winner
+        current = seen[rel]  # what the index now records there, and what we file away
         try:
-            current = self.scanner.observe(rel)
 
             def keep_current() -> None:  # right before the new content takes its place
                 if current is not None:
@@ -203,9 +214,13 @@ class DataPlane:
 
             if version.content is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self._materialize(rel, winner.kind, version.content, winner.mode, path,
+                needed[version.content] -= 1
+                self._materialize(rel, winner.kind, version.content, winner.mode, rel,
                                   exclusive=False, mtime_ns=winner.mtime_ns,
-                                  before=keep_current)
+                                  before=keep_current,
+                                  at_source=current is not None
+                                  and current.content == version.content,
+                                  take=needed[version.content] <= 0)
             else:
                 keep_current()
                 if os.path.lexists(path):  # a folder still holding entries: the replica
@@ -216,17 +231,31 @@ class DataPlane:
         # On disk from now on: a change made right after is an edit on top of it.
         return effects + self.replica.restored(rel, version)
 
-    def _materialize(self, source_rel: str, kind: Kind, content: tuple[Kind, bytes, int],
-                     mode: int, dest: Path, *, exclusive: bool, mtime_ns: int = 0,
-                     before: Callable[[], None] | None = None) -> None:
-        """Write content (from the data folder if it is there, else the keep area) at
-        ``dest``, atomically; never over an existing file if exclusive. ``before`` runs
-        once the new content is ready, right before it takes its place (so a kill
-        between the two leaves as short a gap as it can).
+    def write_back(self, source_rel: str, kind: Kind, content: ContentKey, mode: int,
+                   dest_rel: str) -> None:
+        """Put kept ``content`` (from ``source_rel`` if it holds it, else the keep area)
+        at ``dest_rel``, as the data plane writes: a temp name the watcher ignores,
+        renamed into place, so the watcher sees one finished local edit (an operator's
+        restore)."""
+        (self.root / dest_rel).parent.mkdir(parents=True, exist_ok=True)
+        self._materialize(source_rel, kind, content, mode, dest_rel, exclusive=False)
 
-        A large kept file is moved out of the keep area, not copied (a pushed 256 MiB
-        file is not written twice); it goes back if it cannot take its place, and is
-        filed again whenever it is replaced."""
+    def _materialize(self, source_rel: str, kind: Kind, content: tuple[Kind, bytes, int],
+                     mode: int, dest_rel: str, *, exclusive: bool, mtime_ns: int = 0,
+                     before: Callable[[], None] | None = None,
+                     at_source: bool | None = None, take: bool = False) -> None:
+        """Write content (from the data folder if it is there, else the keep area) at
+        ``dest_rel``, atomically; never over an existing file if exclusive. ``before`` runs
+        once the new content is ready, right before it takes its place (so a kill
+        between the two leaves as short a gap as it can). ``at_source``: whether
+        ``source_rel`` holds the content (looked at here when not known).
+
+        With ``take`` (no other restore of this apply needs the content), the kept file
+        is moved out of the keep area, not copied (a pushed file is not written twice);
+        it goes back if it cannot take its place, and is filed again whenever it is
+        replaced. A file put in place is recorded in the stat cache, so the scan its own
+        rename sets off does not hash it again."""
+        dest = self.root / dest_rel
         if kind is Kind.DIR:
             if before is not None:
                 before()
@@ -236,7 +265,8 @@ class DataPlane:
         tmp = self.keep.temp_name(dest)
         kept = self.keep.object_path(content)
         taken = False
-        at_source = self._observed_content(source_rel) == content
+        if at_source is None:
+            at_source = self._observed_content(source_rel) == content
         try:
             if kind is Kind.SYMLINK:
                 target = (str((self.root / source_rel).readlink()) if at_source
@@ -245,7 +275,7 @@ class DataPlane:
             else:
                 if at_source:
                     _copy(self.root / source_rel, tmp)
-                elif not exclusive and kept.stat().st_size >= PREHASH_BYTES:
+                elif take and not exclusive:
                     kept.rename(tmp)
                     taken = True
                 else:
@@ -253,6 +283,7 @@ class DataPlane:
                 tmp.chmod(mode)
                 if mtime_ns > 0:
                     os.utime(tmp, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+            placed = os.lstat(tmp)
             if before is not None:
                 before()
             if exclusive:
@@ -260,6 +291,8 @@ class DataPlane:
                 tmp.unlink()
             else:
                 tmp.replace(dest)
+            if kind is Kind.FILE:
+                self.scanner.placed(dest_rel, placed, content[1])
         finally:
             if taken and os.path.lexists(tmp):
                 with contextlib.suppress(OSError):

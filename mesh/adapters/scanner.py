@@ -183,6 +183,32 @@ class Scanner:
                 continue
             self._fresh[rel] = ((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), digest)
 
+    def placed(self, rel: str, prepared: os.stat_result, digest: bytes) -> None:
+        """The agent just renamed a file it prepared (``prepared``: its ``lstat`` then)
+        with content ``digest`` to ``rel``: cache it, so the scan that the rename sets
+        off reads a ``stat`` and hashes nothing.
+
+        Only when it is the very file (inode, size, mtime) and its mtime is older than
+        the racy window: any write after the rename sets the mtime to now, so the entry
+        cannot outlive it. The ctime is read now (a rename may change it)."""
+        if self.cache is None:
+            return
+        try:
+            rel = normalize(rel)
+            parent = self._open_parent(rel)
+            try:
+                st = _At(parent, rel.rpartition("/")[2]).lstat()
+            finally:
+                os.close(parent)
+        except (OSError, InvalidPath):
+            return
+        if (stat.S_ISREG(st.st_mode)
+                and (st.st_ino, st.st_size, st.st_mtime_ns)
+                == (prepared.st_ino, prepared.st_size, prepared.st_mtime_ns)
+                and time.time_ns() - st.st_mtime_ns > self.racy_ns):
+            self.cache.put(rel, CachedStat(st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                           st.st_ino, digest))
+
     def walk(self) -> Iterator[str]:
         """Every path under the root, directories included, sorted per directory."""
         for rel, _ in tree(self.root, "", self.ignore):

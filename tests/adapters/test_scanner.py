@@ -349,3 +349,57 @@ def test_prehash_serves_one_observe_of_the_very_file(tmp_path: Path,
     found = s.observe("big.bin")
     assert found is not None and found.hash == sha(second)
     assert len(hashed) == 1
+
+
+def _prepared(root: Path, name: str, data: bytes, mtime_ns: int) -> tuple[Path, os.stat_result]:
+    """A file the agent prepares under a temp name: its content, an old mtime."""
+    tmp = root / f".{name}.tmp"
+    tmp.write_bytes(data)
+    os.utime(tmp, ns=(mtime_ns, mtime_ns))
+    return tmp, tmp.lstat()
+
+
+def test_a_placed_file_is_not_hashed_again(
+    root: Path, index: Index, hash_calls: list[int]
+) -> None:
+    """A file the data plane renamed into place is cached as it lies (the rename just
+    changed its ctime): the scan the rename sets off reads a stat, no hash."""
+    s = Scanner(root, cache=StatCache(index.db), racy_window=60.0)
+    old = time.time_ns() - 3600 * 10**9
+    tmp, prepared = _prepared(root, "f", b"placed", old)
+    tmp.replace(root / "f")
+    s.placed("f", prepared, sha(b"placed"))
+    got = s.observe("f")
+    assert got is not None and got.hash == sha(b"placed") and hash_calls == []
+
+    # Written after the rename, even with the same size: the mtime moves, hashed again.
+    (root / "f").write_bytes(b"edited")
+    got = s.observe("f")
+    assert got is not None and got.hash == sha(b"edited") and len(hash_calls) == 1
+
+
+def test_a_placed_file_is_cached_only_when_it_is_the_file_prepared(
+    root: Path, index: Index, hash_calls: list[int]
+) -> None:
+    cache = StatCache(index.db)
+    s = Scanner(root, cache=cache, racy_window=60.0)
+    # A recent mtime: a write in the same tick could leave the stat unchanged.
+    tmp, prepared = _prepared(root, "recent", b"x", time.time_ns())
+    tmp.replace(root / "recent")
+    s.placed("recent", prepared, sha(b"x"))
+    assert cache.get("recent") is None
+    # Replaced by another file (another inode) before ``placed`` looked.
+    old = time.time_ns() - 3600 * 10**9
+    tmp, prepared = _prepared(root, "swapped", b"ours", old)
+    tmp.replace(root / "swapped")
+    other, _ = _prepared(root, "other", b"them", old)
+    other.replace(root / "swapped")
+    s.placed("swapped", prepared, sha(b"ours"))
+    assert cache.get("swapped") is None
+    got = s.observe("swapped")
+    assert got is not None and got.hash == sha(b"them") and len(hash_calls) == 1
+    # Gone, or under a symlinked folder: nothing cached, nothing raised.
+    s.placed("absent", prepared, sha(b"ours"))
+    (root / "link").symlink_to(root)
+    s.placed("link/swapped", prepared, sha(b"ours"))
+    assert cache.get("absent") is None and cache.get("link/swapped") is None

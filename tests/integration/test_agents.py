@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from mesh.adapters.scanner import PREHASH_BYTES
 from tests.cluster import Cluster, Node, running, wait_for
 
 pytestmark = pytest.mark.integration
@@ -83,3 +85,25 @@ def test_each_version_moves_once_per_peer(cluster: Cluster) -> None:
              "fresh status from the peers")
     assert {n.name: pushes(n)["received"] - received[n.name] for n in (n2, n3)} == {
         "n2": 1, "n3": 1}
+
+
+def test_one_content_at_many_paths_lands_at_each(cluster: Cluster) -> None:
+    """A push's end files one kept object per content: each path that wants it gets a
+    copy, and the last takes the object itself out of the keep area (not a copy)."""
+
+    n1 = cluster.nodes[0]
+    small, large, alone = b"same small bytes\n", os.urandom(PREHASH_BYTES), os.urandom(5000)
+    (n1.data / "dup").mkdir()
+    for i in range(4):
+        (n1.data / f"dup/small-{i}").write_bytes(small)
+    for i in range(2):
+        (n1.data / f"dup/large-{i}").write_bytes(large)
+    (n1.data / "dup/alone").write_bytes(alone)
+    cluster.wait_converged()
+    tree = cluster.tree(cluster.nodes[1])
+    assert sum(1 for p in tree if p.startswith("dup/")) == 7
+    for peer in cluster.nodes[1:]:
+        objects = peer.data / ".mesh-keep" / "objects"
+        kept = {p.name for p in objects.iterdir()}
+        assert hashlib.sha256(alone).hexdigest() not in kept, "taken, not copied"
+        assert (peer.data / "dup/alone").read_bytes() == alone
