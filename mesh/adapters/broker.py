@@ -29,6 +29,7 @@ import functools
 import logging
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from mesh.adapters.mqttframes import FrameMeter
 from mesh.adapters.tls_server import accept_forever, bind, open_tls
 from mesh.core.topics import TopicPolicy
 from mesh.errors import ConfigError, LocalProtocolError, PkiError
@@ -142,42 +144,6 @@ class _Connection:
             self.writer.transport.abort()
 
 
-class _FrameMeter:
-    """Follows MQTT framing over the bytes read, to learn each packet's length from its
-    fixed header before the body is read (MQTT 3.1.1 section 2.2.3)."""
-
-    def __init__(self) -> None:
-        self._body_left = 0
-        self._in_header = False
-        self._length = 0
-        self._multiplier = 1
-
-    @property
-    def at_packet_start(self) -> bool:
-        return self._body_left == 0 and not self._in_header
-
-    def feed(self, data: bytes) -> int | None:
-        """Return the largest remaining length of the fixed headers completed by ``data``."""
-        completed, index = None, 0
-        while index < len(data):
-            if self._body_left:
-                taken = min(self._body_left, len(data) - index)
-                self._body_left -= taken
-                index += taken
-                continue
-            byte = data[index]
-            index += 1
-            if not self._in_header:  # the packet type byte
-                self._in_header, self._length, self._multiplier = True, 0, 1
-                continue
-            self._length += (byte & 0x7F) * self._multiplier
-            self._multiplier *= 128
-            if not byte & 0x80 or self._multiplier > 128**4:
-                self._in_header, self._body_left = False, self._length
-                completed = max(completed or 0, self._length)
-        return completed
-
-
 class _GuardedReader(ReaderAdapter):  # type: ignore[misc]
     """What amqtt reads from one client: the CONNECT we already checked, then the stream,
     under the packet-size cap, the idle deadline and the inbound-queue bound.
@@ -193,7 +159,7 @@ class _GuardedReader(ReaderAdapter):  # type: ignore[misc]
         self._reader = reader
         self._buffer = connect
         self._limits = limits
-        self._meter = _FrameMeter()
+        self._meter = FrameMeter()
 
     async def read(self, n: int = -1) -> bytes:
         if self._buffer:
@@ -215,6 +181,9 @@ class _GuardedReader(ReaderAdapter):  # type: ignore[misc]
             return b""
         self._conn.last_rx = asyncio.get_running_loop().time()
         length = self._meter.feed(data)
+        if self._meter.reserved is not None:
+            self._conn.cut(f"reserved packet type {self._meter.reserved} (MQTT-2.2.1)")
+            return b""
         if length is not None and length > self._limits.max_packet_bytes:
             limit = self._limits.max_packet_bytes
             self._conn.cut(f"packet of {length} bytes is over the {limit}-byte limit")
@@ -360,12 +329,48 @@ class MeshTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
         return guard.allow(session, topic, action or Action.RECEIVE, filters)
 
 
+class _Subscribers(list[tuple[Session, int]]):
+    """One filter's subscribers; iterating walks a copy (see ``_Subscriptions``)."""
+
+    def __iter__(self) -> Iterator[tuple[Session, int]]:
+        return iter(list.copy(self))
+
+
+class _Subscriptions(dict[str, list[tuple[Session, int]]]):
+    """amqtt's ``Broker._subscriptions`` (filter -> subscribers), iterated over copies.
+
+    ``Broker._run_broadcast`` 0.12.1 iterates this dict and each list of subscribers
+    across an ``await`` (the topic ACL): a client subscribing or leaving meanwhile raised
+    ``RuntimeError: dictionary changed size during iteration`` (issue 13, under a flood
+    of forged entries), and the broadcast was lost for the subscribers not yet reached.
+    Walking copies is what the loop needs: a subscriber that left is skipped by its
+    "connected" check, one that joined gets the next message. amqtt is wrapped, not
+    forked: it keeps reading and writing this object as the plain dict it made."""
+
+    def __init__(self, items: dict[str, list[tuple[Session, int]]]) -> None:
+        super().__init__({k: _Subscribers(v) for k, v in items.items()})
+
+    def __setitem__(self, key: str, value: list[tuple[Session, int]]) -> None:
+        super().__setitem__(key, value if isinstance(value, _Subscribers) else _Subscribers(value))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def items(self) -> list[tuple[str, list[tuple[Session, int]]]]:  # type: ignore[override]
+        return list(super().items())
+
+    def values(self) -> list[list[tuple[Session, int]]]:  # type: ignore[override]
+        return list(super().values())
+
+
 class _MeshBroker(Broker):  # type: ignore[misc]
-    """amqtt's broker with retained messages restricted to the owner and bounded."""
+    """amqtt's broker with retained messages restricted to the owner and bounded, and
+    its subscriptions iterated safely (``_Subscriptions``)."""
 
     def __init__(self, config: BrokerConfig, guard: _Guard) -> None:
         super().__init__(config)
         self._guard = guard
+        self._subscriptions = _Subscriptions(self.subscriptions)
 
     async def retain_message(
         self,
@@ -581,7 +586,7 @@ class _TooLarge(Exception):
 
 async def _read_packet(reader: asyncio.StreamReader, limit: int) -> bytes | None:
     """One whole MQTT packet, or None at end of stream."""
-    meter, raw = _FrameMeter(), bytearray()
+    meter, raw = FrameMeter(), bytearray()
     try:
         length = None
         while length is None:

@@ -55,6 +55,7 @@ from amqtt.mqtt.protocol.client_handler import ClientProtocolHandler
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import Session
 
+from mesh.adapters.mqttframes import FrameMeter
 from mesh.core.topics import Topics
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, PkiError
 from mesh.pki import NodeCredentials, client_ssl_context, identity_from_der
@@ -194,13 +195,15 @@ class _Inbox(asyncio.Queue[Any]):
 
 class _GatedReader(ReaderAdapter):  # type: ignore[misc]
     """What amqtt's handler reads: stamps liveness, stops reading while the inbox is
-    full, refuses oversized packets, and turns a read error into a clean end of stream
-    (amqtt logs and breaks on anything else)."""
+    full, refuses oversized packets and reserved packet types (``mesh.adapters.mqttframes``),
+    and turns a read error into a clean end of stream (amqtt logs and breaks on anything
+    else)."""
 
     def __init__(self, conn: _Connection, reader: asyncio.StreamReader, inbox: _Inbox) -> None:
         self._conn = conn
         self._reader = reader
         self._inbox = inbox
+        self._meter = FrameMeter()
 
     async def read(self, n: int = -1) -> bytes:
         limit = self._conn.settings.max_packet_bytes
@@ -221,6 +224,10 @@ class _GatedReader(ReaderAdapter):  # type: ignore[misc]
             self._conn.end(f"read: {_describe(err)}")
             return b""
         self._conn.touch()
+        self._meter.feed(data)
+        if self._meter.reserved is not None:
+            self._conn.end(f"reserved packet type {self._meter.reserved} (MQTT-2.2.1)")
+            return b""
         return data
 
     def feed_eof(self) -> None:

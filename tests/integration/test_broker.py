@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from amqtt.client import MQTTClient
+from amqtt.contexts import Action
 from amqtt.mqtt.connack import NOT_AUTHORIZED
 
 from mesh import pki
@@ -254,6 +255,68 @@ async def test_oversized_message_is_refused_and_the_broker_stays_up(
             assert "packet of 100" in line
             await until(lambda: not _is_connected(peer), "the oversized client to be dropped")
         await _manifest_reaches_peer(broker, cluster_pki)
+
+
+async def test_reserved_packets_cut_the_client_with_one_line_not_one_per_packet(
+    cluster_pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13: 1.2 MB of zeros after a CONNECT is 600,000 reserved packets (type 0,
+    length 0); amqtt 0.12.1 logged each one and read on. The first one cuts the client."""
+    caplog.set_level(logging.INFO)
+    async with running_broker(cluster_pki) as broker:
+        reader, writer = await _raw_client(broker, cluster_pki.creds(PEER), _connect_packet(PEER))
+        try:
+            assert await reader.readexactly(4) == b"\x20\x02\x00\x00"
+            writer.write(bytes(1_200_000))
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.drain()
+            await logged(caplog, "cut 127.0.0.1:", f"[{PEER}]", "reserved packet type 0")
+            with contextlib.suppress(ConnectionError, ssl.SSLError):  # cut: a reset
+                assert await reader.read() == b""
+        finally:
+            writer.close()
+        await _manifest_reaches_peer(broker, cluster_pki)
+    amqtt = [r for r in caplog.records if r.name.startswith("amqtt")
+             and r.levelno >= logging.WARNING]
+    assert len(amqtt) <= 1, [r.getMessage() for r in amqtt[:3]]
+
+
+async def test_a_subscription_made_while_a_message_is_broadcast_loses_nothing(
+    cluster_pki: Pki,
+) -> None:
+    """amqtt 0.12.1's ``_run_broadcast`` walks the subscriptions across the ACL's await;
+    a filter subscribed meanwhile raised "dictionary changed size during iteration"
+    (issue 13) and the message never reached the rest. Held at that await here."""
+    async with running_broker(cluster_pki) as broker:
+        amqtt_broker: Any = broker._broker
+        acl = amqtt_broker._topic_filtering
+        held, go_on = asyncio.Event(), asyncio.Event()
+
+        async def slow_acl(session: Any, topic: str, action: Action) -> bool:
+            if action == Action.RECEIVE and not go_on.is_set():
+                held.set()
+                await go_on.wait()
+            return bool(await acl(session, topic=topic, action=action))
+
+        amqtt_broker._topic_filtering = slow_acl
+        responses = f"{ORIGIN}resp/{PEER}"
+        async with (
+            connected(broker, cluster_pki.files(PEER), f"{PEER}/a") as first,
+            connected(broker, cluster_pki.files(PEER), f"{PEER}/b") as second,
+            connected(broker, cluster_pki.files(OWNER), OWNER) as owner,
+        ):
+            # Two filters that match one topic, so the broadcast walks the dict on.
+            assert await first.subscribe([(responses, 1)]) == [1]
+            assert await second.subscribe([(f"{responses}/#", 1)]) == [1]
+            await owner.publish(responses, b"one", qos=0)
+            await held.wait()  # the broadcast is at its first subscriber's ACL check
+            async with connected(broker, cluster_pki.files(PEER), f"{PEER}/late") as late:
+                assert await late.subscribe([(f"{ORIGIN}head", 0)]) == [0]  # a new filter
+                go_on.set()
+                assert await next_message(first) == (responses, b"one")
+                assert await next_message(second) == (responses, b"one")
+                await owner.publish(f"{ORIGIN}head", b"two", qos=0)
+                assert await next_message(late) == (f"{ORIGIN}head", b"two")
 
 
 async def test_stalled_subscriber_is_cut_off(

@@ -24,7 +24,7 @@ from mesh.adapters.links import (
     PeerLink,
 )
 from mesh.core.topics import Topics
-from mesh.pki import NodeCredentials, load_node
+from mesh.pki import NodeCredentials, load_node, server_ssl_context
 from tests.integration.conftest import CLUSTER, Pki, until
 
 pytestmark = pytest.mark.integration
@@ -422,3 +422,39 @@ async def test_a_peer_other_than_the_expected_one_is_refused(
                 caplog, f"link {BRAVO}: refused (the server at {host}:{port} is charlie, not bravo)"
             )
             assert link.status.state is not LinkState.UP
+
+
+async def test_a_broker_sending_reserved_packets_is_dropped_with_one_line(
+    cluster_pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13: a certified peer's broker answering with 1.2 MB of zeros (600,000 reserved
+    packets) made amqtt's client log a line per packet. The link drops at the first."""
+    caplog.set_level(logging.INFO)
+    sent = asyncio.Event()
+
+    async def hostile(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(2)  # CONNECT's fixed header (a short CONNECT)
+        await reader.read(4096)
+        writer.write(b"\x20\x02\x00\x00")  # CONNACK, accepted
+        subscribe = await reader.read(4096)
+        packet_id = subscribe[2:4] if len(subscribe) >= 4 else b"\x00\x01"
+        writer.write(b"\x90\x06" + packet_id + b"\x01\x01\x01\x01")  # SUBACK, 4 topics
+        writer.write(bytes(1_200_000))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        sent.set()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hostile, BRAVO_HOST, 0,
+                                        ssl=server_ssl_context(cluster_pki.creds(BRAVO)))
+    async with server:
+        address = server.sockets[0].getsockname()[:2]
+        link = link_to(cluster_pki, address, Inbox(), expect_peer=BRAVO)
+        async with running(link):
+            await until(lambda: bool(link_lines(caplog, "reserved packet type 0")),
+                        "the link to drop the hostile broker", within=10)
+            await sent.wait()
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING
+             and (r.name.startswith("amqtt") or "reserved packet" in r.getMessage())]
+    assert len(lines) <= 3, [r.getMessage() for r in lines[:5]]
