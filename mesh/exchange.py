@@ -11,6 +11,12 @@ records this node lacks. It also answers the same requests from peers.
 Transport is behind two callables so the engine can be tested with real
 brokers or without any: ``publish`` puts a payload on one of this node's own
 topics; ``request`` puts one on our request topic at a peer's broker.
+
+What a certified peer can send is bounded (issue 13): every batch of versions
+passes ``mesh.core.admit.screen`` before the replica sees it (no counter that
+could overflow, no clock stamp far ahead of ours), and a reply counts only if it
+answers a request of ours to that very peer: request ids are random, and the
+reply must come from the peer asked (its broker's response topic to us).
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,7 +33,7 @@ from functools import partial
 from typing import TypeVar
 
 from mesh import __version__
-from mesh.core import tree, wire
+from mesh.core import admit, tree, wire
 from mesh.core.batcher import Batcher
 from mesh.core.delivery import Inbox, Need, Outbox
 from mesh.core.digest import Digest, bucket_of
@@ -106,6 +112,8 @@ class Exchange:
     """Called for every new disk version this node announces."""
     on_synced: Callable[[str], None] | None = None
     """Called after each completed resync with a peer."""
+    limits: admit.Limits = field(default_factory=admit.Limits)
+    """What a peer's versions must keep to (issue 13)."""
 
     peers: dict[str, PeerView] = field(default_factory=dict, init=False)
     outbox: Outbox = field(init=False)
@@ -114,8 +122,8 @@ class Exchange:
     _pending_conflicts: dict[str, Conflict] = field(default_factory=dict, init=False)
     _batcher: Batcher = field(init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
-    _waiters: dict[int, asyncio.Queue[wire.Message]] = field(default_factory=dict, init=False)
-    _rids: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
+    _waiters: dict[int, _Waiter] = field(default_factory=dict, init=False)
+    _applied: set[asyncio.Event] = field(default_factory=set, init=False)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
@@ -240,11 +248,46 @@ class Exchange:
             if message.origin == peer:
                 self.view(peer).hello = message
         elif topic == peer_topics.resp(self.node):
-            waiter = self._waiters.get(message.rid) if hasattr(message, "rid") else None
-            if waiter is not None:
-                waiter.put_nowait(message)
+            self._on_reply(peer, message)
         else:
             LOG.warning("refused %s from %s on %s", type(message).__name__, peer, topic)
+
+    def _on_reply(self, peer: str, message: wire.Message) -> None:
+        """A reply counts only as the answer of the peer that was asked (issue 13: a
+        certified node answered for another one, matched by a sequential id alone)."""
+        rid = getattr(message, "rid", None)
+        waiter = self._waiters.get(rid) if isinstance(rid, int) else None
+        if waiter is None:
+            LOG.debug("%s from %s answers no open request of ours (late, or a guess)",
+                      type(message).__name__, peer)
+        elif waiter.peer != peer:
+            LOG.warning("refused %s from %s: it answers a request made of %s",
+                        type(message).__name__, peer, waiter.peer)
+        else:
+            waiter.queue.put_nowait(message)
+
+    def _open(self, peer: str) -> tuple[int, asyncio.Queue[wire.Message]]:
+        """A new request id, unguessable and unused, and the queue of its replies."""
+        rid = secrets.randbits(63)
+        while rid in self._waiters:
+            rid = secrets.randbits(63)
+        waiter = _Waiter(peer, asyncio.Queue())
+        self._waiters[rid] = waiter
+        return rid, waiter.queue
+
+    async def wait_applied(self, within: float) -> bool:
+        """Until the next batch of some peer's versions is applied here; False if none
+        was within ``within`` seconds."""
+        event = asyncio.Event()
+        self._applied.add(event)
+        try:
+            async with asyncio.timeout(within):
+                await event.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._applied.discard(event)
 
     async def _on_head(self, peer: str, head: wire.Head) -> None:
         if head.origin != peer:
@@ -266,7 +309,10 @@ class Exchange:
 
     async def _apply(self, peer: str, entries: Iterable[Entry],
                      conflicts: Iterable[tuple[Entry, Entry]] = ()) -> None:
-        listed, pairs = list(entries), list(conflicts)
+        screened = admit.screen(entries, conflicts, _ms(), self.limits)
+        if screened.refused:
+            LOG.warning("refused from %s: %s", peer, admit.summary(screened.refused))
+        listed, pairs = list(screened.entries), list(screened.conflicts)
         try:
             with self.index.batch():
                 self.index.prefetch([e.path for e in listed] + [w.path for w, _ in pairs], peer)
@@ -275,6 +321,8 @@ class Exchange:
         except RemoteProtocolError as err:
             LOG.warning("refused manifest from %s: %s", peer, err.reason)
             return
+        for event in self._applied:
+            event.set()
         await self.handle_effects(effects)
 
     async def _repair(self, peer: str, need: Need) -> None:
@@ -282,20 +330,17 @@ class Exchange:
         if need is Need.REPLAY:
             from_seq = view.inbox.applied + 1
             assert view.inbox.epoch is not None
-            rid = next(self._rids)
+            rid, queue = self._open(peer)
             LOG.info("asking %s to replay from seq %d", peer, from_seq)
             with contextlib.suppress(MeshError):
                 await self.request(peer, wire.encode(
                     wire.ReplayRequest(rid, view.inbox.epoch, from_seq)))
             # A "gone" answer arrives as a response to this rid.
-            self._expect_gone(peer, rid)
+            self._expect_gone(peer, rid, queue)
         elif need is Need.RESYNC and (view.resync is None or view.resync.done()):
             view.resync = asyncio.create_task(self._resync(peer), name=f"resync-{peer}")
 
-    def _expect_gone(self, peer: str, rid: int) -> None:
-        queue: asyncio.Queue[wire.Message] = asyncio.Queue()
-        self._waiters[rid] = queue
-
+    def _expect_gone(self, peer: str, rid: int, queue: asyncio.Queue[wire.Message]) -> None:
         async def wait() -> None:
             try:
                 reply = await asyncio.wait_for(queue.get(), REQUEST_TIMEOUT)
@@ -382,9 +427,7 @@ class Exchange:
 
     async def _ask_chunks(self, peer: str, build: Callable[[int], wire.Message], *,
                           chunked: bool = True) -> AsyncIterator[wire.Message]:
-        rid = next(self._rids)
-        queue: asyncio.Queue[wire.Message] = asyncio.Queue()
-        self._waiters[rid] = queue
+        rid, queue = self._open(peer)
         try:
             request = build(rid)
             await self.request(peer, wire.encode(request))
@@ -478,6 +521,14 @@ class Exchange:
                     raise RemoteProtocolError("ls? answered with something else", peer=peer)
                 entries.extend(chunk.entries)
         return entries
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiter:
+    """An open request: the peer asked, and where its replies go."""
+
+    peer: str
+    queue: asyncio.Queue[wire.Message]
 
 
 T = TypeVar("T")

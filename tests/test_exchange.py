@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from mesh.core import manifest
+from mesh.core import admit, manifest, tree, wire
 from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.replica import Effect, PathState, Replica
 from mesh.core.resolver import Version
-from mesh.core.vclock import VersionVector
+from mesh.core.vclock import MAX_COUNTER, MAX_HLC, VersionVector, hlc_pack
 from mesh.exchange import ENTRIES_PER_MANIFEST, Exchange
 from mesh.store.index import Index
 
@@ -261,6 +261,83 @@ def test_caught_up_only_after_what_the_peer_had_published_at_link_up() -> None:
         assert not a.caught_up("b", time.time() + 60)  # a later link: no head heard on it
         for t in tasks:
             t.cancel()
+        net.stop()
+
+    run(main())
+
+
+# --- a certified node that lies (issue 13) ---------------------------------------------------
+
+
+def test_a_reply_counts_only_from_the_peer_that_was_asked(caplog: pytest.LogCaptureFixture,
+                                                           ) -> None:
+    """n9 answered n1's `mesh verify` question to n2 (slow) with a tree of its own: replies
+    were matched by a sequential request id alone."""
+    async def main() -> None:
+        net = Net()
+        n1, n2 = net.add("n1"), net.add("n2")
+        net.add("n9")
+        write(n2, "real.txt", 1)
+        asked: list[bytes] = []
+        release = asyncio.Event()
+        answer = n2.on_request
+
+        async def slow_n2(peer: str, payload: bytes) -> None:
+            asked.append(payload)
+            await release.wait()
+            await answer(peer, payload)
+
+        n2.on_request = slow_n2  # type: ignore[method-assign]
+        question = asyncio.create_task(n1.ask_tree("n2"))
+        await until(lambda: bool(asked))
+        request = wire.decode(asked[0])
+        assert isinstance(request, wire.TreeRequest)
+        forged = wire.TreeReply(request.rid, (("", 12345, 99),), True)
+        await n1.on_peer_message("n9", "mesh/v1/test/n9/resp/n1", wire.encode(forged))
+        assert any("refused TreeReply from n9: it answers a request made of n2" in r.getMessage()
+                   for r in caplog.records)
+        release.set()
+        sums = await question
+        assert sums == tree.folder_sums(n2.tree_entries()) and sums[""][1] == 1
+        net.stop()
+
+    run(main())
+
+
+def test_request_ids_are_not_guessable() -> None:
+    async def main() -> None:
+        net = Net()
+        n1, _ = net.add("n1"), net.add("n2")
+        rids = [n1._open("n2")[0] for _ in range(50)]
+        assert len(set(rids)) == 50 and min(rids) > 2**32  # 63 random bits
+        net.stop()
+
+    run(main())
+
+
+def test_versions_beyond_the_bounds_are_refused_and_the_rest_applied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The crash loop of issue 13: a tombstone with {victim: 2**63-1}, and clock stamps
+    2**63-3 and 2**63-1, sent by a certified n9 with a valid entry beside them."""
+    async def main() -> None:
+        net = Net()
+        n1, n9 = net.add("n1"), net.add("n9")
+        now = hlc_pack(time.time_ns() // 1_000_000)
+        hostile = [
+            Entry("t", VersionVector.of({"n1": MAX_COUNTER}), None, hlc=now, writer="n9"),
+            Entry("u", VersionVector.of({"n9": 1}), None, hlc=MAX_HLC - 2, writer="n9"),
+            Entry("v", VersionVector.of({"n9": 1}), None, hlc=MAX_HLC, writer="n9"),
+            Entry("ok.txt", VersionVector.of({"n9": 1}), b"\x01" * 32, 1, 0, 0o644,
+                  Kind.FILE, now, "n9"),
+        ]
+        payload = n9.outbox.next(tuple(hostile), ())
+        await n1.on_peer_message("n9", "mesh/v1/test/n9/manifest", payload)
+        assert sorted(p for p, _ in n1.index.peer_items("n9")) == ["ok.txt"]
+        assert n1.index.state("t").target is None and n1.index.state("u").target is None
+        assert n1.replica.clock < now + (admit.DEFAULT_MAX_SKEW_MS << 16)
+        lines = [r.getMessage() for r in caplog.records if "refused from n9" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith("refused from n9: 3 path(s):"), lines
         net.stop()
 
     run(main())
