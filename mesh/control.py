@@ -169,7 +169,6 @@ class Operations:
                 f"{self.me} has not caught up on {c.path} yet (it holds vector "
                 f"{None if disk is None else disk.vector.to_dict()}, the resolution is "
                 f"{c.resolved.vector.to_dict()}); restore once `mesh verify` passes")
-        dest = self.data.root / c.path
         try:
             found = self.data.scanner.observe(c.path)
             current = None if found is None else found.content
@@ -177,14 +176,14 @@ class Operations:
                 return {"id": c.id, "path": c.path, "changed": False, "source": None}
             if loser.content is None:
                 assert current is not None
-                self.data.keep.file_away(dest, current)  # the delete wins; keep what it removes
-                if dest.exists() or dest.is_symlink():
+                self.data.keep.file_away(c.path, current)  # the delete wins; keep what it removes
+                if self.data.fs.lexists(c.path):
                     raise ControlError(f"restore the delete of {c.path}: it is a directory "
                                        "that is not empty")
                 source = "a delete"
             else:
                 source = self._bring_back(c.path, c.copy_path, loser)
-        except (OSError, ScanError) as err:
+        except (OSError, MeshError) as err:
             raise ControlError(f"restore {c.path}: {err}") from err
         await self.data.scan([c.path])
         now_ms = time.time_ns() // 1_000_000

@@ -29,6 +29,7 @@ from mesh.core.manifest import ContentKey, Kind
 from mesh.core.paths import deepest_first
 from mesh.core.replica import Effect, Observed, Replica, Restore, Want, WriteCopy
 from mesh.core.resolver import Version
+from mesh.errors import MeshError
 from mesh.keep import KeepArea
 from mesh.store.index import Index
 
@@ -56,6 +57,7 @@ class DataPlane:
         self.forward = forward  # announcements and conflicts go to the exchange
         self.unsettled: set[str] = set()
         self._scanned_at: dict[str, float] = {}  # path -> when its last scan began
+        self.fs = keep.fs  # file operations beneath the root, no symlink followed
         self.wants = 0
 
     # --- scanning ---------------------------------------------------------------------
@@ -179,17 +181,15 @@ class DataPlane:
             await self.forward(passed)
 
     def _write_copy(self, fx: WriteCopy) -> list[Effect]:
-        dest = self.root / fx.path
         content = fx.source.content
-        if content is None or dest.exists() or dest.is_symlink():
-            return []
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            if content is None or self.fs.lexists(fx.path):
+                return []
             self._materialize(fx.source.path, fx.source.kind, content, fx.source.mode,
                               fx.path, exclusive=True)
         except FileExistsError:
             return []
-        except OSError as err:
+        except (OSError, MeshError) as err:
             LOG.warning("conflict copy %s: %s", fx.path, err)
             return []
         LOG.info("kept the losing version of %s as %s", fx.source.path, fx.path)
@@ -203,29 +203,23 @@ class DataPlane:
             return effects
         if self.index.state(rel).target != version:
             return effects
-        path = self.root / rel
         winner = version.winner
         current = seen[rel]  # what the index now records there, and what we file away
         try:
-
-            def keep_current() -> None:  # right before the new content takes its place
-                if current is not None:
-                    self.keep.file_away(path, current.content)
-
             if version.content is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 needed[version.content] -= 1
                 self._materialize(rel, winner.kind, version.content, winner.mode, rel,
                                   exclusive=False, mtime_ns=winner.mtime_ns,
-                                  before=keep_current,
+                                  replacing=current,
                                   at_source=current is not None
                                   and current.content == version.content,
                                   take=needed[version.content] <= 0)
             else:
-                keep_current()
-                if os.path.lexists(path):  # a folder still holding entries: the replica
+                if current is not None:
+                    self.keep.file_away(rel, current.content)
+                if self.fs.lexists(rel):  # a folder still holding entries: the replica
                     return effects + self._observe([rel])  # decides (DESIGN.md, Folders)
-        except (OSError, ScanError) as err:
+        except (OSError, MeshError) as err:
             LOG.warning("restore %s: %s", rel, err)
             return effects + self._observe([rel])
         # On disk from now on: a change made right after is an edit on top of it.
@@ -237,68 +231,69 @@ class DataPlane:
         at ``dest_rel``, as the data plane writes: a temp name the watcher ignores,
         renamed into place, so the watcher sees one finished local edit (an operator's
         restore)."""
-        (self.root / dest_rel).parent.mkdir(parents=True, exist_ok=True)
         self._materialize(source_rel, kind, content, mode, dest_rel, exclusive=False)
 
-    def _materialize(self, source_rel: str, kind: Kind, content: tuple[Kind, bytes, int],
-                     mode: int, dest_rel: str, *, exclusive: bool, mtime_ns: int = 0,
-                     before: Callable[[], None] | None = None,
-                     at_source: bool | None = None, take: bool = False) -> None:
-        """Write content (from the data folder if it is there, else the keep area) at
-        ``dest_rel``, atomically; never over an existing file if exclusive. ``before`` runs
-        once the new content is ready, right before it takes its place (so a kill
-        between the two leaves as short a gap as it can). ``at_source``: whether
-        ``source_rel`` holds the content (looked at here when not known).
+    def _materialize(self, source_rel: str, kind: Kind, content: ContentKey, mode: int,
+                     dest_rel: str, *, exclusive: bool, mtime_ns: int = 0,
+                     replacing: Observed | None = None, at_source: bool | None = None,
+                     take: bool = False) -> None:
+        """Write content (from ``source_rel`` if it holds it, else the keep area) at
+        ``dest_rel``, atomically, beneath the root (``mesh.adapters.beneath``); never over
+        an existing file if ``exclusive``. ``replacing``: what ``dest_rel`` holds, filed
+        into the keep area as the new content takes its place (in one step where the
+        filesystem can swap two names, so a kill never leaves the path empty).
+        ``at_source``: whether ``source_rel`` holds the content (looked at when None).
 
         With ``take`` (no other restore of this apply needs the content), the kept file
         is moved out of the keep area, not copied (a pushed file is not written twice);
         it goes back if it cannot take its place, and is filed again whenever it is
         replaced. A file put in place is recorded in the stat cache, so the scan its own
         rename sets off does not hash it again."""
-        dest = self.root / dest_rel
         if kind is Kind.DIR:
-            if before is not None:
-                before()
-            dest.mkdir(mode=mode or 0o755, exist_ok=not exclusive)
-            dest.chmod(mode)
+            if replacing is not None:
+                self.keep.file_away(dest_rel, replacing.content)
+            self.fs.mkdir(dest_rel, mode, exist_ok=not exclusive)
             return
-        tmp = self.keep.temp_name(dest)
-        kept = self.keep.object_path(content)
+        tmp = self.fs.temp_name(dest_rel)
         taken = False
         if at_source is None:
             at_source = self._observed_content(source_rel) == content
         try:
             if kind is Kind.SYMLINK:
-                target = (str((self.root / source_rel).readlink()) if at_source
+                target = (self.fs.readlink(source_rel) if at_source
                           else self.keep.read_link(content))
-                tmp.symlink_to(target)
+                placed = self.fs.symlink(target, tmp)
+            elif at_source:
+                fd = self.fs.open_file(source_rel)
+                try:
+                    placed = self.fs.write_file(tmp, fd, mode, mtime_ns)
+                finally:
+                    os.close(fd)
+            elif take and not exclusive:
+                self.keep.take_out(content, tmp)
+                taken = True
+                placed = self.fs.set_file(tmp, mode, mtime_ns)
             else:
-                if at_source:
-                    _copy(self.root / source_rel, tmp)
-                elif take and not exclusive:
-                    kept.rename(tmp)
-                    taken = True
-                else:
-                    self.keep.copy_out(content, tmp)
-                tmp.chmod(mode)
-                if mtime_ns > 0:
-                    os.utime(tmp, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
-            placed = os.lstat(tmp)
-            if before is not None:
-                before()
+                placed = self.keep.copy_out(content, tmp, mode, mtime_ns)
             if exclusive:
-                os.link(tmp, dest, follow_symlinks=False)  # fails if dest exists
-                tmp.unlink()
+                self.fs.link(tmp, dest_rel)  # fails if something is there
+            elif replacing is not None and replacing.kind is not Kind.DIR \
+                    and self.fs.exchange(tmp, dest_rel):
+                taken = False
+                self.keep.file_away(tmp, replacing.content)  # the old content, swapped out
             else:
-                tmp.replace(dest)
+                if replacing is not None:
+                    self.keep.file_away(dest_rel, replacing.content)
+                self.fs.rename(tmp, dest_rel)
+                taken = False
             if kind is Kind.FILE:
                 self.scanner.placed(dest_rel, placed, content[1])
         finally:
-            if taken and os.path.lexists(tmp):
-                with contextlib.suppress(OSError):
-                    tmp.rename(kept)  # it could not take its place: back into the keep
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if taken and self.fs.lexists(tmp):
+                with contextlib.suppress(OSError, MeshError):
+                    self.keep.put_back(content, tmp)  # it did not take its place
+            with contextlib.suppress(FileNotFoundError, MeshError):
+                self.fs.unlink(tmp)
 
     def _observed_content(self, rel: str) -> tuple[Kind, bytes, int] | None:
         try:
@@ -313,65 +308,54 @@ class DataPlane:
         """An incoming push ended, however rsync exited (``mesh.core.landing``): keep the
         staged bytes that are a version we converge to, drop the rest, and ask again
         for what each path converges to; the restores that follow put them in place."""
-        staging = self.keep.staging_dir(push_id)
-        kept: list[str] = []
-        for rel in _files_under(staging):
-            try:
-                large = os.lstat(staging / rel).st_size >= PREHASH_BYTES
-            except OSError:
-                continue
-            # Hashing hundreds of MB would stall every link and push of this node.
-            found = (await asyncio.to_thread(self._observe_staged, staging / rel) if large
-                     else self._observe_staged(staging / rel))
+
+        def converged_to(rel: str, found: Observed) -> bool:
             st = self.index.state(rel)
             goal = st.target or st.disk
-            if (found is not None and goal is not None
-                    and staged({rel: goal}, StagedFile(rel, found.content)) is Staged.KEEP):
-                try:
-                    self.keep.file_away(staging / rel, found.content)
-                    kept.append(rel)
-                except OSError as err:
-                    LOG.warning("keep %s of push %s: %s", rel, push_id, err)
+            return goal is not None and staged(
+                {rel: goal}, StagedFile(rel, found.content)) is Staged.KEEP
+
+        staging = self.keep.staging_dir(push_id)
+        kept = await self._file_away_under(
+            staging, lambda rel: self.keep.staging_rel(push_id, rel), converged_to)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(staging)  # what is left was not the version: dropped
-        self._file_old_backups(push_id)
+        # A push that landed the way releases before issue 11 did (in place, what it
+        # replaced in ``<keep>/<push id>``), cut short by a stop: keep what it displaced.
+        backup = self.keep.push_dir(push_id)
+        await self._file_away_under(backup, lambda rel: self.keep.push_rel(push_id, rel),
+                                    lambda _rel, _found: True)
+        _remove_empty_dirs(backup)
         with self.index.batch():
             effects = [fx for rel in to_reaim(announced, kept) for fx in self.replica.reaim(rel)]
         await self.apply(effects)
 
-    def _file_old_backups(self, push_id: str) -> None:
-        """A push that landed the way releases before issue 11 did (in place, what it
-        replaced in ``<keep>/<push id>``), cut short by a stop: keep what it displaced."""
-        backup = self.keep.push_dir(push_id)
-        for rel in _files_under(backup):
-            found = self._observe_staged(backup / rel)
-            if found is not None:
-                with contextlib.suppress(OSError):
-                    self.keep.file_away(backup / rel, found.content)
-        _remove_empty_dirs(backup)
-
-    def _observe_staged(self, path: Path) -> Observed | None:
-        try:
-            return self._observe_file(path)
-        except (OSError, ScanError) as err:
-            LOG.warning("staged %s: %s", path, err)
-            return None
+    async def _file_away_under(self, folder: Path, rel_of: Callable[[str], str],
+                               wanted: Callable[[str, Observed], bool]) -> list[str]:
+        """File into the keep area's objects each file under ``folder`` (a staging or
+        backup dir; ``rel_of`` names it from the data folder) that is ``wanted``; the
+        paths filed. Large files are hashed in a thread: hundreds of MB would stall
+        every link and push of this node."""
+        scanner = Scanner(folder, ignore=lambda _: False)
+        kept: list[str] = []
+        for rel in _files_under(folder):
+            try:
+                large = os.lstat(folder / rel).st_size >= PREHASH_BYTES
+                found = (await asyncio.to_thread(scanner.observe, rel) if large
+                         else scanner.observe(rel))
+                if found is None or not wanted(rel, found):
+                    continue
+                self.keep.file_away(rel_of(rel), found.content)
+                kept.append(rel)
+            except (OSError, MeshError) as err:
+                LOG.warning("keep %s: %s", rel_of(rel), err)
+        return kept
 
     def _forget_scans(self) -> None:
         """Scan times matter only against events still on their way: keep them briefly."""
         if len(self._scanned_at) > SCANS_KEPT:
             old = time.monotonic() - SCANS_KEPT_S
             self._scanned_at = {p: t for p, t in self._scanned_at.items() if t > old}
-
-    def _observe_file(self, path: Path) -> Observed | None:
-        scanner = Scanner(path.parent, ignore=lambda _: False)
-        return scanner.observe(path.name)
-
-
-def _copy(src: Path, dst: Path) -> None:
-    with src.open("rb") as a, dst.open("xb") as b:
-        while chunk := a.read(1 << 20):
-            b.write(chunk)
 
 
 def _files_under(root: Path) -> list[str]:

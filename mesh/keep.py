@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import shutil
 from pathlib import Path
 
+from mesh.adapters.beneath import Beneath
 from mesh.core.manifest import ContentKey, Kind
 
 KEEP_NAME = ".mesh-keep"
@@ -40,7 +39,12 @@ def _subdirs(parent: Path) -> list[Path]:
 
 
 class KeepArea:
+    """The keep area of the data folder ``data_dir``. Its operations name paths relative
+    to the data folder and never follow a symlink (``mesh.adapters.beneath``): staged
+    and live paths are named by peers."""
+
     def __init__(self, data_dir: Path) -> None:
+        self.fs = Beneath(data_dir)
         self.root = data_dir / KEEP_NAME
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
@@ -58,49 +62,67 @@ class KeepArea:
         """Where rsync lands push ``push_id`` (``mesh.core.landing``)."""
         return self.incoming / push_id
 
+    def staging_rel(self, push_id: str, rel: str) -> str:
+        """``rel`` in the staging dir of ``push_id``, relative to the data folder."""
+        return f"{KEEP_NAME}/{self.incoming.name}/{push_id}/{rel}"
+
+    def push_rel(self, push_id: str, rel: str) -> str:
+        """``rel`` in the backup dir of an older release's push, relative to the data
+        folder."""
+        return f"{KEEP_NAME}/{push_id}/{rel}"
+
     def object_path(self, content: ContentKey) -> Path:
         return self.objects / content[1].hex()
+
+    def object_rel(self, content: ContentKey) -> str:
+        return f"{KEEP_NAME}/{self.objects.name}/{content[1].hex()}"
 
     def has(self, content: ContentKey) -> bool:
         if content[0] is Kind.DIR:
             return True  # a directory has no content to keep
         return self.object_path(content).exists()
 
-    def file_away(self, path: Path, content: ContentKey) -> None:
-        """Move ``path`` (whose content is ``content``) into the objects."""
+    def file_away(self, rel: str, content: ContentKey) -> None:
+        """Move ``rel`` (whose content is ``content``) into the objects."""
         if content[0] is Kind.DIR:
             with contextlib.suppress(OSError):
-                path.rmdir()
+                self.fs.rmdir(rel)
             return
-        target = self.object_path(content)
+        target = self.object_rel(content)
         if content[0] is Kind.SYMLINK:
-            if not target.exists():
-                self._write_atomic(target, os.fsencode(path.readlink()))
-            path.unlink()
+            if not self.has(content):
+                self._write_atomic(target, os.fsencode(self.fs.readlink(rel)))
+            self.fs.unlink(rel)
             return
-        if target.exists():
-            path.unlink()  # same content is kept already
+        if self.has(content):
+            self.fs.unlink(rel)  # same content is kept already
         else:
-            path.replace(target)
+            self.fs.rename(rel, target)
 
     def read_link(self, content: ContentKey) -> str:
-        return os.fsdecode(self.object_path(content).read_bytes())
+        return os.fsdecode(self.fs.read(self.object_rel(content)))
 
-    def copy_out(self, content: ContentKey, dest: Path) -> None:
-        """Write the kept content as a new file at ``dest`` (a temp name)."""
-        shutil.copyfile(self.object_path(content), dest)
+    def copy_out(self, content: ContentKey, dest: str, mode: int,
+                 mtime_ns: int = 0) -> os.stat_result:
+        """Write the kept content as the new file ``dest`` (a temp name); its ``lstat``."""
+        fd = self.fs.open_file(self.object_rel(content))
+        try:
+            return self.fs.write_file(dest, fd, mode, mtime_ns)
+        finally:
+            os.close(fd)
+
+    def take_out(self, content: ContentKey, dest: str) -> None:
+        """Move the kept content to ``dest`` (a temp name; ``put_back`` undoes it)."""
+        self.fs.rename(self.object_rel(content), dest, create=True)
+
+    def put_back(self, content: ContentKey, source: str) -> None:
+        self.fs.rename(source, self.object_rel(content))
 
     def push_dir(self, push_id: str) -> Path:
         """The backup dir of a push landed by an older release (see the module doc)."""
         return self.root / push_id
 
-    def temp_name(self, near: Path) -> Path:
-        """A temp name next to ``near`` (same directory, so rename is atomic),
-        shaped like rsync's so the watcher ignores it."""
-        return near.with_name(f".{near.name}.{secrets.token_hex(3)}")
-
-    @staticmethod
-    def _write_atomic(target: Path, data: bytes) -> None:
-        tmp = target.with_name(target.name + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+    def _write_atomic(self, target: str, data: bytes) -> None:
+        tmp = self.fs.temp_name(target)
+        self.fs.write_bytes(tmp, data, 0o600)
+        self.fs.rename(tmp, target)

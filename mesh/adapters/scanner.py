@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.adapters.beneath import PERMISSIONS
 from mesh.core.manifest import Kind
 from mesh.core.paths import normalize, reserved
 from mesh.core.replica import Observed
@@ -259,7 +260,7 @@ class Scanner:
     def _observe(
         self, rel: str, at: _At, st: os.stat_result, started_ns: int
     ) -> Observed | None:
-        mode = stat.S_IMODE(st.st_mode)
+        mode = stat.S_IMODE(st.st_mode) & PERMISSIONS  # setuid, setgid, sticky: not synced
         if stat.S_ISDIR(st.st_mode):
             return Observed(Kind.DIR, b"", 0, st.st_mtime_ns, mode)
         if stat.S_ISLNK(st.st_mode):

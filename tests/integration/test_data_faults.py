@@ -480,3 +480,48 @@ async def test_a_change_right_after_a_push_landed_sees_the_pushed_version(
     assert disk.vector.to_dict() == {"n1": 1, "n3": 1}
     assert (disk.winner.hash is None) == (change == "delete")
     assert list(r.index.conflicts_on({"p"})) == []
+
+
+# --- a compromised peer (issue 13) --------------------------------------------------------
+
+
+async def test_a_restore_never_writes_through_a_symlinked_folder(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The attack of issue 13: ``lure`` became a symlink to a folder outside the root,
+    and a peer's version of ``lure/canary.txt`` is then restored. Nothing is written,
+    renamed or filed outside; the refusal is logged."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary.txt").write_bytes(b"outside, untouched\n")
+    r = Receiver(tmp_path / "data")
+    (r.root / "lure").mkdir()
+    await r.write("lure/canary.txt", b"v0 by n3\n")
+    (r.root / "lure" / "canary.txt").unlink()
+    (r.root / "lure").rmdir()
+    (r.root / "lure").symlink_to(outside)
+    await r.plane.scan(["lure/canary.txt", "lure"])
+    e1 = write("lure/canary.txt", b"pwned\n", "n1", {"n1": 1, "n3": 9}, NOW_MS)
+    ticket = await r.begin("n1-1-1", e1)
+    r.stage("n1-1-1", "lure/canary.txt", b"pwned\n")
+    await r.sink.end(ticket, 0)
+    assert (outside / "canary.txt").read_bytes() == b"outside, untouched\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["canary.txt"]
+    assert (r.root / "lure").is_symlink()
+    assert "restore lure/canary.txt: " in caplog.text
+    assert "'lure' on the way is a symlink" in caplog.text
+
+
+async def test_no_mode_the_data_plane_writes_sets_setuid_setgid_or_sticky(
+        tmp_path: Path) -> None:
+    """Peers' entries with such bits are refused at decode; whatever the data plane is
+    asked to write (here an old index's mode), it writes permission bits only."""
+    r = Receiver(tmp_path / "data")
+    data = b"#!/bin/sh\nid\n"
+    content = (Kind.FILE, hashlib.sha256(data).digest(), 0o6755)
+    (r.root / "kept").write_bytes(data)
+    r.keep.file_away("kept", content)
+    r.plane.write_back("kept", Kind.FILE, content, 0o6755, "tool")
+    assert (r.root / "tool").read_bytes() == data
+    assert (r.root / "tool").stat().st_mode & 0o7777 == 0o755
+    r.plane.write_back("tool", Kind.DIR, (Kind.DIR, b"", 0o3777), 0o3777, "folder")
+    assert (r.root / "folder").stat().st_mode & 0o7777 == 0o777
