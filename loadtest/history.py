@@ -158,13 +158,20 @@ class History:
         return out
 
     def loser_of(self, path: str, node: int, hash: str | None) -> int | None:
-        """The write a logged conflict's loser is: by content, or for a delete the
-        node's delete of the path (the planner never deletes a path twice)."""
+        """The write a logged conflict's loser is: by content, or for a delete one of the
+        node's deletes of the path. A node may delete a path again once a later write
+        brought it back: the delete that lost is one concurrent with another write
+        (the last such), else the last."""
         if hash is not None:
             return self.by_content.get((path, hash))
-        deletes = [r for r in self.by_path.get(path, ())
+        rids = self.by_path.get(path, [])
+        deletes = [r for r in rids
                    if self.records[r].hash is None and self.records[r].node == node]
-        return deletes[-1] if deletes else None
+        contested = [d for d in deletes
+                     if any(self.records[o].hash is not None
+                            and self.concurrent(self.records[d], self.records[o])
+                            for o in rids)]
+        return (contested or deletes or [None])[-1]
 
 
 def placed(tree: Mapping[str, str]) -> dict[str, set[str]]:

@@ -80,3 +80,18 @@ def test_content_no_write_made_at_its_path_is_invented() -> None:
     copy = "p.conflict-20260101T000000-n2-1"
     assert h.invented({"p": A, "q": B, "ready/n1": C}) == []
     assert h.invented({"p": B, copy: C, "q": B}) == [("p", B), (copy, C)]
+
+
+def test_a_logged_delete_is_matched_to_the_delete_that_was_concurrent() -> None:
+    """Faults seed 7: n3 deleted p while n2 wrote it (both had seen A), the write won;
+    n3 later deleted p again, having seen n2's write. The loser logged is the first
+    delete: an expected conflict, not a spurious one."""
+    h = History()
+    write(h, 0, "p", A, [None])
+    first = write(h, 2, "p", None, [A])
+    write(h, 1, "p", B, [A])  # concurrent with the delete: edit beats delete
+    write(h, 2, "p", None, [B])  # saw B: no conflict
+    assert h.loser_of("p", 2, None) == first
+    out = conflicts(h, {n: [("p", 2, None, "x")] for n in range(3)})
+    assert out["conflicts_expected"] == 1 and out["conflicts_missing"] == 0
+    assert out["conflicts_unexpected"] == 0
