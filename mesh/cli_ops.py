@@ -286,6 +286,8 @@ def status(as_json: Json = False, state_dir: StateDir = None,
         _console().print(table)
     else:
         typer.echo("no peers")
+    for note in stalled_notes(doc):
+        typer.echo(f"stalled, not counted against health: {note}")
 
 
 def _duration(seconds: float) -> str:
@@ -305,13 +307,32 @@ def _ago(seconds: float) -> str:
 
 
 def lag_of(doc: dict[str, Any]) -> dict[str, int]:
-    """What this node has not yet exchanged, by kind (all counted in paths or manifests)."""
+    """What this node has not yet exchanged, by kind (all counted in paths or manifests),
+    without what is stalled (``mesh.core.stall``: it no longer counts, issue 13)."""
+    stalled = doc.get("stalled") or {"content_paths": 0, "queues": {}}
+    pending = doc["pushes"]["pending"]
     return {
         "unpublished": int(doc["backlog"]),
-        "waiting for content": int(doc["pending_content"]),
-        "queued for peers": sum(doc["pushes"]["pending"].values()),
+        "waiting for content": max(0, int(doc["pending_content"])
+                                   - int(stalled["content_paths"])),
+        "queued for peers": sum(n for peer, n in pending.items()
+                                if peer not in stalled["queues"]),
         "manifests held back": sum(p.get("inbox_pending", 0) for p in doc["peers"].values()),
     }
+
+
+def stalled_notes(doc: dict[str, Any]) -> list[str]:
+    """One line per peer whose content or queue is stalled, hence not counted."""
+    stalled = doc.get("stalled")
+    if not stalled:
+        return []
+    after = _duration(stalled["after_s"])
+    notes = [f"{n} paths {'no peer holds' if not peer else peer + ' announced'} have not "
+             f"come for over {after}" for peer, n in sorted(stalled["content"].items())]
+    notes += [f"{q['paths']} paths queued for {peer} have not moved for "
+              f"{_duration(q['for_s'])} ({q['why']})"
+              for peer, q in sorted(stalled["queues"].items())]
+    return notes
 
 
 def health_problems(doc: dict[str, Any], max_lag: int) -> list[str]:
@@ -345,11 +366,13 @@ def health(
     except (ConfigError, AgentDown) as err:
         _fail(f"unhealthy: {err}", 1)
     problems = health_problems(doc, max_lag)
+    notes = stalled_notes(doc)
+    stalled = f"; stalled, not counted: {'; '.join(notes)}" if notes else ""
     if problems:
-        _fail(f"unhealthy: {'; '.join(problems)}", 1)
+        _fail(f"unhealthy: {'; '.join(problems)}{stalled}", 1)
     up = sum(1 for p in doc["peers"].values() if p["state"] == "up")
     typer.echo(f"healthy: {doc['node']}, {up}/{len(doc['peers'])} links up, lag "
-               f"{sum(lag_of(doc).values())}")
+               f"{sum(lag_of(doc).values())}{stalled}")
 
 
 # --- mesh verify --------------------------------------------------------------------------

@@ -369,6 +369,21 @@ SETTINGS: Final[Mapping[str, Setting]] = {
             _seconds(positive=False),
             "SECONDS",
         ),
+        _setting(
+            "max_clock_skew",
+            "Seconds a peer's clock stamp may be ahead of this node's clock; writes stamped "
+            "further ahead are refused, with a log line (a clock that far off, or a lie).",
+            _seconds(positive=True),
+            "SECONDS",
+        ),
+        _setting(
+            "stalled_after",
+            "Seconds after which content a peer announced and never delivered, or a queue "
+            "to a peer that does not move, is reported as stalled and stops counting "
+            "against `mesh health`.",
+            _seconds(positive=True),
+            "SECONDS",
+        ),
         _setting("log_format", "Log format.", _choice("human", "json"), "human|json"),
         _setting(
             "log_level",
@@ -410,6 +425,9 @@ class AgentConfig:
     lsyncd_delay: float = 1.0
     batch_quiet: float = 0.02  # inotify quiet before a scan; pushes in flight batch the rest
     batch_cap: float = 0.5
+    # Issue 13: bounds on what one peer can do to this node's clock and health.
+    max_clock_skew: float = 300.0
+    stalled_after: float = 300.0
     log_format: LogFormat = "human"
     log_level: LogLevel = "info"
     config_file: Path | None = None  # the file that was read, if any

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
+import stat
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -219,6 +221,10 @@ class DataPlane:
                     self.keep.file_away(rel, current.content)
                 if self.fs.lexists(rel):  # a folder still holding entries: the replica
                     return effects + self._observe([rel])  # decides (DESIGN.md, Folders)
+        except Superseded:
+            LOG.info("restore %s: it was edited since its scan; the edit is scanned first",
+                     rel)
+            return effects + self._observe([rel])
         except (OSError, MeshError) as err:
             LOG.warning("restore %s: %s", rel, err)
             return effects + self._observe([rel])
@@ -279,10 +285,15 @@ class DataPlane:
                 self.fs.link(tmp, dest_rel)  # fails if something is there
             elif replacing is not None and replacing.kind is not Kind.DIR \
                     and self.fs.exchange(tmp, dest_rel):
+                if not self._unchanged(tmp, replacing):
+                    self.fs.exchange(tmp, dest_rel)  # an edit came since the scan: back
+                    raise Superseded(dest_rel)
                 taken = False
                 self.keep.file_away(tmp, replacing.content)  # the old content, swapped out
             else:
                 if replacing is not None:
+                    if not self._unchanged(dest_rel, replacing):
+                        raise Superseded(dest_rel)
                     self.keep.file_away(dest_rel, replacing.content)
                 self.fs.rename(tmp, dest_rel)
                 taken = False
@@ -294,6 +305,18 @@ class DataPlane:
                     self.keep.put_back(content, tmp)  # it did not take its place
             with contextlib.suppress(FileNotFoundError, MeshError):
                 self.fs.unlink(tmp)
+
+    def _unchanged(self, rel: str, seen: Observed) -> bool:
+        """Whether ``rel`` still looks as the scan ``seen`` it: kind, and a file's size
+        and mtime (a write sets the mtime to now), a link's target."""
+        st = self.fs.lstat(rel)
+        if seen.kind is Kind.FILE:
+            return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
+                seen.size, seen.mtime_ns)
+        if seen.kind is Kind.SYMLINK:
+            return stat.S_ISLNK(st.st_mode) and hashlib.sha256(
+                os.fsencode(self.fs.readlink(rel))).digest() == seen.hash
+        return stat.S_ISDIR(st.st_mode)
 
     def _observed_content(self, rel: str) -> tuple[Kind, bytes, int] | None:
         try:
@@ -356,6 +379,11 @@ class DataPlane:
         if len(self._scanned_at) > SCANS_KEPT:
             old = time.monotonic() - SCANS_KEPT_S
             self._scanned_at = {p: t for p, t in self._scanned_at.items() if t > old}
+
+
+class Superseded(MeshError):
+    """The path a restore was about to replace changed since the restore scanned it: the
+    change is a write to record first, not content to file away."""
 
 
 def _files_under(root: Path) -> list[str]:

@@ -243,3 +243,27 @@ class MetricsServer:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+class StalledCollector:
+    """What stopped counting against health (issue 13, ``mesh.core.stall``), per peer:
+    content it announced and never delivered, and a queue to it that does not move.
+    Read from ``Node.stalled()`` at scrape time, as the status has it."""
+
+    def __init__(self, stalled: Callable[[], dict[str, Any]]) -> None:
+        self.stalled = stalled
+
+    def collect(self) -> Iterator[Metric]:
+        doc = self.stalled()
+        content = GaugeMetricFamily(
+            "mesh_stalled_content_paths", "Paths whose content the peer announced and has "
+            "not delivered for longer than --stalled-after: not counted against health "
+            "(peer \"\": no peer holds it).", labels=["peer"])
+        for peer, n in sorted(doc["content"].items()):
+            content.add_metric([peer], n)
+        queues = GaugeMetricFamily(
+            "mesh_stalled_queue_paths", "Paths queued for the peer that have not moved for "
+            "longer than --stalled-after: not counted against health.", labels=["peer"])
+        for peer, q in sorted(doc["queues"].items()):
+            queues.add_metric([peer], q["paths"])
+        yield from (content, queues)

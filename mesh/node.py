@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -29,16 +28,21 @@ from mesh.adapters.peers import PeerWatcher, local_addresses
 from mesh.adapters.scanner import Scanner
 from mesh.adapters.tunnel import TunnelServer
 from mesh.adapters.watcher import Watcher
+from mesh.admission import PushAdmission
 from mesh.config import AgentConfig
 from mesh.control import ControlServer, LinkInfo, Operations, socket_path
+from mesh.core import admit
+from mesh.core.paths import reserved
 from mesh.core.replica import Effect, Replica
 from mesh.core.resolver import Version
+from mesh.core.stall import NO_HOLDER, ContentWaits, QueueWatch
+from mesh.core.vclock import Ordering, hlc_pack
 from mesh.dataplane import DataPlane
 from mesh.errors import MeshError
 from mesh.exchange import Exchange
 from mesh.gate import GateServer
 from mesh.keep import KeepArea
-from mesh.metrics import Metrics, MetricsServer
+from mesh.metrics import Metrics, MetricsServer, StalledCollector
 from mesh.pki import NodeCredentials, load_node
 from mesh.pushes import Pushes
 from mesh.store.index import Index
@@ -47,7 +51,8 @@ from mesh.store.statcache import StatCache
 LOG = logging.getLogger("mesh.node")
 SHUTDOWN_S = 5.0
 STATUS_INTERVAL = 1.0
-PENDING_CAP = 1000  # pending paths counted for status: a count, not a scan of a backlog
+WAITS_EVERY = 5  # status intervals between two looks at every path waited for
+PURGED = 1  # meta "purged": the state was purged of what issue 13's bounds refuse
 
 Endpoint = tuple[str, int]
 
@@ -65,8 +70,9 @@ class Node:
         self.index = Index(config.state_db, keep=self.keep.has)
         self.epoch = int(self.index.get_meta("epoch", 0)) + 1
         self.index.set_meta("epoch", self.epoch)
-        clock = int(self.index.get_meta("clock", 0))
-        self.replica = Replica(self.me, self.index, clock)
+        self.limits = admit.Limits(max_skew_ms=round(config.max_clock_skew * 1000))
+        self._purge_once()
+        self.replica = Replica(self.me, self.index, self._clock_at_start())
         self.broker = EmbeddedBroker(BrokerSettings(creds, config.listen.host,
                                                     config.listen.port))
         self.own: OwnClient | None = None
@@ -78,6 +84,7 @@ class Node:
             self.me, config.cluster, self.replica, self.index, self.epoch,
             publish=self._publish, request=self._request, on_effects=self.data.apply,
             tunnel_port=config.tunnel_listen.port,  # manifest batching: Exchange's (issue 3)
+            limits=self.limits,
         )
         self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
                              exchange=self.exchange, creds=creds, data_dir=config.data_dir,
@@ -89,15 +96,24 @@ class Node:
         self.gate = GateServer(config.gate_socket, self.pushes, finished=self.pushes.finished)
         # Operators (issue 5): metrics, and a control socket for `mesh conflicts`/`verify`.
         self.metrics = Metrics(self.me, self.status, self.index)
+        self.metrics.registry.register(StalledCollector(self.stalled))
         self.metrics_server = None if config.metrics_listen is None else MetricsServer(
             self.metrics, config.metrics_listen.host, config.metrics_listen.port)
         self.control = ControlServer(socket_path(config.state_dir), Operations(
             me=self.me, index=self.index, exchange=self.exchange, data=self.data,
             links=self._link_infos))
         self.watcher: Watcher | None = None
+        # Issue 13: what holds health down, and for how long.
+        self.waits = ContentWaits(config.stalled_after)
+        self.queues = QueueWatch(config.stalled_after)
+        self._stalled_logged: set[str] = set()
+        self.admission = PushAdmission(
+            self.pushes, announced=self.index.peer_vector,
+            wait_applied=self.exchange.wait_applied, limits=self.limits,
+            on_delivered=lambda peer: self.waits.delivered(peer, time.monotonic()))
         self.tunnel = TunnelServer(creds, config.tunnel_listen.host, config.tunnel_listen.port,
                                    config.data_dir, self.keep.root,
-                                   self.metrics.counting(self.pushes))
+                                   self.metrics.counting(self.admission), peers=self._is_peer)
         self.lsyncd = LsyncdSupervisor(
             config.state_dir / "lsyncd.conf.lua", [],
             settings=LsyncdSettings(config.data_dir, config.gate_socket, creds,
@@ -106,7 +122,44 @@ class Node:
         self.started = time.time()
         self._group: asyncio.TaskGroup | None = None
 
+    # --- state a peer poisoned before issue 13's bounds ------------------------------
+
+    def _purge_once(self) -> None:
+        """Forget, once, what the bounds now refuse from peers (reserved paths, counters
+        that overflow, clock stamps far ahead): an index poisoned before made the agent
+        exit at every start."""
+        if self.index.get_meta("purged") == PURGED:
+            return
+        now_ms = time.time_ns() // 1_000_000
+        counts = self.index.purge(
+            lambda path: reserved(path) is not None,
+            lambda e: admit.refusal(e, now_ms, self.limits) is not None,
+            lambda v: admit.vector_refusal(v, self.limits) is not None)
+        self.index.set_meta("purged", PURGED)
+        if any(counts.values()):
+            LOG.warning("state: forgot %s: rows a peer sent before their bounds were "
+                        "checked (reserved names, overflowing counters, clocks far ahead); "
+                        "the paths are scanned again", ", ".join(
+                            f"{n} {table}" for table, n in counts.items() if n))
+
+    def _clock_at_start(self) -> int:
+        """The persisted hybrid clock, unless a peer pushed it further ahead of the wall
+        clock than the maximum skew (then the wall clock: a clock at 2**63-3 made every
+        write fail, at every start)."""
+        clock = int(self.index.get_meta("clock", 0))
+        now_ms = time.time_ns() // 1_000_000
+        why = admit.clock_refusal(clock, now_ms, self.limits)
+        if why is None:
+            return clock
+        LOG.warning("state: the persisted %s; starting from the wall clock", why)
+        self.index.set_meta("clock", hlc_pack(now_ms))
+        return hlc_pack(now_ms)
+
     # --- wiring ---------------------------------------------------------------------
+
+    def _is_peer(self, node: str) -> bool:
+        """Whether ``node`` is a current peer: one of our links reached its broker."""
+        return any(link.status.peer_id == node for link, _ in self.links.values())
 
     async def _forward(self, effects: list[Effect]) -> None:
         await self.exchange.handle_effects(effects)
@@ -268,12 +321,70 @@ class Node:
 
     async def _write_status(self) -> None:
         path = self.config.status_file
+        ticks = 0
         while True:
+            if ticks % WAITS_EVERY == 0:
+                self.waits.update(time.monotonic(), self.index.target_paths())
+            ticks += 1
+            self.queues.update(time.monotonic(), {p: self.pushes.pending(p)
+                                                  for p in self.pushes.peers()})
+            logs.flush_repeats()
             doc = self.status()
+            self._log_stalled(doc["stalled"])
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(doc, indent=1))
             tmp.replace(path)
             await asyncio.sleep(STATUS_INTERVAL)
+
+    def _holders(self, path: str) -> list[str]:
+        """The peers that announced holding what ``path`` waits for."""
+        target = self.index.state(path).target
+        if target is None:
+            return []
+        out = []
+        for peer in self.exchange.peers:
+            seen = self.index.peer_vector(peer, path)
+            if seen is not None and seen.compare(target.vector) in (Ordering.EQUAL,
+                                                                    Ordering.AFTER):
+                out.append(peer)
+        return out
+
+    def stalled(self) -> dict[str, Any]:
+        """What stopped counting against health (``mesh.core.stall``), for the status."""
+        now = time.monotonic()
+        content, paths = self.waits.stalled(now, self._holders)
+        queues = {}
+        for peer, q in self.queues.stalled(now).items():
+            why = ("its hello advertises no tunnel, or its link is down"
+                   if self._tunnel_endpoint(peer) is None else "pushes to it do not get through")
+            queues[peer] = {"paths": q.paths, "for_s": round(now - q.since), "why": why}
+        return {"after_s": self.config.stalled_after, "content": content,
+                "content_paths": paths, "queues": queues}
+
+    def _log_stalled(self, stalled: dict[str, Any]) -> None:
+        """One line when a peer starts holding health down past the bound, one when it
+        stops."""
+        now: set[str] = set()
+        for peer, n in stalled["content"].items():
+            key = f"content:{peer}"
+            now.add(key)
+            if key not in self._stalled_logged:
+                who = "no peer holds it" if peer == NO_HOLDER else f"{peer} announced it"
+                LOG.warning("content of %d paths has not come for %.0f s (%s and delivered "
+                            "none): stalled, no longer counted against health", n,
+                            stalled["after_s"], who)
+        for peer, q in stalled["queues"].items():
+            key = f"queue:{peer}"
+            now.add(key)
+            if key not in self._stalled_logged:
+                LOG.warning("%d paths queued for %s have not moved for %d s (%s): stalled, "
+                            "no longer counted against health", q["paths"], peer, q["for_s"],
+                            q["why"])
+        for key in sorted(self._stalled_logged - now):
+            kind, _, peer = key.partition(":")
+            LOG.info("%s %s: no longer stalled", "content from" if kind == "content" else
+                     "the queue to", peer or "no peer")
+        self._stalled_logged = now
 
     def status(self) -> dict[str, Any]:
         peers = {}
@@ -298,7 +409,8 @@ class Node:
             "data_dir": str(self.config.data_dir), "seq": self.exchange.outbox.seq,
             "backlog": self.exchange.backlog, "index_size": self.index.count(),
             "wants": self.data.wants, "peers": peers,
-            "pending_content": sum(1 for _ in itertools.islice(self.index.targets(), PENDING_CAP)),
+            "pending_content": self.index.count_targets(),
+            "stalled": self.stalled(),
             "watches": self.watcher.watch_count if self.watcher is not None else 0,
             "metrics": self.metrics_server and self.metrics_server.where,
             "pushes": {**dataclasses.asdict(self.pushes.plan.counters),

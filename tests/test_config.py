@@ -233,6 +233,8 @@ BAD_VALUES = [
     ("lsyncd_delay", "-1"),
     ("batch_quiet", "nan"),
     ("batch_cap", "-0.5"),
+    ("max_clock_skew", "0"),
+    ("stalled_after", "-1"),
     ("log_format", "xml"),
     ("log_level", "loud"),
 ]

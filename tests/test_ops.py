@@ -117,6 +117,27 @@ def test_health_rules() -> None:
     assert cli_ops.health_problems(doc, 10) == ["link to n2 is connecting"]
 
 
+def test_what_is_stalled_no_longer_counts_against_health_and_is_named(tmp_path: Path) -> None:
+    """Issue 13: 8,192 paths announced by n9 and never delivered, and a queue to a peer
+    with no tunnel, held health down for good."""
+    stalled = {"after_s": 300, "content": {"n9": 8192}, "content_paths": 8192,
+               "queues": {"n9": {"paths": 70, "for_s": 400,
+                                 "why": "its hello advertises no tunnel, or its link is down"}}}
+    doc = status_doc(pending_content=8195, stalled=stalled,
+                     pushes={"allowed": 0, "denied": 0, "received": 0,
+                             "pending": {"n2": 1, "n9": 70}})
+    assert cli_ops.lag_of(doc)["waiting for content"] == 3
+    assert cli_ops.lag_of(doc)["queued for peers"] == 1
+    assert cli_ops.health_problems(doc, 100) == []
+    (tmp_path / "agent.json").write_text(json.dumps(doc))
+    result = runner.invoke(app, ["health", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0
+    assert result.stdout == (
+        "healthy: n1, 1/1 links up, lag 4; stalled, not counted: 8192 paths n9 announced have "
+        "not come for over 5 min; 70 paths queued for n9 have not moved for 6 min (its hello "
+        "advertises no tunnel, or its link is down)\n")
+
+
 def test_since_takes_a_duration_or_an_iso_time() -> None:
     now = 1_700_000_000.0
     assert cli_ops.parse_since("1h", now) == (now - 3600) * 1000

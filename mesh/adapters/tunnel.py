@@ -195,8 +195,12 @@ class TunnelServer:
         rsync: str = rsyncd.RSYNC,
         python: str = sys.executable,
         limits: TunnelLimits | None = None,
+        peers: Callable[[str], bool] | None = None,
     ) -> None:
         self.creds = creds
+        # Whose pushes are taken: a node of the cluster that is not a current peer of
+        # ours is refused before its header is read (issue 13). None: any node.
+        self.peers = peers
         self.host, self.port = host, port
         self.data_dir, self.keep_dir = data_dir, keep_dir
         self.sink = sink
@@ -277,7 +281,10 @@ class TunnelServer:
         reader, writer = opened
         try:
             peer = self._identify(writer, address)
-            if peer is not None:
+            if peer is not None and self.peers is not None and not self.peers(peer):
+                await _refuse(writer, f"push from {peer} ({address})",
+                              "not a peer of this node (it links to no broker of that node)")
+            elif peer is not None:
                 await self._push(peer, reader, writer)
         except RemoteProtocolError as err:
             LOG.warning("tunnel: refused %s: %s", err.peer or address, err.reason)

@@ -53,12 +53,19 @@ class Limits:
                                      f"{self.max_counter!r}")
 
 
-def refusal(e: Entry, wall_ms: int, limits: Limits) -> str | None:
-    """Why the write ``e`` may not reach the replica, or None."""
-    for node, counter in e.vector.items():
+def vector_refusal(vector: VersionVector, limits: Limits) -> str | None:
+    """Why a vector may not reach the replica (a counter out of bounds), or None."""
+    for node, counter in vector.items():
         if counter > limits.max_counter:
             return (f"counter {counter} of {node} is above {limits.max_counter} "
                     "(a write on top of it could overflow)")
+    return None
+
+
+def refusal(e: Entry, wall_ms: int, limits: Limits) -> str | None:
+    """Why the write ``e`` may not reach the replica, or None."""
+    if (why := vector_refusal(e.vector, limits)) is not None:
+        return why
     ahead = hlc_wall_ms(e.hlc) - wall_ms
     if ahead > limits.max_skew_ms:
         return (f"clock stamp {e.hlc} is {ahead / 1000:.0f} s ahead of ours "
@@ -111,6 +118,16 @@ def unannounced(entries: Iterable[Entry], conflicts: Iterable[tuple[Entry, Entry
                              f"announced (vector {_vector(seen)})")
                 break
     return out
+
+
+def clock_refusal(clock: int, wall_ms: int, limits: Limits) -> str | None:
+    """Why a persisted clock cannot be taken up again (ahead of the wall clock by more
+    than the maximum skew: a stamp a peer sent before the bounds were checked), or None."""
+    ahead = hlc_wall_ms(clock) - wall_ms
+    if ahead > limits.max_skew_ms:
+        return (f"clock {clock} is {ahead / 1000:.0f} s ahead of the wall clock (max skew "
+                f"{limits.max_skew_ms / 1000:g} s)")
+    return None
 
 
 def summary(refused: Mapping[str, str], limit: int = 3) -> str:

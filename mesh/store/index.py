@@ -22,6 +22,7 @@ mesh's manifest latency.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sqlite3
@@ -46,7 +47,7 @@ from mesh.core.manifest import (
 from mesh.core.replica import PathState
 from mesh.core.resolver import Conflict, Rule, Version, resolve
 from mesh.core.vclock import VersionVector
-from mesh.errors import StoreError
+from mesh.errors import MeshError, StoreError
 
 LOG = logging.getLogger(__name__)
 
@@ -79,6 +80,14 @@ def _unpack_heads(blob: bytes) -> Version:
 
 
 _NOTHING = PathState()  # a path neither held nor wanted: most of what a peer announces
+
+
+def _heads_of(blob: bytes) -> tuple[Entry, ...]:
+    return _unpack_heads(blob).heads
+
+
+def _pair_of(winner: bytes, loser: bytes) -> tuple[Entry, Entry]:
+    return entry_from_wire(msgpack.unpackb(winner)), entry_from_wire(msgpack.unpackb(loser))
 
 
 def _state_of(disk: bytes | None, target: bytes | None) -> PathState:
@@ -336,6 +345,15 @@ class Index:
         for (blob,) in self.db.execute("SELECT heads FROM targets ORDER BY path"):
             yield _unpack_heads(blob)
 
+    def target_paths(self) -> list[str]:
+        """The paths whose content this node waits for (no row decoded)."""
+        self._flush()
+        return [p for (p,) in self.db.execute("SELECT path FROM targets")]
+
+    def count_targets(self) -> int:
+        self._flush()
+        return int(self.db.execute("SELECT count(*) FROM targets").fetchone()[0])
+
     def disk_items(self) -> Iterator[tuple[str, VersionVector]]:
         """(path, merged vector) of every disk version: what this node's digest covers."""
         self._flush()
@@ -415,6 +433,49 @@ class Index:
         if not isinstance(outcome, Conflict):
             raise StoreError(f"conflict log holds a non-conflict for {winner.path}")
         return ConflictRow(outcome, row[2], row[3])
+
+    def purge(self, path_refused: Callable[[str], bool], write_refused: Callable[[Entry], bool],
+              vector_refused: Callable[[VersionVector], bool]) -> dict[str, int]:
+        """Forget every row that names a path, or holds a write or a vector, that would be
+        refused from a peer now, or that cannot be read: state poisoned before the bounds
+        were checked (issue 13), which would otherwise stop the agent at every start.
+        Returns how many rows went, per table. Reads every row: run it once."""
+
+        def refused(path: str, read: Callable[[], Iterable[Entry]]) -> bool:
+            if path_refused(path):
+                return True
+            try:
+                writes = list(read())
+            except (MeshError, ValueError, TypeError):
+                return True  # unreadable: it would fail whatever reads it
+            return any(write_refused(w) for w in writes)
+
+        def refused_vector(path: str, blob: bytes) -> bool:
+            try:
+                return path_refused(path) or vector_refused(_unpack_vector(blob))
+            except (MeshError, ValueError, TypeError):
+                return True
+
+        counts: dict[str, int] = {}
+        with self.batch():
+            self._flush()
+            for table in ("versions", "targets"):
+                doomed = [(path,) for path, blob in
+                          self.db.execute(f"SELECT path, heads FROM {table}")  # noqa: S608
+                          if refused(path, functools.partial(_heads_of, blob))]
+                self.db.executemany(f"DELETE FROM {table} WHERE path = ?", doomed)  # noqa: S608
+                counts[table] = len(doomed)
+            vectors = [(peer, path) for peer, path, blob in
+                       self.db.execute("SELECT peer, path, vector FROM peer_vectors")
+                       if refused_vector(path, blob)]
+            self.db.executemany("DELETE FROM peer_vectors WHERE peer = ? AND path = ?", vectors)
+            counts["peer_vectors"] = len(vectors)
+            conflicts = [(cid,) for cid, path, winner, loser in
+                         self.db.execute("SELECT id, path, winner, loser FROM conflicts")
+                         if refused(path, functools.partial(_pair_of, winner, loser))]
+            self.db.executemany("DELETE FROM conflicts WHERE id = ?", conflicts)
+            counts["conflicts"] = len(conflicts)
+        return counts
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.core.admit import COUNTER_BOUND, Limits, refusal, screen, summary, unannounced
+from mesh.core.admit import (
+    COUNTER_BOUND,
+    Limits,
+    clock_refusal,
+    refusal,
+    screen,
+    summary,
+    unannounced,
+)
 from mesh.core.manifest import Entry, Kind
 from mesh.core.replica import Observed, Replica
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, VersionVector, hlc_pack
@@ -98,3 +106,9 @@ def test_a_header_says_no_more_than_was_announced() -> None:
 def test_summary_names_a_few_and_counts_the_rest() -> None:
     line = summary({f"p{i}": "why" for i in range(5)})
     assert line.startswith("5 path(s): 'p0': why;") and line.endswith("and 2 more")
+
+
+def test_a_persisted_clock_far_ahead_is_not_taken_up_again() -> None:
+    assert clock_refusal(MAX_HLC - 2, NOW_MS, LIMITS) is not None
+    assert clock_refusal(hlc_pack(NOW_MS + 60_000), NOW_MS, LIMITS) is None
+    assert clock_refusal(0, NOW_MS, LIMITS) is None

@@ -374,6 +374,34 @@ async def test_an_edit_made_while_the_push_ran_is_kept_and_resolved(tmp_path: Pa
     assert len(list(r.index.conflicts_on({"p"}))) == 1
 
 
+async def test_an_edit_in_the_instant_before_a_restore_replaces_is_kept_and_resolved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restore's window: our user writes the file after the restore scanned it and
+    before the new content takes its place. The swap is undone, the edit is recorded as
+    a write of ours, and the rule resolves it against the pushed version: both kept."""
+    r = Receiver(tmp_path / "data")
+    await r.write("p", b"v0 by n3\n")
+    e1 = write("p", b"n1's edit\n", "n1", {"n1": 1, "n3": 1}, NOW_MS)
+    ticket = await r.begin("n1-1-1", e1)
+    r.stage("n1-1-1", "p", b"n1's edit\n")
+    real = r.plane.fs.exchange
+    edits: list[str] = []
+
+    def user_writes_first(a: str, b: str) -> bool:
+        if not edits:
+            edits.append(b)
+            (r.root / b).write_bytes(b"n3's edit in the instant before\n")
+        return real(a, b)
+
+    monkeypatch.setattr(r.plane.fs, "exchange", user_writes_first)
+    await r.sink.end(ticket, 0)
+    assert edits == ["p"]
+    contents = {f.read_bytes() for f in r.root.iterdir() if f.is_file()}
+    assert contents == {b"n1's edit\n", b"n3's edit in the instant before\n"}
+    assert len(list(r.index.conflicts_on({"p"}))) == 1
+    assert not any(f.name.startswith(".p.") for f in r.root.iterdir())  # no temp left
+
+
 async def test_bytes_other_than_the_announced_version_never_land(tmp_path: Path) -> None:
     """The sender's file changed while rsync read it: those bytes are not the version the
     push announced, and not a write of ours either. They are dropped; the version stays

@@ -250,6 +250,25 @@ async def test_refused_push_changes_nothing(cluster_pki: Pki, tmp_path: Path) ->
     assert sink.pushes == []
 
 
+async def test_a_node_that_is_not_a_current_peer_cannot_push(
+    cluster_pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13: any node with a certificate of the cluster pushed, peer or not."""
+    source, target = make_dirs(tmp_path)
+    (source / "f").write_bytes(b"from a stranger")
+    sink = RecordingSink(target)
+    server = TunnelServer(cluster_pki.creds(RECEIVER), "127.0.0.1", 0, target, target / KEEP,
+                          sink, peers=lambda node: node == "charlie")
+    async with server:
+        returncode = await push(grant(server, "stranger-1-1", ["f"]), source,
+                                cluster_pki.creds(SENDER))
+        await until(lambda: bool(refusals(caplog)), "the refusal")
+    assert returncode != 0 and sink.pushes == [] and not (target / "f").exists()
+    [line] = refusals(caplog)
+    assert line.startswith(f"tunnel: refused push from {SENDER} (127.0.0.1:")
+    assert line.endswith("not a peer of this node (it links to no broker of that node)")
+
+
 # --- a client that does not play along ---------------------------------------------------
 
 
