@@ -134,6 +134,10 @@ class _Peer:
     queued: dict[str, float] = field(default_factory=dict)  # path -> since; oldest first
     sending: dict[str, int] = field(default_factory=dict)  # path -> the push's key
     awaiting: dict[str, tuple[Version, float]] = field(default_factory=dict)  # -> until
+    # Queued paths found not ours, not due before this time: ``_ready`` skips them until
+    # then without asking the view (a burst forwarded is thousands of lookups a tick).
+    # Any event of the path forgets it.
+    not_before: dict[str, float] = field(default_factory=dict)
     stage: PeerStage = PeerStage.READY
     failures: int = 0
     retry_at: float = 0.0
@@ -169,6 +173,7 @@ class PushPlanner:
         if after is None:
             raise LocalProtocolError(f"{path} to {q.name}: {event.value} while {before.name}")
         queued, sending, awaiting = after.value
+        q.not_before.pop(path, None)
         if queued:
             q.queued.setdefault(path, now)
         else:
@@ -383,16 +388,23 @@ class PushPlanner:
         for path, since in list(q.queued.items()):
             if path in q.sending:
                 continue  # lsyncd's gate carries it; confirmed or retried afterwards
+            later = q.not_before.get(path)
+            if later is not None and now < later:
+                wake = _earliest(wake, later)
+                continue
             if not self.view.may_push(q.name, path):
                 self._fire(q, path, Event.DROPPED, now)  # the peer has it (or newer)
                 continue
             if self._claimed(q, path, now):
                 self._fire(q, path, Event.CONFIRMING, now)  # rechecked after CONFIRM_S
                 continue
-            grace = OWN_GRACE if self._own(q.name, path) else FORWARD_GRACE
+            disk = self.view.disk(path)  # may_push held: ours if we wrote it
+            grace = OWN_GRACE if disk is not None and disk.winner.writer == self.me \
+                else FORWARD_GRACE
             if now >= since + grace:
                 ready.append(path)
             else:
+                q.not_before[path] = since + grace
                 wake = _earliest(wake, since + grace)
             if len(ready) >= PATHS_PER_PUSH:
                 return ready, now

@@ -270,6 +270,32 @@ def test_own_writes_go_at_once_forwarded_ones_after_the_grace() -> None:
     assert [p.paths for p in r.tick()] == [["theirs"]]
 
 
+def test_a_forwarded_path_not_yet_due_is_not_looked_up_again_each_tick() -> None:
+    """A burst forwarded is thousands of queued paths: each tick before their grace
+    ends must not ask the view about each again. A new write of ours forgets that."""
+    r = Rig()
+    for i in range(50):
+        r.write(f"theirs-{i}", writer=OTHER)
+    asked: list[str] = []
+    real = r.view.may_push
+
+    def counting(peer: str, path: str) -> bool:
+        asked.append(path)
+        return real(peer, path)
+
+    r.view.may_push = counting  # type: ignore[method-assign]
+    assert r.tick() == [] and len(asked) == 50
+    for _ in range(10):
+        r.now += 0.1
+        assert r.tick() == []
+    assert len(asked) == 50
+    r.write("theirs-7")  # now ours: it goes at once
+    assert [p.paths for p in r.tick()] == [["theirs-7"]]
+    r.end(0)
+    r.now += FORWARD_GRACE
+    assert len(r.tick()[0].paths) == 49
+
+
 def test_nothing_goes_to_a_peer_that_is_not_up_or_current() -> None:
     r = Rig()
     r.write("a")
