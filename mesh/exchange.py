@@ -33,7 +33,7 @@ from functools import partial
 from typing import TypeVar
 
 from mesh import __version__
-from mesh.core import admit, tree, wire
+from mesh.core import admit, manifest, tree, wire
 from mesh.core.batcher import Batcher
 from mesh.core.delivery import Inbox, Need, Outbox
 from mesh.core.digest import Digest, bucket_of
@@ -229,12 +229,16 @@ class Exchange:
 
     async def on_peer_message(self, peer: str, topic: str, payload: bytes) -> None:
         """A message from ``peer``'s broker (its origin topics or our responses)."""
+        peer_topics = Topics(self.cluster, peer)
         try:
             message = wire.decode(payload)
         except RemoteProtocolError as err:
             LOG.warning("refused message from %s on %s: %s", peer, topic, err.reason)
+            sound = manifest.envelope(payload)
+            if sound is not None and sound[0] == peer and topic in (
+                    peer_topics.manifest, peer_topics.resp(self.node)):
+                await self._offer(peer, Manifest(*sound))  # its seq, with nothing in it
             return
-        peer_topics = Topics(self.cluster, peer)
         if isinstance(message, Manifest):
             if message.origin != peer or topic not in (peer_topics.manifest,
                                                       peer_topics.resp(self.node)):

@@ -341,3 +341,28 @@ def test_versions_beyond_the_bounds_are_refused_and_the_rest_applied(
         net.stop()
 
     run(main())
+
+
+def test_a_refused_manifest_does_not_stall_the_stream_behind_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its seq counts as delivered, empty: the next manifests apply at once, instead of a
+    replay of the same refused bytes every 2 s and up to 512 held back (health's lag)."""
+    async def main() -> None:
+        net = Net()
+        n1, n9 = net.add("n1"), net.add("n9")
+        keep = Entry(".mesh-keep", VersionVector.of({"n9": 1}), b"", 0, 0, 0o777, Kind.DIR,
+                     1, "n9")
+        fine = Entry("fine.txt", VersionVector.of({"n9": 1}), None, hlc=1, writer="n9")
+        topic = "mesh/v1/test/n9/manifest"
+        await n1.on_peer_message("n9", topic, n9.outbox.next((keep,), ()))
+        await n1.on_peer_message("n9", topic, n9.outbox.next((fine,), ()))
+        inbox = n1.peers["n9"].inbox
+        assert inbox.applied == 2 and not inbox.pending and inbox.gaps == 0
+        assert n1.index.peer_vector("n9", "fine.txt") is not None
+        assert n1.index.peer_vector("n9", ".mesh-keep") is None
+        assert any("refused message from n9 on mesh/v1/test/n9/manifest: reserved path "
+                   "'.mesh-keep'" in r.getMessage() for r in caplog.records)
+        net.stop()
+
+    run(main())

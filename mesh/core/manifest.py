@@ -179,6 +179,24 @@ def decode(data: bytes) -> Manifest:
     return Manifest(origin, epoch, seq, entries, conflicts)
 
 
+def envelope(data: bytes) -> tuple[str, int, int] | None:
+    """``(origin, epoch, seq)`` of a manifest that ``decode`` refuses, when those three
+    are sound: the receiver counts the manifest as delivered, empty, so that one refused
+    manifest does not stall the origin's stream behind it (issue 13). None otherwise."""
+    try:
+        doc = unpack(data)
+    except RemoteProtocolError:
+        return None
+    if not isinstance(doc, dict) or "t" in doc or doc.get("v") != SCHEMA_VERSION:
+        return None
+    origin, epoch, seq = doc.get("o"), doc.get("e"), doc.get("s")
+    if not _node_ok(origin) or type(epoch) is not int or type(seq) is not int:
+        return None
+    if not (0 <= epoch <= MAX_INT64 and 0 < seq <= MAX_INT64):
+        return None
+    return str(origin), epoch, seq
+
+
 def unpack(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
     """msgpack with every size limit on; library errors become ours."""
     if not isinstance(data, bytes | bytearray | memoryview):

@@ -116,6 +116,19 @@ def test_the_index_reads_its_own_rows_without_the_reserved_check() -> None:
         manifest.entry_from_peer(raw)
 
 
+def test_the_envelope_of_a_refused_manifest() -> None:
+    raw = list(msgpack.unpackb(_valid())["n"][0])
+    raw[0] = ".mesh-keep"
+    doc = _doc()
+    doc["n"] = [raw]
+    refused = bytes(msgpack.packb(doc))
+    with pytest.raises(RemoteProtocolError):
+        manifest.decode(refused)
+    assert manifest.envelope(refused) == ("n1", 1, 7)
+    for bad in (_with(o="../x"), _with(s=0), _with(v=2), b"\xc1", bytes(msgpack.packb([1]))):
+        assert manifest.envelope(bad) is None
+
+
 def test_too_many_heads_for_one_path() -> None:
     e = msgpack.unpackb(_valid())["n"][0]
     heads = []
