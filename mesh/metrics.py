@@ -6,7 +6,10 @@ Two kinds of numbers:
   pending pushes, inotify watches) is read from ``Node.status()`` at scrape
   time, so ``/metrics``, ``mesh status`` and ``agent.json`` never disagree;
 * what only an event shows (a change seen, how long a version took to get
-  here, a push received, a failed rsync) is counted when it happens.
+  here, a push received, a failed rsync) is counted when it happens;
+* what an operator's alerts need besides (issue 15, compose/monitoring): whether
+  ``mesh health`` would pass, the data filesystem's free space (statvfs at scrape
+  time) and the keep area's size (a walk, at most once a minute).
 
 Pushes are counted where they land: the receiving agent sees every push, whether
 lsyncd's gate or the agent's own pusher sent it, with the rsync daemon's exit
@@ -22,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -36,11 +41,14 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from mesh import __version__
 from mesh.adapters.tunnel import PushSink
+from mesh.cli_ops import DEFAULT_MAX_LAG, health_problems, lag_of
 from mesh.core import manifest
 from mesh.core.replica import group
 from mesh.core.resolver import Version
 from mesh.core.vclock import hlc_wall_ms
+from mesh.keep import KEEP_NAME
 from mesh.store.index import Index
 
 LOG = logging.getLogger("mesh.metrics")
@@ -48,6 +56,8 @@ LOG = logging.getLogger("mesh.metrics")
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 MAX_REQUEST_BYTES = 16 * 1024
 REQUEST_TIMEOUT = 5.0
+# The keep area is walked at scrape time, on the loop: at most this often.
+KEEP_WALK_EVERY = 60.0
 
 Status = Callable[[], dict[str, Any]]
 
@@ -72,6 +82,44 @@ class ConflictTally:
         return self.by_rule
 
 
+class KeepSize:
+    """Bytes and files in the keep area: nothing removes them (mesh/keep.py), so it only
+    grows until an operator prunes it. Walked again once ``every`` seconds have passed."""
+
+    def __init__(self, every: float = KEEP_WALK_EVERY,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.clock = every, clock
+        self._last: tuple[float, Path, tuple[int, int]] | None = None
+
+    def of(self, data_dir: Path) -> tuple[int, int]:
+        now = self.clock()
+        if (self._last is not None and self._last[1] == data_dir
+                and now - self._last[0] < self.every):
+            return self._last[2]
+        size = _tree_size(data_dir / KEEP_NAME)
+        self._last = (now, data_dir, size)
+        return size
+
+
+def _tree_size(root: Path) -> tuple[int, int]:
+    """(bytes, files) under ``root``; what vanishes during the walk is not counted."""
+    total = files = 0
+    stack = [root]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                        else:
+                            total += entry.stat(follow_symlinks=False).st_size
+                            files += 1
+        except OSError:
+            continue
+    return total, files
+
+
 class Metrics:
     def __init__(self, me: str, status: Status, index: Index) -> None:
         self.me = me
@@ -93,7 +141,7 @@ class Metrics:
             self.changes.labels(origin)
         for result in ("ok", "failed"):
             self.pushes_in.labels(result)
-        self.registry.register(_StateCollector(status, ConflictTally(index)))
+        self.registry.register(_StateCollector(me, status, ConflictTally(index)))
 
     def announced(self, version: Version) -> None:
         """This node's disk now holds ``version``."""
@@ -136,13 +184,21 @@ class _CountingSink:
 
 
 class _StateCollector:
-    def __init__(self, status: Status, tally: ConflictTally) -> None:
+    def __init__(self, me: str, status: Status, tally: ConflictTally) -> None:
+        self.me = me
         self.status = status
         self.tally = tally
+        self.keep = KeepSize()
 
     def collect(self) -> Iterator[Metric]:
         doc = self.status()
+        info = GaugeMetricFamily("mesh_agent_info", "Always 1: the agent's node id, cluster "
+                                 "and version.", labels=["node", "cluster", "version"])
+        info.add_metric([self.me, doc["cluster"], __version__], 1)
+        yield info
         yield from _peer_metrics(doc["peers"], doc["pushes"]["pending"])
+        yield from _health_metrics(doc)
+        yield from _disk_metrics(Path(doc["data_dir"]), self.keep)
         pushes = doc["pushes"]
         paths = CounterMetricFamily("mesh_push_paths", "Paths the gate was asked to push, by "
                                     "decision.", labels=["decision"])
@@ -191,6 +247,36 @@ def _peer_metrics(peers: dict[str, dict[str, Any]], pending: dict[str, int]
         received.add_metric([peer], p["manifests"])
         behind.add_metric([peer], pending.get(peer, 0))
     yield from (up, received, behind)
+
+
+def _health_metrics(doc: dict[str, Any]) -> Iterator[Metric]:
+    """What ``mesh health`` (the image's HEALTHCHECK) decides, as numbers."""
+    yield GaugeMetricFamily("mesh_healthy", f"1 when `mesh health --max-lag {DEFAULT_MAX_LAG}` "
+                            "(the image's health check) would pass.",
+                            value=0 if health_problems(doc, DEFAULT_MAX_LAG) else 1)
+    yield GaugeMetricFamily("mesh_lag_entries", "Entries not yet exchanged: unpublished, "
+                            "awaited, queued for peers, manifests held back (what `mesh "
+                            "health --max-lag` compares).", value=sum(lag_of(doc).values()))
+    catching_up = GaugeMetricFamily("mesh_peer_catching_up", "1 while a catch-up with the "
+                                    "peer runs.", labels=["peer"])
+    for address, p in sorted(doc["peers"].items()):
+        catching_up.add_metric([p["node"] or address], 1 if p["catching_up"] else 0)
+    yield catching_up
+
+
+def _disk_metrics(data_dir: Path, keep: KeepSize) -> Iterator[Metric]:
+    with contextlib.suppress(OSError):
+        fs = os.statvfs(data_dir)
+        yield GaugeMetricFamily("mesh_data_filesystem_avail_bytes", "Bytes free for the agent "
+                                "on the data folder's filesystem (the keep area's too).",
+                                value=fs.f_bavail * fs.f_frsize)
+        yield GaugeMetricFamily("mesh_data_filesystem_size_bytes", "Size of the data "
+                                "folder's filesystem.", value=fs.f_blocks * fs.f_frsize)
+    size, files = keep.of(data_dir)
+    yield GaugeMetricFamily("mesh_keep_bytes", "Bytes in the keep area (.mesh-keep): "
+                            "replaced and losing versions, staged pushes; walked at most once "
+                            "a minute.", value=size)
+    yield GaugeMetricFamily("mesh_keep_files", "Files in the keep area.", value=files)
 
 
 class MetricsServer:
