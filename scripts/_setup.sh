@@ -22,6 +22,20 @@ fi
 # Debian starts a mosquitto service on install; the benchmark runs its own.
 if command -v service >/dev/null 2>&1; then service mosquitto stop >/dev/null 2>&1 || true; fi
 
+# promtool (Debian's prometheus) checks and unit-tests compose/monitoring's alerting rules.
+# Without recommends (no node exporter); the package starts its server: stop it, no test
+# needs one.
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "meshsync: need root to install: prometheus" >&2
+    exit 1
+  fi
+  echo "meshsync: installing prometheus (for promtool)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  if command -v service >/dev/null 2>&1; then service prometheus stop >/dev/null 2>&1 || true; fi
+fi
+
 stamp=$venv/.meshsync-installed
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
