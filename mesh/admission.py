@@ -35,7 +35,9 @@ from mesh.errors import RemoteProtocolError
 
 LOG = logging.getLogger("mesh.admission")
 
-WAIT_S = 10.0  # for a sender's announcements to catch up with its push
+# For a sender's announcements to catch up with its push: shorter than the sender's wait
+# for our answer (``mesh.adapters.tunnel.open_push``, 10 s), so that it learns why.
+WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)

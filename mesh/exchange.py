@@ -262,9 +262,8 @@ class Exchange:
         rid = getattr(message, "rid", None)
         waiter = self._waiters.get(rid) if isinstance(rid, int) else None
         if waiter is None:
-            LOG.debug("%s from %s answers no open request of ours (late, or a guess)",
-                      type(message).__name__, peer)
-        elif waiter.peer != peer:
+            return  # late (its request timed out), or a guess: not logged, it may be a flood
+        if waiter.peer != peer:
             LOG.warning("refused %s from %s: it answers a request made of %s",
                         type(message).__name__, peer, waiter.peer)
         else:

@@ -132,7 +132,7 @@ class Node:
             return
         now_ms = time.time_ns() // 1_000_000
         counts = self.index.purge(
-            lambda path: reserved(path) is not None,
+            self.me, lambda path: reserved(path) is not None,
             lambda e: admit.refusal(e, now_ms, self.limits) is not None,
             lambda v: admit.vector_refusal(v, self.limits) is not None)
         self.index.set_meta("purged", PURGED)

@@ -192,6 +192,9 @@ class Cluster:
     # The 127.0.x networks of the nodes and of the proxies between them: a test file
     # on networks of its own can run while another runs a cluster (ports are fixed).
     nets: tuple[str, str] = ("127.0.0", "127.0.1")
+    # Brokers outside the cluster every node also takes for a peer (``host:port``): a
+    # node the test plays itself, such as a hostile one (tests/integration/test_hostile).
+    extra_peers: list[str] = field(default_factory=list)
     nodes: list[Node] = field(init=False)
     proxies: ProxyThread = field(init=False)
 
@@ -216,8 +219,8 @@ class Cluster:
         return f"{self.nets[1]}.{10 * a.index + b.index}"
 
     def argv(self, node: Node) -> list[str]:
-        peers = ",".join(f"{self.proxy_host(node, other)}:{BROKER_PORT}"
-                         for other in self.nodes if other is not node)
+        peers = ",".join([f"{self.proxy_host(node, other)}:{BROKER_PORT}"
+                          for other in self.nodes if other is not node] + self.extra_peers)
         return [sys.executable, "-m", "mesh", "agent", "--node-id", node.name,
                 "--cluster", self.cluster, "--data-dir", str(node.data),
                 "--state-dir", str(node.state), "--pki-dir", str(self.base / "pki"),
@@ -336,10 +339,11 @@ class Cluster:
 @contextlib.contextmanager
 def running(base: Path, *, size: int = 3, start: bool = True,
             nets: tuple[str, str] = ("127.0.0", "127.0.1"), extra_args: list[str] | None = None,
-            ) -> Iterator[Cluster]:
+            extra_peers: list[str] | None = None) -> Iterator[Cluster]:
     """A cluster (started unless ``start`` is False), stopped whatever happens; its logs
     are printed when the body fails."""
-    c = Cluster(base, size, extra_args=extra_args or [], nets=nets)
+    c = Cluster(base, size, extra_args=extra_args or [], nets=nets,
+                extra_peers=extra_peers or [])
     try:
         if start:
             c.start_all()

@@ -348,6 +348,8 @@ class TunnelServer:
             return None
         try:
             return await self.sink.begin(peer, hello.push_id, hello.header)
+        except RemoteProtocolError as err:
+            why = err.reason  # the line names the peer already
         except MeshError as err:
             why = str(err)
         except Exception as err:  # the agent's bug must not take the tunnel down

@@ -434,12 +434,19 @@ class Index:
             raise StoreError(f"conflict log holds a non-conflict for {winner.path}")
         return ConflictRow(outcome, row[2], row[3])
 
-    def purge(self, path_refused: Callable[[str], bool], write_refused: Callable[[Entry], bool],
+    def purge(self, me: str, path_refused: Callable[[str], bool],
+              write_refused: Callable[[Entry], bool],
               vector_refused: Callable[[VersionVector], bool]) -> dict[str, int]:
         """Forget every row that names a path, or holds a write or a vector, that would be
         refused from a peer now, or that cannot be read: state poisoned before the bounds
         were checked (issue 13), which would otherwise stop the agent at every start.
-        Returns how many rows went, per table. Reads every row: run it once."""
+        Returns how many rows went, per table. Reads every row: run it once.
+
+        A disk version forgotten is not simply dropped when peers announced the path: the
+        next scan would make a write of ours with counter 1 again, which a peer holding an
+        older write of ours takes for that one. It is replaced by a delete of ours (hlc 0)
+        under the merge of what the peers announced, which the scan then writes on top of
+        (and which loses to any peer's content under the same vector: an edit beats it)."""
 
         def refused(path: str, read: Callable[[], Iterable[Entry]]) -> bool:
             if path_refused(path):
@@ -459,23 +466,40 @@ class Index:
         counts: dict[str, int] = {}
         with self.batch():
             self._flush()
-            for table in ("versions", "targets"):
-                doomed = [(path,) for path, blob in
-                          self.db.execute(f"SELECT path, heads FROM {table}")  # noqa: S608
-                          if refused(path, functools.partial(_heads_of, blob))]
-                self.db.executemany(f"DELETE FROM {table} WHERE path = ?", doomed)  # noqa: S608
-                counts[table] = len(doomed)
             vectors = [(peer, path) for peer, path, blob in
                        self.db.execute("SELECT peer, path, vector FROM peer_vectors")
                        if refused_vector(path, blob)]
             self.db.executemany("DELETE FROM peer_vectors WHERE peer = ? AND path = ?", vectors)
             counts["peer_vectors"] = len(vectors)
+            doomed: dict[str, list[str]] = {}
+            for table in ("versions", "targets"):
+                doomed[table] = [path for path, blob in
+                                 self.db.execute(f"SELECT path, heads FROM {table}")  # noqa: S608
+                                 if refused(path, functools.partial(_heads_of, blob))]
+                self.db.executemany(f"DELETE FROM {table} WHERE path = ?",  # noqa: S608
+                                    [(p,) for p in doomed[table]])
+                counts[table] = len(doomed[table])
+            stand_ins = [self._stand_in(me, path) for path in doomed["versions"]
+                         if not path_refused(path)]
+            self.db.executemany("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)",
+                                [_version_row(v) for v in stand_ins if v is not None])
             conflicts = [(cid,) for cid, path, winner, loser in
                          self.db.execute("SELECT id, path, winner, loser FROM conflicts")
                          if refused(path, functools.partial(_pair_of, winner, loser))]
             self.db.executemany("DELETE FROM conflicts WHERE id = ?", conflicts)
             counts["conflicts"] = len(conflicts)
         return counts
+
+    def _stand_in(self, me: str, path: str) -> Version | None:
+        """A delete of ours under the merge of what the peers announced for ``path``, or
+        None when none did (see ``purge``)."""
+        vector = VersionVector()
+        for (blob,) in self.db.execute("SELECT vector FROM peer_vectors WHERE path = ?",
+                                       (path,)):
+            vector = vector.merge(_unpack_vector(blob))
+        if not vector:
+            return None
+        return Version((Entry(path, vector, None, writer=me),))
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -214,3 +214,33 @@ def test_simulation_over_sqlite(n: int, script: list[tuple[object, ...]], batche
     run(cluster, script)
     cluster.quiesce()
     check_invariants(cluster)
+
+
+def test_purge_forgets_what_a_peer_may_no_longer_send_and_stands_in_for_our_counters() -> None:
+    """Issue 13: an index poisoned before the bounds (a keep-area path, {n2: 2**63-1} on
+    disk and in a target) made the agent exit at every start; the rest stays."""
+    idx = Index(":memory:")
+    big = 2**63 - 1
+
+    def version(vector: dict[str, int], writer: str, content: int | None, path: str) -> Version:
+        return Version((e(vector, writer, content, path=path),))
+
+    keep = ".mesh-keep/objects/x"
+    with idx.batch():
+        idx.set_state("p.txt", PathState(version({"n2": big}, "n9", None, "p.txt"), None))
+        idx.set_state("q.txt", PathState(version({"n2": 1}, "n2", 2, "q.txt"),
+                                         version({"n9": big}, "n9", 3, "q.txt")))
+        idx.set_state(keep, PathState(version({"n9": 1}, "n9", 4, keep), None))
+        idx.set_peer_vector("n1", "p.txt", VersionVector.of({"n2": 1}))
+        idx.set_peer_vector("n9", "p.txt", VersionVector.of({"n2": big}))
+    counts = idx.purge("n2", lambda p: p.startswith(".mesh-keep"),
+                       lambda w: any(c > 2**62 for _, c in w.vector.items()),
+                       lambda v: any(c > 2**62 for _, c in v.items()))
+    assert counts == {"peer_vectors": 1, "versions": 2, "targets": 1, "conflicts": 0}
+    stand_in = idx.state("p.txt").disk  # what n1 announced, as a delete of ours
+    assert stand_in is not None and stand_in.vector == VersionVector.of({"n2": 1})
+    assert stand_in.content is None and stand_in.winner.writer == "n2"
+    assert idx.state("q.txt") == PathState(version({"n2": 1}, "n2", 2, "q.txt"), None)
+    assert idx.state(keep) == PathState()
+    assert idx.peer_vector("n9", "p.txt") is None
+    idx.close()
