@@ -332,16 +332,19 @@ def stalled_notes(doc: dict[str, Any]) -> list[str]:
     notes += [f"{q['paths']} paths queued for {peer} have not moved for "
               f"{_duration(q['for_s'])} ({q['why']})"
               for peer, q in sorted(stalled["queues"].items())]
+    notes += [f"the catch-up with {peer} has run for {_duration(seconds)}"
+              for peer, seconds in sorted(stalled.get("catch_ups", {}).items())]
     return notes
 
 
 def health_problems(doc: dict[str, Any], max_lag: int) -> list[str]:
     problems = []
+    stalled = (doc.get("stalled") or {}).get("catch_ups", {})
     for address, p in sorted(doc["peers"].items()):
         name = p["node"] or address
         if p["state"] != "up":
             problems.append(f"link to {name} is {p['state']}")
-        elif p["catching_up"]:
+        elif p["catching_up"] and name not in stalled:
             problems.append(f"catching up with {name}")
     lag = lag_of(doc)
     total = sum(lag.values())

@@ -80,6 +80,7 @@ class PeerView:
     # link last came up: (that link's start, epoch, seq); see ``caught_up``.
     mark: tuple[float, int, int] | None = None
     resync: asyncio.Task[None] | None = None
+    resync_started: float = 0.0  # monotonic time the running (or last) resync began
     applied_manifests: int = 0
     resyncs: int = 0
 
@@ -381,7 +382,7 @@ class Exchange:
     async def _resync(self, peer: str) -> None:
         view = self.view(peer)
         view.resyncs += 1
-        started = time.monotonic()
+        started = view.resync_started = time.monotonic()
         try:
             reply = await self._ask_one(peer, wire.DigestRequest)
             if not isinstance(reply, wire.DigestReply):

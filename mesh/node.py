@@ -358,8 +358,12 @@ class Node:
             why = ("its hello advertises no tunnel, or its link is down"
                    if self._tunnel_endpoint(peer) is None else "pushes to it do not get through")
             queues[peer] = {"paths": q.paths, "for_s": round(now - q.since), "why": why}
+        catch_ups = {peer: round(now - view.resync_started)
+                     for peer, view in self.exchange.peers.items()
+                     if view.resync is not None and not view.resync.done()
+                     and now - view.resync_started >= self.config.stalled_after}
         return {"after_s": self.config.stalled_after, "content": content,
-                "content_paths": paths, "queues": queues}
+                "content_paths": paths, "queues": queues, "catch_ups": catch_ups}
 
     def _log_stalled(self, stalled: dict[str, Any]) -> None:
         """One line when a peer starts holding health down past the bound, one when it
@@ -380,10 +384,16 @@ class Node:
                 LOG.warning("%d paths queued for %s have not moved for %d s (%s): stalled, "
                             "no longer counted against health", q["paths"], peer, q["for_s"],
                             q["why"])
+        for peer, seconds in stalled["catch_ups"].items():
+            key = f"catch-up:{peer}"
+            now.add(key)
+            if key not in self._stalled_logged:
+                LOG.warning("the catch-up with %s has run for %d s: stalled, no longer "
+                            "counted against health", peer, seconds)
         for key in sorted(self._stalled_logged - now):
             kind, _, peer = key.partition(":")
-            LOG.info("%s %s: no longer stalled", "content from" if kind == "content" else
-                     "the queue to", peer or "no peer")
+            what = {"content": "content from", "queue": "the queue to"}.get(kind, "catch-up with")
+            LOG.info("%s %s: no longer stalled", what, peer or "no peer")
         self._stalled_logged = now
 
     def status(self) -> dict[str, Any]:

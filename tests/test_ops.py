@@ -129,6 +129,13 @@ def test_what_is_stalled_no_longer_counts_against_health_and_is_named(tmp_path: 
     assert cli_ops.lag_of(doc)["waiting for content"] == 3
     assert cli_ops.lag_of(doc)["queued for peers"] == 1
     assert cli_ops.health_problems(doc, 100) == []
+    doc["peers"]["127.0.0.12:8883"]["catching_up"] = True
+    assert cli_ops.health_problems(doc, 100) == ["catching up with n2"]
+    doc["stalled"]["catch_ups"] = {"n2": 301}
+    assert cli_ops.health_problems(doc, 100) == []
+    assert cli_ops.stalled_notes(doc)[-1] == "the catch-up with n2 has run for 5 min"
+    doc["stalled"]["catch_ups"] = {}
+    doc["peers"]["127.0.0.12:8883"]["catching_up"] = False
     (tmp_path / "agent.json").write_text(json.dumps(doc))
     result = runner.invoke(app, ["health", "--state-dir", str(tmp_path)])
     assert result.exit_code == 0

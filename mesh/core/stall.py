@@ -13,6 +13,8 @@ metrics) and no longer counted against health.
   delivering is not stalled, however long it takes.
 * ``QueueWatch``: the queue to a peer is stalled once it has not been empty, nor
   shrunk, for ``bound`` seconds.
+* (in ``Node.stalled``) a catch-up with a peer that has run for ``bound`` seconds: a
+  peer can answer a digest and then trickle chunks forever.
 
 No I/O and no clock: the caller passes ``now`` (monotonic seconds) in.
 """
