@@ -165,10 +165,15 @@ def group(entries: Iterable[Entry]) -> dict[str, Version]:
 
 
 class Replica:
-    def __init__(self, node: str, store: ReplicaStore, clock: int = 0) -> None:
+    def __init__(self, node: str, store: ReplicaStore, clock: int = 0, horizon: int = 0) -> None:
         self.node = node
         self.store = store
         self.clock = clock
+        # The largest clock stamp of a tombstone collected here (mesh.core.retention):
+        # a version of a path we have no record of, written entirely at or before it,
+        # is what such a delete removed, coming back from a node that was away.
+        self.horizon = horizon
+        self.stale = 0  # such versions met (each answered with a delete on top)
 
     # --- what the scanner saw ----------------------------------------------
 
@@ -227,7 +232,7 @@ class Replica:
             self.clock = hlc_observe(self.clock, max(c.winner.hlc, c.loser.hlc), wall_ms)
             if self.store.log_conflict(c):
                 fx.append(Logged(c))
-            self._learn(c.path, Version.of(c.winner, c.loser), fx)
+            self._learn(c.path, Version.of(c.winner, c.loser), fx, record=True)
         grouped = group(entries)
         for path in deepest_first(grouped):
             version = grouped[path]
@@ -283,10 +288,17 @@ class Replica:
             if up.target is not None and _is_dir(up.disk) and not _is_dir(up.target):
                 self._aim(folder, up.target, fx)  # its delete (or file) waits on what it holds
 
-    def _learn(self, path: str, incoming: Version, fx: list[Effect]) -> None:
-        """Fold writes we learned of into what this path converges to."""
+    def _learn(self, path: str, incoming: Version, fx: list[Effect], *,
+               record: bool = False) -> None:
+        """Fold writes we learned of into what this path converges to (``record``: from
+        a conflict record, which tells of writes and holds no state of its own)."""
         st = self.store.state(path)
         goal = st.target or st.disk
+        if goal is None and self.horizon and all(h.hlc <= self.horizon
+                                                 for h in incoming.heads):
+            if not record:
+                self._stale(path, incoming, fx)
+            return
         version = incoming if goal is None else goal.join(incoming)
         if version == goal:
             return
@@ -295,6 +307,22 @@ class Replica:
                 fx.append(Logged(c))
             self._keep_loser(st, c, fx)
         self._aim(path, version, fx)
+
+    def _stale(self, path: str, incoming: Version, fx: list[Effect]) -> None:
+        """A version of a path we have no record of, older than a delete we collected
+        (issue 14): a node away for longer than its peers waited for it still holds
+        what was deleted since. A delete of ours on top of it, which every node
+        applies (that node files its copy into its keep area), instead of bringing the
+        path back. A stale delete needs nothing."""
+        self.stale += 1
+        if incoming.content is None:
+            return
+        vector = VersionVector.of({**incoming.vector.to_dict(),
+                                   self.node: incoming.vector.get(self.node) + 1})
+        self.clock = hlc_tick(self.clock, hlc_wall_ms(self.clock))
+        delete = Entry(path, vector, None, kind=incoming.winner.kind, hlc=self.clock,
+                       writer=self.node)
+        self._put(path, PathState(Version((delete,)), None), fx)
 
     def _aim(self, path: str, version: Version, fx: list[Effect]) -> None:
         st = self.store.state(path)

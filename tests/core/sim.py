@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mesh.core import manifest
+from mesh.core import manifest, retention
 from mesh.core.landing import Staged, StagedFile, staged, to_reaim
 from mesh.core.manifest import ContentKey, Entry, Kind, Manifest
 from mesh.core.paths import deepest_first, parent
@@ -43,6 +43,7 @@ from mesh.core.vclock import VersionVector
 
 BASE_MS = 1_780_000_000_000
 DIR_MODE = 0o755
+TOMBSTONE_AGE_MS = 5000  # the most clock skew: above the simulation's (-2 s .. +2 s)
 
 
 @dataclass
@@ -81,6 +82,19 @@ class MemoryStore:
 
     def paths_under(self, folder: str) -> list[str]:
         return sorted(p for p in self.states if p.startswith(folder + "/"))
+
+    def forget(self, path: str, peers: list[str]) -> None:
+        self.states.pop(path, None)
+        for peer in peers:
+            self.peers.pop((peer, path), None)
+
+    def unwritten_losers(self) -> list[Entry]:
+        out = []
+        for c in self.conflicts.values():
+            copy = None if c.copy_path is None else self.state(c.copy_path)
+            if copy is not None and copy.disk is None and copy.target is None:
+                out.append(c.loser)
+        return out
 
 
 def digest(data: bytes) -> bytes:
@@ -148,6 +162,8 @@ class SimStore(Protocol):
     def paths_under(self, folder: str) -> list[str]: ...
     def conflict_map(self) -> dict[str, Conflict]: ...
     def all_states(self) -> dict[str, PathState]: ...
+    def forget(self, path: str, peers: list[str]) -> None: ...
+    def unwritten_losers(self) -> list[Entry]: ...
 
 
 class SimNode:
@@ -369,6 +385,31 @@ class SimNode:
         self.plan = self._planner()
         self.outbox.clear()
         self.out_conflicts.clear()
+
+    def collect(self, known: list[str] | None = None) -> list[ContentKey]:
+        """The collector (issue 14) at its most eager: every object nothing needs goes
+        (no retention, nothing waits for peers), and every tombstone every ``known`` peer
+        (default: all) acknowledged, once this node has applied all its peers sent (the
+        agent's inbox applies a peer's manifests in order). Returns what was removed."""
+        if not self.up:
+            return []
+        states = self.store.all_states()
+        need = retention.needed([st.target for st in states.values() if st.target],
+                                self.store.unwritten_losers())
+        gone = [k for k in self.store.keep if k[1] not in need]
+        for k in gone:
+            del self.store.keep[k]
+        if any(m.dst == self.name for m in self.cluster.network) or any(
+                t.msg.dst == self.name for t in self.cluster.transfers):
+            return gone
+        for path, st in sorted(states.items()):
+            peers = [self.store.peer_vector(p, path) for p in (
+                self.peers if known is None else known)]
+            if retention.tombstone_due(st.disk, st.target, peers, self.now, TOMBSTONE_AGE_MS):
+                assert st.disk is not None
+                self.replica.horizon = max(self.replica.horizon, retention.horizon_of(st.disk))
+                self.store.forget(path, self.peers)
+        return gone
 
     def restart(self) -> None:
         """Keep what cut-short pushes staged, reconcile the disk, resync with every peer."""

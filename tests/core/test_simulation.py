@@ -13,6 +13,7 @@ may come back, and every node must have logged the same conflicts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.core.sim import Cluster, ManifestMsg
+from tests.core.sim import TOMBSTONE_AGE_MS, Cluster, ManifestMsg, SimNode
 
 PATHS = ["a.txt", "d/x", "d/y", "d/e/z"]
 FOLDERS = ["d", "d/e"]
@@ -56,6 +57,8 @@ actions = st.one_of(
     st.tuples(st.just("crash"), node_ix),
     st.tuples(st.just("restart"), node_ix),
     st.tuples(st.just("tick"), st.integers(0, 3000)),
+    st.tuples(st.just("collect"), node_ix),
+    st.tuples(st.just("collect"), node_ix),
 )
 
 
@@ -89,6 +92,8 @@ def run(cluster: Cluster, script: list[tuple[Any, ...]]) -> None:
             cluster.restart(nodes[args[0] % len(nodes)].name)
         elif kind == "tick":
             cluster.time_ms += args[0]
+        elif kind == "collect":
+            check_collect(nodes[args[0] % len(nodes)])
         cluster.time_ms += 7
 
 
@@ -103,6 +108,26 @@ NODE_ACTIONS = {
     "flush": "flush",
     "plan": "plan_tick",
 }
+
+
+def check_collect(node: SimNode, known: list[str] | None = None) -> None:
+    """Issue 14's safety: the collector never removes content a pending restore or an
+    unwritten conflict copy needs (the invariants after quiescence then show that what
+    it did remove was not needed either)."""
+    wanted = {h.content for st in node.store.all_states().values() if st.target
+              for h in st.target.heads if h.content in node.store.keep}
+    wanted |= {e.content for e in node.store.unwritten_losers()
+               if e.content in node.store.keep}
+    gone = node.collect(known)
+    assert not wanted & set(gone), "the collector removed content still needed"
+
+
+def collect_everywhere(cluster: Cluster) -> None:
+    """Time passes beyond the tombstones' age; every node collects; all settles again."""
+    cluster.time_ms += 2 * TOMBSTONE_AGE_MS
+    for node in cluster.nodes.values():
+        check_collect(node)
+    cluster.quiesce()
 
 
 def check_invariants(cluster: Cluster) -> None:
@@ -147,6 +172,39 @@ def test_random_interleavings_converge(
     cluster = Cluster(n, skews)
     run(cluster, script)
     cluster.quiesce()
+    check_invariants(cluster)
+    collect_everywhere(cluster)  # tombstones every node acknowledged go; nothing changes
+    check_invariants(cluster)
+
+
+def test_a_node_away_longer_than_its_peers_waited_does_not_bring_deletes_back() -> None:
+    """Issue 14: n3 is down while n1 deletes f; n1 and n2 forget n3 and collect the
+    tombstone. n3 comes back announcing f as it held it: every node deletes f again
+    (n3 files its copy into its keep area), none brings it back."""
+    cluster = Cluster(3, [0, 700, -700])
+    n1, n2, n3 = cluster.nodes.values()
+    n1.user_write("f", 0o644)
+    n1.user_write("g", 0o644)
+    cluster.quiesce()
+    old = n3.disk["f"].data
+    cluster.crash("n3")
+    n1.user_delete("f")
+    n1.scan("f")
+    for _ in range(3):
+        cluster.land_all()
+        n1.flush()
+        n2.flush()
+    cluster.time_ms += 2 * TOMBSTONE_AGE_MS
+    for node in (n1, n2):
+        check_collect(node, known=[p for p in node.peers if p != "n3"])
+        assert "f" not in node.store.all_states(), "the tombstone was not collected"
+    cluster.restart("n3")
+    cluster.quiesce()
+    assert all("f" not in tree for tree in cluster.trees().values())
+    assert cluster.resurrected() == []
+    assert any(k[1] == hashlib.sha256(old).digest() for k in n3.store.keep)
+    assert n1.replica.stale + n2.replica.stale >= 1
+    collect_everywhere(cluster)
     check_invariants(cluster)
 
 
