@@ -200,6 +200,43 @@ def _seconds(*, positive: bool) -> Callable[[object], float]:
     return check
 
 
+_SPAN_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_UNITS: Final = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _span(value: object) -> float:
+    """A duration of any length (issue 14's retentions): seconds, or 90s, 15m, 2h, 7d, 1w."""
+    expected = "a duration: seconds, or a number with s, m, h, d or w (as 7d)"
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw]?)", value.strip().lower()) \
+        if isinstance(value, str) else None
+    if match is None:
+        raise _invalid(value, expected)
+    return float(match[1]) * _SPAN_UNITS[match[2]]
+
+
+def _size_cap(value: object) -> tuple[float, str]:
+    """A size in bytes (K, M, G, T suffixes: powers of 1024), or a percentage of the
+    data folder's volume; 0: no cap."""
+    expected = "bytes (as 5G, 500M), a percentage of the volume (as 10%), or 0 for none"
+    if isinstance(value, tuple) and len(value) == 2 and value[1] in ("bytes", "%"):
+        n, unit = value
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        n, unit = float(value), "bytes"
+    elif isinstance(value, str) and (match := re.fullmatch(
+            r"(\d+(?:\.\d+)?)\s*(%|[bkmgt]?)(?:i?b)?", value.strip().lower())):
+        if match[2] == "%":
+            n, unit = float(match[1]), "%"
+        else:
+            n, unit = float(match[1]) * _SIZE_UNITS[match[2]], "bytes"
+    else:
+        raise _invalid(value, expected)
+    if not isinstance(n, int | float) or n < 0 or (unit == "%" and n > 100):
+        raise _invalid(value, expected)
+    return float(n), unit
+
+
 def _abs_path(value: object) -> Path:
     if isinstance(value, str | PurePath) and str(value) and "\0" not in str(value):
         path = Path(value)
@@ -384,6 +421,33 @@ SETTINGS: Final[Mapping[str, Setting]] = {
             _seconds(positive=True),
             "SECONDS",
         ),
+        _setting(
+            "keep_for",
+            "How long replaced and deleted versions stay in the keep area once every "
+            "known node holds something newer (`mesh versions`, `mesh restore`); 0: only "
+            "as long as a pending restore or conflict copy needs them.",
+            _span,
+            "DURATION",
+            default_note="7d",
+        ),
+        _setting(
+            "keep_max",
+            "Size cap of the keep area, oldest versions collected first (never what a "
+            "pending restore needs): bytes (5G) or a percentage of the volume (10%); 0: "
+            "none.",
+            _size_cap,
+            "SIZE|N%",
+            default_note="10%",
+        ),
+        _setting(
+            "forget_after",
+            "This node's running time without hearing a peer after which tombstones no "
+            "longer wait for that peer's acknowledgement; a version it brings back of "
+            "what was deleted meanwhile is deleted again.",
+            _span,
+            "DURATION",
+            default_note="30d",
+        ),
         _setting("log_format", "Log format.", _choice("human", "json"), "human|json"),
         _setting(
             "log_level",
@@ -428,6 +492,10 @@ class AgentConfig:
     # Issue 13: bounds on what one peer can do to this node's clock and health.
     max_clock_skew: float = 300.0
     stalled_after: float = 300.0
+    # Issue 14: the keep area's retention and cap; when an absent peer stops counting.
+    keep_for: float = 7 * 86400.0
+    keep_max: tuple[float, str] = (10.0, "%")
+    forget_after: float = 30 * 86400.0
     log_format: LogFormat = "human"
     log_level: LogLevel = "info"
     config_file: Path | None = None  # the file that was read, if any

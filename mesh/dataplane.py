@@ -31,9 +31,11 @@ from mesh.core.manifest import ContentKey, Kind
 from mesh.core.paths import deepest_first
 from mesh.core.replica import Effect, Observed, Replica, Restore, Want, WriteCopy
 from mesh.core.resolver import Version
+from mesh.core.retention import Reason
 from mesh.errors import MeshError
 from mesh.keep import KeepArea
 from mesh.store.index import Index
+from mesh.store.kept import KeptLog
 
 LOG = logging.getLogger("mesh.data")
 
@@ -60,6 +62,7 @@ class DataPlane:
         self.unsettled: set[str] = set()
         self._scanned_at: dict[str, float] = {}  # path -> when its last scan began
         self.fs = keep.fs  # file operations beneath the root, no symlink followed
+        self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
         self.wants = 0
 
     # --- scanning ---------------------------------------------------------------------
@@ -210,15 +213,19 @@ class DataPlane:
         try:
             if version.content is not None:
                 needed[version.content] -= 1
+                # A loser's content replaced by the winner is kept as the conflict's.
+                why = (Reason.LOST if current is not None and version.holds(current.content)
+                       else Reason.REPLACED)
                 self._materialize(rel, winner.kind, version.content, winner.mode, rel,
                                   exclusive=False, mtime_ns=winner.mtime_ns,
-                                  replacing=current,
+                                  replacing=current, why=why,
                                   at_source=current is not None
                                   and current.content == version.content,
-                                  take=needed[version.content] <= 0)
+                                  take=needed[version.content] <= 0
+                                  and not self.kept.rows_of([version.content[1]]))
             else:
                 if current is not None:
-                    self.keep.file_away(rel, current.content)
+                    self._file_away(rel, rel, current.content, Reason.DELETED)
                 if self.fs.lexists(rel):  # a folder still holding entries: the replica
                     return effects + self._observe([rel])  # decides (DESIGN.md, Folders)
         except Superseded:
@@ -232,17 +239,32 @@ class DataPlane:
         return effects + self.replica.restored(rel, version)
 
     def write_back(self, source_rel: str, kind: Kind, content: ContentKey, mode: int,
-                   dest_rel: str) -> None:
+                   dest_rel: str, replacing: Observed | None = None) -> None:
         """Put kept ``content`` (from ``source_rel`` if it holds it, else the keep area)
         at ``dest_rel``, as the data plane writes: a temp name the watcher ignores,
         renamed into place, so the watcher sees one finished local edit (an operator's
-        restore)."""
-        self._materialize(source_rel, kind, content, mode, dest_rel, exclusive=False)
+        restore). ``replacing``: what ``dest_rel`` holds (as scanned), kept as a
+        replaced version."""
+        self._materialize(source_rel, kind, content, mode, dest_rel, exclusive=False,
+                          replacing=replacing)
+
+    def _file_away(self, rel: str, path: str, content: ContentKey, why: Reason) -> None:
+        """File ``rel`` (``path``'s content as last scanned, maybe under a temp name) into
+        the keep area and record it as a kept version of ``path``: the head of the
+        path's disk version holding that content (the scan that came first recorded
+        it). A folder is only removed: it has no content to keep."""
+        self.keep.file_away(rel, content)
+        disk = self.index.state(path).disk
+        head = None if disk is None else next(
+            (h for h in disk.heads if h.content == content), None)
+        if disk is None or head is None or content[0] is Kind.DIR:
+            return  # not recorded: an orphan, collected by its age (mesh.core.retention)
+        self.kept.add(head, disk.vector, why, _ms())
 
     def _materialize(self, source_rel: str, kind: Kind, content: ContentKey, mode: int,
                      dest_rel: str, *, exclusive: bool, mtime_ns: int = 0,
                      replacing: Observed | None = None, at_source: bool | None = None,
-                     take: bool = False) -> None:
+                     take: bool = False, why: Reason = Reason.REPLACED) -> None:
         """Write content (from ``source_rel`` if it holds it, else the keep area) at
         ``dest_rel``, atomically, beneath the root (``mesh.adapters.beneath``); never over
         an existing file if ``exclusive``. ``replacing``: what ``dest_rel`` holds, filed
@@ -257,7 +279,7 @@ class DataPlane:
         rename sets off does not hash it again."""
         if kind is Kind.DIR:
             if replacing is not None:
-                self.keep.file_away(dest_rel, replacing.content)
+                self._file_away(dest_rel, dest_rel, replacing.content, why)
             self.fs.mkdir(dest_rel, mode, exist_ok=not exclusive)
             return
         tmp = self.fs.temp_name(dest_rel)
@@ -289,12 +311,12 @@ class DataPlane:
                     self.fs.exchange(tmp, dest_rel)  # an edit came since the scan: back
                     raise Superseded(dest_rel)
                 taken = False
-                self.keep.file_away(tmp, replacing.content)  # the old content, swapped out
+                self._file_away(tmp, dest_rel, replacing.content, why)  # swapped out
             else:
                 if replacing is not None:
                     if not self._unchanged(dest_rel, replacing):
                         raise Superseded(dest_rel)
-                    self.keep.file_away(dest_rel, replacing.content)
+                    self._file_away(dest_rel, dest_rel, replacing.content, why)
                 self.fs.rename(tmp, dest_rel)
                 taken = False
             if kind is Kind.FILE:

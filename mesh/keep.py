@@ -118,6 +118,27 @@ class KeepArea:
     def put_back(self, content: ContentKey, source: str) -> None:
         self.fs.rename(source, self.object_rel(content))
 
+    def objects_held(self) -> dict[bytes, tuple[int, int]]:
+        """Every object: hash -> (bytes, ctime in ms: when it was filed, a rename being
+        a change of its inode). What vanishes meanwhile is left out."""
+        out: dict[bytes, tuple[int, int]] = {}
+        with os.scandir(self.objects) as entries:
+            for entry in entries:
+                if len(entry.name) != 64:
+                    continue  # not an object (a temp name)
+                try:
+                    digest = bytes.fromhex(entry.name)
+                    st = entry.stat(follow_symlinks=False)
+                except (ValueError, OSError):
+                    continue
+                out[digest] = (st.st_size, st.st_ctime_ns // 1_000_000)
+        return out
+
+    def remove(self, digest: bytes) -> None:
+        """Remove the object of hash ``digest`` (the collector: nothing keeps it)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.unlink(f"{KEEP_NAME}/{self.objects.name}/{digest.hex()}")
+
     def push_dir(self, push_id: str) -> Path:
         """The backup dir of a push landed by an older release (see the module doc)."""
         return self.root / push_id

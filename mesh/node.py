@@ -29,6 +29,7 @@ from mesh.adapters.scanner import Scanner
 from mesh.adapters.tunnel import TunnelServer
 from mesh.adapters.watcher import Watcher
 from mesh.admission import PushAdmission
+from mesh.collector import HORIZON_KEY, Collector, KeepLimits, KeepMetrics
 from mesh.config import AgentConfig
 from mesh.control import ControlServer, LinkInfo, Operations, socket_path
 from mesh.core import admit
@@ -47,6 +48,7 @@ from mesh.pki import NodeCredentials, load_node
 from mesh.pushes import Pushes
 from mesh.store.index import Index
 from mesh.store.statcache import StatCache
+from mesh.versions_ops import VersionOps
 
 LOG = logging.getLogger("mesh.node")
 SHUTDOWN_S = 5.0
@@ -72,7 +74,8 @@ class Node:
         self.index.set_meta("epoch", self.epoch)
         self.limits = admit.Limits(max_skew_ms=round(config.max_clock_skew * 1000))
         self._purge_once()
-        self.replica = Replica(self.me, self.index, self._clock_at_start())
+        self.replica = Replica(self.me, self.index, self._clock_at_start(),
+                               horizon=int(self.index.get_meta(HORIZON_KEY, 0)))
         self.broker = EmbeddedBroker(BrokerSettings(creds, config.listen.host,
                                                     config.listen.port))
         self.own: OwnClient | None = None
@@ -86,6 +89,12 @@ class Node:
             tunnel_port=config.tunnel_listen.port,  # manifest batching: Exchange's (issue 3)
             limits=self.limits,
         )
+        # Issue 14: the keep area and the tombstones are collected.
+        self.collector = Collector(
+            index=self.index, keep=self.keep, kept=self.data.kept,
+            set_horizon=self._set_horizon, live_peers=self._live_peers,
+            limits=KeepLimits(config.keep_for, config.keep_max, config.forget_after,
+                              config.max_clock_skew))
         self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
                              exchange=self.exchange, creds=creds, data_dir=config.data_dir,
                              endpoint=self._tunnel_endpoint)
@@ -97,11 +106,13 @@ class Node:
         # Operators (issue 5): metrics, and a control socket for `mesh conflicts`/`verify`.
         self.metrics = Metrics(self.me, self.status, self.index)
         self.metrics.registry.register(StalledCollector(self.stalled))
+        self.metrics.registry.register(KeepMetrics(self.collector.stats))
         self.metrics_server = None if config.metrics_listen is None else MetricsServer(
             self.metrics, config.metrics_listen.host, config.metrics_listen.port)
-        self.control = ControlServer(socket_path(config.state_dir), Operations(
-            me=self.me, index=self.index, exchange=self.exchange, data=self.data,
-            links=self._link_infos))
+        ops = Operations(me=self.me, index=self.index, exchange=self.exchange,
+                         data=self.data, links=self._link_infos)
+        ops.handlers.update(VersionOps(self.me, self.data).handlers)  # issue 14
+        self.control = ControlServer(socket_path(config.state_dir), ops)
         self.watcher: Watcher | None = None
         # Issue 13: what holds health down, and for how long.
         self.waits = ContentWaits(config.stalled_after)
@@ -156,6 +167,14 @@ class Node:
         return hlc_pack(now_ms)
 
     # --- wiring ---------------------------------------------------------------------
+
+    def _set_horizon(self, horizon: int) -> None:
+        self.replica.horizon = horizon
+
+    def _live_peers(self) -> list[str]:
+        """The peers whose links are up now."""
+        return [s.peer_id for s in (link.status for link, _ in self.links.values())
+                if s.peer_id is not None and s.state is LinkState.UP]
 
     def _is_peer(self, node: str) -> bool:
         """Whether ``node`` is a current peer: one of our links reached its broker."""
@@ -270,6 +289,7 @@ class Node:
                 group.create_task(self._write_status(), name="status")
                 group.create_task(self.pushes.run(), name="pusher")
                 group.create_task(self._track_peers(), name="peers")
+                group.create_task(self.collector.run(), name="collector")
                 await self.lsyncd.start()
                 await stop.wait()
                 LOG.info("stopping")
@@ -421,6 +441,7 @@ class Node:
             "wants": self.data.wants, "peers": peers,
             "pending_content": self.index.count_targets(),
             "stalled": self.stalled(),
+            "keep": self.collector.stats.doc(),
             "watches": self.watcher.watch_count if self.watcher is not None else 0,
             "metrics": self.metrics_server and self.metrics_server.where,
             "pushes": {**dataclasses.asdict(self.pushes.plan.counters),

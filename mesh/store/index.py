@@ -501,6 +501,48 @@ class Index:
             return None
         return Version((Entry(path, vector, None, writer=me),))
 
+    # --- what collection needs (issue 14, mesh.core.retention) ---------------------
+    def unwritten_losers(self) -> list[Entry]:
+        """The losers of logged conflicts whose copy path the index does not know yet:
+        their content may still be written as the copy."""
+        self._flush()
+        return [entry_from_wire(msgpack.unpackb(blob)) for (blob,) in self.db.execute(
+            "SELECT loser FROM conflicts c WHERE copy_path IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM versions WHERE path = c.copy_path) "
+            "AND NOT EXISTS (SELECT 1 FROM targets WHERE path = c.copy_path)")]
+
+    def tombstones(self, after: str, limit: int) -> list[Version]:
+        """Up to ``limit`` deletes on disk, by path after ``after``."""
+        self._flush()
+        return [_unpack_heads(blob) for (blob,) in self.db.execute(
+            "SELECT heads FROM versions WHERE hash IS NULL AND path > ? ORDER BY path "
+            "LIMIT ?", (after, limit))]
+
+    def forget(self, path: str, peers: Iterable[str]) -> None:
+        """Drop ``path``'s disk version and what ``peers`` announced of it: a tombstone
+        every known peer acknowledged (``mesh.core.retention.tombstone_due``)."""
+        peers = list(peers)
+        with self.batch():
+            self._flush()
+            for cache in (self._states, self._stored):
+                cache.pop(path, None)
+            for peer in peers:
+                self._peers.pop((peer, path), None)
+            self.db.execute("DELETE FROM versions WHERE path = ?", (path,))
+            self.db.executemany("DELETE FROM peer_vectors WHERE peer = ? AND path = ?",
+                                [(peer, path) for peer in peers])
+
+    def announcing_peers(self) -> list[str]:
+        """Every peer that announced anything (one pass over the peer views' keys)."""
+        self._flush()
+        out: list[str] = []
+        row = self.db.execute("SELECT min(peer) FROM peer_vectors").fetchone()
+        while row is not None and row[0] is not None:
+            out.append(row[0])
+            row = self.db.execute("SELECT min(peer) FROM peer_vectors WHERE peer > ?",
+                                  (row[0],)).fetchone()
+        return out
+
     def get_meta(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else row[0]
