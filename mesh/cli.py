@@ -10,6 +10,7 @@ from mesh.cli_local import local_app
 from mesh.cli_ops import register as register_ops
 from mesh.cli_pki import pki_app
 from mesh.cli_swarm import register as register_swarm
+from mesh.cli_versions import register as register_versions
 
 app = typer.Typer(
     name="mesh",
@@ -23,6 +24,7 @@ app.command("agent")(agent)
 app.add_typer(local_app, name="local")
 register_gate(app)
 register_ops(app)
+register_versions(app)
 
 
 @app.command()

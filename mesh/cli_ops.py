@@ -288,6 +288,15 @@ def status(as_json: Json = False, state_dir: StateDir = None,
         typer.echo("no peers")
     for note in stalled_notes(doc):
         typer.echo(f"stalled, not counted against health: {note}")
+    keep = doc.get("keep")
+    if keep:
+        cap = "no cap" if keep["cap_bytes"] is None else f"cap {keep['cap_bytes']} B"
+        typer.echo(f"keep area {keep['bytes']} B in {keep['objects']} objects ({cap}), "
+                   f"{keep['held_bytes']} B needed by pending restores, {keep['versions']} "
+                   f"versions listed; freed {keep['freed_bytes']} B, "
+                   f"{keep['tombstones_collected']} tombstones collected since start")
+    for note in keep_notes(doc):
+        typer.echo(f"warning: {note}")
 
 
 def _duration(seconds: float) -> str:
@@ -337,6 +346,18 @@ def stalled_notes(doc: dict[str, Any]) -> list[str]:
     return notes
 
 
+def keep_notes(doc: dict[str, Any]) -> list[str]:
+    """Warnings about the keep area (issue 14): over its cap is not unhealthy (the
+    collector frees the oldest versions; what stays is needed), but worth a look."""
+    keep = doc.get("keep")
+    if not keep or keep.get("cap_bytes") is None or keep["bytes"] <= keep["cap_bytes"]:
+        return []
+    mib = 1 << 20
+    return [f"keep area over its cap: {keep['bytes'] / mib:.1f} MiB of "
+            f"{keep['cap_bytes'] / mib:.1f} MiB, {keep['held_bytes'] / mib:.1f} MiB of it "
+            "needed by pending restores"]
+
+
 def health_problems(doc: dict[str, Any], max_lag: int) -> list[str]:
     problems = []
     stalled = (doc.get("stalled") or {}).get("catch_ups", {})
@@ -371,6 +392,7 @@ def health(
     problems = health_problems(doc, max_lag)
     notes = stalled_notes(doc)
     stalled = f"; stalled, not counted: {'; '.join(notes)}" if notes else ""
+    stalled += "".join(f"; warning: {w}" for w in keep_notes(doc))
     if problems:
         _fail(f"unhealthy: {'; '.join(problems)}{stalled}", 1)
     up = sum(1 for p in doc["peers"].values() if p["state"] == "up")
@@ -424,3 +446,11 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.command("verify")(verify)
     app.command("health")(health)
+
+
+# Shared with mesh.cli_versions (issue 14: `mesh versions`, `mesh restore`).
+ask_agent = _ask
+console = _console
+fail = _fail
+short_time = _short
+vector_text = _vector
