@@ -47,20 +47,26 @@ def _engine(workdir: Path, cli: str, cleanup: lab.Cleanup,
     return outer, network, subnet
 
 
-def _images(outer: lab.Docker, cleanup: lab.Cleanup, run_id: str, clock: _Clock) -> str:
-    """Import the two root filesystems and build the project image; its tag."""
-    tags = {name: f"meshsync-e2e-{name}:{run_id}" for name in ("base", "node", "app")}
+def _images(outer: lab.Docker, cleanup: lab.Cleanup, run_id: str,
+            clock: _Clock) -> tuple[str, str]:
+    """Import the two root filesystems, build the project image and the example
+    service's; their tags."""
+    tags = {name: f"meshsync-e2e-{name}:{run_id}" for name in ("base", "node", "app", "uploads")}
     for name, packages in (("base", images.BASE_PACKAGES), ("node", images.NODE_PACKAGES)):
         images.import_rootfs(outer, images.rootfs_tar(name, packages), tags[name])
         cleanup.add(f"image {tags[name]}", lambda t=tags[name]: outer("rmi", t))
     clock("base images")
     images.build_project_image(outer, tags["base"], tags["app"])
     cleanup.add(f"image {tags['app']}", lambda: outer("rmi", tags["app"]))
-    clock("project image built with no network")
-    return tags["app"]
+    images.build_example_image(outer, tags["base"], tags["uploads"])
+    cleanup.add(f"image {tags['uploads']}", lambda: outer("rmi", tags["uploads"]))
+    clock("project and example images built with no network")
+    return tags["app"], tags["uploads"]
 
 
-@pytest.fixture(scope="module")
+# One Swarm for the whole session: every test module that asks for it shares it, and each
+# test leaves it as it found it (every node active, every agent healthy).
+@pytest.fixture(scope="session")
 def swarm() -> Iterator[Stack]:
     clock = _Clock()
     cleanup = lab.Cleanup()
@@ -75,17 +81,17 @@ def swarm() -> Iterator[Stack]:
         clock("packages and root filesystems")
         outer, network, subnet = _engine(workdir, cli, cleanup, run_id)
         clock("engine")
-        app = _images(outer, cleanup, run_id, clock)
+        app, uploads = _images(outer, cleanup, run_id, clock)
         nodes = lab.start_nodes(outer, f"meshsync-e2e-node:{run_id}", workdir, cleanup,
                                 run_id, network, subnet)
         lab.form_swarm(nodes)
         clock("3 nodes in a swarm")
         image_file = workdir / "app.tar"
-        outer("save", "-o", str(image_file), app, timeout=300)
+        outer("save", "-o", str(image_file), app, uploads, timeout=300)
         lab.load_image(image_file, nodes)
-        clock("image loaded into every node")
+        clock("images loaded into every node")
         deploy(nodes[0], app, workdir / "pki")
-        stack = Stack(nodes)
+        stack = Stack(nodes, example_image=uploads)
         with stack.explained():
             lab.wait_for(f"{AGENT} healthy and linked on every node",
                          lambda: all_healthy(stack) and fully_linked(stack), timeout=300, every=3)

@@ -2,9 +2,10 @@
 
 Two Debian root filesystems from debootstrap (the project image's base, and a Swarm
 node with its own dockerd), kept as tarballs in the git-ignored ``.cache/swarm`` of the
-repository; and the project image, built by compose/build.sh with no network from a
-wheelhouse in ``.cache/wheelhouse``. A cache is rebuilt when its package list changes;
-delete ``.cache`` to start from nothing.
+repository; the project image, built by compose/build.sh with no network from a
+wheelhouse in ``.cache/wheelhouse``; and the example service's image
+(compose/examples/uploads), built on the same base with no network. A cache is rebuilt
+when its package list changes; delete ``.cache`` to start from nothing.
 """
 
 from __future__ import annotations
@@ -78,3 +79,13 @@ def build_project_image(docker: Docker, base: str, tag: str) -> None:
            "MESH_BUILD_NETWORK": "none"}
     with _locked(ROOT / ".cache" / "wheelhouse.lock"):
         run([str(ROOT / "compose" / "build.sh")], env=env, timeout=600)
+
+
+EXAMPLE = ROOT / "compose" / "examples" / "uploads"
+
+
+def build_example_image(docker: Docker, base: str, tag: str) -> None:
+    """The example service, as its Dockerfile says to build it, on our base."""
+    env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+    run([docker.cli, "-H", docker.host, "build", "--network", "none", "--build-arg",
+         f"BASE={base}", "--tag", tag, str(EXAMPLE)], env=env, timeout=300)

@@ -1,9 +1,10 @@
 """A Docker engine and a 3-node Swarm on this machine, for the end-to-end test.
 
-What works here is recorded in ../shared/SWARM-LAB.md: an engine started by hand,
-Swarm nodes as containers running their own dockerd, addresses from 198.18.0.0/15
-only (198.19.0.0/16 for Swarm's overlays). Everything started is registered with a
-``Cleanup`` and removed by its id, in reverse order, even when the test fails.
+What works on the development machine: an engine started by hand, Swarm nodes as
+containers running their own dockerd (``--privileged`` fails there; the capabilities
+in ``_SWARM_NODE`` work), addresses from 198.18.0.0/15 only (198.19.0.0/16 for
+Swarm's overlays). Everything started is registered with a ``Cleanup`` and removed by
+its id, in reverse order, even when the test fails.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ def deploy(manager: Node, image: str, pki_dir: Path) -> None:
 @dataclass(frozen=True)
 class Stack:
     nodes: list[Node]
+    example_image: str = ""  # compose/examples/uploads, loaded on every node
 
     @property
     def manager(self) -> Node:
@@ -165,8 +167,12 @@ def _through_barrier(procs: list[subprocess.Popen[bytes]]) -> None:
             raise LabError(f"a writer failed: {errors.decode(errors='replace')}")
 
 
-def docker_with_stack_config(candidates: Sequence[str]) -> str | None:
-    """A docker client that has ``docker stack config`` (added after 20.10)."""
+def docker_with_stack_config(candidates: Sequence[str] | None = None) -> str | None:
+    """A docker client that has ``docker stack config`` (added after 20.10), among
+    ``candidates`` (default: the one on PATH, /usr/local/bin's, /usr/bin's)."""
+    if candidates is None:
+        candidates = [c for c in (shutil.which("docker"), "/usr/local/bin/docker",
+                                  "/usr/bin/docker") if c and Path(c).exists()]
     for cli in candidates:
         if run([cli, "stack", "config", "--help"], check=False).returncode == 0:
             return cli
