@@ -79,7 +79,8 @@ class KeepStats:
 class Collector:
     def __init__(self, *, index: Index, keep: KeepArea, kept: KeptLog,
                  set_horizon: Callable[[int], None], limits: KeepLimits,
-                 live_peers: Callable[[], Iterable[str]], every: float = 5.0,
+                 live_peers: Callable[[], Iterable[str]],
+                 seen_peers: Callable[[], Iterable[str]] = tuple, every: float = 5.0,
                  batch: int = 2000) -> None:
         self.index = index
         self.keep = keep
@@ -87,6 +88,7 @@ class Collector:
         self.set_horizon = set_horizon
         self.limits = limits
         self.live_peers = live_peers
+        self.seen_peers = seen_peers  # every peer heard from since start, if only briefly
         self.every = every
         self.batch = batch
         self.stats = KeepStats()
@@ -107,7 +109,7 @@ class Collector:
         now = time.monotonic()
         elapsed = 0 if self._last is None else round((now - self._last) * 1000)
         self._last = now
-        self.kept.heard(self.live_peers(), (), now_ms, elapsed)
+        self.kept.heard(self.live_peers(), self.seen_peers(), now_ms, elapsed)
         known, forgotten = self.kept.peers(round(self.limits.forget_after_s * 1000))
         if forgotten != self.stats.forgotten:
             for peer in sorted(set(forgotten) - set(self.stats.forgotten)):

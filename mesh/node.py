@@ -93,6 +93,7 @@ class Node:
         self.collector = Collector(
             index=self.index, keep=self.keep, kept=self.data.kept,
             set_horizon=self._set_horizon, live_peers=self._live_peers,
+            seen_peers=lambda: list(self.exchange.peers),
             limits=KeepLimits(config.keep_for, config.keep_max, config.forget_after,
                               config.max_clock_skew))
         self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
