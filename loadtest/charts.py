@@ -17,8 +17,11 @@ COLOR = {"meshsync": "tab:blue", "baseline": "tab:orange"}
 
 
 def draw(runs: dict[str, dict[str, Block]], out: Path) -> list[str]:
-    return [_cdf(runs, out / "latency_cdf.png"), _throughput(runs, out / "throughput.png"),
-            _beside(runs, out / "comparison.png")]
+    charts = [_cdf(runs, out / "latency_cdf.png"), _throughput(runs, out / "throughput.png"),
+              _beside(runs, out / "comparison.png")]
+    if any(b.get("disk") for run in runs.values() for b in run.values()):
+        charts.append(_disk(runs, out / "disk.png"))
+    return charts
 
 
 def _grid(n: int) -> tuple[Any, list[Any]]:
@@ -62,6 +65,25 @@ def _throughput(runs: dict[str, dict[str, Block]], path: Path) -> str:
         ax.set_title(f"{profile}: throughput over time")
         ax.grid(True, alpha=0.3)
         ax.legend()
+    return _save(fig, path)
+
+
+def _disk(runs: dict[str, dict[str, Block]], path: Path) -> str:
+    """meshsync's keep area and index on each node over the run (issue 14)."""
+    fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.2 * len(runs)), squeeze=False)
+    for row, (profile, run) in zip(axes, runs.items(), strict=True):
+        block = run.get("meshsync") or {}
+        disk = block.get("disk")
+        for ax, key, what in ((row[0], "keep_mb", "keep area"), (row[1], "index_mb", "index")):
+            if disk:
+                for node, mbs in disk[key].items():
+                    ax.plot(disk["t"], mbs, label=node)
+                ax.axvline(block["load_s"], color="grey", linestyle=":", alpha=0.6)
+                ax.legend()
+            ax.set_xlabel("seconds from the start of the load (dotted: load ends)")
+            ax.set_ylabel("MB")
+            ax.set_title(f"{profile}: {what} per node")
+            ax.grid(True, alpha=0.3)
     return _save(fig, path)
 
 

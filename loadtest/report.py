@@ -19,7 +19,7 @@ from loadtest.measure import percentiles
 
 Block = dict[str, Any]
 SYSTEMS = ("meshsync", "baseline")
-PER_RUN = ("timeline", "latency_samples_ms")  # kept out of the aggregate and report.json
+PER_RUN = ("timeline", "latency_samples_ms", "disk")  # kept out of the aggregate and report.json
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -67,7 +67,16 @@ ROWS: list[tuple[str, Callable[[Block], Any], str]] = [
     ("bytes on the wire / bytes changed / peer", lambda b: b["wire_per_changed_per_peer"], " x"),
     ("CPU seconds, all nodes", lambda b: round(sum(b["cpu_s"].values()), 1), " s"),
     ("peak memory of one node", lambda b: max(b["peak_rss_mb"].values(), default=None), " MB"),
+    ("keep area of the largest node, peak / at the end", lambda b: _disk(b, "keep"), ""),
+    ("index of the largest node, peak / at the end", lambda b: _disk(b, "index"), ""),
 ]
+
+
+def _disk(b: Block, what: str) -> str | None:
+    mb = b.get("disk_mb")
+    if not mb:
+        return None
+    return f"{mb[what + '_peak_mb']:,.1f} / {mb[what + '_end_mb']:,.1f} MB"
 
 
 def _kills(b: Block) -> str | None:

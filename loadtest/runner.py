@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.disk import DiskLog
 from loadtest.history import SHOWN, History, conflicts, placed
 from loadtest.jsonl import ChildError, JsonChild
 from loadtest.measure import Seen, delivery, percentiles, timeline
@@ -86,6 +87,7 @@ class Runner:
         self._ready: list[asyncio.Event] = []
         self._faults: asyncio.Task[None] | None = None
         self.events: list[dict[str, Any]] = []  # faults, mkdir and rmdir, as they happened
+        self.disk = DiskLog()  # keep areas and indexes over the run (issue 14)
 
     # --- the run ------------------------------------------------------------------------
 
@@ -170,6 +172,9 @@ class Runner:
     async def _sample(self) -> None:
         while True:
             await self.target.sample()
+            usage = await self.target.disk_usage()
+            if usage is not None:
+                self.disk.take(time.time(), usage)
             await asyncio.sleep(SAMPLE_S)
 
     async def _execute(self) -> None:
@@ -629,6 +634,8 @@ class Runner:
             "cpu_s": {k: v["cpu_s"] for k, v in self.target.usage().items()},
             "peak_rss_mb": {k: v["peak_rss_mb"] for k, v in self.target.usage().items()},
             "timeline": timeline(d.arrivals, start, n - 1),
+            "disk": self.disk.series(start),
+            "disk_mb": self.disk.summary(),
             "latency_samples_ms": sorted(round(x, 1) for x in d.latency_ms),
             "faults": [e for e in self._events(start) if e["kind"] not in ("mkdir", "rmdir")],
             "kills_during_push": self._kills(start),

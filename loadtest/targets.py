@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from loadtest import probe, procs, proxy
+from loadtest import disk, probe, procs, proxy
 from loadtest.jsonl import JsonChild
 
 BROKER_PORT = 8883
@@ -77,6 +77,10 @@ class Target(ABC):
     @abstractmethod
     async def sample(self) -> None:
         """Take a CPU and memory reading of every node."""
+
+    async def disk_usage(self) -> dict[str, tuple[int, int]] | None:
+        """Per node: (keep area bytes, index bytes), for a system that has them."""
+        return None
 
     @abstractmethod
     def reset_meters(self) -> None: ...
@@ -316,6 +320,12 @@ class MeshLocal(LocalTarget):
 
     def _spawn(self, i: int) -> list[subprocess.Popen[bytes]]:
         return [procs.adopt(self.local.start(self.members[i], self.argv(i)))]
+
+    async def disk_usage(self) -> dict[str, tuple[int, int]] | None:
+        def usage() -> dict[str, tuple[int, int]]:
+            return {m.name: disk.node_usage(m.data, m.state) for m in self.members[:self.size]}
+
+        return await asyncio.to_thread(usage)
 
     def status(self, i: int) -> dict[str, Any] | None:
         try:
