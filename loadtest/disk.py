@@ -15,15 +15,10 @@ KEEP_NAME = ".mesh-keep"
 def tree_bytes(root: Path) -> int:
     """Bytes of the files under ``root`` (what vanishes during the walk is not counted)."""
     total = 0
-    stack = [root]
-    while stack:
-        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                with contextlib.suppress(OSError):
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(Path(entry.path))
-                    else:
-                        total += entry.stat(follow_symlinks=False).st_size
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += (Path(folder) / name).lstat().st_size
     return total
 
 
