@@ -19,6 +19,10 @@ CREATE INDEX kept_by_path ON kept (path, kept_ms);
 CREATE INDEX kept_by_hash ON kept (hash);
 CREATE INDEX kept_by_time ON kept (kept_ms);
 
+-- The collector walks the deletes on disk by path (a partial index: only
+-- tombstones are in it, so the writes of live paths do not pay for it).
+CREATE INDEX versions_tombstones ON versions (path) WHERE hash IS NULL;
+
 -- Every peer this node has heard. A peer not heard for forget_after of this
 -- node's own running time no longer holds tombstones back.
 CREATE TABLE peers_heard (
