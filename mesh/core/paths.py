@@ -26,7 +26,7 @@ STATE_NAME = ".mesh-state"  # a state dir kept inside the data dir
 RESERVED_TOP = frozenset((KEEP_NAME, STATE_NAME))
 # rsync writes into ".<name>.<6 random chars>" next to the target and renames it into
 # place (receiver.c, get_tmpname: mkstemp's "XXXXXX"); the agent's own temp files take
-# the same shape (KeepArea.temp_name). Not matched: --temp-dir and --partial-dir.
+# the same shape (Beneath.temp_name). Not matched: --temp-dir and --partial-dir.
 # False positives: a user's hidden file whose last dot is followed by exactly six
 # letters or digits (".config.backup", ".notes.2024ab") is never synced. We accept
 # that rather than sync half-written temp files. fullmatch, not "$" (which also
