@@ -6,16 +6,21 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
+from mesh import config
 from mesh.collector import Collector, KeepLimits
 from mesh.core.manifest import Entry
 from mesh.core.replica import PathState
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
 from mesh.core.vclock import VersionVector, hlc_pack
+from mesh.errors import ConfigError
 from mesh.keep import KeepArea
 from mesh.store.index import Index
 from mesh.store.kept import KeptLog
 
+NONE = Path("/nonexistent/agent.toml")
 NOW = 1_800_000_000_000
 DAY = 86_400_000
 
@@ -107,3 +112,16 @@ def test_a_tombstone_every_known_peer_acknowledged_goes_and_raises_the_horizon(
     s.collector.round(NOW + DAY)
     assert s.index.state("f").disk is None and s.index.peer_vector("n2", "f") is None
     assert s.horizon == stamp and int(s.index.get_meta("horizon")) == stamp
+
+
+def test_keep_settings_take_durations_sizes_and_percentages() -> None:
+    env = {"MESH_KEEP_FOR": "0", "MESH_KEEP_MAX": "5G"}
+    c = config.load({"forget_after": "2w"}, env, hostname="n1", default_config_file=NONE)
+    assert (c.keep_for, c.keep_max, c.forget_after) == (0.0, (5 * 2.0**30, "bytes"), 14 * 86400.0)
+    d = config.AgentConfig(node_id="n1")
+    assert (d.keep_for, d.keep_max, d.forget_after) == (7 * 86400.0, (10.0, "%"), 30 * 86400.0)
+    assert KeepLimits(0, (10.0, "%"), 1, 1).cap_bytes(1000) == 100
+    assert KeepLimits(0, (0.0, "bytes"), 1, 1).cap_bytes(1000) is None
+    for bad in ({"keep_for": "7 days"}, {"keep_max": "150%"}, {"keep_max": "-1"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            config.load(bad, {}, hostname="n1", default_config_file=NONE)
