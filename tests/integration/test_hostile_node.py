@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from mesh.exchange import Exchange
 from mesh.gate import PushGrant, push
 from mesh.store.index import Index
 from tests.cluster import BROKER_PORT, TUNNEL_PORT, Cluster, Node, running, wait_for
+from tests.integration.test_conflicts import state_db
 
 pytestmark = pytest.mark.integration
 
@@ -214,13 +214,11 @@ def still_syncing(cluster: Cluster, tag: str) -> None:
         assert not log_lines(node, "Traceback"), log_lines(node, "Traceback")[:3]
 
 
-@contextlib.contextmanager
-def state_db(node: Node) -> Iterator[sqlite3.Connection]:
-    db = sqlite3.connect(f"{(node.state / 'state.db').as_uri()}?mode=ro", uri=True)
-    try:
-        yield db
-    finally:
-        db.close()
+def written(src: Node, dst: Node, name: str, text: str) -> None:
+    """``text`` written at ``name`` on ``src``, and there on ``dst`` too."""
+    (src.data / name).write_text(text)
+    wait_for(lambda: (dst.data / name).is_file() and (dst.data / name).read_text() == text,
+             30, f"{name} from {src.name} on {dst.name}")
 
 
 def indexed(node: Node, paths: list[str]) -> list[str]:
@@ -260,8 +258,7 @@ def test_names_the_agent_keeps_are_refused_and_the_keep_area_stays_intact(
 ) -> None:
     with hostile_mesh(tmp_path) as (cluster, n9):
         n1, n2 = cluster.nodes
-        (n1.data / "a.txt").write_text("object A\n")
-        wait_for(lambda: (n2.data / "a.txt").is_file(), 30, "a.txt on n2")
+        written(n1, n2, "a.txt", "object A\n")
         before = {n.name: keep_area(n) for n in cluster.nodes}
         object_a = before["n1"][2][0] if before["n1"][2] else "ab" * 32
         n9.announce([
@@ -301,8 +298,7 @@ def test_counters_and_clocks_that_would_overflow_are_refused_before_the_index(
 ) -> None:
     with hostile_mesh(tmp_path) as (cluster, n9):
         n1, n2 = cluster.nodes
-        (n1.data / "victim.txt").write_text("v1\n")
-        wait_for(lambda: (n2.data / "victim.txt").is_file(), 30, "victim.txt on n2")
+        written(n1, n2, "victim.txt", "v1\n")
         n9.announce([
             write("victim.txt", digest=None, n1=MAX_COUNTER, n9=1),  # {victim: 2**63-1}
             write("late-3.txt", hlc=MAX_HLC - 2),
@@ -320,11 +316,8 @@ def test_counters_and_clocks_that_would_overflow_are_refused_before_the_index(
                 (clock,) = db.execute("SELECT value FROM meta WHERE key = 'clock'").fetchone()
             assert clock < now_hlc() + (600_000 << 16)
         # The next ordinary writes: each ended an honest agent, at every start.
-        (n1.data / "victim.txt").write_text("v2 from n1\n")
-        wait_for(lambda: (n2.data / "victim.txt").read_text() == "v2 from n1\n", 30,
-                 "n1's next write of victim.txt on n2")
-        (n2.data / "other.txt").write_text("n2 writes\n")
-        wait_for(lambda: (n1.data / "other.txt").is_file(), 30, "n2's next write on n1")
+        written(n1, n2, "victim.txt", "v2 from n1\n")
+        written(n2, n1, "other.txt", "n2 writes\n")
         assert cluster.stop(n1) == 0
         cluster.start(n1)
         cluster.wait_linked()
@@ -338,8 +331,7 @@ def test_a_state_poisoned_before_the_bounds_does_not_stop_the_agent(tmp_path: Pa
     path. The agent starts, forgets them (one line each), and syncs."""
     with hostile_mesh(tmp_path) as (cluster, _):
         n1, n2 = cluster.nodes
-        (n2.data / "p.txt").write_text("before\n")
-        wait_for(lambda: (n1.data / "p.txt").is_file(), 30, "p.txt on n1")
+        written(n2, n1, "p.txt", "before\n")
         assert cluster.stop(n2) == 0
         index = Index(n2.state / "state.db")
         with index.batch():
