@@ -193,6 +193,9 @@ def render_daemon_config(config: DaemonConfig) -> str:
         "list = no",
         "numeric ids = yes",
         "munge symlinks = no",
+        # A peer's setuid, setgid and sticky bits never reach our disk, not even staged:
+        # synced modes are permission bits only (mesh.adapters.beneath.PERMISSIONS).
+        "incoming chmod = ug-s,a-t",
         f"timeout = {config.io_timeout}",
         f"filter = {daemon_filter(keep)}",
         f"refuse options = {_REFUSE}",

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -248,6 +249,56 @@ def keep_area(node: Node) -> tuple[int, int, list[str]]:
     keep = node.data / ".mesh-keep"
     return (keep.stat().st_mode & 0o7777, (keep / "objects").stat().st_mode & 0o7777,
             sorted(p.name for p in (keep / "objects").iterdir()))
+
+
+# --- 1. the data root ---------------------------------------------------------------------------
+
+
+def _file_entry(source: Path, rel: str, mode: int) -> Entry:
+    data = (source / rel).read_bytes()
+    return Entry(rel, VersionVector.of({"n9": 1}), hashlib.sha256(data).digest(), len(data),
+                 (source / rel).stat().st_mtime_ns, mode, Kind.FILE, now_hlc(), "n9")
+
+
+def test_a_symlinked_folder_never_lets_a_restore_out_of_the_data_root(tmp_path: Path) -> None:
+    """Attack 1: n9 makes ``lure`` a symlink to a folder outside the root, then pushes
+    ``lure/canary.txt`` (with setuid bits in its mode, and staged under a real folder on
+    n9's side). The file outside stays as it was; nothing appears next to it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary.txt").write_text("outside, untouched\n")
+    with hostile_mesh(tmp_path) as (cluster, n9):
+        n1, _ = cluster.nodes
+        first = tmp_path / "attacker-1"
+        first.mkdir()
+        (first / "lure").symlink_to(outside)
+        target = os.fsencode(str(outside))
+        link = Entry("lure", VersionVector.of({"n9": 1}), hashlib.sha256(target).digest(),
+                     len(target), 0, 0, Kind.SYMLINK, now_hlc(), "n9")
+        n9.announce([link])
+        wait_for(lambda: indexed(n1, ["lure"]) == ["lure"], 20, "n9's link announced on n1")
+        header = manifest.encode(Manifest("n9", 1, 0, (link,)))
+        assert n9.push(n1, "n9-1-1", ["lure"], header, first) == 0
+        wait_for(lambda: (n1.data / "lure").is_symlink(), 30, "the link on n1")
+
+        second = tmp_path / "attacker-2"
+        (second / "lure").mkdir(parents=True)
+        (second / "lure" / "canary.txt").write_text("pwned\n")
+        (second / "lure" / "canary.txt").chmod(0o4755)
+        # rsync stages the bits; what lands is compared with permission bits only
+        canary = _file_entry(second, "lure/canary.txt", 0o755)
+        n9.announce([canary])
+        wait_for(lambda: indexed(n1, ["lure/canary.txt"]) == ["lure/canary.txt"], 20,
+                 "the canary announced on n1")
+        header = manifest.encode(Manifest("n9", 1, 0, (canary,)))
+        assert n9.push(n1, "n9-1-2", ["lure/canary.txt"], header, second) == 0
+        logged_once(n1, "restore lure/canary.txt: ", "'lure' on the way is a symlink")
+        still_syncing(cluster, "symlink")
+        assert (outside / "canary.txt").read_text() == "outside, untouched\n"
+        assert sorted(p.name for p in outside.iterdir()) == ["canary.txt"]
+        for found in n1.data.rglob("*"):
+            if found.is_file() and not found.is_symlink():
+                assert found.stat().st_mode & 0o7000 == 0, found
 
 
 # --- 2. the keep area and the other reserved names -------------------------------------------
