@@ -70,19 +70,23 @@ def _throughput(runs: dict[str, dict[str, Block]], path: Path) -> str:
 
 def _disk(runs: dict[str, dict[str, Block]], path: Path) -> str:
     """meshsync's keep area and index on each node over the run (issue 14)."""
-    fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.2 * len(runs)), squeeze=False)
+    panels = (("keep_mb", "keep area", "MB"), ("index_mb", "index (with its WAL)", "MB"),
+              ("paths", "paths indexed (tombstones included)", "paths"),
+              ("collected", "tombstones collected since start", "tombstones"))
+    fig, axes = plt.subplots(len(runs), len(panels), figsize=(5 * len(panels), 3.4 * len(runs)),
+                             squeeze=False)
     for row, (profile, run) in zip(axes, runs.items(), strict=True):
         block = run.get("meshsync") or {}
         disk = block.get("disk")
-        for ax, key, what in ((row[0], "keep_mb", "keep area"), (row[1], "index_mb", "index")):
-            if disk:
-                for node, mbs in disk[key].items():
-                    ax.plot(disk["t"], mbs, label=node)
+        for ax, (key, what, unit) in zip(row, panels, strict=True):
+            if disk and key in disk:
+                for node, ys in disk[key].items():
+                    ax.plot(disk["t"], ys, label=node)
                 ax.axvline(block["load_s"], color="grey", linestyle=":", alpha=0.6)
                 ax.legend()
-            ax.set_xlabel("seconds from the start of the load (dotted: load ends)")
-            ax.set_ylabel("MB")
-            ax.set_title(f"{profile}: {what} per node")
+            ax.set_xlabel("s from the load's start (dotted: its end)")
+            ax.set_ylabel(unit)
+            ax.set_title(f"{profile}: {what}", fontsize=10)
             ax.grid(True, alpha=0.3)
     return _save(fig, path)
 

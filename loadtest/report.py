@@ -69,6 +69,9 @@ ROWS: list[tuple[str, Callable[[Block], Any], str]] = [
     ("peak memory of one node", lambda b: max(b["peak_rss_mb"].values(), default=None), " MB"),
     ("keep area of the largest node, peak / at the end", lambda b: _disk(b, "keep"), ""),
     ("index of the largest node, peak / at the end", lambda b: _disk(b, "index"), ""),
+    ("paths indexed / tombstones collected, largest node at the end",
+     lambda b: (b.get("disk_mb") or {}).get("index_paths_end") and
+     f"{b['disk_mb']['index_paths_end']:,} / {b['disk_mb']['tombstones_collected_end']:,}", ""),
 ]
 
 

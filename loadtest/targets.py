@@ -78,8 +78,9 @@ class Target(ABC):
     async def sample(self) -> None:
         """Take a CPU and memory reading of every node."""
 
-    async def disk_usage(self) -> dict[str, tuple[int, int]] | None:
-        """Per node: (keep area bytes, index bytes), for a system that has them."""
+    async def disk_usage(self) -> dict[str, disk.Usage] | None:
+        """Per node: keep area and index bytes, paths indexed, tombstones collected; for
+        a system that has them."""
         return None
 
     @abstractmethod
@@ -321,8 +322,8 @@ class MeshLocal(LocalTarget):
     def _spawn(self, i: int) -> list[subprocess.Popen[bytes]]:
         return [procs.adopt(self.local.start(self.members[i], self.argv(i)))]
 
-    async def disk_usage(self) -> dict[str, tuple[int, int]] | None:
-        def usage() -> dict[str, tuple[int, int]]:
+    async def disk_usage(self) -> dict[str, disk.Usage] | None:
+        def usage() -> dict[str, disk.Usage]:
             return {m.name: disk.node_usage(m.data, m.state) for m in self.members[:self.size]}
 
         return await asyncio.to_thread(usage)
