@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from mesh.core import retention
 from mesh.core.retention import Candidate, Plan, Policy
+from mesh.errors import MeshError
 from mesh.keep import KeepArea
 from mesh.store.index import Index
 from mesh.store.kept import KeptLog, KeptRow
@@ -102,7 +103,7 @@ class Collector:
             await asyncio.sleep(self.every)
             try:
                 self.round(_ms())
-            except (OSError, ValueError) as err:  # a volume in trouble: try next round
+            except (OSError, ValueError, MeshError) as err:  # a volume in trouble: next round
                 LOG.warning("keep area: collection failed: %s", err)
 
     def round(self, now_ms: int) -> Plan:
