@@ -8,8 +8,8 @@ Two kinds of numbers:
 * what only an event shows (a change seen, how long a version took to get
   here, a push received, a failed rsync) is counted when it happens;
 * what an operator's alerts need besides (issue 15, compose/monitoring): whether
-  ``mesh health`` would pass, the data filesystem's free space (statvfs at scrape
-  time) and the keep area's size (a walk, at most once a minute).
+  ``mesh health`` would pass and the data filesystem's free space (statvfs at scrape
+  time). The keep area's numbers are the collector's (``mesh.collector.KeepMetrics``).
 
 Pushes are counted where they land: the receiving agent sees every push, whether
 lsyncd's gate or the agent's own pusher sent it, with the rsync daemon's exit
@@ -48,7 +48,6 @@ from mesh.core import manifest
 from mesh.core.replica import group
 from mesh.core.resolver import Version
 from mesh.core.vclock import hlc_wall_ms
-from mesh.keep import KEEP_NAME
 from mesh.store.index import Index
 
 LOG = logging.getLogger("mesh.metrics")
@@ -56,8 +55,6 @@ LOG = logging.getLogger("mesh.metrics")
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 MAX_REQUEST_BYTES = 16 * 1024
 REQUEST_TIMEOUT = 5.0
-# The keep area is walked at scrape time, on the loop: at most this often.
-KEEP_WALK_EVERY = 60.0
 
 Status = Callable[[], dict[str, Any]]
 
@@ -80,44 +77,6 @@ class ConflictTally:
                 self.by_rule[rule] = self.by_rule.get(rule, 0) + 1
             self._seen.add(conflict_id)
         return self.by_rule
-
-
-class KeepSize:
-    """Bytes and files in the keep area: nothing removes them (mesh/keep.py), so it only
-    grows until an operator prunes it. Walked again once ``every`` seconds have passed."""
-
-    def __init__(self, every: float = KEEP_WALK_EVERY,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.every, self.clock = every, clock
-        self._last: tuple[float, Path, tuple[int, int]] | None = None
-
-    def of(self, data_dir: Path) -> tuple[int, int]:
-        now = self.clock()
-        if (self._last is not None and self._last[1] == data_dir
-                and now - self._last[0] < self.every):
-            return self._last[2]
-        size = _tree_size(data_dir / KEEP_NAME)
-        self._last = (now, data_dir, size)
-        return size
-
-
-def _tree_size(root: Path) -> tuple[int, int]:
-    """(bytes, files) under ``root``; what vanishes during the walk is not counted."""
-    total = files = 0
-    stack = [root]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
-                    with contextlib.suppress(OSError):
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(Path(entry.path))
-                        else:
-                            total += entry.stat(follow_symlinks=False).st_size
-                            files += 1
-        except OSError:
-            continue
-    return total, files
 
 
 class Metrics:
@@ -188,7 +147,6 @@ class _StateCollector:
         self.me = me
         self.status = status
         self.tally = tally
-        self.keep = KeepSize()
 
     def collect(self) -> Iterator[Metric]:
         doc = self.status()
@@ -198,7 +156,7 @@ class _StateCollector:
         yield info
         yield from _peer_metrics(doc["peers"], doc["pushes"]["pending"])
         yield from _health_metrics(doc)
-        yield from _disk_metrics(Path(doc["data_dir"]), self.keep)
+        yield from _disk_metrics(Path(doc["data_dir"]))
         pushes = doc["pushes"]
         paths = CounterMetricFamily("mesh_push_paths", "Paths the gate was asked to push, by "
                                     "decision.", labels=["decision"])
@@ -264,7 +222,7 @@ def _health_metrics(doc: dict[str, Any]) -> Iterator[Metric]:
     yield catching_up
 
 
-def _disk_metrics(data_dir: Path, keep: KeepSize) -> Iterator[Metric]:
+def _disk_metrics(data_dir: Path) -> Iterator[Metric]:
     with contextlib.suppress(OSError):
         fs = os.statvfs(data_dir)
         yield GaugeMetricFamily("mesh_data_filesystem_avail_bytes", "Bytes free for the agent "
@@ -272,11 +230,6 @@ def _disk_metrics(data_dir: Path, keep: KeepSize) -> Iterator[Metric]:
                                 value=fs.f_bavail * fs.f_frsize)
         yield GaugeMetricFamily("mesh_data_filesystem_size_bytes", "Size of the data "
                                 "folder's filesystem.", value=fs.f_blocks * fs.f_frsize)
-    size, files = keep.of(data_dir)
-    yield GaugeMetricFamily("mesh_keep_bytes", "Bytes in the keep area (.mesh-keep): "
-                            "replaced and losing versions, staged pushes; walked at most once "
-                            "a minute.", value=size)
-    yield GaugeMetricFamily("mesh_keep_files", "Files in the keep area.", value=files)
 
 
 class MetricsServer:

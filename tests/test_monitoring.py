@@ -268,19 +268,3 @@ def test_health_and_lag_are_what_mesh_health_decides(tmp_path: Path) -> None:
     after = _samples(m)
     assert after[("mesh_peer_catching_up", (("peer", "n2"),))] == 1
     assert after[("mesh_healthy", ())] == 0
-
-
-def test_the_keep_area_is_walked_at_most_once_a_period(tmp_path: Path) -> None:
-    keep = tmp_path / ".mesh-keep"
-    (keep / "objects").mkdir(parents=True)
-    (keep / "objects" / "a").write_bytes(b"x" * 100)
-    now = [0.0]
-    size = metrics.KeepSize(every=60, clock=lambda: now[0])
-    assert size.of(tmp_path) == (100, 1)
-    (keep / "in" / "push-1").mkdir(parents=True)
-    (keep / "in" / "push-1" / "b").write_bytes(b"y" * 20)
-    now[0] = 59.0
-    assert size.of(tmp_path) == (100, 1)  # the last walk's
-    now[0] = 60.0
-    assert size.of(tmp_path) == (120, 2)
-    assert metrics.KeepSize().of(tmp_path / "nowhere") == (0, 0)
