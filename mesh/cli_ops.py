@@ -31,10 +31,10 @@ from rich.table import Table
 
 from mesh import config, control
 from mesh.errors import ConfigError, MeshError
+from mesh.health import DEFAULT_MAX_LAG, health_problems, lag_of
 
 EXIT_NOT_RUNNING = 3
 STALE_S = 10.0  # agent.json is rewritten every second; older than this, the agent is stuck
-DEFAULT_MAX_LAG = 100
 
 StateDir = Annotated[str | None, typer.Option(
     "--state-dir", metavar="DIR", show_default=False,
@@ -315,21 +315,6 @@ def _ago(seconds: float) -> str:
 # --- mesh health --------------------------------------------------------------------------
 
 
-def lag_of(doc: dict[str, Any]) -> dict[str, int]:
-    """What this node has not yet exchanged, by kind (all counted in paths or manifests),
-    without what is stalled (``mesh.core.stall``: it no longer counts, issue 13)."""
-    stalled = doc.get("stalled") or {"content_paths": 0, "queues": {}}
-    pending = doc["pushes"]["pending"]
-    return {
-        "unpublished": int(doc["backlog"]),
-        "waiting for content": max(0, int(doc["pending_content"])
-                                   - int(stalled["content_paths"])),
-        "queued for peers": sum(n for peer, n in pending.items()
-                                if peer not in stalled["queues"]),
-        "manifests held back": sum(p.get("inbox_pending", 0) for p in doc["peers"].values()),
-    }
-
-
 def stalled_notes(doc: dict[str, Any]) -> list[str]:
     """One line per peer whose content or queue is stalled, hence not counted."""
     stalled = doc.get("stalled")
@@ -356,23 +341,6 @@ def keep_notes(doc: dict[str, Any]) -> list[str]:
     return [f"keep area over its cap: {keep['bytes'] / mib:.1f} MiB of "
             f"{keep['cap_bytes'] / mib:.1f} MiB, {keep['held_bytes'] / mib:.1f} MiB of it "
             "needed by pending restores"]
-
-
-def health_problems(doc: dict[str, Any], max_lag: int) -> list[str]:
-    problems = []
-    stalled = (doc.get("stalled") or {}).get("catch_ups", {})
-    for address, p in sorted(doc["peers"].items()):
-        name = p["node"] or address
-        if p["state"] != "up":
-            problems.append(f"link to {name} is {p['state']}")
-        elif p["catching_up"] and name not in stalled:
-            problems.append(f"catching up with {name}")
-    lag = lag_of(doc)
-    total = sum(lag.values())
-    if total > max_lag:
-        parts = ", ".join(f"{k} {v}" for k, v in lag.items() if v)
-        problems.append(f"lag {total} > {max_lag} ({parts})")
-    return problems
 
 
 def health(

@@ -43,11 +43,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from mesh import __version__
 from mesh.adapters.tunnel import PushSink
-from mesh.cli_ops import DEFAULT_MAX_LAG, health_problems, lag_of
 from mesh.core import manifest
 from mesh.core.replica import group
 from mesh.core.resolver import Version
 from mesh.core.vclock import hlc_wall_ms
+from mesh.health import DEFAULT_MAX_LAG, health_problems, lag_of
 from mesh.store.index import Index
 
 LOG = logging.getLogger("mesh.metrics")

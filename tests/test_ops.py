@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from mesh import cli_ops, control, metrics
+from mesh import cli_ops, control, health, metrics
 from mesh.cli import app
 from mesh.core import manifest, tree, wire
 from mesh.core.manifest import Entry, Kind, Manifest
@@ -108,13 +108,13 @@ def status_doc(**over: Any) -> dict[str, Any]:
 
 
 def test_health_rules() -> None:
-    assert cli_ops.health_problems(status_doc(), 0) == []
+    assert health.health_problems(status_doc(), 0) == []
     doc = status_doc(pending_content=3, backlog=1)
-    assert cli_ops.health_problems(doc, 4) == []
-    assert cli_ops.health_problems(doc, 3) == [
+    assert health.health_problems(doc, 4) == []
+    assert health.health_problems(doc, 3) == [
         "lag 4 > 3 (unpublished 1, waiting for content 3)"]
     doc["peers"]["127.0.0.12:8883"]["state"] = "connecting"
-    assert cli_ops.health_problems(doc, 10) == ["link to n2 is connecting"]
+    assert health.health_problems(doc, 10) == ["link to n2 is connecting"]
 
 
 def test_what_is_stalled_no_longer_counts_against_health_and_is_named(tmp_path: Path) -> None:
@@ -126,13 +126,13 @@ def test_what_is_stalled_no_longer_counts_against_health_and_is_named(tmp_path: 
     doc = status_doc(pending_content=8195, stalled=stalled,
                      pushes={"allowed": 0, "denied": 0, "received": 0,
                              "pending": {"n2": 1, "n9": 70}})
-    assert cli_ops.lag_of(doc)["waiting for content"] == 3
-    assert cli_ops.lag_of(doc)["queued for peers"] == 1
-    assert cli_ops.health_problems(doc, 100) == []
+    assert health.lag_of(doc)["waiting for content"] == 3
+    assert health.lag_of(doc)["queued for peers"] == 1
+    assert health.health_problems(doc, 100) == []
     doc["peers"]["127.0.0.12:8883"]["catching_up"] = True
-    assert cli_ops.health_problems(doc, 100) == ["catching up with n2"]
+    assert health.health_problems(doc, 100) == ["catching up with n2"]
     doc["stalled"]["catch_ups"] = {"n2": 301}
-    assert cli_ops.health_problems(doc, 100) == []
+    assert health.health_problems(doc, 100) == []
     assert cli_ops.stalled_notes(doc)[-1] == "the catch-up with n2 has run for 5 min"
     doc["stalled"]["catch_ups"] = {}
     doc["peers"]["127.0.0.12:8883"]["catching_up"] = False
