@@ -23,6 +23,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path, PurePath
 from typing import Any, Final, Literal
 
+from mesh.core.paths import KEEP_NAME
 from mesh.core.vclock import NODE_ID_RE
 from mesh.errors import ConfigError, LocalProtocolError
 
@@ -540,7 +541,7 @@ class AgentConfig:
     @property
     def keep_dir(self) -> Path:
         """Where pushes keep what they replace (DESIGN.md, "The race to design for")."""
-        return self.data_dir / ".mesh-keep"
+        return self.data_dir / KEEP_NAME
 
     @property
     def status_file(self) -> Path:

@@ -69,7 +69,6 @@ class DataPlane:
 
     async def scan(self, paths: Iterable[str], *, events_read: float | None = None) -> None:
         """Observe ``paths`` and feed the replica, in transactions of SCAN_BATCH.
-        A path a push is landing on is left to that push's end, which scans it.
 
         For the watcher's paths (``events_read``: its events were all read from inotify
         before that ``time.monotonic()``), also skipped: a path scanned since (it shows

@@ -29,8 +29,7 @@ from pathlib import Path
 
 from mesh.adapters.beneath import Beneath
 from mesh.core.manifest import ContentKey, Kind
-
-KEEP_NAME = ".mesh-keep"
+from mesh.core.paths import KEEP_NAME
 
 
 def _subdirs(parent: Path) -> list[Path]:

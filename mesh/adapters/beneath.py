@@ -137,13 +137,6 @@ class Beneath:
 
     # --- making -----------------------------------------------------------------------
 
-    def makedirs(self, rel: str) -> None:
-        """The folder ``rel`` and the folders above it (0755 where made)."""
-        with self.parent(rel, create=True) as (fd, name):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o755, dir_fd=fd)
-            os.close(self._enter(fd, name, rel))  # a folder, not a symlink or a file
-
     def mkdir(self, rel: str, mode: int, *, exist_ok: bool) -> None:
         """The folder ``rel`` with ``mode`` (permission bits only), its parent made."""
         with self.parent(rel, create=True) as (fd, name):
@@ -171,27 +164,28 @@ class Beneath:
         """Create the new file ``rel`` (never over anything) holding what ``source_fd``
         reads (empty for None), with ``mode`` (permission bits only) and ``mtime_ns``
         (when > 0); its ``lstat``."""
-        with self.parent(rel, create=True) as (fd, name):
-            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                          | os.O_CLOEXEC, 0o600, dir_fd=fd)
-            try:
-                if source_fd is not None:
-                    while chunk := os.read(source_fd, _COPY_CHUNK):
-                        os.write(out, chunk)
-                return self._finish(out, mode, mtime_ns)
-            finally:
-                os.close(out)
+        with self._new_file(rel) as out:
+            if source_fd is not None:
+                while chunk := os.read(source_fd, _COPY_CHUNK):
+                    os.write(out, chunk)
+            return self._finish(out, mode, mtime_ns)
 
     def write_bytes(self, rel: str, data: bytes, mode: int) -> os.stat_result:
         """Create the new file ``rel`` (never over anything) holding ``data``."""
+        with self._new_file(rel) as out:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+            return self._finish(out, mode, 0)
+
+    @contextlib.contextmanager
+    def _new_file(self, rel: str) -> Iterator[int]:
+        """A write descriptor of ``rel``, created here (folders on the way made)."""
         with self.parent(rel, create=True) as (fd, name):
             out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600, dir_fd=fd)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(out, view):]
-                return self._finish(out, mode, 0)
+                yield out
             finally:
                 os.close(out)
 

@@ -116,6 +116,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.adapters import rsyncd_hook
+from mesh.core.paths import KEEP_NAME
 
 # The hook's half (mesh.adapters.rsyncd_hook), here too for the sending side and tests.
 KEEP_NAME_RE = rsyncd_hook.KEEP_NAME_RE
@@ -129,7 +130,7 @@ staging_dest = rsyncd_hook.staging_dest
 valid_keep_name = rsyncd_hook.valid_keep_name
 valid_push_id = rsyncd_hook.valid_push_id
 
-DEFAULT_KEEP_NAME = ".mesh-keep"
+DEFAULT_KEEP_NAME = KEEP_NAME
 RSYNC = "/usr/bin/rsync"
 RSYNC_TEMP_GLOB = ".*.??????"  # rsync's mkstemp name: "." + name + "." + 6 characters
 

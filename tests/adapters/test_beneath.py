@@ -32,7 +32,6 @@ def test_no_operation_passes_through_a_symlinked_folder(root: Path) -> None:
         lambda: fs.set_file("lure/victim", 0o777),
         lambda: fs.symlink("/etc", "lure/link"),
         lambda: fs.mkdir("lure/d", 0o755, exist_ok=True),
-        lambda: fs.makedirs("lure/d/e"),
         lambda: fs.rename("real/f", "lure/victim"),
         lambda: fs.rename("lure/victim", "real/stolen"),
         lambda: fs.link("real/f", "lure/linked"),
