@@ -66,12 +66,7 @@ class PushAdmission:
 
     async def begin(self, peer: str, push_id: str, header: bytes) -> object:
         where = f"push {push_id}"
-        try:
-            m = manifest.decode(header)
-        except RemoteProtocolError as err:
-            raise RemoteProtocolError(f"{where}: {err.reason}", peer=peer) from None
-        if m.origin != peer:
-            raise RemoteProtocolError(f"{where} announced by {m.origin}", peer=peer)
+        m = manifest.decode_push(header, peer, push_id)
         screened = admit.screen(m.entries, m.conflicts, _ms(), self.limits)
         if screened.refused:
             raise RemoteProtocolError(f"{where}: {admit.summary(screened.refused)}", peer=peer)

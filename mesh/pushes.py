@@ -38,7 +38,7 @@ from mesh.core.pushstate import PeerStage
 from mesh.core.replica import group
 from mesh.core.resolver import Version
 from mesh.dataplane import DataPlane
-from mesh.errors import MeshError, RemoteProtocolError
+from mesh.errors import MeshError
 from mesh.exchange import Exchange
 from mesh.gate import PushGrant
 from mesh.store.index import Index
@@ -133,12 +133,7 @@ class Pushes:
     # --- receiving ------------------------------------------------------------------
 
     async def begin(self, peer: str, push_id: str, header: bytes) -> object:
-        try:
-            m = manifest.decode(header)
-        except RemoteProtocolError as err:
-            raise RemoteProtocolError(f"push {push_id}: {err.reason}", peer=peer) from None
-        if m.origin != peer:
-            raise RemoteProtocolError(f"push {push_id} announced by {m.origin}", peer=peer)
+        m = manifest.decode_push(header, peer, push_id)
         paths = sorted(group(m.entries))
         with self.index.batch():  # learned like any announcement (mesh.core.landing)
             effects = self.replica.remote(peer, m.entries, m.conflicts, _ms())

@@ -154,6 +154,18 @@ def encode(m: Manifest) -> bytes:
     return data
 
 
+def decode_push(header: bytes, peer: str, push_id: str) -> Manifest:
+    """A push header from ``peer``: a manifest whose origin is ``peer``, or
+    ``RemoteProtocolError`` naming the push."""
+    try:
+        m = decode(header)
+    except RemoteProtocolError as err:
+        raise RemoteProtocolError(f"push {push_id}: {err.reason}", peer=peer) from None
+    if m.origin != peer:
+        raise RemoteProtocolError(f"push {push_id} announced by {m.origin}", peer=peer)
+    return m
+
+
 def decode(data: bytes) -> Manifest:
     """Parse and validate one manifest, or raise ``RemoteProtocolError``."""
     doc = unpack(data)
