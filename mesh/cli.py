@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from mesh.cli_agent import agent
-from mesh.cli_gate import register as register_gate
 from mesh.cli_local import local_app
 from mesh.cli_ops import register as register_ops
 from mesh.cli_pki import pki_app
@@ -22,7 +21,6 @@ register_swarm(pki_app)
 app.add_typer(pki_app, name="pki")
 app.command("agent")(agent)
 app.add_typer(local_app, name="local")
-register_gate(app)
 register_ops(app)
 register_versions(app)
 

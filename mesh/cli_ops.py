@@ -253,6 +253,14 @@ def conflicts_restore(
 # --- mesh status --------------------------------------------------------------------------
 
 
+def _pushed(counters: dict[str, Any], by: str) -> str:
+    """"<paths> paths in <pushes> pushes (<failed> failed)", for lsyncd's (``carried``)
+    or the agent's (``sent``) pushes."""
+    failed = counters.get("carry_failures" if by == "carried" else "send_failures", 0)
+    return (f"{counters.get(by + '_paths', 0)} paths in {counters.get(by, 0)} pushes"
+            + (f" ({failed} failed)" if failed else ""))
+
+
 def status(as_json: Json = False, state_dir: StateDir = None,
            config_file: ConfigFile = None) -> None:
     """This node, its links to the peers, and what is still on its way."""
@@ -268,20 +276,24 @@ def status(as_json: Json = False, state_dir: StateDir = None,
         f"{_duration(now - doc['started'])}, broker {doc['broker']}, metrics "
         f"{doc.get('metrics') or 'off'}\n"
         f"index {doc['index_size']} paths; unpublished {doc['backlog']}; waiting for content "
-        f"of {doc['pending_content']}; pushed {pushes.get('sent_paths', 0)} paths in "
-        f"{pushes.get('sent', 0)} pushes ({pushes.get('send_failures', 0)} failed); lsyncd's "
-        f"gate allowed {pushes['allowed']} and denied {pushes['denied']} paths; "
-        f"{pushes['received']} pushes received\n"
+        f"of {doc['pending_content']}; {pushes['received']} pushes received\n"
+        f"pushed by lsyncd {_pushed(pushes, 'carried')}, by the agent "
+        f"{_pushed(pushes, 'sent')}; lsyncd's gate allowed {pushes['allowed']} and denied "
+        f"{pushes['denied']} paths\n"
         f"lsyncd " + (f"pid {lsyncd['pid']}, syncing to {', '.join(lsyncd['peers']) or 'nobody'}"
                       if lsyncd["pid"] else "not running"))
     table = Table("peer", "address", "link", "since", "last message", "lag", "catching up",
-                  "reconnects", box=None, pad_edge=False)
+                  "reconnects", "gate allowed", "paths pushed by lsyncd / agent", box=None,
+                  pad_edge=False)
     for address, p in sorted(doc["peers"].items()):
+        by = pushes.get("by_peer", {}).get(p["node"], {})
         table.add_row(p["node"] or "?", address, p["state"],
                       _ago(now - p["since"]) if p["since"] else "",
                       _ago(now - p["last_message"]) if p["last_message"] else "never",
                       str(pushes["pending"].get(p["node"], 0) + p.get("inbox_pending", 0)),
-                      "yes" if p["catching_up"] else "no", str(p["reconnects"]))
+                      "yes" if p["catching_up"] else "no", str(p["reconnects"]),
+                      str(by.get("allowed", 0)),
+                      f"{by.get('carried_paths', 0)} / {by.get('sent_paths', 0)}")
     if doc["peers"]:
         _console().print(table)
     else:

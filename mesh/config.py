@@ -392,8 +392,8 @@ SETTINGS: Final[Mapping[str, Setting]] = {
         ),
         _setting(
             "lsyncd_delay",
-            "lsyncd's batching delay in seconds (lsyncd is the second path: the agent "
-            "pushes its own writes at once).",
+            "lsyncd's batching delay in seconds: 0 pushes a change at once, and what "
+            "changes while a push runs goes in the next batch.",
             _seconds(positive=False),
             "SECONDS",
         ),
@@ -485,9 +485,9 @@ class AgentConfig:
     peers: tuple[PeerSpec, ...] = ()
     dns_interval: float = 10.0
     metrics_listen: HostPort | None = HostPort("127.0.0.1", 9108)
-    # The agent pushes its own writes at once (mesh.pushes); lsyncd is the second path, and a
-    # longer delay gathers more events into each (mostly denied) gate call.
-    lsyncd_delay: float = 1.0
+    # lsyncd carries this node's writes (issue 12). At 0 a change goes at once, and the
+    # changes made while a push to a peer runs make its next batch.
+    lsyncd_delay: float = 0.0
     batch_quiet: float = 0.02  # inotify quiet before a scan; pushes in flight batch the rest
     batch_cap: float = 0.5
     # Issue 13: bounds on what one peer can do to this node's clock and health.

@@ -163,15 +163,20 @@ class _StateCollector:
         paths.add_metric(["allowed"], pushes["allowed"])
         paths.add_metric(["denied"], pushes["denied"])
         yield paths
-        sent = CounterMetricFamily("mesh_pushes_sent", "Pushes this node's agent ran itself "
-                                   "(its own writes, catch-up, forwarding), by result.",
-                                   labels=["result"])
-        sent.add_metric(["ok"], pushes.get("sent", 0))
-        sent.add_metric(["failed"], pushes.get("send_failures", 0))
+        sent = CounterMetricFamily("mesh_pushes_sent", "Pushes from this node, by who started "
+                                   "them (lsyncd: a batch through the gate; agent: catch-up, "
+                                   "forwarding, retries) and result.", labels=["by", "result"])
+        sent_paths = CounterMetricFamily("mesh_push_paths_sent", "Paths in the pushes from "
+                                         "this node that succeeded, by who started them.",
+                                         labels=["by"])
+        for by, ok, failed, paths_ok in (("lsyncd", "carried", "carry_failures",
+                                          "carried_paths"),
+                                         ("agent", "sent", "send_failures", "sent_paths")):
+            sent.add_metric([by, "ok"], pushes.get(ok, 0))
+            sent.add_metric([by, "failed"], pushes.get(failed, 0))
+            sent_paths.add_metric([by], pushes.get(paths_ok, 0))
         yield sent
-        yield CounterMetricFamily("mesh_push_paths_sent", "Paths in the pushes this node's "
-                                  "agent ran itself and that succeeded.",
-                                  value=pushes.get("sent_paths", 0))
+        yield sent_paths
         yield CounterMetricFamily("mesh_manifests_sent", "Manifests this node published since "
                                   "it started.", value=doc["seq"])
         conflicts = CounterMetricFamily("mesh_conflicts", "Conflicts in this node's log, by "

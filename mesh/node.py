@@ -23,7 +23,8 @@ from typing import Any
 from mesh import gcpolicy, logs
 from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
 from mesh.adapters.links import LinkDown, LinkState, OwnClient, PeerLink
-from mesh.adapters.lsyncd import LsyncdSettings, LsyncdSupervisor
+from mesh.adapters.lsyncd.gate import GateServer
+from mesh.adapters.lsyncd.supervisor import LsyncdSettings, LsyncdSupervisor
 from mesh.adapters.peers import PeerWatcher, local_addresses
 from mesh.adapters.scanner import Scanner
 from mesh.adapters.tunnel import TunnelServer
@@ -34,6 +35,7 @@ from mesh.config import AgentConfig
 from mesh.control import ControlServer, LinkInfo, Operations, socket_path
 from mesh.core import admit
 from mesh.core.paths import reserved
+from mesh.core.pushplan import OWN_GRACE
 from mesh.core.replica import Effect, Replica
 from mesh.core.resolver import Version
 from mesh.core.stall import NO_HOLDER, ContentWaits, QueueWatch
@@ -41,7 +43,6 @@ from mesh.core.vclock import Ordering, hlc_pack
 from mesh.dataplane import DataPlane
 from mesh.errors import MeshError
 from mesh.exchange import Exchange
-from mesh.gate import GateServer
 from mesh.keep import KeepArea
 from mesh.metrics import Metrics, MetricsServer, StalledCollector
 from mesh.pki import NodeCredentials, load_node
@@ -97,13 +98,13 @@ class Node:
             limits=KeepLimits(config.keep_for, config.keep_max, config.forget_after,
                               config.max_clock_skew))
         self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
-                             exchange=self.exchange, creds=creds, data_dir=config.data_dir,
-                             endpoint=self._tunnel_endpoint)
+                             creds=creds, data_dir=config.data_dir,
+                             endpoint=self._tunnel_endpoint, catch_up=self._catch_up_events,
+                             current=self._peer_current,
+                             own_grace=config.lsyncd_delay + OWN_GRACE)
         self.exchange.on_announce = self._announced
-        self.pushes.catch_up = self._catch_up_events
-        self.pushes.current = self._peer_current
         self.exchange.on_synced = self.pushes.sweep
-        self.gate = GateServer(config.gate_socket, self.pushes, finished=self.pushes.finished)
+        self.gate = GateServer(config.gate_socket, config.data_dir, self.pushes)
         # Operators (issue 5): metrics, and a control socket for `mesh conflicts`/`verify`.
         self.metrics = Metrics(self.me, self.status, self.index)
         self.metrics.registry.register(StalledCollector(self.stalled))
@@ -128,9 +129,8 @@ class Node:
                                    self.metrics.counting(self.admission), peers=self._is_peer)
         self.lsyncd = LsyncdSupervisor(
             config.state_dir / "lsyncd.conf.lua", [],
-            settings=LsyncdSettings(config.data_dir, config.gate_socket, creds,
-                                    delay=config.lsyncd_delay,
-                                    extra_env={"MESH_LOG_LEVEL": config.log_level}))
+            settings=LsyncdSettings(config.data_dir, config.gate_socket,
+                                    delay=config.lsyncd_delay))
         self.started = time.time()
         self._group: asyncio.TaskGroup | None = None
 
@@ -447,7 +447,10 @@ class Node:
             "metrics": self.metrics_server and self.metrics_server.where,
             "pushes": {**dataclasses.asdict(self.pushes.plan.counters),
                        "received": self.pushes.received,
-                       "pending": {p: self.pushes.pending(p) for p in self.pushes.peers()}},
+                       "pending": {p: self.pushes.pending(p) for p in self.pushes.peers()},
+                       "by_peer": {p: dataclasses.asdict(self.pushes.plan.peer_counters(p))
+                                   for p in self.pushes.peers()}},
+            "gate": dataclasses.asdict(self.gate.counters),
             "lsyncd": {"pid": self.lsyncd.pid, "peers": self.lsyncd.peers},
         }
 

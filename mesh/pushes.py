@@ -1,22 +1,23 @@
-"""Who pushes what, and what a push announces (DESIGN.md, data plane): the I/O shell.
+"""Who pushes what, and what a push announces (docs/DESIGN.md, "Data plane"): the I/O
+shell around mesh/core/pushplan.py, which plans with the time passed in from here.
 
-What goes to which peer and when is planned in mesh/core/pushplan.py, with the
-time passed in from here; this module carries it out.
-
-* ``authorize`` is the gate's policy (lsyncd asks it for every batch): a path
-  goes to a peer only if our disk version strictly dominates what that peer
-  announced, and — so that a healthy mesh moves each version once per peer —
-  only if this node wrote it. Before answering, it scans the paths asked
-  about, so every inotify event up to that moment is applied.
+* ``carry`` is lsyncd's way out (``mesh.adapters.lsyncd.gate`` calls it for each of
+  lsyncd's batches): a path goes to a peer only if our disk version strictly dominates
+  what that peer announced, and only if this node wrote it (a healthy mesh moves each
+  version once per peer). Before deciding it applies every inotify event up to that
+  moment, so a push always names an indexed version. The push runs here, in
+  ``execute``, and returns when rsync is done.
+* ``run`` is the agent's own pusher, for what lsyncd never sees: catch-up of a peer
+  that was away (after each resync with it), restores, retries of failed pushes, own
+  writes lsyncd did not carry (it was stopped), and *forwarding*: a version written
+  elsewhere goes from us to a peer only when that peer is still behind after
+  ``FORWARD_GRACE`` (its writer is down or cut off), so a partition still heals.
+* Both go through ``execute``: one code path from a planned push to rsync's exit
+  status, which the planner is always told and counts.
 * ``begin``/``end`` are the tunnel's sink for incoming pushes: the sender's
   announcement (a manifest with seq 0: the versions and their conflicts) is
   registered as push intents before rsync runs; afterwards, what the push
   displaced is filed into the keep area and handed to the replica.
-* ``run`` is the agent's own pusher, for what lsyncd never sees: catch-up of a
-  peer that was away (after each resync with it), conflict copies, restores,
-  and *forwarding* — a version written elsewhere goes from us to a peer only
-  when that peer is still behind after ``FORWARD_GRACE`` (its writer is down
-  or cut off), so a partition still heals.
 """
 
 from __future__ import annotations
@@ -30,17 +31,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh import gate
+from mesh.adapters import rsync_push
+from mesh.adapters.rsync_push import PushOrder
 from mesh.core import manifest
 from mesh.core.manifest import Manifest
-from mesh.core.pushplan import Push, PushPlanner, ReplicaView
+from mesh.core.pushplan import OWN_GRACE, Push, PushPlanner, ReplicaView
 from mesh.core.pushstate import PeerStage
 from mesh.core.replica import group
 from mesh.core.resolver import Version
 from mesh.dataplane import DataPlane
 from mesh.errors import MeshError
-from mesh.exchange import Exchange
-from mesh.gate import PushGrant
 from mesh.store.index import Index
 from mesh.tls import NodeCredentials
 
@@ -58,36 +58,38 @@ class _Ticket:
 
 class Pushes:
     def __init__(self, *, me: str, epoch: int, index: Index, data: DataPlane,
-                 exchange: Exchange, creds: NodeCredentials, data_dir: Path,
-                 endpoint: Callable[[str], tuple[str, int] | None]) -> None:
+                 creds: NodeCredentials, data_dir: Path,
+                 endpoint: Callable[[str], tuple[str, int] | None],
+                 catch_up: Callable[[list[str]], Awaitable[None]] | None = None,
+                 current: Callable[[str], bool] = lambda peer: True,
+                 own_grace: float = OWN_GRACE) -> None:
         self.me = me
         self.epoch = epoch
         self.index = index
         self.data = data
         self.replica = data.replica
-        self.exchange = exchange
         self.creds = creds
         self.data_dir = data_dir
         self.endpoint = endpoint  # peer -> (host, tunnel port) while its link is up
-        # What goes where and when; it counts the gate's answers (``allowed``, ``denied``)
-        # and our own pushes (``sent``...); lsyncd's pushes are counted where they land.
-        self.plan = PushPlanner(me, ReplicaView(self.replica))
-        self._ids = itertools.count(1)
-        self._wake = asyncio.Event()
-        # Applies every inotify event up to now; the node's uses its watcher so that what
-        # was scanned since is not scanned again. Without one: scan the paths asked about.
-        self.catch_up: Callable[[list[str]], Awaitable[None]] = data.scan
+        # Applies every inotify event up to now (the node's uses its watcher, so that
+        # what was scanned since is not scanned again); without one: scan the paths.
+        self.catch_up = catch_up or data.scan
         # Whether what we know of a peer's versions is current (the node's: everything
         # it had published when its link came up is applied). Until then nothing goes
         # to it: a push would race the writes it made while we were apart.
-        self.current: Callable[[str], bool] = lambda peer: True
-        self._granted: dict[str, Push] = {}  # lsyncd's, by push id
-        self._sending: set[asyncio.Task[None]] = set()
+        self.current = current
+        # What goes where and when; it counts lsyncd's batches and our own pushes.
+        self.plan = PushPlanner(me, ReplicaView(self.replica), own_grace=own_grace)
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._sending: set[asyncio.Task[int]] = set()
         self.received = 0
 
-    # --- what may go where --------------------------------------------------------
+    # --- one path from a planned push to rsync's exit status -----------------------
 
-    def _grant(self, peer: str, paths: list[str]) -> PushGrant | None:
+    def _order(self, peer: str, paths: list[str]) -> PushOrder | None:
+        """The push of ``paths`` to ``peer`` at their indexed versions; None while its
+        link is down."""
         where = self.endpoint(peer)
         if where is None:
             return None
@@ -99,36 +101,43 @@ class Pushes:
         header = manifest.encode(Manifest(self.me, self.epoch, 0, entries,
                                           conflicts[:manifest.MAX_CONFLICTS]))
         push_id = f"{self.me}-{self.epoch}-{next(self._ids)}"
-        return PushGrant(peer, where[0], where[1], push_id, sorted(chosen), header)
+        return PushOrder(peer, where[0], where[1], push_id, tuple(sorted(chosen)), header)
 
-    async def authorize(self, target: str, paths: list[str]) -> PushGrant:
-        """The gate's question for lsyncd: which of ``paths`` may go to ``target`` now.
-        Paths the agent's own pusher is carrying (or has carried and awaits the peer's
-        announcement of) are left out: a healthy mesh moves each version once per peer.
-        While our view of ``target`` is not current, none: lsyncd's batch is done, and
-        our pusher sends what is still due."""
+    async def execute(self, push: Push, order: PushOrder) -> int:
+        """Run ``push`` (started in the planner) as ``order``; tell the planner how it
+        ended. Returns rsync's exit status (-1: rsync did not run)."""
+        code = -1
+        try:
+            code = await rsync_push.push(order, self.data_dir, self.creds)
+        except (MeshError, OSError) as err:
+            LOG.warning("push to %s: %s", push.peer, err)
+        except BaseException:
+            self.plan.abandon(push)
+            self._wake.set()
+            raise
+        self.plan.end(push, time.monotonic(), code)
+        self._wake.set()
+        return code
+
+    # --- lsyncd's batches ---------------------------------------------------------
+
+    async def carry(self, peer: str, paths: list[str]) -> None:
+        """lsyncd's batch for ``peer``: push those of ``paths`` that may go now, and
+        return when that push is over. Paths our own pusher carries (or has carried and
+        awaits the peer's announcement of) are left out; while our view of ``peer`` is
+        not current, all are: our pusher sends what is still due once it is."""
         asked = len(paths)
         now = time.monotonic()
-        # What our pusher carries (or carried, and the peer has yet to announce) is not
-        # scanned here: a newer write reaches the pusher through the watcher anyway.
-        paths = self.plan.unclaimed(target, paths, now, current=self.current(target))
+        # What our pusher carries is not scanned here: a newer write reaches the pusher
+        # through the watcher anyway.
+        paths = self.plan.unclaimed(peer, paths, now, current=self.current(peer))
         await self.catch_up(paths)
-        allowed = self.plan.grantable(target, paths, now, asked=asked)
-        grant = self._grant(target, allowed) if allowed else None
-        if grant is None:
-            where = self.endpoint(target) or ("127.0.0.1", 1)
-            return PushGrant(target, where[0], where[1], f"{self.me}-none", [], b"")
-        self._granted[grant.push_id] = self.plan.start(target, grant.allowed, now, own=False)
-        return grant
-
-    def finished(self, grant: PushGrant) -> None:
-        """lsyncd's gate is done with ``grant`` (its connection closed). Its rsync status
-        is not known here: treat the paths as delivered and look again after
-        ``CONFIRM_S`` if the peer has not announced them by then."""
-        taken = self._granted.pop(grant.push_id, None)
-        if taken is not None:
-            self.plan.end(taken, time.monotonic(), None)
-            self._wake.set()
+        allowed = self.plan.grantable(peer, paths, now, asked=asked)
+        order = self._order(peer, allowed) if allowed else None
+        if order is None:
+            return
+        push = self.plan.start(peer, list(order.paths), now, own=False)
+        await self.execute(push, order)
 
     # --- receiving ------------------------------------------------------------------
 
@@ -194,25 +203,13 @@ class Pushes:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start(self, planned: Push) -> None:
-        grant = self._grant(planned.peer, planned.paths)
-        if grant is None:  # its link went down since
+        order = self._order(planned.peer, planned.paths)
+        if order is None:  # its link went down since
             self.plan.abandon(planned)
             return
-        task = asyncio.create_task(self._send(planned, grant), name=f"push-{planned.peer}")
+        task = asyncio.create_task(self.execute(planned, order), name=f"push-{planned.peer}")
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
-
-    async def _send(self, planned: Push, grant: PushGrant) -> None:
-        code = -1
-        try:
-            code = await gate.push(grant, self.data_dir, self.creds, inline=True)
-        except (MeshError, OSError) as err:
-            LOG.warning("push to %s: %s", planned.peer, err)
-        except BaseException:
-            self.plan.abandon(planned)
-            raise
-        self.plan.end(planned, time.monotonic(), code)
-        self._wake.set()
 
 
 def _ms() -> int:

@@ -8,18 +8,23 @@ started or ended, a peer announced what it holds — and asks what to push now:
 on time takes ``now`` (seconds, monotonic). What it needs of the replica comes
 through ``PushView``: the gate (``Replica.may_push``) and the disk version.
 
-Policy (moved from mesh/pushes.py unchanged; issue 12 will revisit it):
+Policy (issue 12: lsyncd is the live push path):
 
-* a healthy mesh moves each version once per peer: our own writes go at once
-  (``OWN_GRACE``), and lsyncd's gate may carry them too; a version written
-  elsewhere is *forwarded* only when the peer is still behind after
-  ``FORWARD_GRACE`` (its writer is down or cut off), so a partition heals;
+* a healthy mesh moves each version once per peer, and our own writes go by
+  lsyncd: its gate asks (``unclaimed``, ``grantable``) and the push it starts is
+  ``own=False``. Our pusher takes an own write only if no lsyncd push took it
+  within ``own_grace`` of the write, counted from the end of the last lsyncd
+  push to that peer, and never while one runs (lsyncd's next batch carries it):
+  lsyncd stopped, or the peer was away or not current when lsyncd asked;
+* a version written elsewhere is *forwarded* only when the peer is still behind
+  after ``FORWARD_GRACE`` (its writer is down or cut off), so a partition heals;
 * a path is in at most one push to a peer at a time, and a delivered version
   is not pushed again while the peer's announcement of it is awaited; if none
   came within ``CONFIRM_S``, the path is queued again;
-* one push of our own per peer at a time; after a failed one, none to that peer
-  before the backoff (``RETRY_S``, doubling from the push's start) is over.
-  Its paths stay queued.
+* one push of our own per peer at a time; after a failed push (ours or lsyncd's),
+  none of ours to that peer before the backoff (``RETRY_S``, doubling from the
+  push's start) is over. Its paths stay queued: a failed push is always ours to
+  retry, whoever started it (rsync's exit status is known for both).
 
 The states and transitions are in mesh/core/pushstate.py, in one table; every
 move of a path or a peer goes through it.
@@ -42,8 +47,8 @@ Driving it (an agent does this in mesh/pushes.py; a simulated node the same):
     allowed = plan.grantable("n2", asked, now, asked=len(paths))
     if allowed:
         push = plan.start("n2", allowed, now, own=False)
-        ...                                      # lsyncd's rsync runs
-        plan.end(push, later, None)              # its status is not known
+        ...                                      # the same push as ours
+        plan.end(push, later, 0)                 # rsync's exit status
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ from mesh.core.resolver import Version
 from mesh.core.vclock import Ordering, VersionVector
 from mesh.errors import LocalProtocolError
 
-OWN_GRACE = 0.0  # our own writes go at once; lsyncd's gate is the second path
+OWN_GRACE = 2.0  # an own write lsyncd has not carried by then is ours to push
 FORWARD_GRACE = 5.0
 CONFIRM_S = 30.0  # after a push, how long to wait for the peer's announcement before again
 PATHS_PER_PUSH = 2000  # keeps the announcement under the manifest's size limits
@@ -123,9 +128,23 @@ class Tick:
 class Counters:
     allowed: int = 0  # paths lsyncd's gate let through
     denied: int = 0
-    sent: int = 0  # pushes of our own that ended with exit 0
+    carried: int = 0  # lsyncd's pushes (through the gate) that ended with exit 0
+    carried_paths: int = 0
+    carry_failures: int = 0
+    sent: int = 0  # pushes of our own pusher that ended with exit 0
     sent_paths: int = 0
     send_failures: int = 0
+
+    def count(self, push: Push, ok: bool) -> None:
+        if push.own and ok:
+            self.sent, self.sent_paths = self.sent + 1, self.sent_paths + len(push.versions)
+        elif push.own:
+            self.send_failures += 1
+        elif ok:
+            self.carried += 1
+            self.carried_paths += len(push.versions)
+        else:
+            self.carry_failures += 1
 
 
 @dataclass
@@ -141,6 +160,9 @@ class _Peer:
     stage: PeerStage = PeerStage.READY
     failures: int = 0
     retry_at: float = 0.0
+    counters: Counters = field(default_factory=Counters)
+    lsyncd_open: int = 0  # lsyncd's pushes to it under way
+    lsyncd_ended: float = 0.0  # when the last of them ended
 
     def at(self, path: str) -> Stage:
         try:
@@ -156,9 +178,10 @@ class _Peer:
 
 
 class PushPlanner:
-    def __init__(self, me: str, view: PushView) -> None:
+    def __init__(self, me: str, view: PushView, *, own_grace: float = OWN_GRACE) -> None:
         self.me = me
         self.view = view
+        self.own_grace = own_grace
         self.counters = Counters()
         self._peers: dict[str, _Peer] = {}
         self._open: dict[int, Push] = {}
@@ -234,9 +257,11 @@ class PushPlanner:
         at most ``PATHS_PER_PUSH``). ``asked``: how many paths it asked about."""
         q = self._queue(peer)
         allowed = [p for p in paths if self._own(peer, p) and not self._claimed(q, p, now)]
-        self.counters.allowed += len(allowed)
-        self.counters.denied += asked - len(allowed)
-        return allowed[:PATHS_PER_PUSH]
+        allowed = allowed[:PATHS_PER_PUSH]
+        for counters in (self.counters, q.counters):
+            counters.allowed += len(allowed)
+            counters.denied += asked - len(allowed)
+        return allowed
 
     def start(self, peer: str, paths: Iterable[str], now: float, *, own: bool) -> Push:
         """A push of ``paths`` to ``peer`` starts, at their disk versions now."""
@@ -256,34 +281,38 @@ class PushPlanner:
             raise LocalProtocolError(f"push to {peer} lists a path twice")
         if own:
             q.move(PeerEvent.SENT)
+        else:
+            q.lsyncd_open += 1
         push = Push(next(self._keys), peer, tuple(versions), now, own)
         for path in paths:
             self._fire(q, path, Event.TAKEN, now, key=push.key)
         self._open[push.key] = push
         return push
 
-    def end(self, push: Push, now: float, status: int | None) -> None:
-        """``push`` ended with rsync's exit ``status``; None: not known (lsyncd's gate
-        sees only its connection close), taken as delivered: the peer's announcement,
-        or the recheck after ``CONFIRM_S``, tells."""
+    def end(self, push: Push, now: float, status: int) -> None:
+        """``push`` ended with rsync's exit ``status`` (ours or lsyncd's: both are run
+        by the agent). Delivered, the peer's announcement confirms it (or the recheck
+        after ``CONFIRM_S`` queues it again); failed, its paths are queued for us."""
         q = self._close(push)
-        ok = status is None or status == 0
+        ok = status == 0
         for path, version in push.versions:
             event = (Event.FAILED if not ok else
                      Event.DELIVERED if self.view.disk(path) == version else Event.OVERTAKEN)
             self._fire(q, path, event, now, pushed=version)
+        self.counters.count(push, ok)
+        q.counters.count(push, ok)
         if not push.own:
-            return
+            q.lsyncd_open -= 1
+            q.lsyncd_ended = now
         if ok:
-            q.move(PeerEvent.SUCCEEDED)
-            q.failures = 0
-            self.counters.sent += 1
-            self.counters.sent_paths += len(push.versions)
-        else:
+            if push.own:
+                q.move(PeerEvent.SUCCEEDED)
+                q.failures = 0
+            return
+        q.failures += 1
+        q.retry_at = push.started + min(RETRY_S[1], RETRY_S[0] * 2 ** (q.failures - 1))
+        if push.own or q.stage is not PeerStage.PUSHING:  # else our push's end decides
             q.move(PeerEvent.FAILED)
-            q.failures += 1
-            self.counters.send_failures += 1
-            q.retry_at = push.started + min(RETRY_S[1], RETRY_S[0] * 2 ** (q.failures - 1))
 
     def abandon(self, push: Push) -> None:
         """``push`` was cut short by us (the agent stops): release its paths."""
@@ -292,6 +321,8 @@ class PushPlanner:
             self._fire(q, path, Event.RELEASED, push.started)
         if push.own:
             q.move(PeerEvent.ABANDONED)
+        else:
+            q.lsyncd_open -= 1
 
     # --- outputs ------------------------------------------------------------------
 
@@ -335,6 +366,10 @@ class PushPlanner:
     def peer_stage(self, peer: str) -> PeerStage:
         q = self._peers.get(peer)
         return PeerStage.READY if q is None else q.stage
+
+    def peer_counters(self, peer: str) -> Counters:
+        q = self._peers.get(peer)
+        return Counters() if q is None else q.counters
 
     # --- internals ----------------------------------------------------------------
 
@@ -399,13 +434,17 @@ class PushPlanner:
                 self._fire(q, path, Event.CONFIRMING, now)  # rechecked after CONFIRM_S
                 continue
             disk = self.view.disk(path)  # may_push held: ours if we wrote it
-            grace = OWN_GRACE if disk is not None and disk.winner.writer == self.me \
-                else FORWARD_GRACE
-            if now >= since + grace:
+            if disk is not None and disk.winner.writer == self.me:
+                if q.lsyncd_open:
+                    continue  # lsyncd's next batch carries it; that push's end ticks
+                due = max(since, q.lsyncd_ended) + self.own_grace
+            else:
+                due = since + FORWARD_GRACE
+            if now >= due:
                 ready.append(path)
             else:
-                q.not_before[path] = since + grace
-                wake = _earliest(wake, since + grace)
+                q.not_before[path] = due
+                wake = _earliest(wake, due)
             if len(ready) >= PATHS_PER_PUSH:
                 return ready, now
         return ready, wake

@@ -12,7 +12,7 @@ others. Events:
 
 CHANGED      our disk holds a new version; or a resync found the peer behind
 TAKEN        a push starts carrying it (not while sending or awaiting)
-DELIVERED    the push ended (exit 0, or lsyncd's: status unknown), disk unchanged
+DELIVERED    the push ended with exit 0, our disk unchanged
 OVERTAKEN    the push ended as delivered, but our disk moved on meanwhile
 FAILED       the push ended with a non-zero status: queued again
 RELEASED     the push was abandoned (the agent stops): queued again
@@ -22,7 +22,8 @@ UNCONFIRMED  the wait for the announcement ran out, or our disk moved past it
 CONFIRMED    the peer announced the awaited version or a newer one
 
 Per peer: READY -(a batch of ours starts)-> PUSHING -(exit 0)-> READY, or
--(failure)-> BACKING_OFF -(retry time passed)-> READY; abandoned: READY.
+-(failure)-> BACKING_OFF -(retry time passed)-> READY; abandoned: READY. A push of
+lsyncd's that fails backs our pusher off too (READY or BACKING_OFF -> BACKING_OFF).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class PeerStage(enum.Enum):
 class PeerEvent(enum.Enum):
     SENT = "sent"  # a batch of ours starts
     SUCCEEDED = "succeeded"
-    FAILED = "failed"
+    FAILED = "failed"  # a push of ours, or of lsyncd's while none of ours runs
     ABANDONED = "abandoned"
     RETRY_DUE = "retry due"  # a tick after the backoff, with paths queued
 
@@ -97,6 +98,8 @@ PEER_TRANSITIONS: dict[tuple[PeerStage, PeerEvent], PeerStage] = {
     (PeerStage.READY, PeerEvent.SENT): PeerStage.PUSHING,
     (PeerStage.PUSHING, PeerEvent.SUCCEEDED): PeerStage.READY,
     (PeerStage.PUSHING, PeerEvent.FAILED): PeerStage.BACKING_OFF,
+    (PeerStage.READY, PeerEvent.FAILED): PeerStage.BACKING_OFF,  # lsyncd's push failed
+    (PeerStage.BACKING_OFF, PeerEvent.FAILED): PeerStage.BACKING_OFF,  # ... again
     (PeerStage.PUSHING, PeerEvent.ABANDONED): PeerStage.READY,
     (PeerStage.BACKING_OFF, PeerEvent.RETRY_DUE): PeerStage.READY,
 }

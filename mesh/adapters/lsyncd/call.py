@@ -1,6 +1,6 @@
 """What lsyncd hands the gate: its rsync command line and include patterns (the shapes
-are documented in ``mesh.adapters.lsyncd``). Standard library only, beside the path and
-node-id rules: ``mesh.gatecall`` imports it on every lsyncd batch."""
+are documented in ``mesh.adapters.lsyncd.supervisor``). The gate passes both to the
+agent as they are; ``mesh.adapters.lsyncd.gate`` reads them with these."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def target_of(peer: str) -> str:
 
 def parse_rsync_call(argv: Iterable[str]) -> RsyncCall:
     """Accept exactly the command line of lsyncd's ``default.rsync`` action (module
-    docstring); anything else raises ``CallError``: the gate never runs rsync with
-    arguments it did not understand."""
+    docstring); anything else raises ``CallError``: no push starts from a command
+    line the agent did not understand."""
     args = list(argv)
     rest = args[1:]
     if rest[:1] == ["-r"] and rest[1:3] == ["--delete", "--ignore-errors"]:

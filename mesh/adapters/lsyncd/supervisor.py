@@ -1,10 +1,15 @@
-"""lsyncd as the agent's child: its config, the command line it gives the gate, and a
-supervisor that keeps it running (DESIGN.md, "Data plane").
+"""lsyncd as the agent's child: its config, and a supervisor that keeps it running
+(docs/DESIGN.md, "Data plane").
+
+lsyncd is the live push path: it watches the data folder, batches changes per peer and
+runs the gate (``lsyncd/gate.pl``) as its ``rsync.binary``; the gate hands the batch to
+the agent (``mesh.adapters.lsyncd.gate``), which decides and pushes.
 
 What lsyncd 2.2.3 does here (Debian 12 package, checked on this machine, not assumed):
 
 - ``settings { nodaemon = true }`` keeps it in the foreground and logs to stdout;
-  ``insist`` and ``statusFile`` are accepted; ``delay = 0.2`` (fractional) is accepted.
+  ``insist`` and ``statusFile`` are accepted; ``delay = 0`` fires a batch at once, and
+  the changes made while it runs go in the next batch (one process per sync at a time).
 - ``init = false`` skips the start-up sync, the ``rsync --delete`` of the whole tree that
   lets an empty node wipe its peers. Nothing runs until inotify reports a change.
 - With ``default.rsync`` and ``rsync = { binary = B, archive = true }`` it runs::
@@ -21,10 +26,12 @@ What lsyncd 2.2.3 does here (Debian 12 package, checked on this machine, not ass
 - Its exit-code table treats 0, 23 and 24 as done, 3, 5, 6, 10-14, 20-22, 30, 35 and 255
   as "again" (the batch is retried after ``delay``), and 1, 2, 4, 25 or any code not in
   the table as fatal: lsyncd exits ("Critical exitcode"). The gate exits 10 when the
-  agent cannot be asked, 1 for a command line it does not understand (a bug, so lsyncd
-  dies and this supervisor restarts it), and rsync's own status otherwise.
-- The TARGET is ``<peer node id>::data/``: the gate reads the peer from it; host and port
-  come from the agent's grant, never from the config.
+  agent cannot be asked, 1 for a command line the agent does not understand (a bug, so
+  lsyncd dies and this supervisor restarts it), and 0 otherwise: a push that failed is
+  the agent's to retry, not lsyncd's.
+- The TARGET is ``<peer node id>::data/``: the agent reads the peer from it; host and port
+  come from the agent's links, never from the config.
+- Its children inherit its environment: that is how the gate learns the agent's socket.
 """
 
 from __future__ import annotations
@@ -34,31 +41,24 @@ import contextlib
 import logging
 import os
 import re
-import shlex
+import shutil
 import signal
 import string
-import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.adapters import rsyncd
-from mesh.adapters.lsyncd_call import (  # noqa: F401 - the gate's half, re-exported
-    CallError,
-    RsyncCall,
-    parse_rsync_call,
-    paths_from_patterns,
-    target_of,
-)
-from mesh.adapters.tunnel import credentials_env
+from mesh.adapters.lsyncd.call import target_of
 from mesh.errors import ConfigError, LocalProtocolError
-from mesh.tls import NodeCredentials
 
 LOG = logging.getLogger(__name__)
 
 LSYNCD = "/usr/bin/lsyncd"
-# lsyncd/lsyncd.conf.lua.tmpl, linked beside this module so that a wheel carries it.
+# lsyncd/lsyncd.conf.lua.tmpl and lsyncd/gate.pl, linked beside this module (the image
+# copies them here: compose/Dockerfile).
 TEMPLATE = Path(__file__).with_name("lsyncd.conf.lua.tmpl")
+GATE = Path(__file__).with_name("gate.pl")
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -70,18 +70,15 @@ class LsyncdSettings:
 
     data_dir: Path
     gate_socket: Path
-    creds: NodeCredentials
     keep_name: str = rsyncd.DEFAULT_KEEP_NAME
-    delay: float = 0.2
+    delay: float = 0.0
     excludes: tuple[str, ...] = ()  # extra lsyncd exclude patterns
     lsyncd: str = LSYNCD
-    python: str = sys.executable
-    rsync: str = rsyncd.RSYNC
     template: Path = TEMPLATE
+    gate: Path = GATE
     stop_timeout: float = 5.0
     backoff: tuple[float, float] = (0.5, 30.0)  # first and longest wait before a restart
     stable_after: float = 60.0  # a run this long resets the backoff
-    extra_env: dict[str, str] = field(default_factory=dict)  # for the gate, e.g. MESH_LOG_LEVEL
 
 
 def lua_string(value: str) -> str:
@@ -119,22 +116,6 @@ def render_config(
     )
 
 
-def render_gate_wrapper(settings: LsyncdSettings) -> str:
-    """The script lsyncd runs as ``rsync.binary``: a single path, so the gate's
-    settings ride in its environment."""
-    env = {
-        "MESH_GATE_SOCKET": str(settings.gate_socket),
-        "MESH_DATA_DIR": str(settings.data_dir),
-        "MESH_KEEP_NAME": settings.keep_name,
-        "MESH_RSYNC": settings.rsync,
-        **credentials_env(settings.creds),
-        **settings.extra_env,
-    }
-    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
-    command = shlex.join([settings.python, "-m", "mesh.gatecall"])
-    return f'#!/bin/sh\n# written by mesh.adapters.lsyncd\n{exports}exec {command} "$@"\n'
-
-
 # --- supervisor --------------------------------------------------------------------------------
 
 
@@ -142,8 +123,8 @@ class LsyncdSupervisor:
     """Run lsyncd with a config for the current peers; restart it when the peers change or
     when it dies (with backoff); stop it, and every process it started, on ``stop``.
 
-    lsyncd runs in a process group of its own; the gate, rsync and the tunnel it starts
-    stay in that group, so signals go to the group. With no peers, nothing runs.
+    lsyncd runs in a process group of its own, with its gates: signals go to the group
+    (the pushes themselves are the agent's children). With no peers, nothing runs.
     """
 
     def __init__(
@@ -151,7 +132,7 @@ class LsyncdSupervisor:
     ) -> None:
         self.config_path = config_path
         self.settings = settings
-        self.gate_path = config_path.with_name("mesh-gate")
+        self.gate_path = config_path.with_name("mesh-gate.pl")
         self.status_path = config_path.with_name("lsyncd.status")
         self._peers = sorted(set(peers))
         self._changed = asyncio.Event()
@@ -220,8 +201,11 @@ class LsyncdSupervisor:
             text = render_config(
                 self.settings, self._peers, gate=self.gate_path, status_file=self.status_path
             )
-            self.gate_path.write_text(render_gate_wrapper(self.settings))
-            self.gate_path.chmod(0o700)
+            # A copy of its own, mode 0700: nobody else's to run or to change.
+            tmp = self.gate_path.with_name(self.gate_path.name + ".tmp")
+            shutil.copyfile(self.settings.gate, tmp)
+            tmp.chmod(0o700)
+            tmp.replace(self.gate_path)
             self.config_path.write_text(text)
         except (OSError, KeyError, ValueError) as err:  # KeyError: a template placeholder
             raise ConfigError(f"lsyncd config {self.config_path}: {err}") from err
@@ -236,6 +220,7 @@ class LsyncdSupervisor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, "MESH_GATE_SOCKET": str(self.settings.gate_socket)},
             )
         except OSError as err:
             LOG.error("cannot start %s: %s", self.settings.lsyncd, err.strerror or err)

@@ -1,0 +1,1 @@
+../../../lsyncd/gate.pl
