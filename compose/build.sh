@@ -28,7 +28,7 @@ trap 'rm -rf "$context"' EXIT
 mkdir "$context/wheels" "$context/lsyncd"
 cp "$wheels"/*.whl "$context/wheels/"
 cp "$root/compose/Dockerfile" "$context/"
-cp "$root/lsyncd/lsyncd.conf.lua.tmpl" "$context/lsyncd/"
+cp "$root/lsyncd/lsyncd.conf.lua.tmpl" "$root/lsyncd/gate.pl" "$context/lsyncd/"
 
 network=${MESH_BUILD_NETWORK:-$([ -n "${MESH_BASE_IMAGE:-}" ] && echo none || echo default)}
 args=(build --network "$network" --tag "$image" --file "$context/Dockerfile")

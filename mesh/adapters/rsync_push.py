@@ -98,6 +98,24 @@ async def _push(
     env: dict[str, str],
     stdin: bytes,
 ) -> tuple[int, bytes]:
+    def argv(rsh: str) -> list[str]:
+        return rsyncd.client_argv(data_dir, order.host, rsh, keep_name, order.push_id,
+                                  rsync=rsync)
+
+    return await tunnelled(order, creds, argv, stdin, env)
+
+
+async def tunnelled(
+    order: PushOrder,
+    creds: NodeCredentials,
+    argv: Callable[[str], list[str]],
+    stdin: bytes,
+    env: dict[str, str],
+) -> tuple[int, bytes]:
+    """Open the tunnel for ``order`` (its header announced, the go-ahead received), then
+    run the rsync command line ``argv(rsh)`` through it, where ``rsh`` is the remote
+    shell to give rsync; its exit status and stderr. ``push`` gives the only command
+    line the agent runs; tests give others, as a hostile sender would."""
     hello = PushHello(order.push_id, order.header)
     remote_reader, remote_writer = await open_push(creds, order.host, order.port, order.peer,
                                                    hello)
@@ -119,12 +137,11 @@ async def _push(
         # ~/.bashrc — a pyenv set-up there cost 0.3 s per push.)
         script = f"cat 0<&0 >&{fd} & exec cat <&{fd}"
         rsh = rsyncd.rsh_command(["/bin/bash", "--norc", "--noprofile", "-c", script, "relay"])
-        argv = rsyncd.client_argv(data_dir, order.host, rsh, keep_name, order.push_id,
-                                  rsync=rsync)
         await asyncio.get_running_loop().create_connection(lambda: local, sock=ours)
         # The receiver done, the local socket closes: the cat reading it ends.
         relay.take_over(remote_reader, remote_writer, remote)
-        returncode, errors = await _run(argv, env, stdin, pass_fds=(fd,), started=theirs.close)
+        returncode, errors = await _run(argv(rsh), env, stdin, pass_fds=(fd,),
+                                        started=theirs.close)
         # rsync's last words may still be on their way: wait for the receiver to close.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(remote.read_done), LINGER_S)
