@@ -342,6 +342,26 @@ class SimNode:
         push_id = f"{self.name}-{next(self.cluster.ids)}"
         return PushMsg(self.name, dst, push_id, versions, related)
 
+    def lsyncd_batch(self, dst: str, paths: list[str]) -> PushMsg | None:
+        """lsyncd's batch for ``dst`` through the gate, as the agent's ``Pushes.carry``
+        takes it (issue 12): the planner leaves out what our pusher carries, the paths
+        are scanned, our own writes go; the push's end is told to the planner."""
+        if not self.up:
+            return None
+        now = self.now_s
+        asked = self.plan.unclaimed(dst, paths, now, current=self.cluster.nodes[dst].up)
+        for p in asked:
+            self.scan(p)
+        allowed = self.plan.grantable(dst, asked, now, asked=len(paths))
+        if not allowed:
+            return None
+        push = self.plan.start(dst, allowed, now, own=False)
+        versions = dict(push.versions)
+        related = tuple((c.winner, c.loser) for c in self.store.conflict_map().values()
+                        if c.path in versions)
+        push_id = f"{self.name}-{next(self.cluster.ids)}"
+        return PushMsg(self.name, dst, push_id, versions, related, push, self.plan)
+
     def begin(self, msg: PushMsg) -> None:
         """The push's header arrives: its versions are learned, rsync starts."""
         self.staging[msg.push_id] = {}
@@ -525,6 +545,13 @@ class Cluster:
         sender = self.nodes[src]
         asked = sorted(sender.store.all_states()) if paths is None else paths
         msg = sender.grant(dst, asked)
+        if msg is not None:
+            self.network.append(msg)
+
+    def lsyncd(self, src: str, dst: str, paths: list[str] | None = None) -> None:
+        sender = self.nodes[src]
+        asked = sorted(sender.disk) if paths is None else paths
+        msg = sender.lsyncd_batch(dst, asked)
         if msg is not None:
             self.network.append(msg)
 

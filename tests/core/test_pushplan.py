@@ -13,8 +13,10 @@ import pytest
 from mesh.core.manifest import Entry, Kind
 from mesh.core.pushplan import (
     CONFIRM_S,
+    OWN_GRACE,
     FORWARD_GRACE,
     PATHS_PER_PUSH,
+    RETRY_S,
     Push,
     PushPlanner,
 )
@@ -57,9 +59,11 @@ class View:
 class Rig:
     """A planner with one peer, and the calls a node would make."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_grace: float = 0.0) -> None:
         self.view = View()
-        self.plan = PushPlanner(ME, self.view)
+        # Our pusher takes own writes at once here: these tests are about its mechanics.
+        # The lsyncd-first policy (own_grace) has tests of its own below.
+        self.plan = PushPlanner(ME, self.view, own_grace=own_grace)
         self.plan.add_peer(PEER)
         self.now = 100.0
         self.push: Push | None = None
@@ -82,7 +86,7 @@ class Rig:
             self.push = pushes[0]
         return pushes
 
-    def end(self, status: int | None = 0) -> None:
+    def end(self, status: int = 0) -> None:
         assert self.push is not None
         self.plan.end(self.push, self.now, status)
 
@@ -138,7 +142,7 @@ def _unconfirmed(r: Rig) -> None:
 
 def _overtaken(r: Rig) -> None:
     r.view.write("a")  # our disk moved on while the push ran
-    r.end(None)
+    r.end(0)
 
 
 def _dropped(r: Rig) -> None:
@@ -389,7 +393,7 @@ def test_the_gate_asking_about_an_unconfirmed_forwarded_path_queues_it_again() -
     r.write(writer=OTHER)
     r.now += FORWARD_GRACE
     r.tick()
-    r.end(None)  # delivered as far as we know; the peer never announces it
+    r.end(0)  # delivered as far as we know; the peer never announces it
     r.now += CONFIRM_S  # ... and the pusher's recheck has not run yet (its push was long)
     assert r.gate(["a"]) == []  # not ours to send through lsyncd
     assert r.stage is Stage.QUEUED
@@ -400,3 +404,66 @@ def test_the_gate_asking_about_an_unconfirmed_forwarded_path_queues_it_again() -
 def test_an_empty_push_is_refused() -> None:
     with pytest.raises(LocalProtocolError):
         Rig().plan.start(PEER, [], 0.0, own=False)
+
+
+# --- lsyncd first (issue 12): our pusher takes only what lsyncd did not carry ------------
+
+
+def test_an_own_write_waits_for_lsyncd_and_goes_by_our_pusher_only_if_lsyncd_never_asks(
+) -> None:
+    r = Rig(own_grace=OWN_GRACE)
+    r.write("a")
+    tick = r.plan.tick(r.now, [PEER])
+    assert tick.pushes == () and tick.wake == r.now + OWN_GRACE
+    assert r.gate(["a"]) == ["a"]  # lsyncd asks in time: it carries the write
+    r.end(0)
+    assert r.stage is Stage.AWAITING
+    r.write("b")  # lsyncd stopped: nobody asks about "b"
+    r.now += OWN_GRACE - 0.01
+    assert r.tick() == []
+    r.now += 0.01
+    [push] = r.tick()
+    assert push.paths == ["b"] and push.own
+    r.end(0)
+    counters = r.plan.peer_counters(PEER)
+    assert (counters.carried, counters.carried_paths, counters.sent, counters.sent_paths) == (
+        1, 1, 1, 1)
+    assert r.plan.peer_counters(OTHER).carried == 0
+
+
+def test_while_an_lsyncd_push_runs_its_next_batch_is_left_to_lsyncd() -> None:
+    """A burst: lsyncd's first batch carries one file while the rest are written; they
+    are lsyncd's next batch however long the first one runs, and our pusher's only if
+    lsyncd does not ask for them within the grace after it ended."""
+    r = Rig(own_grace=OWN_GRACE)
+    r.write("a")
+    assert r.gate(["a"]) == ["a"]
+    for i in range(5):
+        r.write(f"b{i}")
+    r.now += 10 * OWN_GRACE  # a long push
+    assert r.tick() == []
+    r.end(0)
+    assert r.tick() == []  # lsyncd's next batch is due now
+    assert r.gate([f"b{i}" for i in range(5)]) == [f"b{i}" for i in range(5)]
+    r.end(0)
+    assert r.plan.counters.carried_paths == 6 and r.plan.counters.sent == 0
+
+
+def test_a_failed_lsyncd_push_is_ours_to_retry_after_the_backoff() -> None:
+    r = Rig(own_grace=OWN_GRACE)
+    r.write("a")
+    assert r.gate(["a"]) == ["a"]
+    started = r.now
+    r.now += 0.5
+    r.end(12)  # the peer's disk is full, say
+    assert r.stage is Stage.QUEUED
+    assert r.plan.peer_stage(PEER) is PeerStage.BACKING_OFF
+    assert r.plan.counters.carry_failures == 1
+    r.now = started + RETRY_S[0] - 0.01
+    assert r.tick() == []  # backing off: the first wait is RETRY_S[0] from the start
+    r.now = started + RETRY_S[0]
+    assert r.tick() == []  # and an own write waits OWN_GRACE after lsyncd's last push
+    assert r.plan.peer_stage(PEER) is PeerStage.READY
+    r.now = started + 0.5 + OWN_GRACE
+    [push] = r.tick()
+    assert push.paths == ["a"] and push.own

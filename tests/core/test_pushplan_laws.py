@@ -3,9 +3,11 @@ down, lsyncd's gate asking, pushes ending well or badly, announcements late or l
 
 Checked at every step: a path is never in two pushes to one peer at a time; nothing goes
 to a peer whose link is down or whose view is not current; nothing goes to a peer that
-announced the version (or a newer one); a forwarded version waits ``FORWARD_GRACE``; a
-failed push's paths stay queued and no push of ours goes to that peer before its backoff
-is over; after a tick, nothing due is left behind for a ready peer. And at the end, with
+announced the version (or a newer one); a forwarded version waits ``FORWARD_GRACE``; an
+own write goes by our pusher only when no lsyncd push to that peer runs and lsyncd had
+``OWN_GRACE`` to carry it (issue 12); a failed push's paths (ours or lsyncd's) stay
+queued and no push of ours goes to that peer before its backoff is over; after a tick,
+nothing due is left behind for a ready peer. And at the end, with
 every link up and pushes succeeding, every peer gets every version it lacks, even when
 its announcements were lost (the recheck after ``CONFIRM_S``). Peers are known from the start
 here, so every version a peer has not announced is tracked for it at every step.
@@ -19,7 +21,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.core.pushplan import FORWARD_GRACE, RETRY_S, Push, PushPlanner
+from mesh.core.pushplan import FORWARD_GRACE, OWN_GRACE, RETRY_S, Push, PushPlanner
 from mesh.core.pushstate import PeerStage, Stage
 from mesh.core.resolver import Version
 from mesh.core.vclock import Ordering
@@ -57,6 +59,8 @@ class Run:
         self.held: dict[tuple[str, str], Version] = {}  # what each peer's disk holds
         self.failures = dict.fromkeys(PEERS, 0)
         self.retry_at = dict.fromkeys(PEERS, 0.0)
+        self.lsyncd_open = dict.fromkeys(PEERS, 0)
+        self.lsyncd_ended = dict.fromkeys(PEERS, 0.0)
 
     # --- the world ----------------------------------------------------------------------
 
@@ -100,6 +104,9 @@ class Run:
                 assert due is not None, "pushed what was not queued"
                 if version.winner.writer != ME:
                     assert self.now >= due + FORWARD_GRACE, "forwarded before the grace"
+                else:
+                    assert not self.lsyncd_open[push.peer], "took lsyncd's next batch"
+                    assert self.now >= self.own_due(push.peer, due), "before lsyncd's grace"
             self.started(push)
         for p in idle:
             if self.plan.peer_stage(p) is PeerStage.BACKING_OFF:
@@ -109,8 +116,14 @@ class Run:
                 assert stage is not Stage.QUEUED_AWAITING, "a queued path not looked at"
                 if stage is Stage.QUEUED and due is not None:
                     disk = self.view.disks[x]
-                    grace = 0.0 if disk.winner.writer == ME else FORWARD_GRACE
-                    assert self.now < due + grace, f"{x} due for {p} and left behind"
+                    if disk.winner.writer != ME:
+                        assert self.now < due + FORWARD_GRACE, f"{x} for {p} left behind"
+                    elif not self.lsyncd_open[p]:
+                        assert self.now < self.own_due(p, due), f"{x} for {p} left behind"
+
+    def own_due(self, peer: str, due: float) -> float:
+        """When our pusher takes an own write lsyncd did not carry."""
+        return max(due, self.lsyncd_ended[peer]) + OWN_GRACE
 
     def gate(self, peer: str, paths: list[str], current: bool) -> None:
         current = current and peer in self.up
@@ -121,13 +134,17 @@ class Run:
             assert self.view.disks[p].winner.writer == ME, "lsyncd carries only our writes"
         if allowed:
             self.started(self.plan.start(peer, allowed, self.now, own=False))
+            self.lsyncd_open[peer] += 1
 
     def end(self, i: int, status: int, announce: bool) -> None:
         if not self.open:
             return
         push = self.open.pop(i % len(self.open))
-        code = status if push.own else None  # lsyncd's gate never knows
+        code = status  # lsyncd's pushes run in the agent too: the status is known
         self.plan.end(push, self.now, code)
+        if not push.own:
+            self.lsyncd_open[push.peer] -= 1
+            self.lsyncd_ended[push.peer] = self.now
         self.carrying -= {(push.peer, p) for p in push.paths}
         for p, version in push.versions:
             if code:
@@ -138,18 +155,21 @@ class Run:
                 self.held[(push.peer, p)] = version
             if announce:
                 self.announce(push.peer, p)
-        if push.own and code:
+        if code:  # ours or lsyncd's: our pusher backs off
             self.failures[push.peer] += 1
             wait = min(RETRY_S[1], RETRY_S[0] * 2 ** (self.failures[push.peer] - 1))
             self.retry_at[push.peer] = push.started + wait
         elif push.own:
             self.failures[push.peer] = 0
+            self.retry_at[push.peer] = 0.0
 
     def abandon(self, i: int) -> None:
         if self.open:
             push = self.open.pop(i % len(self.open))
             self.plan.abandon(push)
             self.carrying -= {(push.peer, p) for p in push.paths}
+            if not push.own:
+                self.lsyncd_open[push.peer] -= 1
 
     def step(self, kind: str, args: list[Any]) -> None:
         if kind == "advance":

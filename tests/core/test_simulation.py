@@ -46,6 +46,8 @@ actions = st.one_of(
     st.tuples(st.just("duplicate"), st.integers(0, 50)),
     st.tuples(st.just("push"), node_ix, node_ix, st.sampled_from([*PATHS, *FOLDERS, None])),
     st.tuples(st.just("push"), node_ix, node_ix, st.just(None)),
+    st.tuples(st.just("lsyncd"), node_ix, node_ix, st.sampled_from([*PATHS, *FOLDERS, None])),
+    st.tuples(st.just("lsyncd"), node_ix, node_ix, st.just(None)),
     st.tuples(st.just("deliver"), st.integers(0, 50)),
     st.tuples(st.just("step"), st.integers(0, 50)),
     st.tuples(st.just("step"), st.integers(0, 50)),
@@ -78,6 +80,10 @@ def run(cluster: Cluster, script: list[tuple[Any, ...]]) -> None:
             src, dst = nodes[args[0] % len(nodes)], nodes[args[1] % len(nodes)]
             if src is not dst:
                 cluster.push(src.name, dst.name, None if args[2] is None else [args[2]])
+        elif kind == "lsyncd":
+            src, dst = nodes[args[0] % len(nodes)], nodes[args[1] % len(nodes)]
+            if src is not dst:
+                cluster.lsyncd(src.name, dst.name, None if args[2] is None else [args[2]])
         elif kind == "step" and cluster.transfers:
             cluster.step(args[0])
         elif kind == "flow":  # a few messages and rsync steps, in the order they come
