@@ -13,8 +13,8 @@ import pytest
 from mesh.core.manifest import Entry, Kind
 from mesh.core.pushplan import (
     CONFIRM_S,
-    OWN_GRACE,
     FORWARD_GRACE,
+    OWN_GRACE,
     PATHS_PER_PUSH,
     RETRY_S,
     Push,
