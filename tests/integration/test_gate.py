@@ -1,20 +1,24 @@
-"""``mesh gate`` as lsyncd runs it: the real command line and NUL patterns on stdin, a real
-agent socket (``GateServer``), real rsync and the real tunnel to a receiver on 127.0.0.1."""
+"""lsyncd's gate as lsyncd runs it: ``lsyncd/gate.pl`` with the real command line and NUL
+patterns on stdin, the agent's real socket (``GateServer``), and, behind a fake carrier,
+real rsync and the real tunnel to a receiver on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sys
+import struct
 from pathlib import Path
 
 import pytest
 
-from mesh.adapters import lsyncd, rsyncd
-from mesh.adapters.tunnel import TunnelServer, credentials_env
+from mesh.adapters import rsyncd
+from mesh.adapters.lsyncd import call
+from mesh.adapters.lsyncd.gate import EXIT_RETRY, EXIT_USAGE, MAGIC, GateLimits, GateServer
+from mesh.adapters.lsyncd.supervisor import GATE
+from mesh.adapters.tunnel import TunnelServer
 from mesh.errors import MeshError
-from mesh.gate import EXIT_RETRY, EXIT_USAGE, GateServer, PushGrant, hold_grant, request_grant
-from tests.integration.conftest import GrantPolicy, Pki, RecordingSink, until
+from tests.integration.conftest import Pki, RecordingSink, until
+from tests.integration.gatefakes import PushingCarrier
 
 pytestmark = pytest.mark.integration
 
@@ -34,19 +38,19 @@ def patterns(*items: str) -> bytes:
     return b"".join(os.fsencode(item) + b"\0" for item in items)
 
 
-async def run_gate(
-    argv: list[str], stdin: bytes, socket_path: Path, source: Path, cluster_pki: Pki
-) -> tuple[int, list[str]]:
-    env = {
-        "PATH": os.environ["PATH"],
-        "MESH_GATE_SOCKET": str(socket_path),
-        "MESH_DATA_DIR": str(source),
-        **credentials_env(cluster_pki.creds(SENDER)),
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mesh.cli_gate", "gate", *argv,
-        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+async def start_gate(argv: list[str], socket_path: Path | None) -> asyncio.subprocess.Process:
+    env = {"PATH": os.environ["PATH"]}
+    if socket_path is not None:
+        env["MESH_GATE_SOCKET"] = str(socket_path)
+    return await asyncio.create_subprocess_exec(
+        str(GATE), *argv, stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=env,
     )  # fmt: skip
+
+
+async def run_gate(argv: list[str], stdin: bytes, socket_path: Path | None,
+                   ) -> tuple[int, list[str]]:
+    proc = await start_gate(argv, socket_path)
     _, errors = await proc.communicate(stdin)
     assert proc.returncode is not None
     return proc.returncode, errors.decode().splitlines()
@@ -59,52 +63,61 @@ def make_dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
     return source, target, tmp_path / "agent.sock"
 
 
-async def test_gate_pushes_only_what_the_agent_allows(cluster_pki: Pki, tmp_path: Path) -> None:
+async def test_the_gate_hands_the_batch_to_the_agent_which_pushes_what_may_go(
+    cluster_pki: Pki, tmp_path: Path
+) -> None:
     source, target, socket_path = make_dirs(tmp_path)
     (source / "dir").mkdir()
     (source / "dir" / "sent [1].txt").write_bytes(b"allowed")
     (source / "held.txt").write_bytes(b"not allowed")
     (target / "gone.txt").write_bytes(b"deleted at A, delete allowed")
-    (target / "kept.txt").write_bytes(b"deleted at A, delete not allowed")
     allowed = {"dir", "dir/sent [1].txt", "gone.txt"}
     sink = RecordingSink(target)
     tunnel = TunnelServer(cluster_pki.creds(RECEIVER), "127.0.0.1", 0, target, target / KEEP, sink)
     async with tunnel:
-        policy = GrantPolicy({RECEIVER: tunnel.address}, lambda _, ps: sorted(allowed & set(ps)))
-        async with GateServer(socket_path, policy):
-            stdin = patterns(
-                "/", "/dir/", r"/dir/sent \[1].txt", "/held.txt", "/gone.txt", "/kept.txt"
-            )
-            returncode, lines = await run_gate(
-                lsyncd_argv(source), stdin, socket_path, source, cluster_pki
-            )
-    assert (returncode, lines) == (0, [])
-    assert policy.calls == [
-        (RECEIVER, ["dir", "dir/sent [1].txt", "gone.txt", "held.txt", "kept.txt"])
-    ]
+        carrier = PushingCarrier(source, cluster_pki.creds(SENDER), {RECEIVER: tunnel.address},
+                                 lambda _, ps: sorted(allowed & set(ps)))
+        server = GateServer(socket_path, source, carrier)
+        await server.start()
+        try:
+            stdin = patterns("/", "/dir/", r"/dir/sent \[1].txt", "/held.txt", "/gone.txt")
+            result = await run_gate(lsyncd_argv(source), stdin, socket_path)
+        finally:
+            await server.stop()
+    assert result == (0, [])
+    assert carrier.calls == [(RECEIVER, ["dir", "dir/sent [1].txt", "gone.txt", "held.txt"])]
+    assert carrier.codes == [0]  # the agent ran rsync and knows how it ended
     # rsync lands a push in its staging dir only (mesh.core.landing); deletes and the
     # move into place are the receiving agent's, from the push's announcement.
     staged = target / KEEP / "in" / sink.pushes[0].push_id
     assert (staged / "dir" / "sent [1].txt").read_bytes() == b"allowed"
-    assert not (staged / "held.txt").exists()
-    assert not (staged / "gone.txt").exists() and not (staged / "kept.txt").exists()
-    assert not (target / "dir").exists()
+    assert not (staged / "held.txt").exists() and not (staged / "gone.txt").exists()
     assert (target / "gone.txt").read_bytes() == b"deleted at A, delete allowed"
-    assert (target / "kept.txt").read_bytes() == b"deleted at A, delete not allowed"
-    assert [p.returncode for p in sink.pushes] == [0]
+    assert server.counters.batches == 1 and server.counters.refused == 0
 
 
-async def test_gate_runs_nothing_when_nothing_is_allowed(cluster_pki: Pki, tmp_path: Path) -> None:
+async def test_the_gate_exits_only_when_the_agent_is_done_with_the_batch(
+    cluster_pki: Pki, tmp_path: Path
+) -> None:
+    """lsyncd starts a peer's next batch when the gate exits: the changes made while a
+    push runs go together in the next one."""
     source, _, socket_path = make_dirs(tmp_path)
-    (source / "f").write_bytes(b"x")
-    # Port 9 (discard): nothing listens, so any push attempt would fail loudly.
-    policy = GrantPolicy({RECEIVER: ("127.0.0.1", 9)}, lambda _, __: [])
-    async with GateServer(socket_path, policy):
-        result = await run_gate(
-            lsyncd_argv(source), patterns("/", "/f"), socket_path, source, cluster_pki
-        )
-    assert result == (0, [])
-    assert policy.calls == [(RECEIVER, ["f"])]
+    carrier = PushingCarrier(source, cluster_pki.creds(SENDER), {}, lambda _, __: [])
+    carrier.hold = asyncio.Event()
+    server = GateServer(socket_path, source, carrier)
+    await server.start()
+    try:
+        proc = await start_gate(lsyncd_argv(source), socket_path)
+        assert proc.stdin is not None
+        proc.stdin.write(patterns("/", "/f"))
+        proc.stdin.close()
+        await until(lambda: bool(carrier.calls), "the batch to reach the agent")
+        with pytest.raises(TimeoutError):  # the agent holds the batch: the gate waits
+            await asyncio.wait_for(proc.wait(), 0.5)
+        carrier.hold.set()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        await server.stop()
 
 
 @pytest.mark.parametrize(
@@ -117,51 +130,73 @@ async def test_gate_runs_nothing_when_nothing_is_allowed(cluster_pki: Pki, tmp_p
         ["-gstpolDgg", *lsyncd_argv(Path("{source}"))[1:]],
         lsyncd_argv(Path("{source}"))[:-1],
         ["--rsh=sh -c 'rm -rf /'", *lsyncd_argv(Path("{source}"))],
+        [],
     ],
 )
-async def test_gate_refuses_a_command_line_it_does_not_know(
+async def test_a_command_line_the_agent_does_not_know_stops_lsyncd(
     cluster_pki: Pki, tmp_path: Path, argv: list[str]
 ) -> None:
     source, _, socket_path = make_dirs(tmp_path)
     argv = [arg.replace("{source}", str(source)) for arg in argv]
-    policy = GrantPolicy({})
-    async with GateServer(socket_path, policy):
-        stdin = patterns("/", "/f")
-        returncode, lines = await run_gate(argv, stdin, socket_path, source, cluster_pki)
-    assert returncode == EXIT_USAGE
+    carrier = PushingCarrier(source, cluster_pki.creds(SENDER), {})
+    server = GateServer(socket_path, source, carrier)
+    await server.start()
+    try:
+        returncode, lines = await run_gate(argv, patterns("/", "/f"), socket_path)
+    finally:
+        await server.stop()
+    assert returncode == EXIT_USAGE  # lsyncd's "critical": it exits and is restarted
     assert len(lines) == 1 and lines[0].startswith("mesh gate: "), lines
-    assert policy.calls == []
+    assert carrier.calls == [] and server.counters.refused == 1
 
 
-async def test_gate_without_agent_fails_for_a_retry(cluster_pki: Pki, tmp_path: Path) -> None:
+async def test_without_the_agent_the_gate_fails_for_a_retry(tmp_path: Path) -> None:
     source, _, socket_path = make_dirs(tmp_path)
-    returncode, lines = await run_gate(
-        lsyncd_argv(source), patterns("/", "/f"), socket_path, source, cluster_pki
-    )
+    returncode, lines = await run_gate(lsyncd_argv(source), patterns("/", "/f"), socket_path)
     assert returncode == EXIT_RETRY
     assert len(lines) == 1, lines
     assert str(socket_path) in lines[0] and "No such file" in lines[0]
+    returncode, lines = await run_gate([], b"", None)
+    assert returncode == EXIT_RETRY and "MESH_GATE_SOCKET" in lines[0], lines
 
 
-async def test_gate_server_refuses_bad_requests_and_bad_grants(tmp_path: Path) -> None:
-    socket_path = tmp_path / "agent.sock"
+class Failing:
+    async def carry(self, peer: str, paths: list[str]) -> None:
+        raise MeshError("index unavailable")
 
-    class Greedy:
-        async def authorize(self, target: str, paths: list[str]) -> PushGrant:
-            if target == "broken":
-                raise MeshError("index unavailable")
-            return PushGrant(target, "127.0.0.1", 1, "p1", [*paths, "extra"], b"")
 
-    async with GateServer(socket_path, Greedy()):
+async def ask(socket_path: Path, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    writer.write(request)
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return answer
+
+
+def field(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+async def test_the_server_refuses_what_is_not_a_gate_request(tmp_path: Path) -> None:
+    source, _, socket_path = make_dirs(tmp_path)
+    command = "\0".join(lsyncd_argv(source)).encode()
+    limits = GateLimits(request_timeout=0.5, max_patterns_bytes=64)
+    server = GateServer(socket_path, source, Failing(), limits=limits)
+    await server.start()
+    try:
         assert socket_path.stat().st_mode & 0o777 == 0o600
-        for target, paths, reason in [
-            ("bravo", ["a"], "not asked about"),
-            ("broken", ["a"], "index unavailable"),
-            ("bravo", ["../etc"], "not normalized"),
-            ("bra/vo", ["a"], "invalid target"),
+        for request, status, reason in [
+            (MAGIC + field(command) + field(b"/\0/a\0"), EXIT_RETRY, b"index unavailable"),
+            (b"mesh-gate 1\n" + field(command) + field(b"/a\0"), EXIT_USAGE, b"version 2"),
+            (MAGIC + field(command) + field(b"x" * 65), EXIT_USAGE, b"exceeds 64"),
+            (MAGIC + field(command), EXIT_RETRY, b"cut short"),
+            (MAGIC + field(command) + field(b"/\0"), 0, b""),  # nothing named: nothing to do
         ]:
-            with pytest.raises(MeshError, match=reason):
-                await request_grant(socket_path, target, paths)
+            answer = await ask(socket_path, request)
+            assert answer.startswith(f"{status}\n".encode()) and reason in answer, answer
+    finally:
+        await server.stop()
     assert not socket_path.exists()
 
 
@@ -173,7 +208,7 @@ def test_lsyncd_patterns_become_paths() -> None:
         "/", "/a/", "/a/b/", r"/a/b/we ird\*\?\[x].txt", "/gone/***", "/gone/sub/***",
         "/moved-from", "/moved-to", "/back\\slash", "/new\nline", "/\\\\*",
     )  # fmt: skip
-    assert lsyncd.paths_from_patterns(data) == sorted(
+    assert call.paths_from_patterns(data) == sorted(
         [
             "a", "a/b", "a/b/we ird*?[x].txt", "gone", "gone/sub", "moved-from", "moved-to",
             "back\\slash", "new\nline", "\\*",
@@ -189,27 +224,5 @@ def test_include_patterns_match_exactly_the_paths(tmp_path: Path) -> None:
 
 
 def test_lsyncd_target_round_trips() -> None:
-    call = lsyncd.parse_rsync_call(lsyncd_argv(Path("/data"), lsyncd.target_of("node-2.x")))
-    assert call == lsyncd.RsyncCall(Path("/data/"), "node-2.x")
-
-
-async def test_a_grant_is_held_until_the_gate_closes(tmp_path: Path) -> None:
-    """The agent learns when lsyncd's push is over: the gate keeps its connection open
-    while it pushes (``hold_grant``), and ``finished`` runs when it closes."""
-    socket_path = tmp_path / "agent.sock"
-    done: list[PushGrant] = []
-
-    class Some:
-        async def authorize(self, target: str, paths: list[str]) -> PushGrant:
-            allowed = [p for p in paths if p != "held"]
-            return PushGrant(target, "127.0.0.1", 1, f"p-{len(paths)}", allowed, b"")
-
-    async with GateServer(socket_path, Some(), finished=done.append):
-        async with hold_grant(socket_path, "bravo", ["a", "held"]) as grant:
-            assert grant.allowed == ["a"]
-            # Another whole request in between gives the server's loop its turns; a grant
-            # of nothing (this one) is not held: nothing is on its way.
-            assert (await request_grant(socket_path, "bravo", ["held"])).allowed == []
-            assert done == []
-        await until(lambda: len(done) == 1, "the held grant to be released")
-        assert done[0].push_id == "p-2"
+    parsed = call.parse_rsync_call(lsyncd_argv(Path("/data"), call.target_of("node-2.x")))
+    assert parsed == call.RsyncCall(Path("/data/"), "node-2.x")
