@@ -1,5 +1,6 @@
-"""Real lsyncd 2.2.3 with the rendered config and the gate wrapper, a real agent socket
-(``GateServer`` with a fake policy) and a real receiver (``TunnelServer``) on 127.0.0.1."""
+"""Real lsyncd 2.2.3 with the rendered config and the gate (``lsyncd/gate.pl``), a real
+agent socket (``GateServer`` with a fake carrier that pushes through the real executor)
+and a real receiver (``TunnelServer``) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from mesh.adapters import rsyncd
-from mesh.adapters.lsyncd import LsyncdSettings, LsyncdSupervisor, log_level
+from mesh.adapters.lsyncd.gate import GateServer
+from mesh.adapters.lsyncd.supervisor import LsyncdSettings, LsyncdSupervisor, log_level
 from mesh.adapters.tunnel import TunnelServer
-from mesh.gate import GateServer
-from tests.integration.conftest import GrantPolicy, Pki, RecordingSink, until
+from tests.integration.conftest import Pki, RecordingSink, until
+from tests.integration.gatefakes import PushingCarrier
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +34,7 @@ class Mesh:
     source: Path
     target: Path
     supervisor: LsyncdSupervisor
-    policy: GrantPolicy
+    carrier: PushingCarrier
     sink: RecordingSink
 
 
@@ -51,22 +53,21 @@ async def running(
             cluster_pki.creds(RECEIVER), "127.0.0.1", 0, target, target / KEEP, sink
         )
         await stack.enter_async_context(tunnel)
-        policy = GrantPolicy(
-            {RECEIVER: tunnel.address}, lambda peer, paths: paths if peer == RECEIVER else []
-        )
+        carrier = PushingCarrier(
+            source, cluster_pki.creds(SENDER), {RECEIVER: tunnel.address},
+            lambda peer, paths: paths if peer == RECEIVER else [],
+        )  # fmt: skip
         if blocked:
-            policy.gate = asyncio.Event()
+            carrier.hold = asyncio.Event()
         socket_path = tmp_path / "agent.sock"
-        await stack.enter_async_context(GateServer(socket_path, policy))
-        settings = LsyncdSettings(
-            source, socket_path, cluster_pki.creds(SENDER), backoff=(0.1, 1.0), stop_timeout=3
-        )
+        await stack.enter_async_context(GateServer(socket_path, source, carrier))
+        settings = LsyncdSettings(source, socket_path, backoff=(0.1, 1.0), stop_timeout=3)
         (tmp_path / "lsyncd").mkdir()
         config = tmp_path / "lsyncd" / "lsyncd.conf.lua"
         supervisor = LsyncdSupervisor(config, [RECEIVER], settings=settings)
         await supervisor.start()
         stack.push_async_callback(supervisor.stop)
-        yield Mesh(source, target, supervisor, policy, sink)
+        yield Mesh(source, target, supervisor, carrier, sink)
 
 
 async def poke_until(
@@ -119,9 +120,9 @@ async def test_a_write_reaches_the_peer_and_a_delete_is_only_announced(
         await until(lambda: "written on alpha" in staged(mesh, "sub/dir/new file.txt"),
                     "the write on bravo", 5)
         await until(lambda: "second" in staged(mesh, "second"), "the second write", 5)
-        asked = len(mesh.policy.calls)
+        asked = len(mesh.carrier.calls)
         (mesh.source / "second").unlink()
-        await until(lambda: any("second" in ps for _, ps in mesh.policy.calls[asked:]),
+        await until(lambda: any("second" in ps for _, ps in mesh.carrier.calls[asked:]),
                     "the gate asked about the delete", 5)
         await until(lambda: len(mesh.sink.finished()) == len(mesh.sink.pushes), "the pushes", 5)
     assert (mesh.target / "second").read_text() == "bravo's copy"  # rsync deleted nothing
@@ -141,7 +142,7 @@ async def test_an_empty_source_at_start_deletes_nothing(cluster_pki: Pki, tmp_pa
         await poke_until(mesh)
         assert (target / "dir" / "precious").read_text() == "only bravo has this"
         assert (target / "top").read_text() == "and this"
-        assert {p for _, paths in mesh.policy.calls for p in paths} == {"probe"}
+        assert {p for _, paths in mesh.carrier.calls for p in paths} == {"probe"}
     assert not any((target / KEEP).rglob("precious"))
 
 
@@ -157,7 +158,7 @@ async def test_peer_change_restarts_lsyncd_with_a_sync_per_peer(
         await poke_until(mesh)
         (mesh.source / "after").write_text("for both peers")
         await until(
-            lambda: any(peer == OTHER and "after" in ps for peer, ps in mesh.policy.calls),
+            lambda: any(peer == OTHER and "after" in ps for peer, ps in mesh.carrier.calls),
             "the gate asking about charlie",
             5,
         )
@@ -190,7 +191,7 @@ def group_members(pgid: int) -> list[int]:
 
 async def test_stop_ends_lsyncd_and_everything_it_started(cluster_pki: Pki, tmp_path: Path) -> None:
     async with running(cluster_pki, tmp_path, blocked=True) as mesh:
-        await poke_until(mesh, lambda _: bool(mesh.policy.calls))  # a gate now waits
+        await poke_until(mesh, lambda _: bool(mesh.carrier.calls))  # a gate now waits
         pgid = mesh.supervisor.pid
         assert pgid is not None
         assert len(group_members(pgid)) > 1  # lsyncd and the gate it runs
@@ -204,13 +205,12 @@ async def test_stop_ends_lsyncd_and_everything_it_started(cluster_pki: Pki, tmp_
     ("14:30:43 Normal: --- TERM signal, fading ---", logging.INFO),
     ("14:30:45 Normal: Calling rsync with filter-list of new/modified files/dirs", logging.DEBUG),
     ("/docs/from-sw1.txt", logging.DEBUG),
-    ("mesh gate: 0 of 2 path(s) may go to sw3", logging.DEBUG),
-    ("mesh gate: held back: ['big0.bin']", logging.DEBUG),
+    ("mesh gate: agent at /run/gate.sock: Connection refused", logging.WARNING),
     ("14:30:45 Normal: Finished a list after exitcode: 0", logging.DEBUG),
     ("14:30:45 Error: Failure on rsync, exitcode 12", logging.WARNING),
     ("14:30:45 Warn: Cannot access /data/x", logging.WARNING),
 ])
 def test_lsyncd_output_is_logged_at_a_level_an_operator_can_filter(line: str, level: int) -> None:
-    """lsyncd's per-batch chatter (each list's paths, its rsync calls, the gate's
-    answers) is debug; its start and stop are info; its errors are warnings."""
+    """lsyncd's per-batch chatter (each list's paths, its rsync calls) is debug; its
+    start and stop are info; its errors, and anything the gate says, are warnings."""
     assert log_level(line) == level

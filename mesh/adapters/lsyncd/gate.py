@@ -74,6 +74,13 @@ class GateServer:
         self._server: asyncio.AbstractServer | None = None
         self._connections = Connections("gate", self.limits.max_connections)
 
+    async def __aenter__(self) -> GateServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
     async def start(self) -> None:
         if self._server is not None:
             raise LocalProtocolError("the gate server is already running")
@@ -91,15 +98,17 @@ class GateServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.counters.batches += 1
-        status, note = await self._answer(reader)
-        if status != EXIT_OK:
-            self.counters.refused += 1
-            LOG.warning("gate: %s", note)
         try:
+            status, note = await self._answer(reader)
+            if status != EXIT_OK:
+                self.counters.refused += 1
+                LOG.warning("gate: %s", note)
             writer.write(f"{status}\n{note}\n".encode() if note else f"{status}\n".encode())
             await close_stream(writer)
         except OSError as err:  # the gate went away (lsyncd stopped): nothing to tell
             LOG.debug("gate: answer not delivered: %s", err)
+        finally:
+            writer.transport.abort()  # stopped mid-batch (the agent stops), or closed
 
     async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, str]:
         try:

@@ -271,14 +271,15 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-# lsyncd's per-batch chatter: the paths of each list, its rsync calls and the gate's
-# answers. At info they would bury what an operator reads the log for.
-_CHATTER = re.compile(r"^/|Normal: (Calling rsync|Finished a list)|mesh gate: ")
+# lsyncd's per-batch chatter: the paths of each list and its rsync calls. At info they
+# would bury what an operator reads the log for.
+_CHATTER = re.compile(r"^/|Normal: (Calling rsync|Finished a list)")
 
 
 def log_level(line: str) -> int:
-    """The level an output line of lsyncd (or of the gate it runs) is logged at."""
-    if "Error:" in line or "Warn:" in line:
+    """The level an output line of lsyncd (or of the gate it runs, which speaks only
+    when the agent refused or could not be asked) is logged at."""
+    if "Error:" in line or "Warn:" in line or line.startswith("mesh gate: "):
         return logging.WARNING
     return logging.DEBUG if _CHATTER.search(line) else logging.INFO
 
