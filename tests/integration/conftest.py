@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from mesh import pki
+from mesh.adapters import rsync_push
+from mesh.adapters.rsync_push import PushOrder
 from mesh.errors import MeshError
-from mesh.gate import PushGrant
+from mesh.tls import NodeCredentials
 
 CLUSTER = "test"
 NODES = ("alpha", "bravo", "charlie")
@@ -136,33 +138,53 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
-class GrantPolicy:
-    """A ``PushPolicy`` granting ``choose(target, paths)`` of the paths asked about, to the
-    tunnel of each target in ``tunnels``; with ``gate`` set, a call waits for it."""
+class RecordingCarrier:
+    """A fake ``Carrier`` (``mesh.adapters.lsyncd.gate``; the agent's is
+    ``mesh.pushes.Pushes``). Each ``carry`` is recorded in ``calls``; with ``gate`` set it
+    waits for it; with ``refuse`` set it raises ``MeshError`` (the gate tells lsyncd to
+    retry). Otherwise it pushes ``choose(peer, paths)`` from ``source`` as ``creds`` to
+    the tunnel of ``peer`` in ``tunnels`` through the one executor
+    (``rsync_push.push``), as the agent does, and returns once that push is over; each
+    push's order and rsync exit status go to ``pushes``. Nothing is pushed when nothing
+    is chosen or ``peer`` has no tunnel here."""
 
     def __init__(
         self,
-        tunnels: dict[str, tuple[str, int]],
-        choose: Callable[[str, list[str]], list[str]] = lambda target, paths: paths,
+        tunnels: dict[str, tuple[str, int]] | None = None,
+        choose: Callable[[str, list[str]], list[str]] = lambda peer, paths: paths,
+        *,
+        source: Path | None = None,
+        creds: NodeCredentials | None = None,
     ) -> None:
-        self.tunnels = tunnels
+        self.tunnels = tunnels or {}
         self.choose = choose
+        self.source = source
+        self.creds = creds
         self.gate: asyncio.Event | None = None
+        self.refuse: str | None = None
         self.calls: list[tuple[str, list[str]]] = []
+        self.pushes: list[tuple[PushOrder, int]] = []
         self._count = 0
 
-    async def authorize(self, target: str, paths: list[str]) -> PushGrant:
-        self.calls.append((target, paths))
+    async def carry(self, peer: str, paths: list[str]) -> None:
+        self.calls.append((peer, list(paths)))
         if self.gate is not None:
             await self.gate.wait()
+        if self.refuse is not None:
+            raise MeshError(self.refuse)
+        chosen = self.choose(peer, list(paths))
+        if not chosen or peer not in self.tunnels:
+            return
+        assert set(chosen) <= set(paths), "choose picked paths it was not given"
+        assert self.source is not None and self.creds is not None, "nothing to push from"
         self._count += 1
-        host, port = self.tunnels.get(target, ("127.0.0.1", 9))
-        header = f"push {self._count} of {paths}".encode()
-        return PushGrant(
-            target,
+        host, port = self.tunnels[peer]
+        order = PushOrder(
+            peer,
             host,
             port,
             f"p{self._count}-{uuid.uuid4().hex[:8]}",
-            self.choose(target, paths),
-            header,
+            tuple(chosen),
+            f"push {self._count} of {chosen}".encode(),
         )
+        self.pushes.append((order, await rsync_push.push(order, self.source, self.creds)))

@@ -8,18 +8,20 @@ Three agents as processes (``tests.cluster``), real lsyncd, real rsync over TLS.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import msgpack
 import pytest
 
+from mesh.adapters.lsyncd.call import target_of
+from mesh.adapters.lsyncd.supervisor import GATE
 from mesh.adapters.scanner import PREHASH_BYTES, Scanner
 from mesh.core import manifest
 from mesh.core.manifest import Entry, Kind, Manifest
@@ -27,7 +29,6 @@ from mesh.core.replica import Effect, PathState, Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector, hlc_pack
 from mesh.dataplane import DataPlane
-from mesh.gate import request_grant
 from mesh.keep import KeepArea
 from mesh.pushes import Pushes
 from mesh.store.index import Index
@@ -212,6 +213,34 @@ def _denied(node: Node) -> int:
     return -1 if doc is None else int(doc["pushes"]["denied"])
 
 
+def _counters(node: Node, peer: str, *, since: float = 0.0) -> dict[str, int]:
+    """``node``'s push counters for ``peer`` (lsyncd's batches and its own pushes) and its
+    gate's, from a status file it wrote after ``since`` (it rewrites it every second)."""
+    def written() -> bool:
+        doc = node.status()
+        return doc is not None and doc["now"] > since and peer in doc["pushes"]["by_peer"]
+
+    wait_for(written, 30, f"{node.name}'s status after {since}")
+    doc = node.status()
+    assert doc is not None
+    gate = {f"gate_{name}": value for name, value in doc["gate"].items()}
+    return {**doc["pushes"]["by_peer"][peer], **gate}
+
+
+def _run_gate(node: Node, peer: str, paths: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """Hand ``node``'s agent a batch for ``peer`` the way lsyncd does: run the gate
+    (``lsyncd/gate.pl``) with lsyncd's rsync command line (``default.rsync``, as
+    ``mesh.adapters.lsyncd.supervisor`` describes it) and the include patterns on stdin,
+    ``MESH_GATE_SOCKET`` naming the agent's socket. The gate answers when the agent's
+    push, if any, is over."""
+    argv = [str(GATE), "-plogstD", "-r", "--delete", "--ignore-errors", "--force", "--from0",
+            "--include-from=-", "--exclude=*", f"{node.data}/", target_of(peer)]
+    patterns = b"\0".join([b"/", *(b"/" + os.fsencode(p) for p in paths)])
+    env = {"PATH": os.environ["PATH"], "MESH_GATE_SOCKET": str(node.state / "gate.sock")}
+    return subprocess.run(argv, input=patterns, capture_output=True, env=env, timeout=60,
+                          check=False)
+
+
 def test_gate_never_lets_an_older_version_overwrite_a_newer_one(tmp_path: Path) -> None:
     with running(tmp_path, nets=NETS) as cluster:
         n1, n2, n3 = cluster.nodes
@@ -232,10 +261,16 @@ def test_gate_never_lets_an_older_version_overwrite_a_newer_one(tmp_path: Path) 
 
         # n2 announced a version that dominates n1's; n1 cannot have it.
         wait_for(n1_heard_but_holds_v1, 30, "n1 to hear of v2 while holding v1")
-        # The gate's answer itself, asked the way `mesh gate` asks it.
+        # The gate's answer itself, asked the way lsyncd asks it: the batch is done (exit
+        # 0, nothing for lsyncd's log) and the agent let nothing go: its one path denied,
+        # no push carried nor failed.
         for peer in ("n2", "n3"):
-            grant = asyncio.run(request_grant(n1.state / "gate.sock", peer, ["doc.txt"]))
-            assert (grant.peer, grant.allowed) == (peer, [])
+            counted = _counters(n1, peer)
+            gate = _run_gate(n1, peer, ["doc.txt"])
+            assert (gate.returncode, gate.stderr) == (0, b""), gate
+            expected = {**counted, "denied": counted["denied"] + 1,
+                        "gate_batches": counted["gate_batches"] + 1}
+            assert _counters(n1, peer, since=time.time()) == expected, peer
         # And lsyncd firing on n1's older copy (a touch: same content, new mtime).
         denied = _denied(n1)
         os.utime(n1.data / "doc.txt")
@@ -306,7 +341,7 @@ class Receiver:
                                keep=self.keep, scanner=Scanner(root), forward=nowhere)
         # begin/end use neither the exchange nor the credentials.
         self.sink = Pushes(me=node, epoch=1, index=self.index, data=self.plane,
-                           exchange=None, creds=None, data_dir=root,  # type: ignore[arg-type]
+                           creds=None, data_dir=root,  # type: ignore[arg-type]
                            endpoint=lambda peer: None)
 
     async def write(self, rel: str, data: bytes) -> None:

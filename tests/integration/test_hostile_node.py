@@ -32,6 +32,7 @@ import pytest
 from mesh import pki
 from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
 from mesh.adapters.links import LinkDown, OwnClient
+from mesh.adapters.rsync_push import PushOrder, push
 from mesh.core import manifest, wire
 from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.replica import Effect, PathState, Replica
@@ -39,7 +40,6 @@ from mesh.core.resolver import Version
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, VersionVector, hlc_pack
 from mesh.errors import MeshError
 from mesh.exchange import Exchange
-from mesh.gate import PushGrant, push
 from mesh.store.index import Index
 from tests.cluster import BROKER_PORT, TUNNEL_PORT, Cluster, Node, running, wait_for
 from tests.integration.test_conflicts import state_db
@@ -143,9 +143,9 @@ class Attacker:
              ) -> int:
         """A push into ``to``'s tunnel, straight to its address; rsync's exit status, or
         -1 when the receiver refused it before rsync ran."""
-        grant = PushGrant(to.name, to.host, TUNNEL_PORT, push_id, paths, header)
+        order = PushOrder(to.name, to.host, TUNNEL_PORT, push_id, tuple(paths), header)
         try:
-            return self.call(push(grant, source, self.creds, inline=True))
+            return self.call(push(order, source, self.creds))
         except MeshError:
             return -1
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 from mesh.adapters import rsyncd
-from mesh.gate import push
+from mesh.adapters.rsync_push import push
 from tests.integration.conftest import Pki, RecordingSink, until
 from tests.integration.test_tunnel import (
     KEEP,
     SENDER,
     describe,
-    grant,
     make_dirs,
+    order,
     raw_rsync,
     receiver,
     refused_in_log,
@@ -91,10 +91,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["rsh", "inline"])
 @pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
 async def test_rsync_stages_what_the_sender_has_and_removes_nothing(
-    cluster_pki: Pki, tmp_path: Path, case: Case, inline: bool
+    cluster_pki: Pki, tmp_path: Path, case: Case
 ) -> None:
     source, target = make_dirs(tmp_path)
     build(source, case.sender)
@@ -102,8 +101,8 @@ async def test_rsync_stages_what_the_sender_has_and_removes_nothing(
     sink = RecordingSink(target)
     async with receiver(cluster_pki, target, sink) as server:
         before = snapshot(target)
-        returncode = await push(grant(server, "p1", case.named), source,
-                                cluster_pki.creds(SENDER), inline=inline)
+        returncode = await push(order(server, "p1", case.named), source,
+                                cluster_pki.creds(SENDER))
         await until(lambda: len(sink.finished()) == 1, "the push to end")
         assert snapshot(target) == before  # names, inodes, modes, sizes, mtimes
     assert (returncode, sink.pushes[0].returncode) == (0, 0)

@@ -7,7 +7,6 @@ import asyncio
 import functools
 import os
 import ssl
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from mesh import pki
-from mesh.adapters import rsyncd
-from mesh.adapters.tunnel import PushHello, TunnelServer, credentials_env, encode_frame
-from mesh.gate import TUNNEL_RSH, PushGrant, push, tunnel_env
+from mesh.adapters import rsync_push, rsyncd
+from mesh.adapters.rsync_push import PushOrder, push
+from mesh.adapters.tunnel import PushHello, TunnelError, TunnelServer, encode_frame
 from tests.integration.conftest import Pki, RecordingSink, until
 
 pytestmark = pytest.mark.integration
@@ -38,9 +37,12 @@ async def receiver(
         yield server
 
 
-def grant(server: TunnelServer, push_id: str, allowed: list[str]) -> PushGrant:
+def order(
+    server: TunnelServer, push_id: str, paths: list[str], peer: str = RECEIVER
+) -> PushOrder:
+    """Push ``paths`` to ``server`` as ``push_id``, expecting it to be ``peer``."""
     host, port = server.address
-    return PushGrant(RECEIVER, host, port, push_id, allowed, b"announcement " + push_id.encode())
+    return PushOrder(peer, host, port, push_id, tuple(paths), b"announcement " + push_id.encode())
 
 
 def make_dirs(tmp_path: Path) -> tuple[Path, Path]:
@@ -162,9 +164,8 @@ def test_daemon_config_lines() -> None:
 ODD_NAMES = ["with space.txt", "new\nline", "ünïcødé ✓.txt", "star*q?[b]", "back\\slash", "-dash"]
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["rsh", "inline"])
 async def test_push_is_staged_byte_for_byte_and_the_live_tree_is_untouched(
-    cluster_pki: Pki, tmp_path: Path, inline: bool
+    cluster_pki: Pki, tmp_path: Path
 ) -> None:
     source, target = make_dirs(tmp_path)
     for name in ODD_NAMES:
@@ -195,8 +196,7 @@ async def test_push_is_staged_byte_for_byte_and_the_live_tree_is_untouched(
         before = snapshot(target)
         allowed = sorted(p.relative_to(source).as_posix() for p in source.rglob("*"))
         returncode = await push(
-            grant(server, "first", [*allowed, "deleted"]), source, cluster_pki.creds(SENDER),
-            inline=inline,
+            order(server, "first", [*allowed, "deleted"]), source, cluster_pki.creds(SENDER)
         )
         await until(lambda: len(sink.finished()) == 1, "the push to end")
         after = snapshot(target)
@@ -229,7 +229,7 @@ async def test_a_changed_big_file_is_staged_whole(cluster_pki: Pki, tmp_path: Pa
     inode = (target / "big").stat().st_ino
     sink = RecordingSink(target)
     async with receiver(cluster_pki, target, sink) as server:
-        assert await push(grant(server, "big", ["big"]), source, cluster_pki.creds(SENDER)) == 0
+        assert await push(order(server, "big", ["big"]), source, cluster_pki.creds(SENDER)) == 0
         await until(lambda: len(sink.finished()) == 1, "the push to end")
     assert (staged(target, "big") / "big").read_bytes() == (source / "big").read_bytes()
     assert (target / "big").read_bytes() == base
@@ -243,8 +243,9 @@ async def test_refused_push_changes_nothing(cluster_pki: Pki, tmp_path: Path) ->
     sink = RecordingSink(target)
     sink.refuse = "the index is busy"
     async with receiver(cluster_pki, target, sink) as server:
-        returncode = await push(grant(server, "refused", ["f"]), source, cluster_pki.creds(SENDER))
-    assert returncode != 0
+        # Refused before rsync starts: the push fails, saying why, and runs no rsync.
+        with pytest.raises(TunnelError, match=r"^bravo refused push refused: the index is busy$"):
+            await push(order(server, "refused", ["f"]), source, cluster_pki.creds(SENDER))
     assert (target / "f").read_bytes() == b"old"
     assert not staged(target, "refused").exists()
     assert sink.pushes == []
@@ -260,10 +261,11 @@ async def test_a_node_that_is_not_a_current_peer_cannot_push(
     server = TunnelServer(cluster_pki.creds(RECEIVER), "127.0.0.1", 0, target, target / KEEP,
                           sink, peers=lambda node: node == "charlie")
     async with server:
-        returncode = await push(grant(server, "stranger-1-1", ["f"]), source,
-                                cluster_pki.creds(SENDER))
+        with pytest.raises(TunnelError, match="not a peer of this node"):
+            await push(order(server, "stranger-1-1", ["f"]), source, cluster_pki.creds(SENDER))
         await until(lambda: bool(refusals(caplog)), "the refusal")
-    assert returncode != 0 and sink.pushes == [] and not (target / "f").exists()
+    assert sink.pushes == [] and not (target / "f").exists()
+    assert not staged(target, "stranger-1-1").exists()
     [line] = refusals(caplog)
     assert line.startswith(f"tunnel: refused push from {SENDER} (127.0.0.1:")
     assert line.endswith("not a peer of this node (it links to no broker of that node)")
@@ -276,22 +278,22 @@ async def raw_rsync(
     cluster_pki: Pki, server: TunnelServer, source: Path, push_id: str, *options: str,
     dest: str | None = None,
 ) -> tuple[int, str]:
-    """Our rsync client, but with the command line given here instead of ours (the
-    destination: this push's staging dir unless ``dest`` says otherwise)."""
-    header = source.parent / f"{push_id}.header"
-    header.write_bytes(b"raw")
-    env = {"PATH": os.environ["PATH"]}
-    env |= tunnel_env(grant(server, push_id, []), cluster_pki.creds(SENDER), header)
-    rsh = rsyncd.rsh_command([sys.executable, *TUNNEL_RSH])
+    """Our rsync client through the real tunnel (``rsync_push.tunnelled``: header,
+    go-ahead, the remote shell the agent gives rsync), but with the command line given
+    here instead of ours (the destination: this push's staging dir unless ``dest`` says
+    otherwise), as a hostile sender would run it."""
     path = rsyncd.staging_dest(KEEP, push_id) if dest is None else dest
-    proc = await asyncio.create_subprocess_exec(
-        rsyncd.RSYNC, "-rlptgo", *options, f"--rsh={rsh}", f"{source}/",
-        rsyncd.daemon_target(server.address[0], path),
-        stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    _, errors = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, errors.decode()
+    host = server.address[0]
+
+    def argv(rsh: str) -> list[str]:
+        return [rsyncd.RSYNC, "-rlptgo", *options, f"--rsh={rsh}", f"{source}/",
+                rsyncd.daemon_target(host, path)]
+
+    env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
+    the_order = PushOrder(RECEIVER, host, server.address[1], push_id, (), b"raw")
+    returncode, errors = await rsync_push.tunnelled(
+        the_order, cluster_pki.creds(SENDER), argv, b"", env)
+    return returncode, errors.decode()
 
 
 def refused_in_log(caplog: pytest.LogCaptureFixture, push_id: str) -> bool:
@@ -366,7 +368,7 @@ async def test_client_cannot_write_into_the_keep_area(cluster_pki: Pki, tmp_path
     sink = RecordingSink(target)
     async with receiver(cluster_pki, target, sink) as server:
         paths = [f"{KEEP}/older/f", f"{KEEP}/planted", "ok"]
-        await push(grant(server, "forge", paths), source, cluster_pki.creds(SENDER))
+        await push(order(server, "forge", paths), source, cluster_pki.creds(SENDER))
         await until(lambda: len(sink.finished()) == 1, "the push to end")
     assert (target / KEEP / "older" / "f").read_bytes() == b"kept by an older push"
     stage = staged(target, "forge")
@@ -453,48 +455,45 @@ async def test_malformed_header_is_refused_naming_the_peer(
     assert sink.pushes == []
 
 
-async def run_tunnel_rsh(
-    cluster_pki: Pki, server: TunnelServer, sender: str, expected_peer: str
-) -> tuple[int, list[str]]:
-    header = server.data_dir.parent / "header"
-    header.write_bytes(b"h")
-    host, port = server.address
-    env = {
-        "PATH": os.environ["PATH"],
-        "MESH_PUSH_PEER": expected_peer,
-        "MESH_PUSH_PORT": str(port),
-        "MESH_PUSH_ID": "rsh",
-        "MESH_PUSH_HEADER_FILE": str(header),
-        **credentials_env(cluster_pki.creds(sender)),
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, *TUNNEL_RSH, host, "rsync", "--server", "--daemon", ".",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    _, errors = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, errors.decode().splitlines()
-
-
-async def test_tunnel_rsh_fails_with_one_line(cluster_pki: Pki, tmp_path: Path) -> None:
-    _, target = make_dirs(tmp_path)
-    sink = RecordingSink(target)
-    async with receiver(cluster_pki, target, sink) as server:
-        returncode, lines = await run_tunnel_rsh(cluster_pki, server, SENDER, "charlie")
-    assert returncode == 255
-    assert len(lines) == 1 and "is bravo, not the expected peer charlie" in lines[0], lines
-    foreign = pki.NodeCredentials(
+def foreign_bravo(cluster_pki: Pki) -> pki.NodeCredentials:
+    """bravo's credentials from another CA of a cluster of the same name."""
+    return pki.NodeCredentials(
         pki.NodeIdentity("test", "bravo"),
         cluster_pki.foreign / pki.CA_CERT,
         cluster_pki.foreign / "bravo.crt",
         cluster_pki.foreign / "bravo.key",
     )
-    async with receiver(cluster_pki, target, sink, creds=foreign) as server:
-        returncode, lines = await run_tunnel_rsh(cluster_pki, server, SENDER, RECEIVER)
-    assert returncode == 255
-    assert len(lines) == 1 and "certificate verify failed" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("expected", "foreign", "reason"),
+    [
+        ("charlie", False, "push wrong to charlie at 127.0.0.1:{port}: the certificate is "
+                           "bravo's"),
+        (RECEIVER, True, "push wrong to bravo at 127.0.0.1:{port}: certificate verify failed"),
+    ],
+    ids=["another node", "another CA"],
+)
+async def test_a_push_to_a_tunnel_that_is_not_the_peer_fails_with_one_line(
+    cluster_pki: Pki, tmp_path: Path, expected: str, foreign: bool, reason: str
+) -> None:
+    """The sender checks who it reached before it sends the header: a tunnel whose
+    certificate names another node, or comes from another CA, gets neither the
+    announcement nor any data; the push fails with one line naming both ends."""
+    source, target = make_dirs(tmp_path)
+    (source / "f").write_bytes(b"for the peer only")
+    sink = RecordingSink(target)
+    creds = foreign_bravo(cluster_pki) if foreign else None
+    async with receiver(cluster_pki, target, sink, creds=creds) as server:
+        port = server.address[1]
+        with pytest.raises(TunnelError) as raised:
+            await push(order(server, "wrong", ["f"], peer=expected), source,
+                       cluster_pki.creds(SENDER))
+    message = str(raised.value)
+    assert message.startswith(reason.format(port=port)), message
+    assert "\n" not in message
     assert sink.pushes == []
+    assert not staged(target, "wrong").exists() and not (target / "f").exists()
 
 
 async def test_reused_push_id_is_refused(cluster_pki: Pki, tmp_path: Path) -> None:
@@ -503,9 +502,10 @@ async def test_reused_push_id_is_refused(cluster_pki: Pki, tmp_path: Path) -> No
     sink = RecordingSink(target)
     async with receiver(cluster_pki, target, sink) as server:
         creds = cluster_pki.creds(SENDER)
-        assert await push(grant(server, "same", ["f"]), source, creds) == 0
+        assert await push(order(server, "same", ["f"]), source, creds) == 0
         (source / "f").write_bytes(b"two")
-        assert await push(grant(server, "same", ["f"]), source, creds) != 0
+        with pytest.raises(TunnelError, match="refused push same: staging dir: push id already"):
+            await push(order(server, "same", ["f"]), source, creds)
     assert (staged(target, "same") / "f").read_bytes() == b"one"
     assert not (target / "f").exists()
     assert len(sink.pushes) == 1
@@ -523,7 +523,7 @@ def test_pushes_work_under_uvloop(cluster_pki: Pki, tmp_path: Path) -> None:
         sink = RecordingSink(target)
         async with receiver(cluster_pki, target, sink) as server:
             codes = await asyncio.gather(*(
-                push(grant(server, f"uv{i}", ["f"]), source, cluster_pki.creds(SENDER))
+                push(order(server, f"uv{i}", ["f"]), source, cluster_pki.creds(SENDER))
                 for i in range(4)
             ))
             await until(lambda: len(sink.finished()) == 4, "the pushes to end")
@@ -545,7 +545,7 @@ async def test_same_size_same_mtime_change_still_moves(cluster_pki: Pki, tmp_pat
         os.utime(side / "plan", ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
     sink = RecordingSink(target)
     async with receiver(cluster_pki, target, sink) as server:
-        code = await push(grant(server, "same", ["plan"]), source, cluster_pki.creds(SENDER))
+        code = await push(order(server, "same", ["plan"]), source, cluster_pki.creds(SENDER))
         await until(lambda: len(sink.finished()) == 1, "the push to end")
     assert code == 0
     assert (staged(target, "same") / "plan").read_bytes() == b"n1's plan"
