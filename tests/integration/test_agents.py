@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,29 +64,73 @@ def test_every_kind_of_change_converges_from_every_node(cluster: Cluster) -> Non
     assert not any(".conflict-" in p for p in tree), "no conflicts were made"
 
 
-def test_each_version_moves_once_per_peer(cluster: Cluster) -> None:
-    """The writer's agent pushes its write at once; lsyncd's gate, asked for the same
-    path a second later, is denied: one push per peer, not two (DESIGN.md, who pushes)."""
-    n1, n2, n3 = cluster.nodes
+def pushes(node: Node) -> dict[str, Any]:
+    status = node.status()
+    assert status is not None
+    return status["pushes"]  # type: ignore[no-any-return]
 
-    def pushes(node: Node) -> dict[str, Any]:
-        status = node.status()
-        assert status is not None
-        return status["pushes"]  # type: ignore[no-any-return]
 
-    received = {n.name: pushes(n)["received"] for n in (n2, n3)}
-    denied = pushes(n1)["denied"]
-    data = os.urandom(1 << 20)
-    (n1.data / "once.bin").write_bytes(data)
-    wait_for(lambda: all((n.data / "once.bin").exists()
-                         and (n.data / "once.bin").read_bytes() == data for n in (n2, n3)),
-             30, "the file at both peers")
-    wait_for(lambda: pushes(n1)["denied"] >= denied + 2, 30, "lsyncd's gate asked for both peers")
+def fresh_status(nodes: list[Node]) -> None:
     asked = time.time()
-    wait_for(lambda: all((n.status() or {}).get("now", 0) > asked for n in (n2, n3)), 10,
-             "fresh status from the peers")
-    assert {n.name: pushes(n)["received"] - received[n.name] for n in (n2, n3)} == {
-        "n2": 1, "n3": 1}
+    wait_for(lambda: all((n.status() or {}).get("now", 0) > asked for n in nodes), 10,
+             "fresh status")
+
+
+def test_lsyncd_carries_own_writes_and_each_version_moves_once_per_peer(
+        cluster: Cluster) -> None:
+    """Issue 12: lsyncd is the live push path. A burst of 200 files on n1 goes through
+    lsyncd's gate to each peer (allowed >= 200 per peer), the agent's own pusher sends
+    none of it, and each push lands once: the peers' lsyncd, firing on the files pushed
+    in, are refused (no echo)."""
+    n1, n2, n3 = cluster.nodes
+    fresh_status(cluster.nodes)
+    before = {n.name: pushes(n) for n in cluster.nodes}
+    for i in range(200):
+        (n1.data / f"burst/{i // 50}").mkdir(parents=True, exist_ok=True)
+        (n1.data / f"burst/{i // 50}/f{i:03}.txt").write_bytes(f"file {i}\n".encode())
+    cluster.wait_converged()
+    fresh_status(cluster.nodes)
+    after = {n.name: pushes(n) for n in cluster.nodes}
+    for peer in ("n2", "n3"):
+        was = before["n1"]["by_peer"][peer]
+        now = after["n1"]["by_peer"][peer]
+        assert now["allowed"] - was["allowed"] >= 200, (peer, now)
+        assert now["carried_paths"] - was["carried_paths"] >= 200, (peer, now)
+        assert now["sent_paths"] - was["sent_paths"] == 0, (peer, now)
+        assert now["carry_failures"] == was["carry_failures"]
+        # Every push n1's lsyncd ran to the peer arrived there, and nothing else did.
+        assert (after[peer]["received"] - before[peer]["received"]
+                == now["carried"] - was["carried"]), peer
+    for node in (n2, n3):
+        assert after[node.name]["allowed"] == before[node.name]["allowed"]  # no echo
+        assert after[node.name]["sent"] == before[node.name]["sent"]
+    status = subprocess.run([sys.executable, "-m", "mesh", "status", "--state-dir",
+                             str(n1.state)], capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert "pushed by lsyncd" in status.stdout and "by the agent 0 paths" in status.stdout
+
+
+def test_a_version_lsyncd_could_not_carry_goes_by_the_agent_through_the_same_executor(
+        cluster: Cluster) -> None:
+    """n3 is down while n1 writes: lsyncd's batch for n3 cannot go (the agent refuses a
+    peer that is not up), so the agent's pusher sends the version once n3 is back (the
+    catch-up), through the same executor: counted as n1's own push to n3, while n2 got
+    it from lsyncd."""
+    n1, n2, n3 = cluster.nodes
+    fresh_status(cluster.nodes)
+    before = pushes(n1)["by_peer"]
+    cluster.stop(n3)
+    (n1.data / "while-n3-away.txt").write_bytes(b"written while n3 was down\n")
+    wait_for(lambda: (n2.data / "while-n3-away.txt").exists(), 30, "the file at n2")
+    cluster.start(n3)
+    cluster.wait_linked()
+    wait_for(lambda: (n3.data / "while-n3-away.txt").exists(), 60, "the file at n3")
+    fresh_status([n1])
+    after = pushes(n1)["by_peer"]
+    assert after["n2"]["carried_paths"] > before["n2"]["carried_paths"]
+    assert after["n2"]["sent_paths"] == before["n2"]["sent_paths"]
+    assert after["n3"]["sent_paths"] > before["n3"]["sent_paths"]
+    assert (n3.data / "while-n3-away.txt").read_bytes() == b"written while n3 was down\n"
 
 
 def test_one_content_at_many_paths_lands_at_each(cluster: Cluster) -> None:
