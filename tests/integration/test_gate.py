@@ -17,8 +17,7 @@ from mesh.adapters.lsyncd.gate import EXIT_RETRY, EXIT_USAGE, MAGIC, GateLimits,
 from mesh.adapters.lsyncd.supervisor import GATE
 from mesh.adapters.tunnel import TunnelServer
 from mesh.errors import MeshError
-from tests.integration.conftest import Pki, RecordingSink, until
-from tests.integration.gatefakes import PushingCarrier
+from tests.integration.conftest import Pki, RecordingCarrier, RecordingSink, until
 
 pytestmark = pytest.mark.integration
 
@@ -75,8 +74,9 @@ async def test_the_gate_hands_the_batch_to_the_agent_which_pushes_what_may_go(
     sink = RecordingSink(target)
     tunnel = TunnelServer(cluster_pki.creds(RECEIVER), "127.0.0.1", 0, target, target / KEEP, sink)
     async with tunnel:
-        carrier = PushingCarrier(source, cluster_pki.creds(SENDER), {RECEIVER: tunnel.address},
-                                 lambda _, ps: sorted(allowed & set(ps)))
+        carrier = RecordingCarrier({RECEIVER: tunnel.address},
+                                   lambda _, ps: sorted(allowed & set(ps)), source=source,
+                                   creds=cluster_pki.creds(SENDER))
         server = GateServer(socket_path, source, carrier)
         await server.start()
         try:
@@ -86,7 +86,7 @@ async def test_the_gate_hands_the_batch_to_the_agent_which_pushes_what_may_go(
             await server.stop()
     assert result == (0, [])
     assert carrier.calls == [(RECEIVER, ["dir", "dir/sent [1].txt", "gone.txt", "held.txt"])]
-    assert carrier.codes == [0]  # the agent ran rsync and knows how it ended
+    assert [code for _, code in carrier.pushes] == [0]  # the agent knows how rsync ended
     # rsync lands a push in its staging dir only (mesh.core.landing); deletes and the
     # move into place are the receiving agent's, from the push's announcement.
     staged = target / KEEP / "in" / sink.pushes[0].push_id
@@ -102,8 +102,8 @@ async def test_the_gate_exits_only_when_the_agent_is_done_with_the_batch(
     """lsyncd starts a peer's next batch when the gate exits: the changes made while a
     push runs go together in the next one."""
     source, _, socket_path = make_dirs(tmp_path)
-    carrier = PushingCarrier(source, cluster_pki.creds(SENDER), {}, lambda _, __: [])
-    carrier.hold = asyncio.Event()
+    carrier = RecordingCarrier()
+    carrier.gate = asyncio.Event()
     server = GateServer(socket_path, source, carrier)
     await server.start()
     try:
@@ -114,7 +114,7 @@ async def test_the_gate_exits_only_when_the_agent_is_done_with_the_batch(
         await until(lambda: bool(carrier.calls), "the batch to reach the agent")
         with pytest.raises(TimeoutError):  # the agent holds the batch: the gate waits
             await asyncio.wait_for(proc.wait(), 0.5)
-        carrier.hold.set()
+        carrier.gate.set()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
     finally:
         await server.stop()
@@ -138,7 +138,7 @@ async def test_a_command_line_the_agent_does_not_know_stops_lsyncd(
 ) -> None:
     source, _, socket_path = make_dirs(tmp_path)
     argv = [arg.replace("{source}", str(source)) for arg in argv]
-    carrier = PushingCarrier(source, cluster_pki.creds(SENDER), {})
+    carrier = RecordingCarrier()
     server = GateServer(socket_path, source, carrier)
     await server.start()
     try:

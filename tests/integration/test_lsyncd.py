@@ -20,8 +20,7 @@ from mesh.adapters import rsyncd
 from mesh.adapters.lsyncd.gate import GateServer
 from mesh.adapters.lsyncd.supervisor import LsyncdSettings, LsyncdSupervisor, log_level
 from mesh.adapters.tunnel import TunnelServer
-from tests.integration.conftest import Pki, RecordingSink, until
-from tests.integration.gatefakes import PushingCarrier
+from tests.integration.conftest import Pki, RecordingCarrier, RecordingSink, until
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +33,7 @@ class Mesh:
     source: Path
     target: Path
     supervisor: LsyncdSupervisor
-    carrier: PushingCarrier
+    carrier: RecordingCarrier
     sink: RecordingSink
 
 
@@ -53,12 +52,12 @@ async def running(
             cluster_pki.creds(RECEIVER), "127.0.0.1", 0, target, target / KEEP, sink
         )
         await stack.enter_async_context(tunnel)
-        carrier = PushingCarrier(
-            source, cluster_pki.creds(SENDER), {RECEIVER: tunnel.address},
-            lambda peer, paths: paths if peer == RECEIVER else [],
+        carrier = RecordingCarrier(
+            {RECEIVER: tunnel.address}, lambda peer, paths: paths if peer == RECEIVER else [],
+            source=source, creds=cluster_pki.creds(SENDER),
         )  # fmt: skip
         if blocked:
-            carrier.hold = asyncio.Event()
+            carrier.gate = asyncio.Event()
         socket_path = tmp_path / "agent.sock"
         await stack.enter_async_context(GateServer(socket_path, source, carrier))
         settings = LsyncdSettings(source, socket_path, backoff=(0.1, 1.0), stop_timeout=3)
