@@ -1,7 +1,8 @@
 """A push: rsync sends some paths of the data folder to one peer through the TLS tunnel
 (docs/DESIGN.md, "Data plane"). Every push runs here, whichever way it started (a batch
-of lsyncd's that the gate let through, or the agent's own pusher), and its rsync exit
-status always comes back to the caller.
+of lsyncd's that the gate let through, or the agent's own pusher): the caller gets
+rsync's exit status, or a ``MeshError`` (``TunnelError``) with the receiver's reason
+when the push could not start.
 
 The TLS end of the tunnel runs in the agent's event loop; rsync's remote shell is a pair
 of ``cat``s joined to it by a socket pair, so a push starts rsync, a shell and a ``cat``,

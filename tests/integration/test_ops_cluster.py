@@ -133,10 +133,10 @@ def test_status_health_and_metrics(cluster: Cluster) -> None:
         assert m1[("mesh_link_up", (("address", "127.0.1.12:8883"), ("peer", "n2")))] == 1
         assert m1[("mesh_link_up", (("address", "127.0.1.13:8883"), ("peer", "n3")))] == 1
         assert m1[("mesh_changes_total", (("origin", "local"),))] >= 2
-        # The agent pushes its own writes; lsyncd's gate is the second path, and is
-        # normally granted nothing (mesh/pushes.py).
-        assert m1[("mesh_push_paths_sent_total", ())] >= 1
-        assert m1[("mesh_pushes_sent_total", (("result", "ok"),))] >= 1
+        # lsyncd carries our own writes through the gate (issue 12), counted by who
+        # started each push.
+        assert m1[("mesh_push_paths_sent_total", (("by", "lsyncd"),))] >= 1
+        assert m1[("mesh_pushes_sent_total", (("by", "lsyncd"), ("result", "ok")))] >= 1
         assert ("mesh_push_paths_total", (("decision", "allowed"),)) in m1
         assert m1[("mesh_manifests_sent_total", ())] >= 1
         assert m2[("mesh_changes_total", (("origin", "peer"),))] >= 2
