@@ -21,12 +21,13 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from mesh import cli_ops, control, health, metrics
 from mesh.cli import app
+from mesh.cli import ops as cli_ops
 from mesh.core import manifest, tree, wire
 from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.resolver import Conflict, Version, resolve
 from mesh.core.vclock import VersionVector, hlc_pack
+from mesh.engine.ops import control, health, metrics
 from mesh.errors import RemoteProtocolError
 from mesh.store.index import Index
 from tests.core.strategies import entries

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import pytest
 
-from mesh.adapters.peers import (
+from mesh.adapters.mqtt.peers import (
     Endpoint,
     PeerDiscoveryError,
     PeerWatcher,
@@ -27,7 +27,7 @@ from mesh.errors import LocalProtocolError
 
 T = TypeVar("T")
 DEADLINE = 5.0
-LOGGER = "mesh.adapters.peers"
+LOGGER = "mesh.adapters.mqtt.peers"
 
 
 def run(coro: Awaitable[T]) -> T:

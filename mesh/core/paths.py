@@ -21,7 +21,7 @@ MAX_NAME_BYTES = 255  # NAME_MAX on Linux
 # Never synced, never scanned, and refused in anything a peer sends: a peer naming
 # one could otherwise write into the keep area (objects under another object's hash,
 # the area's own mode), the state dir, or a temp file the agent is about to rename.
-KEEP_NAME = ".mesh-keep"  # the keep area, <data>/.mesh-keep (mesh.keep)
+KEEP_NAME = ".mesh-keep"  # the keep area, <data>/.mesh-keep (mesh.engine.keep)
 STATE_NAME = ".mesh-state"  # a state dir kept inside the data dir
 RESERVED_TOP = frozenset((KEEP_NAME, STATE_NAME))
 # rsync writes into ".<name>.<6 random chars>" next to the target and renames it into

@@ -20,15 +20,15 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from mesh.adapters.scanner import PREHASH_BYTES, Scanner
+from mesh.adapters.fs.scanner import PREHASH_BYTES, Scanner
 from mesh.core import manifest
 from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.replica import Effect, PathState, Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector, hlc_pack
-from mesh.dataplane import DataPlane
+from mesh.engine.dataplane import DataPlane
+from mesh.engine.keep import KeepArea
 from mesh.gate import request_grant
-from mesh.keep import KeepArea
 from mesh.pushes import Pushes
 from mesh.store.index import Index
 from tests.cluster import Cluster, Node, running, wait_for

@@ -30,15 +30,15 @@ import msgpack
 import pytest
 
 from mesh import pki
-from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
-from mesh.adapters.links import LinkDown, OwnClient
+from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.links import LinkDown, OwnClient
 from mesh.core import manifest, wire
 from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.replica import Effect, PathState, Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, VersionVector, hlc_pack
+from mesh.engine.exchange import Exchange
 from mesh.errors import MeshError
-from mesh.exchange import Exchange
 from mesh.gate import PushGrant, push
 from mesh.store.index import Index
 from tests.cluster import BROKER_PORT, TUNNEL_PORT, Cluster, Node, running, wait_for

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
-from mesh.adapters.links import (
+from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.links import (
     LinkDown,
     LinkSettings,
     LinkState,
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 ALPHA, BRAVO = "alpha", "bravo"
 ALPHA_HOST, BRAVO_HOST = "127.0.0.1", "127.0.0.2"
-LINKS_LOG = "mesh.adapters.links"
+LINKS_LOG = "mesh.adapters.mqtt.links"
 FAST = LinkSettings(liveness_s=1.5, backoff_min=0.1, backoff_max=1.0, connect_timeout=2.0)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from mesh import pki
-from mesh.adapters import rsyncd
-from mesh.adapters.tunnel import PushHello, TunnelServer, credentials_env, encode_frame
+from mesh.adapters.rsync import rsyncd
+from mesh.adapters.rsync.tunnel import PushHello, TunnelServer, credentials_env, encode_frame
 from mesh.gate import TUNNEL_RSH, PushGrant, push, tunnel_env
 from tests.integration.conftest import Pki, RecordingSink, until
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 SENDER, RECEIVER = "alpha", "bravo"
 KEEP = rsyncd.DEFAULT_KEEP_NAME
-TUNNEL_LOG = "mesh.adapters.tunnel"
+TUNNEL_LOG = "mesh.adapters.rsync.tunnel"
 
 
 @asynccontextmanager
