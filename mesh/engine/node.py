@@ -25,8 +25,10 @@ from mesh.adapters.fs.scanner import Scanner
 from mesh.adapters.fs.watcher import Watcher
 from mesh.adapters.lsyncd import LsyncdSettings, LsyncdSupervisor
 from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
-from mesh.adapters.mqtt.links import LinkDown, LinkState, OwnClient, PeerLink
+from mesh.adapters.mqtt.connection import LinkDown
+from mesh.adapters.mqtt.links import OwnClient, PeerLink
 from mesh.adapters.mqtt.peers import PeerWatcher, local_addresses
+from mesh.adapters.mqtt.session import LinkState
 from mesh.adapters.rsync.tunnel import TunnelServer
 from mesh.config import AgentConfig
 from mesh.core import admit

@@ -19,7 +19,8 @@ from amqtt.contexts import Action
 from amqtt.mqtt.connack import NOT_AUTHORIZED
 
 from mesh import pki
-from mesh.adapters.mqtt.broker import BrokerLimits, BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.guard import BrokerLimits
 from mesh.errors import ConfigError, PkiError
 from tests.integration.conftest import CLUSTER, ClientFiles, Pki, until
 

@@ -31,7 +31,8 @@ import pytest
 
 from mesh import pki
 from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
-from mesh.adapters.mqtt.links import LinkDown, OwnClient
+from mesh.adapters.mqtt.connection import LinkDown
+from mesh.adapters.mqtt.links import OwnClient
 from mesh.core import manifest, wire
 from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.replica import Effect, PathState, Replica

@@ -14,15 +14,9 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
-from mesh.adapters.mqtt.links import (
-    LinkDown,
-    LinkSettings,
-    LinkState,
-    MqttSession,
-    OnMessage,
-    OwnClient,
-    PeerLink,
-)
+from mesh.adapters.mqtt.connection import LinkDown, LinkSettings
+from mesh.adapters.mqtt.links import OwnClient, PeerLink
+from mesh.adapters.mqtt.session import LinkState, MqttSession, OnMessage
 from mesh.core.topics import Topics
 from mesh.pki import NodeCredentials, load_node, server_ssl_context
 from tests.integration.conftest import CLUSTER, Pki, until
@@ -31,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 ALPHA, BRAVO = "alpha", "bravo"
 ALPHA_HOST, BRAVO_HOST = "127.0.0.1", "127.0.0.2"
-LINKS_LOG = "mesh.adapters.mqtt.links"
+LINKS_LOG = "mesh.adapters.mqtt.session"
 FAST = LinkSettings(liveness_s=1.5, backoff_min=0.1, backoff_max=1.0, connect_timeout=2.0)
 
 

@@ -23,7 +23,9 @@ import uvloop
 
 from mesh import pki
 from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
-from mesh.adapters.mqtt.links import LinkSettings, LinkState, MqttSession, OwnClient, PeerLink
+from mesh.adapters.mqtt.connection import LinkSettings
+from mesh.adapters.mqtt.links import OwnClient, PeerLink
+from mesh.adapters.mqtt.session import LinkState, MqttSession
 from mesh.core import wire
 from mesh.core.manifest import Entry, Kind, Manifest, entry_to_wire
 from mesh.core.replica import Effect, PathState, Replica
