@@ -12,6 +12,9 @@ from typing import Any
 import msgpack
 
 FRAME = struct.Struct(">I")
+# The largest push header (the sender's announcement of a push, ``mesh.core.manifest``) the
+# tunnel and the gate carry in a frame: one home for the agent and the lean processes.
+MAX_HEADER_BYTES = 4 * 1024 * 1024
 
 
 class FrameError(Exception):

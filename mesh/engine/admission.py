@@ -36,7 +36,7 @@ from mesh.errors import RemoteProtocolError
 LOG = logging.getLogger("mesh.engine.admission")
 
 # For a sender's announcements to catch up with its push: shorter than the sender's wait
-# for our answer (``mesh.adapters.rsync.tunnel.open_push``, 10 s), so that it learns why.
+# for our answer (``mesh.adapters.rsync.push.open_push``, 10 s), so that it learns why.
 WAIT_S = 5.0
 
 

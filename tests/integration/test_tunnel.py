@@ -16,7 +16,9 @@ import pytest
 
 from mesh import pki
 from mesh.adapters.rsync import rsyncd
-from mesh.adapters.rsync.tunnel import PushHello, TunnelServer, credentials_env, encode_frame
+from mesh.adapters.rsync.push import PushHello, credentials_env
+from mesh.adapters.rsync.tunnel import TunnelServer
+from mesh.frames import encode_frame
 from mesh.gate import TUNNEL_RSH, PushGrant, push, tunnel_env
 from tests.integration.conftest import Pki, RecordingSink, until
 

@@ -26,6 +26,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from mesh.core.paths import TEMP_CHARS, temp_name
 from mesh.errors import MeshError
 
 PERMISSIONS = 0o777  # never setuid, setgid or sticky from a peer's mode
@@ -156,7 +157,7 @@ class Beneath:
         """A free-looking temp name next to ``rel`` (same folder: renames are atomic),
         shaped like rsync's so the watcher and the scanner ignore it."""
         head, _, name = rel.rpartition("/")
-        temp = f".{name}.{secrets.token_hex(3)}"
+        temp = temp_name(name, secrets.token_hex(TEMP_CHARS // 2))
         return f"{head}/{temp}" if head else temp
 
     def write_file(self, rel: str, source_fd: int | None, mode: int,

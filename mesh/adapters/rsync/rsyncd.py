@@ -107,6 +107,7 @@ the daemon's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import stat
@@ -116,7 +117,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.adapters.rsync import rsyncd_hook
+from mesh.core import paths
 from mesh.core.paths import KEEP_NAME
+from mesh.errors import ConfigError
 
 # The hook's half (mesh.adapters.rsync.rsyncd_hook), here too for the sending side and tests.
 KEEP_NAME_RE = rsyncd_hook.KEEP_NAME_RE
@@ -132,7 +135,7 @@ valid_push_id = rsyncd_hook.valid_push_id
 
 DEFAULT_KEEP_NAME = KEEP_NAME
 RSYNC = "/usr/bin/rsync"
-RSYNC_TEMP_GLOB = ".*.??????"  # rsync's mkstemp name: "." + name + "." + 6 characters
+RSYNC_TEMP_GLOB = paths.RSYNC_TEMP_GLOB  # for lsyncd's excludes (mesh.adapters.lsyncd)
 
 
 # -I (--ignore-times): every path in a push is one the gate decided the peer lacks, so
@@ -273,3 +276,48 @@ def include_patterns(paths: Iterable[str], source: Path) -> list[str]:
             patterns["/" + _literal("/".join(parts[:depth])) + "/"] = None
         patterns["/" + _literal(path) + ("/" if is_dir else "")] = None
     return list(patterns)
+
+
+# --- the staging area: the tunnel makes it, the daemon writes only into it -------------
+
+
+def check_dirs(data_dir: Path, keep_dir: Path) -> tuple[Path, str]:
+    """The resolved data dir and the keep dir's name; creates the keep dir and its staging
+    area, ``<keep>/in`` (mode 0700)."""
+    if not data_dir.is_dir():
+        raise ConfigError(f"tunnel: data dir {data_dir} is not a directory")
+    if keep_dir.parent.resolve() != data_dir.resolve():
+        raise ConfigError(f"tunnel: keep dir {keep_dir} must be directly inside {data_dir}")
+    if not valid_keep_name(keep_dir.name):
+        raise ConfigError(f"tunnel: keep dir name {keep_dir.name!r} must match .NAME")
+    with contextlib.suppress(FileExistsError):
+        keep_dir.mkdir(mode=0o700)
+    if not keep_dir.is_dir() or keep_dir.is_symlink():
+        raise ConfigError(f"tunnel: keep dir {keep_dir} is not a directory")
+    try:
+        os.close(_staging_area(keep_dir))
+    except OSError as err:
+        raise ConfigError(f"tunnel: staging area {keep_dir / STAGING}: {err}") from err
+    return data_dir.resolve(), keep_dir.name
+
+
+def _staging_area(keep_dir: Path) -> int:
+    """An fd of ``<keep_dir>/in``, made (mode 0700) if missing; no link is followed."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    keep_fd = os.open(keep_dir, flags)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(STAGING, 0o700, dir_fd=keep_fd)
+        return os.open(STAGING, flags, dir_fd=keep_fd)
+    finally:
+        os.close(keep_fd)
+
+
+def make_staging_dir(keep_dir: Path, push_id: str) -> None:
+    """Create ``<keep_dir>/in/<push_id>`` (mode 0700), failing if it exists, without
+    following a link."""
+    fd = _staging_area(keep_dir)
+    try:
+        os.mkdir(push_id, 0o700, dir_fd=fd)
+    finally:
+        os.close(fd)

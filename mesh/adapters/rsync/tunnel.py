@@ -33,128 +33,30 @@ import shutil
 import signal
 import socket
 import ssl
-import stat
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from mesh.adapters.rsync import relay, rsyncd
+from mesh.adapters.rsync.push import VERSION, PushHello
+from mesh.adapters.streams import Connections, close_stream, read_frame
 from mesh.adapters.tls_server import accept_forever, bind, open_tls
-from mesh.core.manifest import unpack
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, PkiError, RemoteProtocolError
-from mesh.frames import FRAME
-from mesh.frames import encode_frame as encode_frame  # the agent's side speaks them too
+from mesh.frames import MAX_HEADER_BYTES, encode_frame
 from mesh.pki.tls import (
     NodeCredentials,
-    NodeIdentity,
-    client_ssl_context,
     identity_from_peercert,
     server_ssl_context,
 )
 
 LOG = logging.getLogger(__name__)
 
-VERSION = 1
-MAX_HEADER_BYTES = 4 * 1024 * 1024
 _HELLO_OVERHEAD = 1024  # the map, the keys and the push id around the header
-_MAX_REPLY_BYTES = 64 * 1024
 PIPE_BYTES = 1 << 20  # the daemon's stdin (Linux's default: 64 KiB)
-_BUFFER = 1 << 20  # a push stream's read-ahead, until the relay takes it over
-
-
-class TunnelError(MeshError):
-    """A push could not be set up: connection, TLS, identity, or the receiver refused."""
-
-
-# --- frames --------------------------------------------------------------------------------
-
-
-async def read_frame(reader: asyncio.StreamReader, limit: int) -> Any:
-    """One frame, decoded; ``RemoteProtocolError`` if it is cut short, too big or garbage."""
-    try:
-        (length,) = FRAME.unpack(await reader.readexactly(FRAME.size))
-        if length > limit:
-            raise RemoteProtocolError(f"frame of {length} bytes exceeds {limit}")
-        body = await reader.readexactly(length)
-    except asyncio.IncompleteReadError:
-        raise RemoteProtocolError("stream ended inside a frame") from None
-    return unpack(body, max_bytes=limit)
-
-
-def _check_version(message: Any, keys: set[str]) -> dict[str, Any]:
-    if not isinstance(message, dict) or message.get("v") != VERSION:
-        raise RemoteProtocolError(f"not a version {VERSION} tunnel message")
-    if set(message) != keys:
-        raise RemoteProtocolError(f"fields {sorted(message)} instead of {sorted(keys)}")
-    return message
-
-
-@dataclass(frozen=True)
-class PushHello:
-    """The first frame of a push."""
-
-    push_id: str
-    header: bytes
-
-    def __post_init__(self) -> None:
-        if not rsyncd.valid_push_id(self.push_id):
-            raise LocalProtocolError(f"invalid push id {self.push_id!r}")
-        if not isinstance(self.header, bytes) or len(self.header) > MAX_HEADER_BYTES:
-            raise LocalProtocolError(f"push header must be at most {MAX_HEADER_BYTES} bytes")
-
-    def encode(self) -> bytes:
-        return encode_frame({"v": VERSION, "push": self.push_id, "header": self.header})
-
-    @classmethod
-    def decode(cls, message: Any) -> PushHello:
-        fields = _check_version(message, {"v", "push", "header"})
-        push_id, header = fields["push"], fields["header"]
-        if not rsyncd.valid_push_id(push_id):
-            raise RemoteProtocolError(f"invalid push id {str(push_id)[:80]!r}")
-        if not isinstance(header, bytes):
-            raise RemoteProtocolError("push header is not bytes")
-        return cls(push_id, header)
-
-
-class Connections:
-    """The tasks serving one server's accepted connections, at most ``limit`` at once."""
-
-    def __init__(self, what: str, limit: int) -> None:
-        self.what, self.limit = what, limit
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def serve(
-        self, writer: asyncio.StreamWriter, handler: Callable[[], Coroutine[Any, Any, None]]
-    ) -> None:
-        """Run ``handler()`` for the connection of ``writer``, or drop it when full."""
-        if len(self._tasks) >= self.limit:
-            LOG.warning("%s: dropped a connection: %d open, the limit", self.what, self.limit)
-            writer.transport.abort()
-            return
-        self.spawn(handler)
-
-    def spawn(self, handler: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        task = asyncio.create_task(handler())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def close(self, grace: float = 0.0) -> None:
-        """Let the handlers finish for ``grace`` seconds, then cancel the rest."""
-        if self._tasks and grace > 0:
-            await asyncio.wait(self._tasks, timeout=grace)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-# --- receiving side ------------------------------------------------------------------------
 
 
 class PushSink(Protocol):
@@ -229,7 +131,7 @@ class TunnelServer:
     async def start(self) -> None:
         if self._socket is not None:
             raise LocalProtocolError("the tunnel server is already running")
-        data_dir, keep_name = _check_dirs(self.data_dir, self.keep_dir)
+        data_dir, keep_name = rsyncd.check_dirs(self.data_dir, self.keep_dir)
         chroot = os.geteuid() == 0
         if not chroot:
             LOG.warning("tunnel: not root, so no chroot: incoming symlinks get sanitized")
@@ -341,7 +243,7 @@ class TunnelServer:
         telling the client why) when either refuses."""
         where = f"push {hello.push_id} from {peer}"
         try:
-            _make_staging_dir(self.keep_dir, hello.push_id)
+            rsyncd.make_staging_dir(self.keep_dir, hello.push_id)
         except OSError as err:
             why = "push id already used" if isinstance(err, FileExistsError) else str(err)
             await _refuse(writer, where, f"staging dir: {why}")
@@ -432,63 +334,11 @@ class TunnelServer:
         return returncode
 
 
-def _check_dirs(data_dir: Path, keep_dir: Path) -> tuple[Path, str]:
-    """The resolved data dir and the keep dir's name; creates the keep dir and its staging
-    area, ``<keep>/in`` (mode 0700)."""
-    if not data_dir.is_dir():
-        raise ConfigError(f"tunnel: data dir {data_dir} is not a directory")
-    if keep_dir.parent.resolve() != data_dir.resolve():
-        raise ConfigError(f"tunnel: keep dir {keep_dir} must be directly inside {data_dir}")
-    if not rsyncd.valid_keep_name(keep_dir.name):
-        raise ConfigError(f"tunnel: keep dir name {keep_dir.name!r} must match .NAME")
-    with contextlib.suppress(FileExistsError):
-        keep_dir.mkdir(mode=0o700)
-    if not keep_dir.is_dir() or keep_dir.is_symlink():
-        raise ConfigError(f"tunnel: keep dir {keep_dir} is not a directory")
-    try:
-        os.close(_open_staging_area(keep_dir))
-    except OSError as err:
-        raise ConfigError(f"tunnel: staging area {keep_dir / rsyncd.STAGING}: {err}") from err
-    return data_dir.resolve(), keep_dir.name
-
-
-def _open_staging_area(keep_dir: Path) -> int:
-    """An fd of ``<keep_dir>/in``, made (mode 0700) if missing; no link is followed."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-    keep_fd = os.open(keep_dir, flags)
-    try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(rsyncd.STAGING, 0o700, dir_fd=keep_fd)
-        return os.open(rsyncd.STAGING, flags, dir_fd=keep_fd)
-    finally:
-        os.close(keep_fd)
-
-
-def _make_staging_dir(keep_dir: Path, push_id: str) -> None:
-    """Create ``<keep_dir>/in/<push_id>`` (mode 0700), failing if it exists, without
-    following a link."""
-    fd = _open_staging_area(keep_dir)
-    try:
-        os.mkdir(push_id, 0o700, dir_fd=fd)
-    finally:
-        os.close(fd)
-
-
 async def _refuse(writer: asyncio.StreamWriter, where: str, why: str) -> None:
     LOG.warning("tunnel: refused %s: %s", where, why)
     writer.write(encode_frame({"v": VERSION, "ok": False, "error": why}))
     with contextlib.suppress(OSError, TimeoutError):
         await asyncio.wait_for(writer.drain(), 5)
-
-
-async def close_stream(writer: asyncio.StreamWriter, within: float = 5.0) -> None:
-    """Close after the last bytes went out (``abort`` would drop what is still buffered,
-    such as the daemon's final error message); abort if the peer does not take them."""
-    writer.close()
-    try:
-        await asyncio.wait_for(writer.wait_closed(), within)
-    except (OSError, TimeoutError):
-        writer.transport.abort()
 
 
 def _address(writer: asyncio.StreamWriter) -> str:
@@ -505,121 +355,3 @@ def _kill_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
 async def _collect(stream: asyncio.StreamReader, lines: deque[str]) -> None:
     async for raw in stream:
         lines.append(raw.decode("utf-8", "backslashreplace").rstrip())
-
-
-async def start_unix_server(
-    path: Path, what: str, accepted: Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]
-) -> asyncio.AbstractServer:
-    """Listen on the unix socket ``path``, mode 0600 (only this node's own processes may
-    ask), in place of one an agent that did not stop cleanly left; ``ConfigError`` (one
-    line naming ``what``) if that cannot be done."""
-    _remove_socket(path, what)
-    try:
-        server = await asyncio.start_unix_server(accepted, str(path))
-        _owner_only(path)
-    except OSError as err:
-        raise ConfigError(f"{what} socket {path}: {err.strerror or err}") from err
-    return server
-
-
-async def stop_unix_server(
-    server: asyncio.AbstractServer, connections: Connections, path: Path
-) -> None:
-    """Stop listening, end the connections being served, remove the socket."""
-    server.close()
-    await connections.close()
-    await server.wait_closed()
-    _unlink(path)
-
-
-def _remove_socket(path: Path, what: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ConfigError(f"{what} socket {path} exists and is not a socket")
-    _unlink(path)
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _owner_only(path: Path) -> None:
-    path.chmod(0o600)
-
-
-# --- sending side ------------------------------------------------------------------------
-
-
-def credentials_env(creds: NodeCredentials) -> dict[str, str]:
-    """The environment that hands a node's TLS material to ``mesh tunnel-rsh``, which
-    rsync starts with nothing but a host name."""
-    return {
-        "MESH_CLUSTER": creds.identity.cluster,
-        "MESH_NODE_ID": creds.identity.node,
-        "MESH_TLS_CA": str(creds.ca_cert),
-        "MESH_TLS_CERT": str(creds.cert),
-        "MESH_TLS_KEY": str(creds.key),
-    }
-
-
-def credentials_from_env(environ: Mapping[str, str]) -> NodeCredentials:
-    try:
-        identity = NodeIdentity(environ["MESH_CLUSTER"], environ["MESH_NODE_ID"])
-        return NodeCredentials(
-            identity,
-            Path(environ["MESH_TLS_CA"]),
-            Path(environ["MESH_TLS_CERT"]),
-            Path(environ["MESH_TLS_KEY"]),
-        )
-    except KeyError as err:
-        raise ConfigError(f"{err.args[0]} is not set") from None
-    except MeshError as err:
-        raise ConfigError(str(err)) from None
-
-
-async def open_push(
-    creds: NodeCredentials,
-    host: str,
-    port: int,
-    peer: str,
-    hello: PushHello,
-    *,
-    within: float = 10.0,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """The agent's own end of a push (``mesh.rsh`` is the gate's): connect to ``peer``'s
-    tunnel, check that it is ``peer``, send the header and wait for the go-ahead. Returns
-    the stream that then carries rsync's daemon protocol."""
-    where = f"push {hello.push_id} to {peer} at {host}:{port}"
-    try:
-        async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=client_ssl_context(creds), limit=_BUFFER)
-    except ssl.SSLCertVerificationError as err:
-        raise TunnelError(f"{where}: certificate verify failed: {err.verify_message}") from None
-    except (OSError, TimeoutError) as err:
-        raise TunnelError(f"{where}: connect: {err or type(err).__name__}") from None
-    try:
-        found = identity_from_peercert(writer.get_extra_info("peercert"),
-                                       creds.identity.cluster).node
-        if found != peer:
-            raise TunnelError(f"{where}: the certificate is {found}'s")
-        writer.write(hello.encode())
-        async with asyncio.timeout(within):
-            await writer.drain()
-            reply = await read_frame(reader, _MAX_REPLY_BYTES)
-        if not isinstance(reply, dict) or reply.get("v") != VERSION:
-            raise TunnelError(f"{where}: malformed reply to the push header")
-        if reply.get("ok") is not True:
-            raise TunnelError(f"{peer} refused push {hello.push_id}: "
-                              f"{str(reply.get('error'))[:500]}")
-    except TimeoutError:
-        writer.transport.abort()
-        raise TunnelError(f"{where}: no answer within {within:g} s") from None
-    except (OSError, PkiError, RemoteProtocolError) as err:
-        writer.transport.abort()
-        raise TunnelError(f"{where}: {err}") from None
-    except BaseException:
-        writer.transport.abort()
-        raise
-    return reader, writer

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from mesh.adapters.fs.scanner import ScanError
-from mesh.adapters.rsync.tunnel import (
+from mesh.adapters.streams import (
     Connections,
     close_stream,
-    encode_frame,
     read_frame,
     start_unix_server,
     stop_unix_server,
@@ -42,6 +41,7 @@ from mesh.core.vclock import Ordering, hlc_wall_ms
 from mesh.engine.dataplane import DataPlane
 from mesh.engine.exchange import Exchange
 from mesh.errors import MeshError, RemoteProtocolError
+from mesh.frames import encode_frame
 from mesh.store.index import ConflictRow, Index
 
 LOG = logging.getLogger("mesh.engine.ops.control")
