@@ -33,7 +33,7 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 BROKER_PORT: Final = 8883
 TUNNEL_PORT: Final = 8873
 DEFAULT_CONFIG_FILE: Final = Path("/etc/meshsync/agent.toml")
-# Same pattern as the cluster part of the certificates' identity (mesh/pki/__init__.py).
+# Same pattern as the cluster part of the certificates' identity (mesh/pki/tls.py).
 CLUSTER_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 MAX_SECONDS: Final = 3600.0
 
