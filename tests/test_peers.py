@@ -22,7 +22,7 @@ from mesh.adapters.mqtt.peers import (
     local_addresses,
     resolve_peers,
 )
-from mesh.config import PeerSpec
+from mesh.config.values import PeerSpec
 from mesh.errors import LocalProtocolError
 
 T = TypeVar("T")

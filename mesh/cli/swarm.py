@@ -12,7 +12,7 @@ import typer
 
 from mesh import config, pki
 from mesh.cli.pki import DEFAULT_DIR, PkiDir, _operator_errors
-from mesh.config import HostPort
+from mesh.config.values import HostPort
 from mesh.deploy import swarm
 from mesh.errors import ConfigError, PkiError
 from mesh.pki import enroll

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mesh import pki
-from mesh.config import HostPort
+from mesh.config.values import HostPort
 from mesh.errors import PkiError
 
 LOG = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from mesh import pki
 from mesh.cli import app
-from mesh.config import HostPort
+from mesh.config.values import HostPort
 from mesh.errors import PkiError
 from mesh.pki import enroll
 

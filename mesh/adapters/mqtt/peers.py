@@ -19,7 +19,7 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
-from mesh.config import HostPort, PeerSpec
+from mesh.config.values import HostPort, PeerSpec
 from mesh.errors import LocalProtocolError, MeshError
 
 LOG = logging.getLogger(__name__)
