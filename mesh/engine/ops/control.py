@@ -186,12 +186,8 @@ class Operations:
         except (OSError, MeshError) as err:
             raise ControlError(f"restore {c.path}: {err}") from err
         await self.data.scan([c.path])
-        now_ms = time.time_ns() // 1_000_000
-        # The one statement outside mesh.store: Index has no setter for restored_ms yet
-        # and index.py is not this change's to edit; it belongs in Index.mark_restored.
         with self.index.batch():
-            self.index.db.execute("UPDATE conflicts SET restored_ms = ? WHERE id = ?",
-                                  (now_ms, c.id))
+            self.index.mark_restored(c.id, time.time_ns() // 1_000_000)
         LOG.info("operator restored the losing version of %s (conflict %s) from %s",
                  c.path, c.id, source)
         now_disk = self.index.state(c.path).disk
