@@ -46,8 +46,9 @@ from pathlib import Path
 from mesh import pki
 from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
 from mesh.adapters.mqtt.links import OwnClient, PeerLink
+from mesh.core.effects import Effect, PathState
 from mesh.core.manifest import Entry, Kind, Manifest
-from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
 from mesh.engine import gcpolicy

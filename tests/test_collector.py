@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mesh import config
+from mesh.core.effects import PathState
 from mesh.core.manifest import Entry
-from mesh.core.replica import PathState
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
 from mesh.core.vclock import VersionVector, hlc_pack

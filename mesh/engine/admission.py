@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mesh.adapters.rsync.tunnel import PushSink
+from mesh.clock import now_ms
 from mesh.core import admit, manifest
 from mesh.core.manifest import Manifest
 from mesh.core.vclock import VersionVector
@@ -67,7 +68,7 @@ class PushAdmission:
     async def begin(self, peer: str, push_id: str, header: bytes) -> object:
         where = f"push {push_id}"
         m = manifest.decode_push(header, peer, push_id)
-        screened = admit.screen(m.entries, m.conflicts, _ms(), self.limits)
+        screened = admit.screen(m.entries, m.conflicts, now_ms(), self.limits)
         if screened.refused:
             raise RemoteProtocolError(f"{where}: {admit.summary(screened.refused)}", peer=peer)
         await self._announced(peer, where, m)
@@ -94,7 +95,3 @@ class PushAdmission:
         finally:
             if returncode == 0:
                 self.on_delivered(ticket.peer)
-
-
-def _ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from mesh import clock
 from mesh.core import retention
 from mesh.core.retention import Candidate, Plan, Policy
 from mesh.engine.keep import KeepArea
@@ -96,13 +97,13 @@ class Collector:
         self._cursor = ""  # the last tombstone path looked at
         self._last: float | None = None
         # Peers that announced before this release recorded whom it heard.
-        kept.heard((), index.announcing_peers(), _ms(), 0)
+        kept.heard((), index.announcing_peers(), clock.now_ms(), 0)
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.every)
             try:
-                self.round(_ms())
+                self.round(clock.now_ms())
             except (OSError, ValueError, MeshError) as err:  # a volume in trouble: next round
                 LOG.warning("keep area: collection failed: %s", err)
 
@@ -203,10 +204,6 @@ class Collector:
 def _volume_bytes(keep: KeepArea) -> int:
     fs = os.statvfs(keep.objects)
     return fs.f_blocks * fs.f_frsize
-
-
-def _ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _bytes(n: int) -> str:

@@ -26,10 +26,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from mesh.adapters.fs.scanner import PREHASH_BYTES, ScanError, Scanner, Unsettled
+from mesh.clock import now_ms
+from mesh.core.effects import Effect, Observed, Restore, Want, WriteCopy
 from mesh.core.landing import Staged, StagedFile, staged, to_reaim
 from mesh.core.manifest import ContentKey, Kind
 from mesh.core.paths import deepest_first
-from mesh.core.replica import Effect, Observed, Replica, Restore, Want, WriteCopy
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
 from mesh.engine.keep import KeepArea
@@ -44,10 +46,6 @@ SCANS_KEPT = 10_000
 SCANS_KEPT_S = 10.0  # a scan's mark matters only to watcher events already on their way
 
 Forward = Callable[[list[Effect]], Awaitable[None]]
-
-
-def _ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class DataPlane:
@@ -154,7 +152,7 @@ class DataPlane:
                         done.update([path, *inside])
                         queue.extendleft(reversed([*deepest_first(inside), path]))
                         continue
-                effects += self.replica.local(path, observed, _ms())
+                effects += self.replica.local(path, observed, now_ms())
             self.index.set_meta("clock", self.replica.clock)
         return effects
 
@@ -258,7 +256,7 @@ class DataPlane:
             (h for h in disk.heads if h.content == content), None)
         if disk is None or head is None or content[0] is Kind.DIR:
             return  # not recorded: an orphan, collected by its age (mesh.core.retention)
-        self.kept.add(head, disk.vector, why, _ms())
+        self.kept.add(head, disk.vector, why, now_ms())
 
     def _materialize(self, source_rel: str, kind: Kind, content: ContentKey, mode: int,
                      dest_rel: str, *, exclusive: bool, mtime_ns: int = 0,

@@ -33,12 +33,14 @@ from functools import partial
 from typing import TypeVar
 
 from mesh import __version__
+from mesh.clock import now_ms
 from mesh.core import admit, manifest, tree, wire
 from mesh.core.batcher import Batcher
 from mesh.core.delivery import Inbox, Need, Outbox
 from mesh.core.digest import Digest, bucket_of
+from mesh.core.effects import Announce, Effect, Logged
 from mesh.core.manifest import MAX_CONFLICTS, Entry, Manifest
-from mesh.core.replica import Announce, Effect, Logged, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Conflict, Version
 from mesh.core.topics import Topics
 from mesh.errors import MeshError, RemoteProtocolError
@@ -212,11 +214,11 @@ class Exchange:
         hello_sent = False
         while True:
             if not hello_sent:
-                hello = wire.Hello(self.node, self.epoch, __version__, self.tunnel_port, _ms())
+                hello = wire.Hello(self.node, self.epoch, __version__, self.tunnel_port, now_ms())
                 with contextlib.suppress(MeshError):  # own link down: next interval
                     await self.publish(self.topics.hello, wire.encode(hello), 1, True)
                     hello_sent = True
-            head = wire.Head(self.node, self.epoch, self.outbox.seq, _ms())
+            head = wire.Head(self.node, self.epoch, self.outbox.seq, now_ms())
             with contextlib.suppress(MeshError):
                 await self.publish(self.topics.head, wire.encode(head), 0, False)
             await asyncio.sleep(self.head_interval)
@@ -313,14 +315,14 @@ class Exchange:
 
     async def _apply(self, peer: str, entries: Iterable[Entry],
                      conflicts: Iterable[tuple[Entry, Entry]] = ()) -> None:
-        screened = admit.screen(entries, conflicts, _ms(), self.limits)
+        screened = admit.screen(entries, conflicts, now_ms(), self.limits)
         if screened.refused:
             LOG.warning("refused from %s: %s", peer, admit.summary(screened.refused))
         listed, pairs = list(screened.entries), list(screened.conflicts)
         try:
             with self.index.batch():
                 self.index.prefetch([e.path for e in listed] + [w.path for w, _ in pairs], peer)
-                effects = self.replica.remote(peer, listed, pairs, _ms())
+                effects = self.replica.remote(peer, listed, pairs, now_ms())
                 self.index.set_meta("clock", self.replica.clock)
         except RemoteProtocolError as err:
             LOG.warning("refused manifest from %s: %s", peer, err.reason)
@@ -544,7 +546,3 @@ def _chunks(items: list[T], size: int,
         return [wire.encode(build([], True))]
     return [wire.encode(build(items[i:i + size], i + size >= len(items)))
             for i in range(0, len(items), size)]
-
-
-def _ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -30,10 +30,12 @@ from mesh.adapters.mqtt.links import OwnClient, PeerLink
 from mesh.adapters.mqtt.peers import PeerWatcher, local_addresses
 from mesh.adapters.mqtt.session import LinkState
 from mesh.adapters.rsync.tunnel import TunnelServer
+from mesh.clock import now_ms
 from mesh.config import AgentConfig
 from mesh.core import admit
+from mesh.core.effects import Effect
 from mesh.core.paths import reserved
-from mesh.core.replica import Effect, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.stall import NO_HOLDER, ContentWaits, QueueWatch
 from mesh.core.vclock import Ordering, hlc_pack
@@ -145,10 +147,10 @@ class Node:
         exit at every start."""
         if self.index.get_meta("purged") == PURGED:
             return
-        now_ms = time.time_ns() // 1_000_000
+        now = now_ms()
         counts = self.index.purge(
             self.me, lambda path: reserved(path) is not None,
-            lambda e: admit.refusal(e, now_ms, self.limits) is not None,
+            lambda e: admit.refusal(e, now, self.limits) is not None,
             lambda v: admit.vector_refusal(v, self.limits) is not None)
         self.index.set_meta("purged", PURGED)
         if any(counts.values()):
@@ -162,13 +164,13 @@ class Node:
         clock than the maximum skew (then the wall clock: a clock at 2**63-3 made every
         write fail, at every start)."""
         clock = int(self.index.get_meta("clock", 0))
-        now_ms = time.time_ns() // 1_000_000
-        why = admit.clock_refusal(clock, now_ms, self.limits)
+        now = now_ms()
+        why = admit.clock_refusal(clock, now, self.limits)
         if why is None:
             return clock
         LOG.warning("state: the persisted %s; starting from the wall clock", why)
-        self.index.set_meta("clock", hlc_pack(now_ms))
-        return hlc_pack(now_ms)
+        self.index.set_meta("clock", hlc_pack(now))
+        return hlc_pack(now)
 
     # --- wiring ---------------------------------------------------------------------
 

@@ -5,13 +5,13 @@ of ``mesh.store.index.Index``, which inherits it."""
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
+from mesh import clock
 from mesh.core.manifest import Entry, entry_from_wire, entry_to_wire
 from mesh.core.resolver import Conflict, resolve
 from mesh.errors import StoreError
@@ -37,7 +37,7 @@ class ConflictLog:
             (conflict.id, conflict.path, conflict.rule.value, conflict.copy_path,
              pack(entry_to_wire(conflict.winner)),
              pack(entry_to_wire(conflict.loser)),
-             int(time.time() * 1000) if now_ms is None else now_ms),
+             clock.now_ms() if now_ms is None else now_ms),
         )
         return cur.rowcount == 1
 

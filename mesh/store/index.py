@@ -32,12 +32,12 @@ from typing import Any
 
 import msgpack
 
+from mesh.core.effects import PathState
 from mesh.core.manifest import (
     ContentKey,
     Entry,
     entry_from_wire,
 )
-from mesh.core.replica import PathState
 from mesh.core.resolver import Rule, Version
 from mesh.core.vclock import VersionVector
 from mesh.errors import StoreError
@@ -86,10 +86,6 @@ class Index(ConflictLog):
         if self._checkpointer is not None:
             self._checkpointer.close()
         self.db.close()
-
-    @property
-    def schema_version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:

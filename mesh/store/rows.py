@@ -6,13 +6,13 @@ from typing import Any
 
 import msgpack
 
+from mesh.core.effects import PathState
 from mesh.core.manifest import (
     Entry,
     entry_from_wire,
     entry_to_wire,
     vector_from_wire,
 )
-from mesh.core.replica import PathState
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
 

@@ -22,8 +22,9 @@ import pytest
 
 from mesh.adapters.fs.scanner import PREHASH_BYTES, Scanner
 from mesh.core import manifest
+from mesh.core.effects import Effect, PathState
 from mesh.core.manifest import Entry, Kind, Manifest
-from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector, hlc_pack
 from mesh.engine.dataplane import DataPlane

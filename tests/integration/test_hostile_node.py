@@ -34,8 +34,9 @@ from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
 from mesh.adapters.mqtt.connection import LinkDown
 from mesh.adapters.mqtt.links import OwnClient
 from mesh.core import manifest, wire
+from mesh.core.effects import Effect, PathState
 from mesh.core.manifest import Entry, Kind, Manifest
-from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, VersionVector, hlc_pack
 from mesh.engine.exchange import Exchange

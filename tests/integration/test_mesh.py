@@ -27,8 +27,9 @@ from mesh.adapters.mqtt.connection import LinkSettings
 from mesh.adapters.mqtt.links import OwnClient, PeerLink
 from mesh.adapters.mqtt.session import LinkState, MqttSession
 from mesh.core import wire
+from mesh.core.effects import Effect, PathState
 from mesh.core.manifest import Entry, Kind, Manifest, entry_to_wire
-from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
 from mesh.engine.exchange import Exchange

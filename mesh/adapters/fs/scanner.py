@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.adapters.fs.beneath import PERMISSIONS
+from mesh.core.effects import Observed
 from mesh.core.manifest import Kind
 from mesh.core.paths import normalize, reserved
-from mesh.core.replica import Observed
 from mesh.errors import InvalidPath, MeshError
 from mesh.store.statcache import CachedStat, StatCache
 

@@ -87,14 +87,5 @@ class OwnClient(MqttSession):
     def label(self) -> str:
         return "own broker"  # its peer id is our own: say which of our links this is
 
-    async def publish_manifest(self, payload: bytes) -> None:
-        await self.publish(self.topics.manifest, payload, qos=1)
-
-    async def publish_hello(self, payload: bytes) -> None:
-        await self.publish(self.topics.hello, payload, qos=1, retain=True)
-
-    async def publish_head(self, payload: bytes) -> None:
-        await self.publish(self.topics.head, payload, qos=0)
-
     async def respond(self, peer: str, payload: bytes) -> None:
         await self.publish(self.topics.resp(peer), payload, qos=1)

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ from mesh.adapters.streams import (
     start_unix_server,
     stop_unix_server,
 )
+from mesh.clock import now_ms
 from mesh.core import tree
 from mesh.core.manifest import Entry, Kind
 from mesh.core.vclock import Ordering, hlc_wall_ms
@@ -187,7 +187,7 @@ class Operations:
             raise ControlError(f"restore {c.path}: {err}") from err
         await self.data.scan([c.path])
         with self.index.batch():
-            self.index.mark_restored(c.id, time.time_ns() // 1_000_000)
+            self.index.mark_restored(c.id, now_ms())
         LOG.info("operator restored the losing version of %s (conflict %s) from %s",
                  c.path, c.id, source)
         now_disk = self.index.state(c.path).disk

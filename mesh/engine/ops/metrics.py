@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from mesh import __version__
 from mesh.adapters.rsync.tunnel import PushSink
+from mesh.clock import now_ms
 from mesh.core import manifest
 from mesh.core.replica import group
 from mesh.core.resolver import Version
@@ -107,7 +107,7 @@ class Metrics:
         writer = version.winner.writer
         self.changes.labels("local" if writer == self.me else "peer").inc()
         if writer != self.me:
-            lag_ms = time.time_ns() // 1_000_000 - hlc_wall_ms(version.winner.hlc)
+            lag_ms = now_ms() - hlc_wall_ms(version.winner.hlc)
             self.lag.observe(max(0, lag_ms) / 1000)
 
     def counting(self, sink: PushSink) -> PushSink:

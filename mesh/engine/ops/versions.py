@@ -11,11 +11,11 @@ names it): the same on every node that kept it.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mesh.adapters.fs.scanner import ScanError
+from mesh.clock import now_ms
 from mesh.core.manifest import Kind
 from mesh.core.paths import normalize, reserved
 from mesh.engine.dataplane import DataPlane
@@ -105,7 +105,7 @@ class VersionOps:
                  e.hash.hex()[:12], path, when(row.kept_ms), row.reason.value)
         return {"path": path, "id": e.hash.hex()[:12], "changed": True,
                 "vector": None if disk is None else disk.vector.to_dict(),
-                "written": when(_ms())}
+                "written": when(now_ms())}
 
     def _pick(self, path: str, ref: str | None) -> KeptRow:
         rows = self.data.kept.of_path(path)
@@ -138,7 +138,3 @@ def _path(args: dict[str, Any]) -> str:
     if why is not None:
         raise ControlError(f"{path!r} has no versions: {why}")
     return path
-
-
-def _ms() -> int:
-    return time.time_ns() // 1_000_000
