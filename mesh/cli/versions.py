@@ -16,17 +16,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mesh.cli.ops import (
-    ConfigFile,
-    Json,
-    StateDir,
-    ask_agent,
-    console,
-    fail,
-    parse_since,
-    short_time,
-    vector_text,
-)
+from mesh.cli.conflicts import parse_since, short_time, vector_text
+from mesh.cli.reach import ConfigFile, Json, StateDir, ask_agent, console, fail
 
 PathArg = Annotated[str | None, typer.Argument(
     metavar="PATH", help="A path inside the data folder, as synced (relative).",
