@@ -83,7 +83,7 @@ def main() -> None:
              lambda: [idx.state(versions[rng.randrange(n)].path) for _ in range(10_000)],
              "reads")
         idx.close()
-        # What a receiver does per manifest (mesh.exchange): decode, then one transaction.
+        # What a receiver does per manifest (mesh.engine.exchange): decode, then one transaction.
         later = [Manifest("node-0", 1, i, tuple(e.with_vector(e.vector.increment("node-0"))
                                                 for e in m.entries))
                  for i, m in enumerate(manifests)]

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mesh import local
+from mesh.deploy import local
 
 LSYNCD_CONF = """\
 settings {{ nodaemon = true, logfile = "{log}", statusFile = "{status}" }}

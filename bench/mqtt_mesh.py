@@ -43,14 +43,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh import gcpolicy, pki
-from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
-from mesh.adapters.links import OwnClient, PeerLink
+from mesh import pki
+from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.links import OwnClient, PeerLink
+from mesh.core.effects import Effect, PathState
 from mesh.core.manifest import Entry, Kind, Manifest
-from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
-from mesh.exchange import Exchange
+from mesh.engine import gcpolicy
+from mesh.engine.exchange import Exchange
 from mesh.store.index import Index
 
 NAMES = ["n1", "n2", "n3"]
@@ -112,7 +114,7 @@ async def build(name: str, opts: Options, amqtt: bool,
         await own.publish(topic, payload, qos, retain)
 
     batching = {} if opts.batch is None else {"quiet": opts.batch[0], "cap": opts.batch[1]}
-    # As the agent builds it (mesh.node): the exchange's own batching defaults.
+    # As the agent builds it (mesh.engine.node): the exchange's own batching defaults.
     exchange = Exchange(name, "bench", Replica(name, index), index, 1, publish=publish,
                         request=request, on_effects=_no_effects, on_manifest=on_apply,
                         **batching)  # type: ignore[arg-type]
@@ -314,7 +316,7 @@ def main() -> None:
         print("mosquitto not installed: skipped")
         variants = [v for v in variants if v[0] != "mosquitto"]
     batch = None if args.batch is None else tuple(float(x) for x in args.batch.split(","))
-    gcpolicy.tune()  # as the agent does once started (mesh.node.run_agent)
+    gcpolicy.tune()  # as the agent does once started (mesh.engine.node.run_agent)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         opts = Options(work / "pki", work, args.index == "memory", batch,  # type: ignore[arg-type]

@@ -47,7 +47,7 @@ FAULTS = (("kill", 2.0, 8.0), ("kill-send", 2.5, 10.0), ("kill-recv", 2.5, 10.0)
 GAP = (2.0, 5.0)  # seconds between two faults (in a 90 s run)
 # after a fault, how long (beyond COOLDOWN_S) the others leave what the two sides
 # changed meanwhile: a restarted agent starts, links and catches up; links that were
-# refused come back within their backoff (mesh.adapters.links: up to 10 s)
+# refused come back within their backoff (mesh.adapters.mqtt.links: up to 10 s)
 SETTLE_AFTER = {"kill": 3.0, "kill-send": 3.0, "kill-recv": 3.0, "freeze": 1.0,
                 "partition": 3.0}
 MIX = (("storm", 0.06), ("race", 0.03), ("rmdir", 0.02), ("mkdir", 0.03), ("big", 0.03),

@@ -1,7 +1,7 @@
 """What a workload runs against: N nodes the harness can write on, watch, fault
 and measure.
 
-``MeshLocal`` is meshsync as ``mesh local up`` runs it (mesh.local), on
+``MeshLocal`` is meshsync as ``mesh local up`` runs it (mesh.deploy.local), on
 addresses of the harness's own; ``LsyncdLocal`` is the stop-gap people use
 today — lsyncd on every node pushing to every other with ``default.rsync``
 (startup sync included, as shipped), into an rsync daemon on every node.
@@ -287,7 +287,7 @@ class MeshLocal(LocalTarget):
             raise TargetError(f"--nodes {size} and {spares} to join: the local target runs "
                               f"at most {MAX_LOCAL_NODES}")
         super().__init__(work, size, net)
-        from mesh import local
+        from mesh.deploy import local
 
         self.local = local
         self.total = size + spares

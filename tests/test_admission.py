@@ -1,4 +1,4 @@
-"""Which incoming pushes the agent takes (issue 13): mesh.admission in front of the agent's
+"""Which incoming pushes the agent takes (issue 13): mesh.engine.admission in front of the agent's
 sink, with the sender's announcements and the exchange faked."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from mesh.admission import PushAdmission
 from mesh.core import admit, manifest
 from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.vclock import MAX_HLC, VersionVector, hlc_pack
+from mesh.engine.admission import PushAdmission
 from mesh.errors import RemoteProtocolError
 
 

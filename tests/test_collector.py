@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from mesh import config
-from mesh.collector import Collector, KeepLimits
+from mesh.core.effects import PathState
 from mesh.core.manifest import Entry
-from mesh.core.replica import PathState
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
 from mesh.core.vclock import VersionVector, hlc_pack
+from mesh.engine.collector import Collector, KeepLimits
+from mesh.engine.keep import KeepArea
 from mesh.errors import ConfigError
-from mesh.keep import KeepArea
 from mesh.store.index import Index
 from mesh.store.kept import KeptLog
 

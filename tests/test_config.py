@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from mesh import config
-from mesh.cli_agent import agent
+from mesh.cli.agent import agent
 from mesh.config import AgentConfig, HostPort, PeerSpec, load
 from mesh.errors import ConfigError
 
@@ -52,7 +52,7 @@ def test_defaults_need_only_a_hostname() -> None:
     assert cfg.peers == ()
     assert cfg.dns_interval == 10.0
     assert cfg.metrics_listen == HostPort("127.0.0.1", 9108)
-    assert (cfg.lsyncd_delay, cfg.batch_quiet, cfg.batch_cap) == (1.0, 0.02, 0.5)
+    assert (cfg.lsyncd_delay, cfg.batch_quiet, cfg.batch_cap) == (0.0, 0.02, 0.5)
     assert (cfg.log_format, cfg.log_level) == ("human", "info")
     assert cfg.config_file is None
     assert cfg == AgentConfig(node_id="node-1")
@@ -349,9 +349,9 @@ def test_cli_reads_env_through_config_load() -> None:
 
 def test_cli_runs_the_agent_with_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[AgentConfig] = []
-    node = types.ModuleType("mesh.node")
+    node = types.ModuleType("mesh.engine.node")
     node.run_agent = started.append  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mesh.node", node)
+    monkeypatch.setitem(sys.modules, "mesh.engine.node", node)
     runner = CliRunner(env={"MESH_CLUSTER": "from-env", "MESH_PEERS": "a"})
     args = ["agent", "--node-id", "n1", "--peers", "dns:tasks.m", "--batch-cap", "1"]
     result = runner.invoke(cli_app(), args)

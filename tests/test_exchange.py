@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from mesh.core import admit, manifest, tree, wire
+from mesh.core.effects import Effect, PathState
 from mesh.core.manifest import Entry, Kind, Manifest
-from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, VersionVector, hlc_pack
-from mesh.exchange import ENTRIES_PER_MANIFEST, Exchange
+from mesh.engine.exchange import ENTRIES_PER_MANIFEST, Exchange
 from mesh.store.index import Index
 
 Job = Callable[[], Coroutine[Any, Any, None]]

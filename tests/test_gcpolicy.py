@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from mesh import gcpolicy
+from mesh.engine import gcpolicy
 
 
 def test_tune_freezes_the_start_and_makes_passes_rarer() -> None:

@@ -53,13 +53,13 @@ def test_a_flood_of_one_line_is_one_line_and_then_its_count() -> None:
 def test_distinct_lines_pass_up_to_a_budget_per_logger_and_the_rest_is_counted() -> None:
     repeats, out, clock = _setup(budget=3)
     for i in range(10):
-        _let_through(repeats, _record(f"refused message {i}", name="mesh.exchange"), out)
-    _let_through(repeats, _record("another logger", name="mesh.adapters.tunnel"), out)
+        _let_through(repeats, _record(f"refused message {i}", name="mesh.engine.exchange"), out)
+    _let_through(repeats, _record("another logger", name="mesh.adapters.rsync.tunnel"), out)
     assert out == ["refused message 0", "refused message 1", "refused message 2",
                    "another logger"]
     clock.now = 61
     repeats.flush()
-    assert out[-1] == ("7 more lines of mesh.exchange in 60 s were not logged (over 3 "
+    assert out[-1] == ("7 more lines of mesh.engine.exchange in 60 s were not logged (over 3 "
                        "distinct lines), such as 'refused message 3'")
 
 

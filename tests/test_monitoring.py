@@ -18,7 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh import __version__, metrics
+from mesh import __version__
+from mesh.engine.ops import metrics
 from tests.cluster import Cluster, Node, running, wait_for
 from tests.test_ops import status_doc
 

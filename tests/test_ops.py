@@ -21,12 +21,15 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from mesh import cli_ops, control, health, metrics
 from mesh.cli import app
+from mesh.cli import conflicts as cli_conflicts
+from mesh.cli import ops as cli_ops
+from mesh.cli import reach as cli_reach
 from mesh.core import manifest, tree, wire
 from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.resolver import Conflict, Version, resolve
 from mesh.core.vclock import VersionVector, hlc_pack
+from mesh.engine.ops import control, health, metrics
 from mesh.errors import RemoteProtocolError
 from mesh.store.index import Index
 from tests.core.strategies import entries
@@ -147,13 +150,13 @@ def test_what_is_stalled_no_longer_counts_against_health_and_is_named(tmp_path: 
 
 def test_since_takes_a_duration_or_an_iso_time() -> None:
     now = 1_700_000_000.0
-    assert cli_ops.parse_since("1h", now) == (now - 3600) * 1000
-    assert cli_ops.parse_since("90s", now) == (now - 90) * 1000
-    assert cli_ops.parse_since("2023-11-14T22:13:20Z", now) == 1_700_000_000_000
-    assert cli_ops.parse_since("2023-11-14T22:13:20", now) == 1_700_000_000_000
-    assert cli_ops.parse_since("2023-11-14T23:13:20+01:00", now) == 1_700_000_000_000
+    assert cli_conflicts.parse_since("1h", now) == (now - 3600) * 1000
+    assert cli_conflicts.parse_since("90s", now) == (now - 90) * 1000
+    assert cli_conflicts.parse_since("2023-11-14T22:13:20Z", now) == 1_700_000_000_000
+    assert cli_conflicts.parse_since("2023-11-14T22:13:20", now) == 1_700_000_000_000
+    assert cli_conflicts.parse_since("2023-11-14T23:13:20+01:00", now) == 1_700_000_000_000
     with pytest.raises(typer.BadParameter):
-        cli_ops.parse_since("yesterday", now)
+        cli_conflicts.parse_since("yesterday", now)
 
 
 # --- no agent running ---------------------------------------------------------------------
@@ -185,7 +188,7 @@ def test_a_missing_agent_is_one_line_and_exit_3(tmp_path: Path, setup: str, says
     elif setup == "garbage":
         status.write_text("{")
     result = runner.invoke(app, [*command, "--state-dir", str(tmp_path)])
-    assert result.exit_code == cli_ops.EXIT_NOT_RUNNING, result.output
+    assert result.exit_code == cli_reach.EXIT_NOT_RUNNING, result.output
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and says in result.stderr
     assert "Traceback" not in result.output
@@ -201,7 +204,7 @@ def test_health_of_a_missing_agent_is_unhealthy_exit_1(tmp_path: Path) -> None:
 def test_a_running_agent_without_its_socket_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "agent.json").write_text(json.dumps(status_doc()))
     result = runner.invoke(app, ["conflicts", "list", "--state-dir", str(tmp_path)])
-    assert result.exit_code == cli_ops.EXIT_NOT_RUNNING
+    assert result.exit_code == cli_reach.EXIT_NOT_RUNNING
     assert result.stderr == (f"error: cannot reach the agent at {tmp_path}/ctl.sock: "
                              "No such file or directory\n")
     healthy = runner.invoke(app, ["health", "--state-dir", str(tmp_path)])

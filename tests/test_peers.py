@@ -15,19 +15,19 @@ from typing import TypeVar
 
 import pytest
 
-from mesh.adapters.peers import (
+from mesh.adapters.mqtt.peers import (
     Endpoint,
     PeerDiscoveryError,
     PeerWatcher,
     local_addresses,
     resolve_peers,
 )
-from mesh.config import PeerSpec
+from mesh.config.values import PeerSpec
 from mesh.errors import LocalProtocolError
 
 T = TypeVar("T")
 DEADLINE = 5.0
-LOGGER = "mesh.adapters.peers"
+LOGGER = "mesh.adapters.mqtt.peers"
 
 
 def run(coro: Awaitable[T]) -> T:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from mesh.cli import app
-from mesh.cli_ops import keep_notes
+from mesh.cli.ops import keep_notes
 
 runner = CliRunner()
 

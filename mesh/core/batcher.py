@@ -8,7 +8,7 @@ distinct paths are pending. Time is passed in; nothing here sleeps.
 ``spacing`` is the least time from one batch to the next (a full batch does
 not wait for it). With ``quiet`` 0 it batches by load alone: a change after a
 lull goes out at once, and a steady stream goes out once per ``spacing``, in
-batches as large as the stream (the manifests' batcher, mesh.exchange).
+batches as large as the stream (the manifests' batcher, mesh.engine.exchange).
 """
 
 from __future__ import annotations

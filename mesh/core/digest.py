@@ -15,7 +15,7 @@ origin's latest announcement for every path.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mesh.core.vclock import VersionVector
@@ -57,8 +57,3 @@ class Digest:
         """Bucket numbers whose contents differ."""
         return [i for i, (a, b) in enumerate(zip(self.buckets, other.buckets, strict=True))
                 if a != b]
-
-
-def in_buckets(paths: Iterable[str], wanted: Sequence[int]) -> list[str]:
-    chosen = set(wanted)
-    return [p for p in paths if bucket_of(p) in chosen]

@@ -20,7 +20,7 @@ instead of guessed from timing:
 * a kill at any moment leaves the staged bytes where they were: the next start
   keeps them and asks again for what each path converges to.
 
-The steps of one push (one table; ``mesh.dataplane`` and the simulation follow it)::
+The steps of one push (one table; ``mesh.engine.dataplane`` and the simulation follow it)::
 
     moment           what happens                              state of the live path
     ---------------  ----------------------------------------  ----------------------

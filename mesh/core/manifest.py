@@ -110,11 +110,6 @@ class Entry:
         mode = 0 if self.kind is Kind.SYMLINK else self.mode
         return (self.kind, self.hash, mode)
 
-    @property
-    def rank(self) -> tuple[int, str]:
-        """Order of writes for tie-breaks: HLC stamp, then node id."""
-        return (self.hlc, self.writer)
-
     def with_vector(self, vector: VersionVector) -> Entry:
         return Entry(
             self.path, vector, self.hash, self.size, self.mtime_ns,

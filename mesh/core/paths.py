@@ -21,7 +21,7 @@ MAX_NAME_BYTES = 255  # NAME_MAX on Linux
 # Never synced, never scanned, and refused in anything a peer sends: a peer naming
 # one could otherwise write into the keep area (objects under another object's hash,
 # the area's own mode), the state dir, or a temp file the agent is about to rename.
-KEEP_NAME = ".mesh-keep"  # the keep area, <data>/.mesh-keep (mesh.keep)
+KEEP_NAME = ".mesh-keep"  # the keep area, <data>/.mesh-keep (mesh.engine.keep)
 STATE_NAME = ".mesh-state"  # a state dir kept inside the data dir
 RESERVED_TOP = frozenset((KEEP_NAME, STATE_NAME))
 # rsync writes into ".<name>.<6 random chars>" next to the target and renames it into
@@ -31,7 +31,17 @@ RESERVED_TOP = frozenset((KEEP_NAME, STATE_NAME))
 # letters or digits (".config.backup", ".notes.2024ab") is never synced. We accept
 # that rather than sync half-written temp files. fullmatch, not "$" (which also
 # matches before a trailing newline), and DOTALL: names may hold newlines.
-RSYNC_TEMP = re.compile(r"\.(.+)\.[A-Za-z0-9]{6}", re.DOTALL)
+TEMP_CHARS = 6  # mkstemp's "XXXXXX"
+RSYNC_TEMP = re.compile(rf"\.(.+)\.[A-Za-z0-9]{{{TEMP_CHARS}}}", re.DOTALL)
+RSYNC_TEMP_GLOB = ".*." + "?" * TEMP_CHARS  # the same, as an rsync/lsyncd exclude
+
+
+def temp_name(name: str, token: str) -> str:
+    """The temp name for ``name`` in the shape of rsync's, with ``token`` (``TEMP_CHARS``
+    letters or digits) as its random part."""
+    if len(token) != TEMP_CHARS or not token.isascii() or not token.isalnum():
+        raise InvalidPath(f"temp token {token!r} is not {TEMP_CHARS} letters or digits")
+    return f".{name}.{token}"
 
 
 def normalize(path: str) -> str:

@@ -29,7 +29,7 @@ Policy (issue 12: lsyncd is the live push path):
 The states and transitions are in mesh/core/pushstate.py, in one table; every
 move of a path or a peer goes through it.
 
-Driving it (an agent does this in mesh/pushes.py; a simulated node the same):
+Driving it (an agent does this in mesh/engine/pushes.py; a simulated node the same):
 
     plan = PushPlanner("n1", ReplicaView(replica))
     plan.add_peer("n2")

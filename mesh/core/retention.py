@@ -1,6 +1,6 @@
 """What the keep area and the index may forget, and when (issue 14). No I/O, no clock.
 
-The keep area (``mesh.keep``) holds content by hash. Each version filed there is a
+The keep area (``mesh.engine.keep``) holds content by hash. Each version filed there is a
 *kept row* (``mesh.store.kept``): the write it held at its path, why it went
 (replaced, deleted, a conflict's loser), and when. An object without a row is
 content in transit (a push's staged bytes waiting for

@@ -134,7 +134,6 @@ _EMPTY = VersionVector()
 # lets a node stay ahead of a peer whose clock runs fast.
 
 LOGICAL_BITS = 16
-_LOGICAL_MASK = (1 << LOGICAL_BITS) - 1
 MAX_HLC = 2**63 - 1
 
 
@@ -155,7 +154,3 @@ def hlc_tick(last: int, wall_ms: int) -> int:
 def hlc_observe(last: int, remote: int, wall_ms: int) -> int:
     """The clock after receiving ``remote``: after both, at least the wall clock."""
     return hlc_tick(max(last, remote), wall_ms)
-
-
-def hlc_logical(stamp: int) -> int:
-    return stamp & _LOGICAL_MASK

@@ -13,7 +13,7 @@ statement per read and per write was most of its time; ``prefetch`` loads the
 states a manifest touches in three queries instead of three per entry (issue 3:
 34,000 -> 47,000 new entries applied per CPU-second, with decoding).
 
-WAL checkpoints run on a thread of their own (``_Checkpointer``), not in
+WAL checkpoints run on a thread of their own (``Checkpointer``), not in
 whichever commit crosses SQLite's threshold: with ``synchronous=NORMAL`` a
 checkpoint fsyncs, and on the event loop's thread that was the tail of the
 mesh's manifest latency.
@@ -22,100 +22,43 @@ mesh's manifest latency.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import sqlite3
-import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
+from mesh.core.effects import PathState
 from mesh.core.manifest import (
     ContentKey,
     Entry,
     entry_from_wire,
-    entry_to_wire,
-    vector_from_wire,
 )
-from mesh.core.replica import PathState
-from mesh.core.resolver import Conflict, Rule, Version, resolve
+from mesh.core.resolver import Rule, Version
 from mesh.core.vclock import VersionVector
-from mesh.errors import MeshError, StoreError
+from mesh.errors import StoreError
+from mesh.store.conflicts import ConflictLog, ConflictRow
+from mesh.store.db import Checkpointer, connect
+from mesh.store.purge import purge_rows
+from mesh.store.rows import (
+    pack,
+    pack_heads,
+    state_of,
+    unpack_heads,
+    unpack_vector,
+    version_row,
+)
 
 LOG = logging.getLogger(__name__)
 
-_ROW = Any
 _PREFETCH_CHUNK = 8192  # paths per prefetch query
-# Pages of WAL after which a commit checkpoints by itself: only a backstop for a
-# checkpointer that cannot keep up (SQLite's default is 1,000).
-_AUTOCHECKPOINT_PAGES = 16384
 
 
-def _schema_files() -> list[tuple[int, str]]:
-    folder = resources.files("mesh.store") / "schema"
-    files = sorted(f.name for f in folder.iterdir() if f.name.endswith(".sql"))
-    return [(int(name.split("_", 1)[0]), (folder / name).read_text()) for name in files]
-
-
-def _pack(value: Any) -> bytearray:
-    # A bytearray, not bytes: Python 3.11's sqlite3 binds str, int, float and bytearray
-    # as they are, and asks its adapter registry about every other value, bytes too
-    # (Modules/_sqlite/cursor.c, need_adapt): 0.3 us per blob, more than the copy.
-    return bytearray(msgpack.packb(value, use_bin_type=True))
-
-
-def _pack_heads(v: Version) -> bytearray:
-    return _pack([entry_to_wire(h) for h in v.heads])
-
-
-def _unpack_heads(blob: bytes) -> Version:
-    return Version(tuple(entry_from_wire(raw) for raw in msgpack.unpackb(blob)))
-
-
-_NOTHING = PathState()  # a path neither held nor wanted: most of what a peer announces
-
-
-def _heads_of(blob: bytes) -> tuple[Entry, ...]:
-    return _unpack_heads(blob).heads
-
-
-def _pair_of(winner: bytes, loser: bytes) -> tuple[Entry, Entry]:
-    return entry_from_wire(msgpack.unpackb(winner)), entry_from_wire(msgpack.unpackb(loser))
-
-
-def _state_of(disk: bytes | None, target: bytes | None) -> PathState:
-    if disk is None and target is None:
-        return _NOTHING
-    return PathState(None if disk is None else _unpack_heads(disk),
-                     None if target is None else _unpack_heads(target))
-
-
-def _unpack_vector(blob: bytes) -> VersionVector:
-    return vector_from_wire(msgpack.unpackb(blob))  # through its cache of vectors
-
-
-def _version_row(v: Version) -> tuple[Any, ...]:
-    w = v.winner
-    digest = None if w.hash is None else bytearray(w.hash)
-    return (v.path, _pack_heads(v), _pack(v.vector.to_dict()), digest, w.size, w.mode,
-            int(w.kind))
-
-
-@dataclass(frozen=True, slots=True)
-class ConflictRow:
-    conflict: Conflict
-    logged_ms: int
-    restored_ms: int | None
-
-
-class Index:
+class Index(ConflictLog):
     """SQLite-backed ``ReplicaStore`` plus the queries operators and links need."""
 
     def __init__(
@@ -123,21 +66,10 @@ class Index:
     ) -> None:
         self.path = Path(path) if str(path) != ":memory:" else None
         self._keep = keep
-        try:
-            self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            # 16 MiB of page cache (SQLite's default is 2 MiB): a manifest's entries
-            # land all over the tables' B-trees, and each page missed is a read.
-            self.db.execute("PRAGMA cache_size=-16384")
-            self._migrate()
-        except sqlite3.Error as err:
-            raise StoreError(f"open state database {path}: {err}") from err
-        self._checkpointer: _Checkpointer | None = None
+        self.db = connect(path)
+        self._checkpointer: Checkpointer | None = None
         if self.path is not None:
-            self.db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES:d}")
-            self._checkpointer = _Checkpointer(self.path)
+            self._checkpointer = Checkpointer(self.path)
             weakref.finalize(self, self._checkpointer.close)  # an index never closed
         self._depth = 0
         # Path states and peer vectors read or written in the open transaction: the
@@ -154,26 +86,6 @@ class Index:
         if self._checkpointer is not None:
             self._checkpointer.close()
         self.db.close()
-
-    def _migrate(self) -> None:
-        current = self.db.execute("PRAGMA user_version").fetchone()[0]
-        for number, sql in _schema_files():
-            if number <= current:
-                continue
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in sql.split(";\n"):
-                    if statement.strip():
-                        self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {number:d}")
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-
-    @property
-    def schema_version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -226,12 +138,12 @@ class Index:
                 disk, target = st.disk, st.target
                 if stored is None or disk is not stored.disk:
                     if disk is not None:
-                        put_disk.append(_version_row(disk))
+                        put_disk.append(version_row(disk))
                     elif stored is None or stored.disk is not None:
                         drop_disk.append((path,))
                 if stored is None or target is not stored.target:
                     if target is not None:
-                        put_target.append((path, _pack_heads(target)))
+                        put_target.append((path, pack_heads(target)))
                     elif stored is None or stored.target is not None:
                         drop_target.append((path,))
                 self._stored[path] = st
@@ -243,7 +155,7 @@ class Index:
         if self._peers_dirty:
             vectors, self._peers_dirty = self._peers_dirty, {}
             self.db.executemany("INSERT OR REPLACE INTO peer_vectors VALUES (?, ?, ?)",
-                                [(peer, path, _pack(v.to_dict()))
+                                [(peer, path, pack(v.to_dict()))
                                  for (peer, path), v in vectors.items()])
 
     # --- ReplicaStore ------------------------------------------------------------
@@ -254,7 +166,7 @@ class Index:
         disk, target = self.db.execute(
             "SELECT (SELECT heads FROM versions WHERE path = ?1), "
             "(SELECT heads FROM targets WHERE path = ?1)", (path,)).fetchone()
-        state = _state_of(disk, target)
+        state = state_of(disk, target)
         if self._depth and path not in self._dirty:
             self._states[path] = self._stored[path] = state
         return state
@@ -272,7 +184,7 @@ class Index:
             disk = dict(self.db.execute(_IN_PATHS.format(table="versions"), (wanted,)))
             target = dict(self.db.execute(_IN_PATHS.format(table="targets"), (wanted,)))
             for p in chunk:
-                self._states[p] = self._stored[p] = _state_of(disk.get(p), target.get(p))
+                self._states[p] = self._stored[p] = state_of(disk.get(p), target.get(p))
             if peer is not None:
                 seen = dict(self.db.execute(
                     "SELECT path, vector FROM peer_vectors WHERE peer = ? AND path IN "
@@ -281,7 +193,7 @@ class Index:
                     key = (peer, p)
                     if key not in self._peers:
                         blob = seen.get(p)
-                        self._peers[key] = None if blob is None else _unpack_vector(blob)
+                        self._peers[key] = None if blob is None else unpack_vector(blob)
 
     def set_state(self, path: str, state: PathState) -> None:
         if not self._depth:
@@ -296,7 +208,7 @@ class Index:
             return self._peers[key]
         row = self.db.execute("SELECT vector FROM peer_vectors WHERE peer = ? AND path = ?",
                               (peer, path)).fetchone()
-        vector = None if row is None else _unpack_vector(row[0])
+        vector = None if row is None else unpack_vector(row[0])
         if self._depth:
             self._peers[key] = vector
         return vector
@@ -306,18 +218,7 @@ class Index:
             self._peers[(peer, path)] = self._peers_dirty[(peer, path)] = vector
             return
         self.db.execute("INSERT OR REPLACE INTO peer_vectors VALUES (?, ?, ?)",
-                        (peer, path, _pack(vector.to_dict())))
-
-    def log_conflict(self, conflict: Conflict, now_ms: int | None = None) -> bool:
-        cur = self.db.execute(
-            "INSERT OR IGNORE INTO conflicts (id, path, rule, copy_path, winner, loser, "
-            "logged_ms) VALUES (?,?,?,?,?,?,?)",
-            (conflict.id, conflict.path, conflict.rule.value, conflict.copy_path,
-             _pack(entry_to_wire(conflict.winner)),
-             _pack(entry_to_wire(conflict.loser)),
-             int(time.time() * 1000) if now_ms is None else now_ms),
-        )
-        return cur.rowcount == 1
+                        (peer, path, pack(vector.to_dict())))
 
     def kept(self, content: ContentKey) -> bool:
         return bool(self._keep is not None and self._keep(content))
@@ -327,7 +228,7 @@ class Index:
         """Write many disk versions in one transaction (start-up scan, catch-up)."""
         with self.batch():
             self._flush()
-            rows = [_version_row(v) for v in versions]
+            rows = [version_row(v) for v in versions]
             for row in rows:  # the cached states of these paths are stale now
                 self._states.pop(row[0], None)
                 self._stored.pop(row[0], None)
@@ -338,12 +239,12 @@ class Index:
     def versions(self) -> Iterator[Version]:
         self._flush()
         for (blob,) in self.db.execute("SELECT heads FROM versions ORDER BY path"):
-            yield _unpack_heads(blob)
+            yield unpack_heads(blob)
 
     def targets(self) -> Iterator[Version]:
         self._flush()
         for (blob,) in self.db.execute("SELECT heads FROM targets ORDER BY path"):
-            yield _unpack_heads(blob)
+            yield unpack_heads(blob)
 
     def target_paths(self) -> list[str]:
         """The paths whose content this node waits for (no row decoded)."""
@@ -358,14 +259,14 @@ class Index:
         """(path, merged vector) of every disk version: what this node's digest covers."""
         self._flush()
         for path, blob in self.db.execute("SELECT path, vector FROM versions"):
-            yield path, _unpack_vector(blob)
+            yield path, unpack_vector(blob)
 
     def peer_items(self, peer: str) -> Iterator[tuple[str, VersionVector]]:
         """(path, vector) of everything ``peer`` announced: our view of its digest."""
         self._flush()
         for path, blob in self.db.execute(
                 "SELECT path, vector FROM peer_vectors WHERE peer = ?", (peer,)):
-            yield path, _unpack_vector(blob)
+            yield path, unpack_vector(blob)
 
     def versions_in(self, paths: Iterable[str]) -> Iterator[Version]:
         for path in paths:
@@ -385,54 +286,9 @@ class Index:
         for (path,) in self.db.execute("SELECT path FROM versions"):
             yield path
 
-    def conflicts_on(self, paths: Iterable[str]) -> list[ConflictRow]:
-        rows = []
-        for path in paths:
-            rows += [self._conflict_row(r) for r in self.db.execute(
-                "SELECT winner, loser, logged_ms, restored_ms FROM conflicts WHERE path = ?",
-                (path,))]
-        return rows
-
-    def conflict_ids(self) -> list[str]:
-        return [i for (i,) in self.db.execute("SELECT id FROM conflicts ORDER BY id")]
-
-    def conflict_pairs(self, ids: Iterable[str]) -> Iterator[tuple[Entry, Entry]]:
-        for conflict_id in ids:
-            row = self.conflict(conflict_id)
-            if row is not None:
-                yield row.conflict.winner, row.conflict.loser
-
     def count(self) -> int:
         self._flush()
         return int(self.db.execute("SELECT count(*) FROM versions").fetchone()[0])
-
-    def conflicts(self, *, since_ms: int | None = None, limit: int | None = None
-                  ) -> list[ConflictRow]:
-        sql = "SELECT winner, loser, logged_ms, restored_ms FROM conflicts"
-        args: list[Any] = []
-        if since_ms is not None:
-            sql += " WHERE logged_ms >= ?"
-            args.append(since_ms)
-        sql += " ORDER BY logged_ms DESC, id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        return [self._conflict_row(r) for r in self.db.execute(sql, args)]
-
-    def conflict(self, conflict_id: str) -> ConflictRow | None:
-        row = self.db.execute(
-            "SELECT winner, loser, logged_ms, restored_ms FROM conflicts WHERE id = ?",
-            (conflict_id,)).fetchone()
-        return None if row is None else self._conflict_row(row)
-
-    @staticmethod
-    def _conflict_row(row: _ROW) -> ConflictRow:
-        winner = entry_from_wire(msgpack.unpackb(row[0]))
-        loser = entry_from_wire(msgpack.unpackb(row[1]))
-        outcome = resolve(winner, loser)
-        if not isinstance(outcome, Conflict):
-            raise StoreError(f"conflict log holds a non-conflict for {winner.path}")
-        return ConflictRow(outcome, row[2], row[3])
 
     def purge(self, me: str, path_refused: Callable[[str], bool],
               write_refused: Callable[[Entry], bool],
@@ -447,59 +303,9 @@ class Index:
         older write of ours takes for that one. It is replaced by a delete of ours (hlc 0)
         under the merge of what the peers announced, which the scan then writes on top of
         (and which loses to any peer's content under the same vector: an edit beats it)."""
-
-        def refused(path: str, read: Callable[[], Iterable[Entry]]) -> bool:
-            if path_refused(path):
-                return True
-            try:
-                writes = list(read())
-            except (MeshError, ValueError, TypeError):
-                return True  # unreadable: it would fail whatever reads it
-            return any(write_refused(w) for w in writes)
-
-        def refused_vector(path: str, blob: bytes) -> bool:
-            try:
-                return path_refused(path) or vector_refused(_unpack_vector(blob))
-            except (MeshError, ValueError, TypeError):
-                return True
-
-        counts: dict[str, int] = {}
         with self.batch():
             self._flush()
-            vectors = [(peer, path) for peer, path, blob in
-                       self.db.execute("SELECT peer, path, vector FROM peer_vectors")
-                       if refused_vector(path, blob)]
-            self.db.executemany("DELETE FROM peer_vectors WHERE peer = ? AND path = ?", vectors)
-            counts["peer_vectors"] = len(vectors)
-            doomed: dict[str, list[str]] = {}
-            for table in ("versions", "targets"):
-                doomed[table] = [path for path, blob in
-                                 self.db.execute(f"SELECT path, heads FROM {table}")  # noqa: S608
-                                 if refused(path, functools.partial(_heads_of, blob))]
-                self.db.executemany(f"DELETE FROM {table} WHERE path = ?",  # noqa: S608
-                                    [(p,) for p in doomed[table]])
-                counts[table] = len(doomed[table])
-            stand_ins = [self._stand_in(me, path) for path in doomed["versions"]
-                         if not path_refused(path)]
-            self.db.executemany("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)",
-                                [_version_row(v) for v in stand_ins if v is not None])
-            conflicts = [(cid,) for cid, path, winner, loser in
-                         self.db.execute("SELECT id, path, winner, loser FROM conflicts")
-                         if refused(path, functools.partial(_pair_of, winner, loser))]
-            self.db.executemany("DELETE FROM conflicts WHERE id = ?", conflicts)
-            counts["conflicts"] = len(conflicts)
-        return counts
-
-    def _stand_in(self, me: str, path: str) -> Version | None:
-        """A delete of ours under the merge of what the peers announced for ``path``, or
-        None when none did (see ``purge``)."""
-        vector = VersionVector()
-        for (blob,) in self.db.execute("SELECT vector FROM peer_vectors WHERE path = ?",
-                                       (path,)):
-            vector = vector.merge(_unpack_vector(blob))
-        if not vector:
-            return None
-        return Version((Entry(path, vector, None, writer=me),))
+            return purge_rows(self.db, me, path_refused, write_refused, vector_refused)
 
     # --- what collection needs (issue 14, mesh.core.retention) ---------------------
     def unwritten_losers(self) -> list[Entry]:
@@ -514,7 +320,7 @@ class Index:
     def tombstones(self, after: str, limit: int) -> list[Version]:
         """Up to ``limit`` deletes on disk, by path after ``after``."""
         self._flush()
-        return [_unpack_heads(blob) for (blob,) in self.db.execute(
+        return [unpack_heads(blob) for (blob,) in self.db.execute(
             "SELECT heads FROM versions WHERE hash IS NULL AND path > ? ORDER BY path "
             "LIMIT ?", (after, limit))]
 
@@ -552,56 +358,6 @@ class Index:
 
 
 _IN_PATHS = "SELECT path, heads FROM {table} WHERE path IN (SELECT value FROM json_each(?))"
-
-
-class _Checkpointer:
-    """WAL checkpoints on a thread and a connection of their own.
-
-    SQLite checkpoints in the commit that crosses ``wal_autocheckpoint`` pages, and
-    with ``synchronous=NORMAL`` a checkpoint fsyncs: measured 2-5 ms on an idle disk
-    (18 of 5,000 one-entry commits over 2 ms; none with auto-checkpoints off), more
-    on a busy one, and on the event loop's thread every manifest waited behind it.
-    Commits ``nudge()``; this thread runs a PASSIVE checkpoint (it never waits for
-    the writer) at most every ``interval`` seconds while nudged. The GIL is released
-    while SQLite works."""
-
-    def __init__(self, path: Path, interval: float = 0.5) -> None:
-        self.path = path
-        self.interval = interval
-        self._nudged = threading.Event()
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"checkpoint {path.name}",
-                                        daemon=True)
-        self._thread.start()
-
-    def nudge(self) -> None:
-        self._nudged.set()
-
-    def close(self) -> None:
-        self._closing.set()
-        self._nudged.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            db = sqlite3.connect(str(self.path), isolation_level=None)
-        except sqlite3.Error as err:
-            LOG.warning("checkpoints of %s: %s; SQLite checkpoints by itself", self.path, err)
-            return
-        try:
-            while True:
-                self._nudged.wait()
-                if self._closing.is_set():
-                    return
-                self._nudged.clear()
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as err:
-                    LOG.warning("checkpoint of %s: %s", self.path, err)
-                self._closing.wait(self.interval)
-        finally:
-            db.close()
 
 
 __all__ = ["ConflictRow", "Index", "Rule"]

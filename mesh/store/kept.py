@@ -17,6 +17,7 @@ from mesh.core.manifest import Entry, entry_from_wire, entry_to_wire, vector_fro
 from mesh.core.retention import Reason
 from mesh.core.vclock import VersionVector
 from mesh.store.index import Index
+from mesh.store.rows import pack
 
 _COLUMNS = "id, path, entry, vector, kept_ms, reason"
 _CHUNK = 500  # hashes per IN query
@@ -30,10 +31,6 @@ class KeptRow:
     vector: VersionVector  # the merged vector of the version it was part of
     kept_ms: int
     reason: Reason
-
-
-def _pack(value: Any) -> bytearray:
-    return bytearray(msgpack.packb(value, use_bin_type=True))
 
 
 def _row(r: Any) -> KeptRow:
@@ -53,8 +50,8 @@ class KeptLog:
             self.db.execute(
                 "INSERT INTO kept (path, hash, entry, vector, size, kept_ms, reason) "
                 "VALUES (?,?,?,?,?,?,?)",
-                (entry.path, bytearray(entry.hash), _pack(entry_to_wire(entry)),
-                 _pack(vector.to_dict()), entry.size, now_ms, reason.value))
+                (entry.path, bytearray(entry.hash), pack(entry_to_wire(entry)),
+                 pack(vector.to_dict()), entry.size, now_ms, reason.value))
 
     def of_path(self, path: str) -> list[KeptRow]:
         """Every kept version of ``path``, newest first."""

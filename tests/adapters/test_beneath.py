@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.adapters.beneath import Beneath, Escape
+from mesh.adapters.fs.beneath import Beneath, Escape
 
 
 @pytest.fixture

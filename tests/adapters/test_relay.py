@@ -1,4 +1,4 @@
-"""The push relay (mesh/adapters/relay.py) on real sockets, on asyncio's loop and uvloop:
+"""The push relay (mesh/adapters/rsync/relay.py) on real sockets, on asyncio's loop and uvloop:
 bytes in order, nothing lost before a side is attached, and a slow sink holding its
 source back instead of the agent buffering a whole file."""
 
@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import uvloop
 
-from mesh.adapters import relay
+from mesh.adapters.rsync import relay
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 

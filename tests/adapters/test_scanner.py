@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.adapters import scanner as scanner_mod
-from mesh.adapters.scanner import RETRIES, Scanner, Unsettled, default_ignore
+from mesh.adapters.fs import scanner as scanner_mod
+from mesh.adapters.fs.scanner import RETRIES, Scanner, Unsettled, default_ignore
 from mesh.core.manifest import Kind
 from mesh.store.index import Index
 from mesh.store.statcache import CachedStat, StatCache
@@ -136,7 +136,7 @@ def test_fifos_and_sockets_are_absent_with_one_log_line(
     try:
         sock.bind(str(root / "sock"))
         s = Scanner(root)
-        with caplog.at_level(logging.INFO, logger="mesh.adapters.scanner"):
+        with caplog.at_level(logging.INFO, logger="mesh.adapters.fs.scanner"):
             assert s.observe("fifo") is None  # and does not block opening it
             assert s.observe("sock") is None
     finally:
@@ -161,7 +161,7 @@ def test_walk_sorted_per_directory_with_dirs_and_odd_names(
     bad = root / os.fsdecode(b"bad\xff\xfename")  # surrogate-escaped: the bytes on disk
     bad.mkdir()
     (bad / "inside").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="mesh.adapters.scanner"):
+    with caplog.at_level(logging.WARNING, logger="mesh.adapters.fs.scanner"):
         walked = list(Scanner(root).walk())
     expected = []
     for name in sorted([*NAMES, "b"]):

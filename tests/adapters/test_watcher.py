@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from asyncinotify import Event, Inotify, Mask
 
-from mesh.adapters.watcher import Watcher, WatchError, WatchLimit
+from mesh.adapters.fs.watcher import Watcher, WatchError, WatchLimit
 from tests.adapters.test_scanner import NAMES
 
 TEST_TIMEOUT = 30.0
@@ -301,7 +301,7 @@ def test_odd_names_are_reported_exactly(root: Path, caplog: pytest.LogCaptureFix
             await seen.quiet_except(root / "sentinel")
             assert seen.since_mark() == {"sentinel"}
 
-    with caplog.at_level(logging.WARNING, logger="mesh.adapters.scanner"):
+    with caplog.at_level(logging.WARNING, logger="mesh.adapters.fs.scanner"):
         run(body)
     assert [r.getMessage() for r in caplog.records] == [
         "skipping b'bad\\xffname' in '.': name is not valid UTF-8"]

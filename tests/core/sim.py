@@ -23,21 +23,21 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mesh.core import manifest, retention
-from mesh.core.landing import Staged, StagedFile, staged, to_reaim
-from mesh.core.manifest import ContentKey, Entry, Kind, Manifest
-from mesh.core.paths import deepest_first, parent
-from mesh.core.pushplan import Push, PushPlanner, ReplicaView
-from mesh.core.replica import (
+from mesh.core.effects import (
     Announce,
     Effect,
     Logged,
     Observed,
     PathState,
-    Replica,
     Restore,
     Want,
     WriteCopy,
 )
+from mesh.core.landing import Staged, StagedFile, staged, to_reaim
+from mesh.core.manifest import ContentKey, Entry, Kind, Manifest
+from mesh.core.paths import deepest_first, parent
+from mesh.core.pushplan import Push, PushPlanner, ReplicaView
+from mesh.core.replica import Replica
 from mesh.core.resolver import Conflict, Version
 from mesh.core.vclock import VersionVector
 

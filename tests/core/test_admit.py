@@ -15,8 +15,9 @@ from mesh.core.admit import (
     summary,
     unannounced,
 )
+from mesh.core.effects import Observed
 from mesh.core.manifest import Entry, Kind
-from mesh.core.replica import Observed, Replica
+from mesh.core.replica import Replica
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, VersionVector, hlc_pack
 from mesh.errors import LocalProtocolError
 from tests.core.sim import MemoryStore

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
+from mesh.core.effects import Logged, Observed, PathState, WriteCopy
 from mesh.core.manifest import Entry, Kind
-from mesh.core.replica import Logged, Observed, PathState, Replica, WriteCopy
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector, hlc_pack
 from tests.core.sim import MemoryStore

@@ -381,7 +381,7 @@ def test_a_newer_write_during_a_push_goes_after_it() -> None:
     assert second.versions[0][1] == r.view.disks["a"] != first.versions[0][1]
 
 
-# --- bugs found moving the planner out of mesh/pushes.py ---------------------------------
+# --- bugs found moving the planner out of mesh/engine/pushes.py ---------------------------------
 
 
 def test_the_gate_asking_about_an_unconfirmed_forwarded_path_queues_it_again() -> None:

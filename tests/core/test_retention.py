@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from mesh.core.effects import Announce
 from mesh.core.manifest import Entry, Kind
-from mesh.core.replica import Announce, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.retention import Candidate, Policy, needed, plan, superseded, tombstone_due
 from mesh.core.vclock import VersionVector, hlc_pack

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from mesh import pki
-from mesh.adapters import rsync_push
-from mesh.adapters.rsync_push import PushOrder
+from mesh.adapters.rsync import push as rsync_push
+from mesh.adapters.rsync.push import PushOrder
 from mesh.errors import MeshError
-from mesh.tls import NodeCredentials
+from mesh.pki.tls import NodeCredentials
 
 CLUSTER = "test"
 NODES = ("alpha", "bravo", "charlie")
@@ -140,11 +140,11 @@ def _read_or_none(path: Path) -> bytes | None:
 
 class RecordingCarrier:
     """A fake ``Carrier`` (``mesh.adapters.lsyncd.gate``; the agent's is
-    ``mesh.pushes.Pushes``). Each ``carry`` is recorded in ``calls``; with ``gate`` set it
+    ``mesh.engine.pushes.Pushes``). Each ``carry`` is recorded in ``calls``; with ``gate`` set it
     waits for it; with ``refuse`` set it raises ``MeshError`` (the gate tells lsyncd to
     retry). Otherwise it pushes ``choose(peer, paths)`` from ``source`` as ``creds`` to
     the tunnel of ``peer`` in ``tunnels`` through the one executor
-    (``rsync_push.push``), as the agent does, and returns once that push is over; each
+    (``mesh.adapters.rsync.push.push``), as the agent does, and returns once that push is over; each
     push's order and rsync exit status go to ``pushes``. Nothing is pushed when nothing
     is chosen or ``peer`` has no tunnel here."""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mesh.adapters.scanner import PREHASH_BYTES
+from mesh.adapters.fs.scanner import PREHASH_BYTES
 from tests.cluster import Cluster, Node, running, wait_for
 
 pytestmark = pytest.mark.integration

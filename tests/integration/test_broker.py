@@ -19,7 +19,8 @@ from amqtt.contexts import Action
 from amqtt.mqtt.connack import NOT_AUTHORIZED
 
 from mesh import pki
-from mesh.adapters.broker import BrokerLimits, BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.guard import BrokerLimits
 from mesh.errors import ConfigError, PkiError
 from tests.integration.conftest import CLUSTER, ClientFiles, Pki, until
 
@@ -29,7 +30,7 @@ OWNER, PEER, THIRD = "alpha", "bravo", "charlie"
 ORIGIN = f"mesh/v1/{CLUSTER}/{OWNER}/"
 SUBSCRIBE_REFUSED = 0x80
 CONNACK_REFUSED = bytes([0x20, 2, 0, NOT_AUTHORIZED])  # MQTT 3.1.1 section 3.2
-BROKER_LOG = "mesh.adapters.broker"
+BROKER_LOG = "mesh.adapters.mqtt.broker"
 
 
 # --- helpers -------------------------------------------------------------------------------

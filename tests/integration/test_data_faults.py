@@ -20,17 +20,18 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from mesh.adapters.fs.scanner import PREHASH_BYTES, Scanner
 from mesh.adapters.lsyncd.call import target_of
 from mesh.adapters.lsyncd.supervisor import GATE
-from mesh.adapters.scanner import PREHASH_BYTES, Scanner
 from mesh.core import manifest
+from mesh.core.effects import Effect, PathState
 from mesh.core.manifest import Entry, Kind, Manifest
-from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector, hlc_pack
-from mesh.dataplane import DataPlane
-from mesh.keep import KeepArea
-from mesh.pushes import Pushes
+from mesh.engine.dataplane import DataPlane
+from mesh.engine.keep import KeepArea
+from mesh.engine.pushes import Pushes
 from mesh.store.index import Index
 from tests.cluster import Cluster, Node, running, wait_for
 from tests.integration.test_conflicts import (

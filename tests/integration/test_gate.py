@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from mesh.adapters import rsyncd
 from mesh.adapters.lsyncd import call
 from mesh.adapters.lsyncd.gate import EXIT_RETRY, EXIT_USAGE, MAGIC, GateLimits, GateServer
 from mesh.adapters.lsyncd.supervisor import GATE
-from mesh.adapters.tunnel import TunnelServer
+from mesh.adapters.rsync import rsyncd
+from mesh.adapters.rsync.tunnel import TunnelServer
 from mesh.errors import MeshError
 from tests.integration.conftest import Pki, RecordingCarrier, RecordingSink, until
 

@@ -30,16 +30,18 @@ import msgpack
 import pytest
 
 from mesh import pki
-from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
-from mesh.adapters.links import LinkDown, OwnClient
-from mesh.adapters.rsync_push import PushOrder, push
+from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.connection import LinkDown
+from mesh.adapters.mqtt.links import OwnClient
+from mesh.adapters.rsync.push import PushOrder, push
 from mesh.core import manifest, wire
+from mesh.core.effects import Effect, PathState
 from mesh.core.manifest import Entry, Kind, Manifest
-from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, VersionVector, hlc_pack
+from mesh.engine.exchange import Exchange
 from mesh.errors import MeshError
-from mesh.exchange import Exchange
 from mesh.store.index import Index
 from tests.cluster import BROKER_PORT, TUNNEL_PORT, Cluster, Node, running, wait_for
 from tests.integration.test_conflicts import state_db

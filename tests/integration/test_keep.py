@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mesh.cli import app
-from mesh.keep import KEEP_NAME
+from mesh.engine.keep import KEEP_NAME
 from tests.cluster import Node, running, wait_for
 
 pytestmark = pytest.mark.integration

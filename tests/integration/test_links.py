@@ -13,16 +13,10 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
-from mesh.adapters.links import (
-    LinkDown,
-    LinkSettings,
-    LinkState,
-    MqttSession,
-    OnMessage,
-    OwnClient,
-    PeerLink,
-)
+from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.connection import LinkDown, LinkSettings
+from mesh.adapters.mqtt.links import OwnClient, PeerLink
+from mesh.adapters.mqtt.session import LinkState, MqttSession, OnMessage
 from mesh.core.topics import Topics
 from mesh.pki import NodeCredentials, load_node, server_ssl_context
 from tests.integration.conftest import CLUSTER, Pki, until
@@ -31,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 ALPHA, BRAVO = "alpha", "bravo"
 ALPHA_HOST, BRAVO_HOST = "127.0.0.1", "127.0.0.2"
-LINKS_LOG = "mesh.adapters.links"
+LINKS_LOG = "mesh.adapters.mqtt.session"
 FAST = LinkSettings(liveness_s=1.5, backoff_min=0.1, backoff_max=1.0, connect_timeout=2.0)
 
 
@@ -125,7 +119,7 @@ async def heartbeat(own: OwnClient, every: float = 0.5) -> AsyncIterator[None]:
         seq = 0
         while True:
             with contextlib.suppress(LinkDown):
-                await own.publish_head(str(seq).encode())
+                await own.publish(own.topics.head, str(seq).encode(), qos=0)
                 seq += 1
             await asyncio.sleep(every)  # the cadence under test, not a wait for an outcome
 
@@ -215,11 +209,11 @@ async def test_link_receives_10000_manifests_exactly_once_in_order(cluster_pki: 
             loop = asyncio.get_running_loop()
             started = loop.time()
             for payload in payloads:
-                await own.publish_manifest(payload)
+                await own.publish(own.topics.manifest, payload, qos=1)
             await until(lambda: len(inbox.messages) >= count, f"{count} manifests", within=40)
             elapsed = loop.time() - started
             # A duplicate or a late message would arrive before this one.
-            await own.publish_manifest(b"end")
+            await own.publish(own.topics.manifest, b"end", qos=1)
             await until(lambda: inbox.payloads[-1:] == [b"end"], "the end marker")
             assert inbox.payloads == [*payloads, b"end"]
             print(f"\n{count} QoS 1 messages of 200 B: {elapsed:.2f} s, {count / elapsed:.0f}/s")
@@ -287,7 +281,7 @@ async def test_a_slow_consumer_pauses_reading_and_is_not_taken_for_a_silent_link
             await own.wait_up(5)
             await link.wait_up(5)
             for payload in payloads:
-                await own.publish_manifest(payload)
+                await own.publish(own.topics.manifest, payload, qos=1)
             await until(lambda: link._conn is not None and link._conn.paused, "reading to pause")
             # Nothing is read while paused: that must not count as the link's silence.
             await asyncio.sleep(settings.liveness_s * 1.5)  # time passing is the condition
@@ -315,7 +309,7 @@ async def test_link_reconnects_with_backoff_and_resubscribes_after_a_broker_rest
         async with running(own, link):
             await own.wait_up(5)
             await link.wait_up(5)
-            await own.publish_manifest(b"before")
+            await own.publish(own.topics.manifest, b"before", qos=1)
             await until(lambda: inbox.payloads == [b"before"], "the first manifest")
 
             await first.stop()
@@ -335,7 +329,7 @@ async def test_link_reconnects_with_backoff_and_resubscribes_after_a_broker_rest
                 retries = link.status.attempts - attempts
                 # Every retry but the first waits at least backoff_min.
                 assert retries <= outage / FAST.backoff_min + 1, (retries, outage)
-                await own.publish_manifest(b"after")
+                await own.publish(own.topics.manifest, b"after", qos=1)
                 await until(lambda: inbox.payloads == [b"before", b"after"], "a manifest again")
                 assert link.status.reconnects == 1
     assert link_lines(caplog, f"link {BRAVO}: down (closed by the broker)")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from mesh.adapters import rsyncd
 from mesh.adapters.lsyncd.gate import GateServer
 from mesh.adapters.lsyncd.supervisor import LsyncdSettings, LsyncdSupervisor, log_level
-from mesh.adapters.tunnel import TunnelServer
+from mesh.adapters.rsync import rsyncd
+from mesh.adapters.rsync.tunnel import TunnelServer
 from tests.integration.conftest import Pki, RecordingCarrier, RecordingSink, until
 
 pytestmark = pytest.mark.integration

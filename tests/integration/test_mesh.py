@@ -1,7 +1,7 @@
 """The messaging engine over the real mesh, in one process: embedded amqtt brokers behind
 mutual TLS, own clients, peer links and exchanges over in-memory indexes, on 127.0.4.x.
 
-Each node is wired as ``mesh.node`` wires it (broker ◄── own client ◄── exchange ──►
+Each node is wired as ``mesh.engine.node`` wires it (broker ◄── own client ◄── exchange ──►
 peer links), without the data plane: what is under test is the wire, not the disk.
 """
 
@@ -22,14 +22,17 @@ import pytest
 import uvloop
 
 from mesh import pki
-from mesh.adapters.broker import BrokerSettings, EmbeddedBroker
-from mesh.adapters.links import LinkSettings, LinkState, MqttSession, OwnClient, PeerLink
+from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.connection import LinkSettings
+from mesh.adapters.mqtt.links import OwnClient, PeerLink
+from mesh.adapters.mqtt.session import LinkState, MqttSession
 from mesh.core import wire
+from mesh.core.effects import Effect, PathState
 from mesh.core.manifest import Entry, Kind, Manifest, entry_to_wire
-from mesh.core.replica import Effect, PathState, Replica
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
-from mesh.exchange import Exchange
+from mesh.engine.exchange import Exchange
 from mesh.pki import NodeCredentials
 from mesh.store.index import Index
 
@@ -38,7 +41,7 @@ pytestmark = pytest.mark.integration
 CLUSTER = "test"
 NODES = ("n1", "n2", "n3")
 NET = "127.0.4"  # away from tests/cluster.py (127.0.0.2x, 127.0.1.x) and test_links
-EXCHANGE_LOG = "mesh.exchange"
+EXCHANGE_LOG = "mesh.engine.exchange"
 
 
 # --- running a test --------------------------------------------------------------------------
@@ -76,7 +79,7 @@ async def _no_effects(effects: list[Effect]) -> None:
 
 @dataclass
 class MeshNode:
-    """Broker, own client, links and exchange of one node, wired as ``mesh.node`` does."""
+    """Broker, own client, links and exchange of one node, wired as ``mesh.engine.node`` does."""
 
     name: str
     creds: NodeCredentials
@@ -111,7 +114,7 @@ class MeshNode:
 
     async def restart_without_state(self) -> None:
         """The agent comes back with an empty state directory: a fresh index, and the
-        epoch it starts with (``mesh.node``: stored epoch + 1) is 1 again."""
+        epoch it starts with (``mesh.engine.node``: stored epoch + 1) is 1 again."""
         assert self.heads is not None
         await _cancel([self.heads])
         self.retired.append(self.index)
@@ -334,7 +337,7 @@ def test_hostile_payloads_from_a_peers_broker_change_nothing(
                 # Over the broker's packet limit: n2's broker cuts the sender, and nothing
                 # reaches n1.
                 await evil.publish(topic, bytes(1536 * 1024))
-                await until(lambda: bool(_refusals(caplog, "mesh.adapters.broker", "[n2]",
+                await until(lambda: bool(_refusals(caplog, "mesh.adapters.mqtt.broker", "[n2]",
                                                    "over the 1048576-byte limit")),
                             "n2's broker to cut the oversized publish", 10)
                 await until(lambda: evil.status.reconnects >= 1

@@ -19,7 +19,7 @@ from tests.cluster import Cluster, Node, running, wait_for
 pytestmark = pytest.mark.integration
 
 LIVENESS_S = 3.0  # LinkSettings.liveness_s, what the agent's links run with
-STATUS_S = 1.0  # mesh.node.STATUS_INTERVAL
+STATUS_S = 1.0  # mesh.engine.node.STATUS_INTERVAL
 NODE_NET, PROXY_NET = "127.0.5", "127.0.6"
 
 

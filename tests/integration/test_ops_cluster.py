@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner, Result
 
 from mesh.cli import app
-from mesh.cli_ops import EXIT_NOT_RUNNING
+from mesh.cli.reach import EXIT_NOT_RUNNING
 from tests.cluster import Cluster, Node, wait_for
 
 pytestmark = pytest.mark.integration

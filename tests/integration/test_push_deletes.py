@@ -1,5 +1,5 @@
 """What rsync removes on the receiver: nothing. Real rsync through the real tunnel and
-fixed daemon on 127.0.0.1, as in ``test_tunnel`` (``mesh.adapters.rsyncd``, "What a push
+fixed daemon on 127.0.0.1, as in ``test_tunnel`` (``mesh.adapters.rsync.rsyncd``, "What a push
 stages", lists the facts these check).
 
 The sender deleted (or replaced) ``p``; the receiver's ``p`` holds entries the push names
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.adapters import rsyncd
-from mesh.adapters.rsync_push import push
+from mesh.adapters.rsync import rsyncd
+from mesh.adapters.rsync.push import push
 from tests.integration.conftest import Pki, RecordingSink, until
 from tests.integration.test_tunnel import (
     KEEP,

@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 
 from mesh import pki
-from mesh.adapters import rsync_push, rsyncd
-from mesh.adapters.rsync_push import PushOrder, push
-from mesh.adapters.tunnel import PushHello, TunnelError, TunnelServer, encode_frame
+from mesh.adapters.rsync import push as rsync_push
+from mesh.adapters.rsync import rsyncd
+from mesh.adapters.rsync.push import PushHello, PushOrder, TunnelError, push
+from mesh.adapters.rsync.tunnel import TunnelServer
+from mesh.frames import encode_frame
 from tests.integration.conftest import Pki, RecordingSink, until
 
 pytestmark = pytest.mark.integration
 
 SENDER, RECEIVER = "alpha", "bravo"
 KEEP = rsyncd.DEFAULT_KEEP_NAME
-TUNNEL_LOG = "mesh.adapters.tunnel"
+TUNNEL_LOG = "mesh.adapters.rsync.tunnel"
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""Enrolment (mesh/enroll.py): the signer's rules, and real TLS round trips on 127.0.0.1."""
+"""Enrolment (mesh/pki/enroll.py): the signer's rules, and real TLS round trips on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
-from mesh import enroll, pki
+from mesh import pki
 from mesh.cli import app
-from mesh.config import HostPort
+from mesh.config.values import HostPort
 from mesh.errors import PkiError
+from mesh.pki import enroll
 
 CLUSTER = "alpha"
 TOKEN = b"a-join-token-of-enough-length"

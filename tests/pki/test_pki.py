@@ -25,7 +25,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from mesh import pki
-from mesh.cli_pki import pki_app
+from mesh.cli.pki import pki_app
 from mesh.errors import PkiError
 from mesh.pki import NodeCredentials, NodeIdentity
 

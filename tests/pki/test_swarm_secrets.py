@@ -1,4 +1,4 @@
-"""``mesh pki swarm-secrets`` (mesh/swarm.py): the secrets compose/stack.yml expects.
+"""``mesh pki swarm-secrets`` (mesh/deploy/swarm.py): the secrets compose/stack.yml expects.
 
 The docker CLI is replaced by a recorder here; tests/e2e runs the real one on a Swarm.
 """
@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from mesh import pki, swarm
+from mesh import pki
 from mesh.cli import app
+from mesh.deploy import swarm
 from mesh.errors import PkiError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mesh.core.effects import PathState
 from mesh.core.manifest import ContentKey, Entry, Kind
-from mesh.core.replica import PathState
 from mesh.core.resolver import Conflict, Version, resolve
 from mesh.core.vclock import VersionVector
 from mesh.store.index import Index
@@ -32,12 +32,12 @@ LATEST = max(int(p.name.split("_")[0]) for p in
 
 def test_schema_is_strict_wal_and_numbered(tmp_path: Path) -> None:
     idx = Index(tmp_path / "state.db")
-    assert idx.schema_version == LATEST
+    assert _user_version(idx) == LATEST
     assert idx.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     for (sql,) in idx.db.execute("SELECT sql FROM sqlite_master WHERE type = 'table'"):
         assert "STRICT" in sql
     idx.close()
-    assert Index(tmp_path / "state.db").schema_version == LATEST  # reopening migrates nothing
+    assert _user_version(Index(tmp_path / "state.db")) == LATEST  # reopening migrates nothing
 
 
 def test_state_round_trip_with_several_heads(tmp_path: Path) -> None:
@@ -244,3 +244,7 @@ def test_purge_forgets_what_a_peer_may_no_longer_send_and_stands_in_for_our_coun
     assert idx.state(keep) == PathState()
     assert idx.peer_vector("n9", "p.txt") is None
     idx.close()
+
+
+def _user_version(idx: Index) -> int:
+    return int(idx.db.execute("PRAGMA user_version").fetchone()[0])

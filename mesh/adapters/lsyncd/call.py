@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.adapters.rsyncd import MODULE
+from mesh.adapters.rsync.rsyncd import MODULE
 from mesh.core.paths import normalize
 from mesh.core.vclock import NODE_ID_RE
 from mesh.errors import InvalidPath, MeshError

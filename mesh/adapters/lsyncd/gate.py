@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Protocol
 
 from mesh.adapters.lsyncd.call import CallError, parse_rsync_call, paths_from_patterns
-from mesh.adapters.tunnel import Connections, close_stream, start_unix_server, stop_unix_server
+from mesh.adapters.streams import (
+    Connections,
+    close_stream,
+    start_unix_server,
+    stop_unix_server,
+)
 from mesh.errors import LocalProtocolError, MeshError
 
 LOG = logging.getLogger("mesh.gate")
@@ -39,7 +44,7 @@ EXIT_RETRY = 10  # rsync's "socket I/O error", which lsyncd 2.2.3 retries ("agai
 
 
 class Carrier(Protocol):
-    """The agent's decision and push (``mesh.pushes.Pushes``)."""
+    """The agent's decision and push (``mesh.engine.pushes.Pushes``)."""
 
     async def carry(self, peer: str, paths: list[str]) -> None:
         """lsyncd's batch for ``peer`` names ``paths`` (normalized; changed, created or

@@ -48,8 +48,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.adapters import rsyncd
 from mesh.adapters.lsyncd.call import target_of
+from mesh.adapters.rsync import rsyncd
 from mesh.errors import ConfigError, LocalProtocolError
 
 LOG = logging.getLogger(__name__)

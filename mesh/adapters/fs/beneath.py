@@ -1,0 +1,249 @@
+"""File operations beneath a root that never follow a symlink (issue 13).
+
+Every path the data plane writes, renames, links or removes is a path a peer
+named, and a peer may be compromised: a push that turns ``lure`` into a
+symlink to ``/etc`` must not make a later restore of ``lure/x`` write
+``/etc/x``. So every operation here reaches a path's parent folder one
+component at a time from a descriptor of the root, with ``O_NOFOLLOW``
+(``openat``, as the scanner walks), and acts on the last component through
+that descriptor (the ``*at`` calls act on a symlink itself, never on what it
+points to). A symlink met on the way is refused with ``Escape``; so is a path
+that is not a plain relative path.
+
+Modes from a peer carry permission bits only: ``PERMISSIONS`` masks out
+setuid, setgid and sticky bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from mesh.core.paths import TEMP_CHARS, temp_name
+from mesh.errors import MeshError
+
+PERMISSIONS = 0o777  # never setuid, setgid or sticky from a peer's mode
+_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_RENAME_EXCHANGE = 2
+_COPY_CHUNK = 1 << 20
+
+
+class Escape(MeshError):
+    """A path would leave the root or pass through a symlink: refused."""
+
+
+def _parts(rel: str) -> list[str]:
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise Escape(f"not a plain relative path: {rel!r}")
+    return parts
+
+
+def _libc_renameat2() -> ctypes._NamedFuncPointer | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                   ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _libc_renameat2()
+
+
+class Beneath:
+    """Operations on relative paths beneath ``root`` (see the module doc)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @contextlib.contextmanager
+    def parent(self, rel: str, *, create: bool = False) -> Iterator[tuple[int, str]]:
+        """``(fd of rel's folder, rel's last name)``; with ``create``, missing folders
+        on the way are made (mode 0755). ``Escape`` on a symlink; ``FileNotFoundError``
+        or ``NotADirectoryError`` when a folder on the way is missing or a file."""
+        *folders, name = _parts(rel)
+        fd = os.open(self.root, _DIR)
+        try:
+            for part in folders:
+                try:
+                    below = os.open(part, _DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    below = self._enter(fd, part, rel)
+                except OSError as err:
+                    raise self._refused(fd, part, rel, err) from None
+                os.close(fd)
+                fd = below
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def _enter(self, fd: int, part: str, rel: str) -> int:
+        try:
+            return os.open(part, _DIR, dir_fd=fd)
+        except OSError as err:
+            raise self._refused(fd, part, rel, err) from None
+
+    @staticmethod
+    def _refused(fd: int, part: str, rel: str, err: OSError) -> OSError | Escape:
+        """What to raise for a folder on the way that would not open: ``Escape`` for a
+        symlink, else the error itself."""
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            with contextlib.suppress(OSError):
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    return Escape(f"{rel!r}: {part!r} on the way is a symlink")
+        return err
+
+    # --- looking ----------------------------------------------------------------------
+
+    def lstat(self, rel: str) -> os.stat_result:
+        with self.parent(rel) as (fd, name):
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+    def lexists(self, rel: str) -> bool:
+        """Whether something is at ``rel`` in the tree (a path below a symlink is not)."""
+        try:
+            self.lstat(rel)
+        except (FileNotFoundError, NotADirectoryError, Escape):
+            return False
+        return True
+
+    def readlink(self, rel: str) -> str:
+        with self.parent(rel) as (fd, name):
+            return os.readlink(name, dir_fd=fd)
+
+    def read(self, rel: str) -> bytes:
+        fd = self.open_file(rel)
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def open_file(self, rel: str) -> int:
+        """A read descriptor of the regular file at ``rel`` (not through a symlink)."""
+        with self.parent(rel) as (fd, name):
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+
+    # --- making -----------------------------------------------------------------------
+
+    def mkdir(self, rel: str, mode: int, *, exist_ok: bool) -> None:
+        """The folder ``rel`` with ``mode`` (permission bits only), its parent made."""
+        with self.parent(rel, create=True) as (fd, name):
+            try:
+                os.mkdir(name, 0o700, dir_fd=fd)
+            except FileExistsError:
+                if not exist_ok:
+                    raise
+            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)
+            try:
+                os.fchmod(dfd, (mode or 0o755) & PERMISSIONS)
+            finally:
+                os.close(dfd)
+
+    def temp_name(self, rel: str) -> str:
+        """A free-looking temp name next to ``rel`` (same folder: renames are atomic),
+        shaped like rsync's so the watcher and the scanner ignore it."""
+        head, _, name = rel.rpartition("/")
+        temp = temp_name(name, secrets.token_hex(TEMP_CHARS // 2))
+        return f"{head}/{temp}" if head else temp
+
+    def write_file(self, rel: str, source_fd: int | None, mode: int,
+                   mtime_ns: int = 0) -> os.stat_result:
+        """Create the new file ``rel`` (never over anything) holding what ``source_fd``
+        reads (empty for None), with ``mode`` (permission bits only) and ``mtime_ns``
+        (when > 0); its ``lstat``."""
+        with self._new_file(rel) as out:
+            if source_fd is not None:
+                while chunk := os.read(source_fd, _COPY_CHUNK):
+                    os.write(out, chunk)
+            return self._finish(out, mode, mtime_ns)
+
+    def write_bytes(self, rel: str, data: bytes, mode: int) -> os.stat_result:
+        """Create the new file ``rel`` (never over anything) holding ``data``."""
+        with self._new_file(rel) as out:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+            return self._finish(out, mode, 0)
+
+    @contextlib.contextmanager
+    def _new_file(self, rel: str) -> Iterator[int]:
+        """A write descriptor of ``rel``, created here (folders on the way made)."""
+        with self.parent(rel, create=True) as (fd, name):
+            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600, dir_fd=fd)
+            try:
+                yield out
+            finally:
+                os.close(out)
+
+    def set_file(self, rel: str, mode: int, mtime_ns: int = 0) -> os.stat_result:
+        """Give the regular file ``rel`` ``mode`` (permission bits only) and ``mtime_ns``
+        (when > 0); its ``lstat``."""
+        with self.parent(rel) as (fd, name):
+            out = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                return self._finish(out, mode, mtime_ns)
+            finally:
+                os.close(out)
+
+    @staticmethod
+    def _finish(fd: int, mode: int, mtime_ns: int) -> os.stat_result:
+        os.fchmod(fd, mode & PERMISSIONS)
+        if mtime_ns > 0:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        return os.fstat(fd)
+
+    def symlink(self, target: str, rel: str) -> os.stat_result:
+        """A new symlink ``rel`` pointing at ``target`` (never followed by this module)."""
+        with self.parent(rel, create=True) as (fd, name):
+            os.symlink(target, name, dir_fd=fd)
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+    # --- moving and removing ----------------------------------------------------------
+
+    def rename(self, src: str, dst: str, *, create: bool = False) -> None:
+        """Rename ``src`` to ``dst``, replacing what is there (not a folder)."""
+        with self.parent(src) as (sfd, sname), \
+                self.parent(dst, create=create) as (dfd, dname):
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+
+    def link(self, src: str, dst: str) -> None:
+        """Hard-link ``src`` as the new name ``dst`` (fails if ``dst`` exists)."""
+        with self.parent(src) as (sfd, sname), self.parent(dst) as (dfd, dname):
+            os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+
+    def exchange(self, a: str, b: str) -> bool:
+        """Swap ``a`` and ``b`` in one step (``renameat2(RENAME_EXCHANGE)``); False where
+        the system or the filesystem cannot (the caller renames instead)."""
+        if _renameat2 is None:
+            return False
+        with self.parent(a) as (afd, aname), self.parent(b) as (bfd, bname):
+            if _renameat2(afd, os.fsencode(aname), bfd, os.fsencode(bname),
+                          _RENAME_EXCHANGE) == 0:
+                return True
+            err = ctypes.get_errno()
+            if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return False
+            raise OSError(err, os.strerror(err), f"{a} <-> {b}")
+
+    def unlink(self, rel: str) -> None:
+        with self.parent(rel) as (fd, name):
+            os.unlink(name, dir_fd=fd)
+
+    def rmdir(self, rel: str) -> None:
+        with self.parent(rel) as (fd, name):
+            os.rmdir(name, dir_fd=fd)

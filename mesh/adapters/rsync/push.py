@@ -1,0 +1,282 @@
+"""The sending side of a push (docs/DESIGN.md, "Data plane"; ``mesh.adapters.rsync.tunnel``,
+the receiving side, has the protocol): rsync sends some paths of the data folder to one
+peer through the TLS tunnel.
+
+Every push runs here, whichever way it started (a batch of lsyncd's that the gate let
+through, or the agent's own pusher): ``push`` gives the caller rsync's exit status, or a
+``TunnelError`` with the receiver's reason when the push could not start. ``open_push``
+connects, checks the peer's identity, sends the header (``PushHello``) and waits for the
+go-ahead; the TLS end then runs in the agent's event loop, and rsync's remote shell is a
+pair of ``cat``s joined to it by a socket pair: a push starts rsync, a shell and a
+``cat``, and no interpreter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mesh.adapters.rsync import relay, rsyncd
+from mesh.adapters.streams import read_frame
+from mesh.core.paths import is_normalized
+from mesh.core.vclock import NODE_ID_RE
+from mesh.errors import LocalProtocolError, MeshError, PkiError, RemoteProtocolError
+from mesh.frames import MAX_HEADER_BYTES, encode_frame
+from mesh.pki.tls import NodeCredentials, client_ssl_context, identity_from_peercert
+
+LOG = logging.getLogger("mesh.push")
+
+VERSION = 1
+_MAX_REPLY_BYTES = 64 * 1024
+_BUFFER = 1 << 20  # a push stream's read-ahead, until the relay takes it over
+
+
+class TunnelError(MeshError):
+    """A push could not be set up: connection, TLS, identity, or the receiver refused."""
+
+
+def _check_version(message: Any, keys: set[str]) -> dict[str, Any]:
+    if not isinstance(message, dict) or message.get("v") != VERSION:
+        raise RemoteProtocolError(f"not a version {VERSION} tunnel message")
+    if set(message) != keys:
+        raise RemoteProtocolError(f"fields {sorted(message)} instead of {sorted(keys)}")
+    return message
+
+
+@dataclass(frozen=True)
+class PushHello:
+    """The first frame of a push."""
+
+    push_id: str
+    header: bytes
+
+    def __post_init__(self) -> None:
+        if not rsyncd.valid_push_id(self.push_id):
+            raise LocalProtocolError(f"invalid push id {self.push_id!r}")
+        if not isinstance(self.header, bytes) or len(self.header) > MAX_HEADER_BYTES:
+            raise LocalProtocolError(f"push header must be at most {MAX_HEADER_BYTES} bytes")
+
+    def encode(self) -> bytes:
+        return encode_frame({"v": VERSION, "push": self.push_id, "header": self.header})
+
+    @classmethod
+    def decode(cls, message: Any) -> PushHello:
+        fields = _check_version(message, {"v", "push", "header"})
+        push_id, header = fields["push"], fields["header"]
+        if not rsyncd.valid_push_id(push_id):
+            raise RemoteProtocolError(f"invalid push id {str(push_id)[:80]!r}")
+        if not isinstance(header, bytes):
+            raise RemoteProtocolError("push header is not bytes")
+        return cls(push_id, header)
+
+
+async def open_push(
+    creds: NodeCredentials,
+    host: str,
+    port: int,
+    peer: str,
+    hello: PushHello,
+    *,
+    within: float = 10.0,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to ``peer``'s tunnel, check that it is ``peer``, send the header and wait
+    for the go-ahead. Returns the stream that then carries rsync's daemon protocol."""
+    where = f"push {hello.push_id} to {peer} at {host}:{port}"
+    try:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=client_ssl_context(creds), limit=_BUFFER)
+    except ssl.SSLCertVerificationError as err:
+        raise TunnelError(f"{where}: certificate verify failed: {err.verify_message}") from None
+    except (OSError, TimeoutError) as err:
+        raise TunnelError(f"{where}: connect: {err or type(err).__name__}") from None
+    try:
+        found = identity_from_peercert(writer.get_extra_info("peercert"),
+                                       creds.identity.cluster).node
+        if found != peer:
+            raise TunnelError(f"{where}: the certificate is {found}'s")
+        writer.write(hello.encode())
+        async with asyncio.timeout(within):
+            await writer.drain()
+            reply = await read_frame(reader, _MAX_REPLY_BYTES)
+        if not isinstance(reply, dict) or reply.get("v") != VERSION:
+            raise TunnelError(f"{where}: malformed reply to the push header")
+        if reply.get("ok") is not True:
+            raise TunnelError(f"{peer} refused push {hello.push_id}: "
+                              f"{str(reply.get('error'))[:500]}")
+    except TimeoutError:
+        writer.transport.abort()
+        raise TunnelError(f"{where}: no answer within {within:g} s") from None
+    except (OSError, PkiError, RemoteProtocolError) as err:
+        writer.transport.abort()
+        raise TunnelError(f"{where}: {err}") from None
+    except BaseException:
+        writer.transport.abort()
+        raise
+    return reader, writer
+
+
+# --- the push: rsync through the tunnel --------------------------------------------------
+
+LINGER_S = 30.0  # after rsync exits, for the receiver to close
+
+
+@dataclass(frozen=True)
+class PushOrder:
+    """Push ``paths`` to ``peer``, whose tunnel listens on ``host:port``, as push
+    ``push_id``; ``header`` is the announcement the receiving agent gets before any
+    data lands."""
+
+    peer: str
+    host: str
+    port: int
+    push_id: str
+    paths: tuple[str, ...]
+    header: bytes
+
+    def __post_init__(self) -> None:
+        if NODE_ID_RE.fullmatch(self.peer) is None:
+            raise LocalProtocolError(f"push: invalid peer {self.peer!r}")
+        if not self.host or "/" in self.host:
+            raise LocalProtocolError(f"push: invalid host {self.host!r}")
+        if not 0 < self.port < 65536:
+            raise LocalProtocolError(f"push: invalid port {self.port!r}")
+        if not rsyncd.valid_push_id(self.push_id):
+            raise LocalProtocolError(f"push: invalid push id {self.push_id!r}")
+        if not all(map(is_normalized, self.paths)):
+            raise LocalProtocolError("push: paths must be normalized")
+        if len(self.header) > MAX_HEADER_BYTES:
+            raise LocalProtocolError(f"push: header over {MAX_HEADER_BYTES} bytes")
+
+
+async def push(
+    order: PushOrder,
+    data_dir: Path,
+    creds: NodeCredentials,
+    *,
+    keep_name: str = rsyncd.DEFAULT_KEEP_NAME,
+    rsync: str = rsyncd.RSYNC,
+) -> int:
+    """Push ``order.paths`` from ``data_dir`` to the peer; rsync's exit status. rsync and
+    its remote shell run in a process group of their own, killed as one if the push is
+    cancelled."""
+    if not order.paths:
+        return 0
+    where = f"push {order.push_id} of {len(order.paths)} path(s) to {order.peer}"
+    LOG.debug("%s: starting", where)
+    patterns = rsyncd.include_patterns(order.paths, data_dir)
+    stdin = b"\0".join(map(os.fsencode, patterns))
+    env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}
+    try:
+        returncode, errors = await _push(order, data_dir, creds, keep_name, rsync, env, stdin)
+    except OSError as err:
+        raise MeshError(f"{where}: {err.strerror or err}") from err
+    level = logging.DEBUG if returncode == 0 else logging.WARNING
+    LOG.log(level, "%s: rsync exit %d", where, returncode)
+    for line in errors.decode("utf-8", "backslashreplace").splitlines() if returncode else ():
+        LOG.warning("%s: %s", where, line)
+    return returncode
+
+
+async def _push(
+    order: PushOrder,
+    data_dir: Path,
+    creds: NodeCredentials,
+    keep_name: str,
+    rsync: str,
+    env: dict[str, str],
+    stdin: bytes,
+) -> tuple[int, bytes]:
+    def argv(rsh: str) -> list[str]:
+        return rsyncd.client_argv(data_dir, order.host, rsh, keep_name, order.push_id,
+                                  rsync=rsync)
+
+    return await tunnelled(order, creds, argv, stdin, env)
+
+
+async def tunnelled(
+    order: PushOrder,
+    creds: NodeCredentials,
+    argv: Callable[[str], list[str]],
+    stdin: bytes,
+    env: dict[str, str],
+) -> tuple[int, bytes]:
+    """Open the tunnel for ``order`` (its header announced, the go-ahead received), then
+    run the rsync command line ``argv(rsh)`` through it, where ``rsh`` is the remote
+    shell to give rsync; its exit status and stderr. ``push`` gives the only command
+    line the agent runs; tests give others, as a hostile sender would."""
+    hello = PushHello(order.push_id, order.header)
+    remote_reader, remote_writer = await open_push(creds, order.host, order.port, order.peer,
+                                                   hello)
+    ours, theirs = socket.socketpair()
+    for sock in (ours, theirs):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    # rsync's socket <-> TLS, in this loop (relay.py: no streams on the way). The local
+    # end half-closes: rsync's stream ends before the receiver's answer does.
+    remote, local = relay.End(), relay.End(half_close=True)
+    relay.join(remote, local)
+    try:
+        fd = theirs.fileno()
+        # rsync's remote shell: a cat in the background copies rsync's stream into the
+        # socket; the shell itself becomes the cat that copies the socket to rsync, so it
+        # exits when the receiver is done, as rsync expects of a remote shell. (bash: dash
+        # redirects only fds 0-9; "0<&0": a background job's stdin is otherwise /dev/null;
+        # --norc: with a socket on its stdin, bash takes itself for rshd's and would run
+        # ~/.bashrc — a pyenv set-up there cost 0.3 s per push.)
+        script = f"cat 0<&0 >&{fd} & exec cat <&{fd}"
+        rsh = rsyncd.rsh_command(["/bin/bash", "--norc", "--noprofile", "-c", script, "relay"])
+        await asyncio.get_running_loop().create_connection(lambda: local, sock=ours)
+        # The receiver done, the local socket closes: the cat reading it ends.
+        relay.take_over(remote_reader, remote_writer, remote)
+        returncode, errors = await _run(argv(rsh), env, stdin, pass_fds=(fd,),
+                                        started=theirs.close)
+        # rsync's last words may still be on their way: wait for the receiver to close.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(remote.read_done), LINGER_S)
+        return returncode, errors
+    finally:
+        local.abort()
+        remote_writer.transport.abort()
+        theirs.close()
+        ours.close()
+
+
+async def _run(
+    argv: list[str],
+    env: dict[str, str],
+    stdin: bytes,
+    *,
+    pass_fds: tuple[int, ...] = (),
+    started: Callable[[], None] | None = None,
+) -> tuple[int, bytes]:
+    """Run to the end: exit status and stderr. Cancelled, it kills the process group
+    before it returns. ``started`` runs once it has."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        pass_fds=pass_fds,
+    )
+    if started is not None:
+        started()
+    try:
+        _, errors = await proc.communicate(stdin)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, errors

@@ -1,0 +1,422 @@
+"""The node's data folder: scans feed the replica, and the replica's file effects
+(conflict copies, restores, deletes) are carried out here.
+
+Effects are processed from a work queue, not by recursion: a restore first
+rescans its path (so what it replaces is an indexed version, see
+``mesh.core.replica.Restore``), which can produce further effects.
+
+Incoming pushes follow ``mesh.core.landing``: rsync stages a push's bytes in
+the keep area, never in the data folder; at the push's end (or at the next start,
+after a kill) the staged bytes that are a version the path converges to are kept,
+and the replica's restores put them in place, each after a scan of the path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+from mesh.adapters.fs.scanner import PREHASH_BYTES, ScanError, Scanner, Unsettled
+from mesh.clock import now_ms
+from mesh.core.effects import Effect, Observed, Restore, Want, WriteCopy
+from mesh.core.landing import Staged, StagedFile, staged, to_reaim
+from mesh.core.manifest import ContentKey, Kind
+from mesh.core.paths import deepest_first
+from mesh.core.replica import Replica
+from mesh.core.resolver import Version
+from mesh.core.retention import Reason
+from mesh.engine.keep import KeepArea
+from mesh.errors import MeshError
+from mesh.store.index import Index
+from mesh.store.kept import KeptLog
+
+LOG = logging.getLogger("mesh.data")
+
+SCAN_BATCH = 500
+SCANS_KEPT = 10_000
+SCANS_KEPT_S = 10.0  # a scan's mark matters only to watcher events already on their way
+
+Forward = Callable[[list[Effect]], Awaitable[None]]
+
+
+class DataPlane:
+    def __init__(self, *, root: Path, replica: Replica, index: Index, keep: KeepArea,
+                 scanner: Scanner, forward: Forward) -> None:
+        self.root = root
+        self.replica = replica
+        self.index = index
+        self.keep = keep
+        self.scanner = scanner
+        self.forward = forward  # announcements and conflicts go to the exchange
+        self.unsettled: set[str] = set()
+        self._scanned_at: dict[str, float] = {}  # path -> when its last scan began
+        self.fs = keep.fs  # file operations beneath the root, no symlink followed
+        self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
+        self.wants = 0
+
+    # --- scanning ---------------------------------------------------------------------
+
+    async def scan(self, paths: Iterable[str], *, events_read: float | None = None) -> None:
+        """Observe ``paths`` and feed the replica, in transactions of SCAN_BATCH.
+
+        For the watcher's paths (``events_read``: its events were all read from inotify
+        before that ``time.monotonic()``), also skipped: a path scanned since (it shows
+        the change already), so a burst of pushed files is scanned once.
+        """
+        now = time.monotonic()
+        asked = list(paths)
+        paths = asked
+        if events_read is not None:
+            paths = [p for p in paths if self._scanned_at.get(p, -1.0) < events_read]
+        if len(paths) < len(asked) and LOG.isEnabledFor(logging.DEBUG):
+            kept = set(paths)
+            skipped = [p for p in asked if p not in kept]
+            LOG.debug("not scanning now: %d path(s): %s", len(skipped), skipped[:20])
+        LOG.debug("scanning %d path(s): %s", len(paths), paths[:3])
+        # Each of these is observed after ``now``: a watcher batch of events read before
+        # it, arriving while this scan waits (on a hash, say), need not look again. A
+        # received 256 MiB file was otherwise hashed twice at once, by the push's end and
+        # by the watcher.
+        for path in paths:
+            self._scanned_at[path] = now  # no mark is later: all were taken before ``now``
+        large = self.scanner.to_prehash(paths)
+        if large:  # hashing hundreds of MB would stall every link and push of this node
+            await asyncio.to_thread(self.scanner.prehash, large)
+        batch: list[str] = []
+        for path in paths:
+            batch.append(path)
+            if len(batch) >= SCAN_BATCH:
+                await self.apply(self._observe(batch))
+                batch = []
+        if batch:
+            await self.apply(self._observe(batch))
+
+    async def startup(self) -> int:
+        """Keep what the pushes the last stop cut short had staged, then reconcile the
+        index with the disk: what changed while we were down becomes local edits
+        (unchanged files are not re-hashed); restores that were pending are asked for
+        again."""
+        while self.keep.unfinished:
+            push_id = self.keep.unfinished.pop()
+            LOG.warning("push %s was cut short when the agent stopped: keeping what it "
+                        "staged", push_id)
+            await self.push_ended(push_id)
+        on_disk = list(self.scanner.walk())
+        gone = set(self.index.paths()) - set(on_disk)
+        await self.scan([*on_disk, *deepest_first(gone)])
+        pending = [v.path for v in self.index.targets()]
+        with self.index.batch():
+            effects = [fx for path in pending for fx in self.replica.reaim(path)]
+        await self.apply(effects)
+        return len(on_disk)
+
+    def _observe(self, paths: list[str],
+                 seen: dict[str, Observed | None] | None = None) -> list[Effect]:
+        """Scan ``paths`` and feed the replica; ``seen`` gets what was found at each
+        path that could be read."""
+        effects: list[Effect] = []
+        queue = deque(paths)
+        done: set[str] = set()
+        self._forget_scans()
+        with self.index.batch():
+            while queue:
+                path = queue.popleft()
+                started = time.monotonic()
+                try:
+                    observed = self.scanner.observe(path)
+                except Unsettled:
+                    self.unsettled.add(path)  # still being written: the next event rescans it
+                    continue
+                except ScanError as err:
+                    LOG.warning("scan %s: %s", path, err)
+                    continue
+                self.unsettled.discard(path)
+                self._scanned_at[path] = started
+                if seen is not None:
+                    seen[path] = observed
+                if observed is None and path not in done:
+                    # A folder moved out of the root is reported alone: what we indexed
+                    # inside it is gone too, and its deletes go first (a folder delete
+                    # is applied once what it held is gone, see Replica._aim).
+                    inside = self.index.paths_under(path)
+                    if inside:
+                        done.update([path, *inside])
+                        queue.extendleft(reversed([*deepest_first(inside), path]))
+                        continue
+                effects += self.replica.local(path, observed, now_ms())
+            self.index.set_meta("clock", self.replica.clock)
+        return effects
+
+    # --- effects ----------------------------------------------------------------------
+
+    async def apply(self, effects: list[Effect]) -> None:
+        queue: deque[Effect] = deque(effects)
+        passed: list[Effect] = []
+        # How many restores want each content: the last one may take it out of the keep.
+        needed = Counter(fx.version.content for fx in effects
+                         if isinstance(fx, Restore) and fx.version.content is not None)
+        # One transaction for them all: a push's end restores hundreds of paths, each
+        # scanned and recorded (a commit each was most of a burst's time).
+        with self.index.batch():
+            for _ in range(100_000):  # bounded: every step settles a path or gives up on it
+                if not queue:
+                    break
+                fx = queue.popleft()
+                if isinstance(fx, WriteCopy):
+                    queue.extend(self._write_copy(fx))
+                elif isinstance(fx, Restore):
+                    queue.extend(self._restore(fx.version, needed))
+                elif isinstance(fx, Want):
+                    self.wants += 1
+                else:
+                    passed.append(fx)
+        if passed:
+            await self.forward(passed)
+
+    def _write_copy(self, fx: WriteCopy) -> list[Effect]:
+        content = fx.source.content
+        try:
+            if content is None or self.fs.lexists(fx.path):
+                return []
+            self._materialize(fx.source.path, fx.source.kind, content, fx.source.mode,
+                              fx.path, exclusive=True)
+        except FileExistsError:
+            return []
+        except (OSError, MeshError) as err:
+            LOG.warning("conflict copy %s: %s", fx.path, err)
+            return []
+        LOG.info("kept the losing version of %s as %s", fx.source.path, fx.path)
+        return self._observe([fx.path])
+
+    def _restore(self, version: Version, needed: Counter[ContentKey]) -> list[Effect]:
+        rel = version.path
+        seen: dict[str, Observed | None] = {}
+        effects = self._observe([rel], seen)  # record anything unscanned first
+        if rel not in seen:  # unreadable or still being written: its next scan aims again
+            return effects
+        if self.index.state(rel).target != version:
+            return effects
+        winner = version.winner
+        current = seen[rel]  # what the index now records there, and what we file away
+        try:
+            if version.content is not None:
+                needed[version.content] -= 1
+                # A loser's content replaced by the winner is kept as the conflict's.
+                why = (Reason.LOST if current is not None and version.holds(current.content)
+                       else Reason.REPLACED)
+                self._materialize(rel, winner.kind, version.content, winner.mode, rel,
+                                  exclusive=False, mtime_ns=winner.mtime_ns,
+                                  replacing=current, why=why,
+                                  at_source=current is not None
+                                  and current.content == version.content,
+                                  take=needed[version.content] <= 0
+                                  and not self.kept.rows_of([version.content[1]]))
+            else:
+                if current is not None:
+                    self._file_away(rel, rel, current.content, Reason.DELETED)
+                if self.fs.lexists(rel):  # a folder still holding entries: the replica
+                    return effects + self._observe([rel])  # decides (DESIGN.md, Folders)
+        except Superseded:
+            LOG.info("restore %s: it was edited since its scan; the edit is scanned first",
+                     rel)
+            return effects + self._observe([rel])
+        except (OSError, MeshError) as err:
+            LOG.warning("restore %s: %s", rel, err)
+            return effects + self._observe([rel])
+        # On disk from now on: a change made right after is an edit on top of it.
+        return effects + self.replica.restored(rel, version)
+
+    def write_back(self, source_rel: str, kind: Kind, content: ContentKey, mode: int,
+                   dest_rel: str, replacing: Observed | None = None) -> None:
+        """Put kept ``content`` (from ``source_rel`` if it holds it, else the keep area)
+        at ``dest_rel``, as the data plane writes: a temp name the watcher ignores,
+        renamed into place, so the watcher sees one finished local edit (an operator's
+        restore). ``replacing``: what ``dest_rel`` holds (as scanned), kept as a
+        replaced version."""
+        self._materialize(source_rel, kind, content, mode, dest_rel, exclusive=False,
+                          replacing=replacing)
+
+    def _file_away(self, rel: str, path: str, content: ContentKey, why: Reason) -> None:
+        """File ``rel`` (``path``'s content as last scanned, maybe under a temp name) into
+        the keep area and record it as a kept version of ``path``: the head of the
+        path's disk version holding that content (the scan that came first recorded
+        it). A folder is only removed: it has no content to keep."""
+        self.keep.file_away(rel, content)
+        disk = self.index.state(path).disk
+        head = None if disk is None else next(
+            (h for h in disk.heads if h.content == content), None)
+        if disk is None or head is None or content[0] is Kind.DIR:
+            return  # not recorded: an orphan, collected by its age (mesh.core.retention)
+        self.kept.add(head, disk.vector, why, now_ms())
+
+    def _materialize(self, source_rel: str, kind: Kind, content: ContentKey, mode: int,
+                     dest_rel: str, *, exclusive: bool, mtime_ns: int = 0,
+                     replacing: Observed | None = None, at_source: bool | None = None,
+                     take: bool = False, why: Reason = Reason.REPLACED) -> None:
+        """Write content (from ``source_rel`` if it holds it, else the keep area) at
+        ``dest_rel``, atomically, beneath the root (``mesh.adapters.fs.beneath``); never over
+        an existing file if ``exclusive``. ``replacing``: what ``dest_rel`` holds, filed
+        into the keep area as the new content takes its place (in one step where the
+        filesystem can swap two names, so a kill never leaves the path empty).
+        ``at_source``: whether ``source_rel`` holds the content (looked at when None).
+
+        With ``take`` (no other restore of this apply needs the content), the kept file
+        is moved out of the keep area, not copied (a pushed file is not written twice);
+        it goes back if it cannot take its place, and is filed again whenever it is
+        replaced. A file put in place is recorded in the stat cache, so the scan its own
+        rename sets off does not hash it again."""
+        if kind is Kind.DIR:
+            if replacing is not None:
+                self._file_away(dest_rel, dest_rel, replacing.content, why)
+            self.fs.mkdir(dest_rel, mode, exist_ok=not exclusive)
+            return
+        tmp = self.fs.temp_name(dest_rel)
+        taken = False
+        if at_source is None:
+            at_source = self._observed_content(source_rel) == content
+        try:
+            if kind is Kind.SYMLINK:
+                target = (self.fs.readlink(source_rel) if at_source
+                          else self.keep.read_link(content))
+                placed = self.fs.symlink(target, tmp)
+            elif at_source:
+                fd = self.fs.open_file(source_rel)
+                try:
+                    placed = self.fs.write_file(tmp, fd, mode, mtime_ns)
+                finally:
+                    os.close(fd)
+            elif take and not exclusive:
+                self.keep.take_out(content, tmp)
+                taken = True
+                placed = self.fs.set_file(tmp, mode, mtime_ns)
+            else:
+                placed = self.keep.copy_out(content, tmp, mode, mtime_ns)
+            if exclusive:
+                self.fs.link(tmp, dest_rel)  # fails if something is there
+            elif replacing is not None and replacing.kind is not Kind.DIR \
+                    and self.fs.exchange(tmp, dest_rel):
+                if not self._unchanged(tmp, replacing):
+                    self.fs.exchange(tmp, dest_rel)  # an edit came since the scan: back
+                    raise Superseded(dest_rel)
+                taken = False
+                self._file_away(tmp, dest_rel, replacing.content, why)  # swapped out
+            else:
+                if replacing is not None:
+                    if not self._unchanged(dest_rel, replacing):
+                        raise Superseded(dest_rel)
+                    self._file_away(dest_rel, dest_rel, replacing.content, why)
+                self.fs.rename(tmp, dest_rel)
+                taken = False
+            if kind is Kind.FILE:
+                self.scanner.placed(dest_rel, placed, content[1])
+        finally:
+            if taken and self.fs.lexists(tmp):
+                with contextlib.suppress(OSError, MeshError):
+                    self.keep.put_back(content, tmp)  # it did not take its place
+            with contextlib.suppress(FileNotFoundError, MeshError):
+                self.fs.unlink(tmp)
+
+    def _unchanged(self, rel: str, seen: Observed) -> bool:
+        """Whether ``rel`` still looks as the scan ``seen`` it: kind, and a file's size
+        and mtime (a write sets the mtime to now), a link's target."""
+        st = self.fs.lstat(rel)
+        if seen.kind is Kind.FILE:
+            return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
+                seen.size, seen.mtime_ns)
+        if seen.kind is Kind.SYMLINK:
+            return stat.S_ISLNK(st.st_mode) and hashlib.sha256(
+                os.fsencode(self.fs.readlink(rel))).digest() == seen.hash
+        return stat.S_ISDIR(st.st_mode)
+
+    def _observed_content(self, rel: str) -> tuple[Kind, bytes, int] | None:
+        try:
+            observed = self.scanner.observe(rel)
+        except ScanError:
+            return None
+        return None if observed is None else observed.content
+
+    # --- pushes -----------------------------------------------------------------------
+
+    async def push_ended(self, push_id: str, announced: Iterable[str] = ()) -> None:
+        """An incoming push ended, however rsync exited (``mesh.core.landing``): keep the
+        staged bytes that are a version we converge to, drop the rest, and ask again
+        for what each path converges to; the restores that follow put them in place."""
+
+        def converged_to(rel: str, found: Observed) -> bool:
+            st = self.index.state(rel)
+            goal = st.target or st.disk
+            return goal is not None and staged(
+                {rel: goal}, StagedFile(rel, found.content)) is Staged.KEEP
+
+        staging = self.keep.staging_dir(push_id)
+        kept = await self._file_away_under(
+            staging, lambda rel: self.keep.staging_rel(push_id, rel), converged_to)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)  # what is left was not the version: dropped
+        # A push that landed the way releases before issue 11 did (in place, what it
+        # replaced in ``<keep>/<push id>``), cut short by a stop: keep what it displaced.
+        backup = self.keep.push_dir(push_id)
+        await self._file_away_under(backup, lambda rel: self.keep.push_rel(push_id, rel),
+                                    lambda _rel, _found: True)
+        _remove_empty_dirs(backup)
+        with self.index.batch():
+            effects = [fx for rel in to_reaim(announced, kept) for fx in self.replica.reaim(rel)]
+        await self.apply(effects)
+
+    async def _file_away_under(self, folder: Path, rel_of: Callable[[str], str],
+                               wanted: Callable[[str, Observed], bool]) -> list[str]:
+        """File into the keep area's objects each file under ``folder`` (a staging or
+        backup dir; ``rel_of`` names it from the data folder) that is ``wanted``; the
+        paths filed. Large files are hashed in a thread: hundreds of MB would stall
+        every link and push of this node."""
+        scanner = Scanner(folder, ignore=lambda _: False)
+        kept: list[str] = []
+        for rel in _files_under(folder):
+            try:
+                large = os.lstat(folder / rel).st_size >= PREHASH_BYTES
+                found = (await asyncio.to_thread(scanner.observe, rel) if large
+                         else scanner.observe(rel))
+                if found is None or not wanted(rel, found):
+                    continue
+                self.keep.file_away(rel_of(rel), found.content)
+                kept.append(rel)
+            except (OSError, MeshError) as err:
+                LOG.warning("keep %s: %s", rel_of(rel), err)
+        return kept
+
+    def _forget_scans(self) -> None:
+        """Scan times matter only against events still on their way: keep them briefly."""
+        if len(self._scanned_at) > SCANS_KEPT:
+            old = time.monotonic() - SCANS_KEPT_S
+            self._scanned_at = {p: t for p, t in self._scanned_at.items() if t > old}
+
+
+class Superseded(MeshError):
+    """The path a restore was about to replace changed since the restore scanned it: the
+    change is a write to record first, not content to file away."""
+
+
+def _files_under(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath).relative_to(root)
+        for name in [*filenames, *(d for d in dirnames if (Path(dirpath) / d).is_symlink())]:
+            out.append(str(base / name) if str(base) != "." else name)
+    return sorted(out)
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """Remove ``root`` and the directories under it, deepest first. What could not be
+    filed keeps its directory, and the next start files it (``KeepArea.unfinished``)."""
+    for dirpath, _, _ in os.walk(root, topdown=False):
+        with contextlib.suppress(OSError):  # not empty
+            Path(dirpath).rmdir()

@@ -1,0 +1,148 @@
+"""The keep area: content nothing may destroy, inside the data folder.
+
+``<data>/.mesh-keep`` sits on the same filesystem as the data (DESIGN.md: a
+push keeps what it replaces), so keeping is a rename, never a copy. It holds
+
+* ``objects/<sha256 hex>``: content by hash (a file's bytes, a symlink's
+  target), for restores and conflict copies;
+* ``in/<push id>/``: the staging dir of one incoming push: rsync lands the
+  push there (the daemon may write nowhere else: ``mesh.adapters.rsync.rsyncd``).
+  At the push's end the agent keeps, into ``objects``, each staged file that
+  is a version the path converges to, and removes the dir; its restores then
+  put the content in place (``mesh.core.landing``). The tunnel creates it
+  exclusively;
+* ``<push id>/``: rsync's ``--backup-dir`` of one push, from releases that
+  landed pushes in the live tree: found after an upgrade only, and filed.
+
+A staging dir found when the agent starts belongs to a push that was landing
+when the agent stopped (the tunnel makes one only while the agent runs): it is
+in ``unfinished`` until the data plane has kept what it staged.
+
+The watcher and the scanner ignore the whole area.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from mesh.adapters.fs.beneath import Beneath
+from mesh.core.manifest import ContentKey, Kind
+from mesh.core.paths import KEEP_NAME
+
+
+def _subdirs(parent: Path) -> list[Path]:
+    """The directories directly in ``parent`` (no symlinks)."""
+    return [p for p in parent.iterdir() if p.is_dir() and not p.is_symlink()]
+
+
+class KeepArea:
+    """The keep area of the data folder ``data_dir``. Its operations name paths relative
+    to the data folder and never follow a symlink (``mesh.adapters.fs.beneath``): staged
+    and live paths are named by peers."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.fs = Beneath(data_dir)
+        self.root = data_dir / KEEP_NAME
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.incoming = self.root / "in"
+        for d in (self.objects, self.tmp, self.incoming):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The staging dirs, and the backup dirs of an older release (directly under the
+        # keep area: every dir there but ours).
+        ours = {self.objects.name, self.tmp.name, self.incoming.name}
+        self.unfinished = sorted(
+            {p.name for p in _subdirs(self.incoming)}
+            | {p.name for p in _subdirs(self.root) if p.name not in ours})
+
+    def staging_dir(self, push_id: str) -> Path:
+        """Where rsync lands push ``push_id`` (``mesh.core.landing``)."""
+        return self.incoming / push_id
+
+    def staging_rel(self, push_id: str, rel: str) -> str:
+        """``rel`` in the staging dir of ``push_id``, relative to the data folder."""
+        return f"{KEEP_NAME}/{self.incoming.name}/{push_id}/{rel}"
+
+    def push_rel(self, push_id: str, rel: str) -> str:
+        """``rel`` in the backup dir of an older release's push, relative to the data
+        folder."""
+        return f"{KEEP_NAME}/{push_id}/{rel}"
+
+    def object_path(self, content: ContentKey) -> Path:
+        return self.objects / content[1].hex()
+
+    def object_rel(self, content: ContentKey) -> str:
+        return f"{KEEP_NAME}/{self.objects.name}/{content[1].hex()}"
+
+    def has(self, content: ContentKey) -> bool:
+        if content[0] is Kind.DIR:
+            return True  # a directory has no content to keep
+        return self.object_path(content).exists()
+
+    def file_away(self, rel: str, content: ContentKey) -> None:
+        """Move ``rel`` (whose content is ``content``) into the objects."""
+        if content[0] is Kind.DIR:
+            with contextlib.suppress(OSError):
+                self.fs.rmdir(rel)
+            return
+        target = self.object_rel(content)
+        if content[0] is Kind.SYMLINK:
+            if not self.has(content):
+                self._write_atomic(target, os.fsencode(self.fs.readlink(rel)))
+            self.fs.unlink(rel)
+            return
+        if self.has(content):
+            self.fs.unlink(rel)  # same content is kept already
+        else:
+            self.fs.rename(rel, target)
+
+    def read_link(self, content: ContentKey) -> str:
+        return os.fsdecode(self.fs.read(self.object_rel(content)))
+
+    def copy_out(self, content: ContentKey, dest: str, mode: int,
+                 mtime_ns: int = 0) -> os.stat_result:
+        """Write the kept content as the new file ``dest`` (a temp name); its ``lstat``."""
+        fd = self.fs.open_file(self.object_rel(content))
+        try:
+            return self.fs.write_file(dest, fd, mode, mtime_ns)
+        finally:
+            os.close(fd)
+
+    def take_out(self, content: ContentKey, dest: str) -> None:
+        """Move the kept content to ``dest`` (a temp name; ``put_back`` undoes it)."""
+        self.fs.rename(self.object_rel(content), dest, create=True)
+
+    def put_back(self, content: ContentKey, source: str) -> None:
+        self.fs.rename(source, self.object_rel(content))
+
+    def objects_held(self) -> dict[bytes, tuple[int, int]]:
+        """Every object: hash -> (bytes, ctime in ms: when it was filed, a rename being
+        a change of its inode). What vanishes meanwhile is left out."""
+        out: dict[bytes, tuple[int, int]] = {}
+        with os.scandir(self.objects) as entries:
+            for entry in entries:
+                if len(entry.name) != 64:
+                    continue  # not an object (a temp name)
+                try:
+                    digest = bytes.fromhex(entry.name)
+                    st = entry.stat(follow_symlinks=False)
+                except (ValueError, OSError):
+                    continue
+                out[digest] = (st.st_size, st.st_ctime_ns // 1_000_000)
+        return out
+
+    def remove(self, digest: bytes) -> None:
+        """Remove the object of hash ``digest`` (the collector: nothing keeps it)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.unlink(f"{KEEP_NAME}/{self.objects.name}/{digest.hex()}")
+
+    def push_dir(self, push_id: str) -> Path:
+        """The backup dir of a push landed by an older release (see the module doc)."""
+        return self.root / push_id
+
+    def _write_atomic(self, target: str, data: bytes) -> None:
+        tmp = self.fs.temp_name(target)
+        self.fs.write_bytes(tmp, data, 0o600)
+        self.fs.rename(tmp, target)

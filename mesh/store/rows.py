@@ -1,0 +1,63 @@
+"""How the index's rows hold values: msgpack blobs of heads, vectors and path states."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from mesh.core.effects import PathState
+from mesh.core.manifest import (
+    Entry,
+    entry_from_wire,
+    entry_to_wire,
+    vector_from_wire,
+)
+from mesh.core.resolver import Version
+from mesh.core.vclock import VersionVector
+
+Row = Any
+
+
+def pack(value: Any) -> bytearray:
+    # A bytearray, not bytes: Python 3.11's sqlite3 binds str, int, float and bytearray
+    # as they are, and asks its adapter registry about every other value, bytes too
+    # (Modules/_sqlite/cursor.c, need_adapt): 0.3 us per blob, more than the copy.
+    return bytearray(msgpack.packb(value, use_bin_type=True))
+
+
+def pack_heads(v: Version) -> bytearray:
+    return pack([entry_to_wire(h) for h in v.heads])
+
+
+def unpack_heads(blob: bytes) -> Version:
+    return Version(tuple(entry_from_wire(raw) for raw in msgpack.unpackb(blob)))
+
+
+NOTHING = PathState()  # a path neither held nor wanted: most of what a peer announces
+
+
+def heads_of(blob: bytes) -> tuple[Entry, ...]:
+    return unpack_heads(blob).heads
+
+
+def pair_of(winner: bytes, loser: bytes) -> tuple[Entry, Entry]:
+    return entry_from_wire(msgpack.unpackb(winner)), entry_from_wire(msgpack.unpackb(loser))
+
+
+def state_of(disk: bytes | None, target: bytes | None) -> PathState:
+    if disk is None and target is None:
+        return NOTHING
+    return PathState(None if disk is None else unpack_heads(disk),
+                     None if target is None else unpack_heads(target))
+
+
+def unpack_vector(blob: bytes) -> VersionVector:
+    return vector_from_wire(msgpack.unpackb(blob))  # through its cache of vectors
+
+
+def version_row(v: Version) -> tuple[Any, ...]:
+    w = v.winner
+    digest = None if w.hash is None else bytearray(w.hash)
+    return (v.path, pack_heads(v), pack(v.vector.to_dict()), digest, w.size, w.mode,
+            int(w.kind))
