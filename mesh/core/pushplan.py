@@ -253,15 +253,21 @@ class PushPlanner:
 
     def grantable(self, peer: str, paths: Iterable[str], now: float, *, asked: int,
                   ) -> list[str]:
-        """After the scan: which of ``paths`` lsyncd may push now (our own writes only;
-        at most ``PATHS_PER_PUSH``). ``asked``: how many paths it asked about."""
+        """After the scan: which of ``paths`` lsyncd may push now (our own writes only),
+        counted. ``asked``: how many paths it asked about. Start them in pushes of at
+        most ``PATHS_PER_PUSH``, each after ``narrow`` once an earlier one has run."""
+        allowed = self.narrow(peer, paths, now)
         q = self._queue(peer)
-        allowed = [p for p in paths if self._own(peer, p) and not self._claimed(q, p, now)]
-        allowed = allowed[:PATHS_PER_PUSH]
         for counters in (self.counters, q.counters):
             counters.allowed += len(allowed)
             counters.denied += asked - len(allowed)
         return allowed
+
+    def narrow(self, peer: str, paths: Iterable[str], now: float) -> list[str]:
+        """Those of ``paths`` that may still go to ``peer`` as lsyncd's: our own writes,
+        which the gate lets through, that no push carries or awaits confirmation of."""
+        q = self._queue(peer)
+        return [p for p in paths if self._own(peer, p) and not self._claimed(q, p, now)]
 
     def start(self, peer: str, paths: Iterable[str], now: float, *, own: bool) -> Push:
         """A push of ``paths`` to ``peer`` starts, at their disk versions now."""

@@ -35,7 +35,7 @@ from mesh.adapters.rsync import push as rsync_push
 from mesh.adapters.rsync.push import PushOrder
 from mesh.core import manifest
 from mesh.core.manifest import Manifest
-from mesh.core.pushplan import OWN_GRACE, Push, PushPlanner, ReplicaView
+from mesh.core.pushplan import OWN_GRACE, PATHS_PER_PUSH, Push, PushPlanner, ReplicaView
 from mesh.core.pushstate import PeerStage
 from mesh.core.replica import group
 from mesh.core.resolver import Version
@@ -133,11 +133,19 @@ class Pushes:
         paths = self.plan.unclaimed(peer, paths, now, current=self.current(peer))
         await self.catch_up(paths)
         allowed = self.plan.grantable(peer, paths, now, asked=asked)
-        order = self._order(peer, allowed) if allowed else None
-        if order is None:
-            return
-        push = self.plan.start(peer, list(order.paths), now, own=False)
-        await self.execute(push, order)
+        # A burst or a mass delete is one batch of lsyncd's: pushes of PATHS_PER_PUSH paths
+        # (the announcement's bound), one after the other, each narrowed to what may
+        # still go once the one before it has run.
+        for start in range(0, len(allowed), PATHS_PER_PUSH):
+            chunk = allowed[start:start + PATHS_PER_PUSH]
+            now = time.monotonic()
+            if start:
+                chunk = self.plan.narrow(peer, chunk, now)
+            order = self._order(peer, chunk) if chunk else None
+            if order is None:
+                continue
+            push = self.plan.start(peer, list(order.paths), now, own=False)
+            await self.execute(push, order)
 
     # --- receiving ------------------------------------------------------------------
 

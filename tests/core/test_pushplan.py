@@ -80,6 +80,11 @@ class Rig:
             self.push = self.plan.start(PEER, allowed, self.now, own=False)
         return allowed
 
+    def gate_all(self, paths: list[str]) -> list[str]:
+        """lsyncd's question, answered but no push started."""
+        asked = self.plan.unclaimed(PEER, paths, self.now)
+        return self.plan.grantable(PEER, asked, self.now, asked=len(paths))
+
     def tick(self, up: bool = True) -> list[Push]:
         pushes = list(self.plan.tick(self.now, [PEER] if up else []).pushes)
         if pushes:
@@ -467,3 +472,19 @@ def test_a_failed_lsyncd_push_is_ours_to_retry_after_the_backoff() -> None:
     r.now = started + 0.5 + OWN_GRACE
     [push] = r.tick()
     assert push.paths == ["a"] and push.own
+
+
+def test_a_batch_larger_than_a_push_is_granted_whole_and_narrowed_per_push() -> None:
+    """lsyncd's batch of a burst is carried in pushes of PATHS_PER_PUSH (the agent's
+    ``carry``); a path that stopped being ours to push meanwhile is narrowed out."""
+    r = Rig(own_grace=OWN_GRACE)
+    paths = [f"f{i:05}" for i in range(PATHS_PER_PUSH + 2)]
+    for path in paths:
+        r.write(path)
+    allowed = r.gate_all(paths)
+    assert allowed == paths and r.plan.counters.allowed == len(paths)
+    first = r.plan.start(PEER, allowed[:PATHS_PER_PUSH], r.now, own=False)
+    rest = allowed[PATHS_PER_PUSH:]
+    r.view.write(rest[0], writer=OTHER)  # a peer's newer write arrived meanwhile
+    r.plan.end(first, r.now, 0)
+    assert r.plan.narrow(PEER, rest, r.now) == rest[1:]
