@@ -42,6 +42,7 @@ from mesh.core.replica import Replica
 from mesh.core.resolver import Conflict, Version
 from mesh.core.topics import Topics
 from mesh.engine.answers import answer, conflict_digest, tree_entries
+from mesh.engine.peerview import PeerView
 from mesh.engine.requests import Requests
 from mesh.errors import MeshError, RemoteProtocolError
 from mesh.store.index import Index
@@ -53,23 +54,6 @@ Request = Callable[[str, bytes], Awaitable[None]]
 EffectSink = Callable[[list[Effect]], Awaitable[None]]
 
 ENTRIES_PER_MANIFEST = 4096
-
-
-@dataclass
-class PeerView:
-    """What this node knows of one peer's stream."""
-
-    inbox: Inbox
-    hello: wire.Hello | None = None
-    last_head: float | None = None
-    head: tuple[float, int, int] | None = None  # the last head: (wall time, epoch, seq)
-    # What had to be applied before our view of the peer was current again after its
-    # link last came up: (that link's start, epoch, seq); see ``caught_up``.
-    mark: tuple[float, int, int] | None = None
-    resync: asyncio.Task[None] | None = None
-    resync_started: float = 0.0  # monotonic time the running (or last) resync began
-    applied_manifests: int = 0
-    resyncs: int = 0
 
 
 @dataclass
@@ -100,6 +84,8 @@ class Exchange:
     """Called for every new disk version this node announces."""
     on_synced: Callable[[str], None] | None = None
     """Called after each completed resync with a peer."""
+    on_hello: Callable[[str], None] | None = None
+    """Called when a peer's hello arrives (it says which tunnel port the peer listens on)."""
     limits: admit.Limits = field(default_factory=admit.Limits)
     """What a peer's versions must keep to (issue 13)."""
 
@@ -239,6 +225,8 @@ class Exchange:
         elif isinstance(message, wire.Hello):
             if message.origin == peer:
                 self.view(peer).hello = message
+                if self.on_hello is not None:
+                    self.on_hello(peer)
         elif topic == peer_topics.resp(self.node):
             self.requests.on_reply(peer, message)
         else:
@@ -314,21 +302,9 @@ class Exchange:
 
     def caught_up(self, peer: str, since: float) -> bool:
         """Whether we hold all that ``peer`` had published when its link came up at
-        ``since`` (wall time): the first head it sent after that, applied. Until then
-        what we know of its versions is stale — in a partition it wrote on — and a push
-        of ours would race its writes instead of resolving with them first."""
+        ``since`` (``PeerView.caught_up``)."""
         view = self.peers.get(peer)
-        if view is None or view.head is None:
-            return False
-        inbox = view.inbox
-        if view.mark is None or view.mark[0] != since or (
-                inbox.epoch is not None and inbox.epoch > view.mark[1]):
-            if view.head[0] < since:
-                return False  # no head heard on this link yet
-            view.mark = (since, view.head[1], view.head[2])
-        _, epoch, seq = view.mark
-        syncing = inbox.resync_pending or (view.resync is not None and not view.resync.done())
-        return not syncing and inbox.epoch == epoch and inbox.applied >= seq
+        return view is not None and view.caught_up(since)
 
     # --- resync -------------------------------------------------------------------
 
