@@ -312,7 +312,7 @@ class TunnelServer:
             loop = asyncio.get_running_loop()
             await loop.connect_write_pipe(lambda: daemon_in, to_daemon)
             await loop.connect_read_pipe(lambda: daemon_out, from_daemon)
-            relay.take_over(reader, writer, tls)  # the client leaving ends the daemon's stdin
+            await relay.take_over(reader, writer, tls)  # the client leaving ends the daemon's stdin
             returncode = await proc.wait()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
