@@ -316,7 +316,7 @@ def main() -> None:
         print("mosquitto not installed: skipped")
         variants = [v for v in variants if v[0] != "mosquitto"]
     batch = None if args.batch is None else tuple(float(x) for x in args.batch.split(","))
-    gcpolicy.tune()  # as the agent does once started (mesh.engine.node.run_agent)
+    gcpolicy.tune()  # as the agent does once started (mesh.engine.agent.run_agent)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         opts = Options(work / "pki", work, args.index == "memory", batch,  # type: ignore[arg-type]

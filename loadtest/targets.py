@@ -30,7 +30,7 @@ from loadtest.jsonl import JsonChild
 
 BROKER_PORT = 8883
 TUNNEL_PORT = 8873
-LSYNCD_DELAY = 0.05  # the agent's default (mesh.config): both systems batch alike
+LSYNCD_DELAY = 0.0  # the agent's default (mesh.config): both systems batch alike
 MAX_LOCAL_NODES = 9
 CLUSTER = "loadtest"
 SETTLE_S = 60.0

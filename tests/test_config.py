@@ -349,9 +349,9 @@ def test_cli_reads_env_through_config_load() -> None:
 
 def test_cli_runs_the_agent_with_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[AgentConfig] = []
-    node = types.ModuleType("mesh.engine.node")
+    node = types.ModuleType("mesh.engine.agent")
     node.run_agent = started.append  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mesh.engine.node", node)
+    monkeypatch.setitem(sys.modules, "mesh.engine.agent", node)
     runner = CliRunner(env={"MESH_CLUSTER": "from-env", "MESH_PEERS": "a"})
     args = ["agent", "--node-id", "n1", "--peers", "dns:tasks.m", "--batch-cap", "1"]
     result = runner.invoke(cli_app(), args)

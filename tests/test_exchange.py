@@ -289,7 +289,7 @@ def test_a_reply_counts_only_from_the_peer_that_was_asked(caplog: pytest.LogCapt
             await answer(peer, payload)
 
         n2.on_request = slow_n2  # type: ignore[method-assign]
-        question = asyncio.create_task(n1.ask_tree("n2"))
+        question = asyncio.create_task(n1.requests.ask_tree("n2"))
         await until(lambda: bool(asked))
         request = wire.decode(asked[0])
         assert isinstance(request, wire.TreeRequest)
@@ -309,7 +309,7 @@ def test_request_ids_are_not_guessable() -> None:
     async def main() -> None:
         net = Net()
         n1, _ = net.add("n1"), net.add("n2")
-        rids = [n1._open("n2")[0] for _ in range(50)]
+        rids = [n1.requests.open("n2")[0] for _ in range(50)]
         assert len(set(rids)) == 50 and min(rids) > 2**32  # 63 random bits
         net.stop()
 

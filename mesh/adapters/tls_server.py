@@ -15,11 +15,41 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from typing import Self
 
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, LocalProtocolError
 
 LOG = logging.getLogger(__name__)
 ACCEPT_RETRY_S = 1.0  # asyncio's own servers pause as long (constants.ACCEPT_RETRY_DELAY)
+
+
+class Listener:
+    """What a TLS server of the agent shares (the broker, the tunnel): the address it
+    bound, and ``async with`` for ``start`` and ``stop``."""
+
+    what = "server"  # how errors name it
+    _socket: socket.socket | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The address actually bound (port 0 picks a free port)."""
+        if self._socket is None:
+            raise LocalProtocolError(f"the {self.what} is not running")
+        host, port = self._socket.getsockname()[:2]
+        return str(host), int(port)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -82,9 +82,9 @@ def agent(
         # The operator can fix this from the message; a traceback would bury it.
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    # Imported here: mesh.engine.node pulls in the broker, the store and the rest of the node,
+    # Imported here: mesh.engine.agent pulls in the broker, the store and the rest of the node,
     # which neither `mesh agent --help` nor a config error needs.
-    from mesh.engine.node import run_agent
+    from mesh.engine.agent import run_agent
 
     code = run_agent(agent_config)
     if code:

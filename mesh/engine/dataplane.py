@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
-import stat
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -35,6 +33,7 @@ from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
 from mesh.engine.keep import KeepArea
+from mesh.engine.materialize import Materializer, Superseded
 from mesh.errors import MeshError
 from mesh.store.index import Index
 from mesh.store.kept import KeptLog
@@ -61,6 +60,7 @@ class DataPlane:
         self._scanned_at: dict[str, float] = {}  # path -> when its last scan began
         self.fs = keep.fs  # file operations beneath the root, no symlink followed
         self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
+        self.writer = Materializer(index=index, keep=keep, kept=self.kept, scanner=scanner)
         self.wants = 0
 
     # --- scanning ---------------------------------------------------------------------
@@ -187,8 +187,8 @@ class DataPlane:
         try:
             if content is None or self.fs.lexists(fx.path):
                 return []
-            self._materialize(fx.source.path, fx.source.kind, content, fx.source.mode,
-                              fx.path, exclusive=True)
+            self.writer.materialize(fx.source.path, fx.source.kind, content, fx.source.mode,
+                                    fx.path, exclusive=True)
         except FileExistsError:
             return []
         except (OSError, MeshError) as err:
@@ -213,16 +213,16 @@ class DataPlane:
                 # A loser's content replaced by the winner is kept as the conflict's.
                 why = (Reason.LOST if current is not None and version.holds(current.content)
                        else Reason.REPLACED)
-                self._materialize(rel, winner.kind, version.content, winner.mode, rel,
-                                  exclusive=False, mtime_ns=winner.mtime_ns,
-                                  replacing=current, why=why,
-                                  at_source=current is not None
-                                  and current.content == version.content,
-                                  take=needed[version.content] <= 0
-                                  and not self.kept.rows_of([version.content[1]]))
+                self.writer.materialize(rel, winner.kind, version.content, winner.mode, rel,
+                                        exclusive=False, mtime_ns=winner.mtime_ns,
+                                        replacing=current, why=why,
+                                        at_source=current is not None
+                                        and current.content == version.content,
+                                        take=needed[version.content] <= 0
+                                        and not self.kept.rows_of([version.content[1]]))
             else:
                 if current is not None:
-                    self._file_away(rel, rel, current.content, Reason.DELETED)
+                    self.writer.file_away(rel, rel, current.content, Reason.DELETED)
                 if self.fs.lexists(rel):  # a folder still holding entries: the replica
                     return effects + self._observe([rel])  # decides (DESIGN.md, Folders)
         except Superseded:
@@ -242,107 +242,8 @@ class DataPlane:
         renamed into place, so the watcher sees one finished local edit (an operator's
         restore). ``replacing``: what ``dest_rel`` holds (as scanned), kept as a
         replaced version."""
-        self._materialize(source_rel, kind, content, mode, dest_rel, exclusive=False,
-                          replacing=replacing)
-
-    def _file_away(self, rel: str, path: str, content: ContentKey, why: Reason) -> None:
-        """File ``rel`` (``path``'s content as last scanned, maybe under a temp name) into
-        the keep area and record it as a kept version of ``path``: the head of the
-        path's disk version holding that content (the scan that came first recorded
-        it). A folder is only removed: it has no content to keep."""
-        self.keep.file_away(rel, content)
-        disk = self.index.state(path).disk
-        head = None if disk is None else next(
-            (h for h in disk.heads if h.content == content), None)
-        if disk is None or head is None or content[0] is Kind.DIR:
-            return  # not recorded: an orphan, collected by its age (mesh.core.retention)
-        self.kept.add(head, disk.vector, why, now_ms())
-
-    def _materialize(self, source_rel: str, kind: Kind, content: ContentKey, mode: int,
-                     dest_rel: str, *, exclusive: bool, mtime_ns: int = 0,
-                     replacing: Observed | None = None, at_source: bool | None = None,
-                     take: bool = False, why: Reason = Reason.REPLACED) -> None:
-        """Write content (from ``source_rel`` if it holds it, else the keep area) at
-        ``dest_rel``, atomically, beneath the root (``mesh.adapters.fs.beneath``); never over
-        an existing file if ``exclusive``. ``replacing``: what ``dest_rel`` holds, filed
-        into the keep area as the new content takes its place (in one step where the
-        filesystem can swap two names, so a kill never leaves the path empty).
-        ``at_source``: whether ``source_rel`` holds the content (looked at when None).
-
-        With ``take`` (no other restore of this apply needs the content), the kept file
-        is moved out of the keep area, not copied (a pushed file is not written twice);
-        it goes back if it cannot take its place, and is filed again whenever it is
-        replaced. A file put in place is recorded in the stat cache, so the scan its own
-        rename sets off does not hash it again."""
-        if kind is Kind.DIR:
-            if replacing is not None:
-                self._file_away(dest_rel, dest_rel, replacing.content, why)
-            self.fs.mkdir(dest_rel, mode, exist_ok=not exclusive)
-            return
-        tmp = self.fs.temp_name(dest_rel)
-        taken = False
-        if at_source is None:
-            at_source = self._observed_content(source_rel) == content
-        try:
-            if kind is Kind.SYMLINK:
-                target = (self.fs.readlink(source_rel) if at_source
-                          else self.keep.read_link(content))
-                placed = self.fs.symlink(target, tmp)
-            elif at_source:
-                fd = self.fs.open_file(source_rel)
-                try:
-                    placed = self.fs.write_file(tmp, fd, mode, mtime_ns)
-                finally:
-                    os.close(fd)
-            elif take and not exclusive:
-                self.keep.take_out(content, tmp)
-                taken = True
-                placed = self.fs.set_file(tmp, mode, mtime_ns)
-            else:
-                placed = self.keep.copy_out(content, tmp, mode, mtime_ns)
-            if exclusive:
-                self.fs.link(tmp, dest_rel)  # fails if something is there
-            elif replacing is not None and replacing.kind is not Kind.DIR \
-                    and self.fs.exchange(tmp, dest_rel):
-                if not self._unchanged(tmp, replacing):
-                    self.fs.exchange(tmp, dest_rel)  # an edit came since the scan: back
-                    raise Superseded(dest_rel)
-                taken = False
-                self._file_away(tmp, dest_rel, replacing.content, why)  # swapped out
-            else:
-                if replacing is not None:
-                    if not self._unchanged(dest_rel, replacing):
-                        raise Superseded(dest_rel)
-                    self._file_away(dest_rel, dest_rel, replacing.content, why)
-                self.fs.rename(tmp, dest_rel)
-                taken = False
-            if kind is Kind.FILE:
-                self.scanner.placed(dest_rel, placed, content[1])
-        finally:
-            if taken and self.fs.lexists(tmp):
-                with contextlib.suppress(OSError, MeshError):
-                    self.keep.put_back(content, tmp)  # it did not take its place
-            with contextlib.suppress(FileNotFoundError, MeshError):
-                self.fs.unlink(tmp)
-
-    def _unchanged(self, rel: str, seen: Observed) -> bool:
-        """Whether ``rel`` still looks as the scan ``seen`` it: kind, and a file's size
-        and mtime (a write sets the mtime to now), a link's target."""
-        st = self.fs.lstat(rel)
-        if seen.kind is Kind.FILE:
-            return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
-                seen.size, seen.mtime_ns)
-        if seen.kind is Kind.SYMLINK:
-            return stat.S_ISLNK(st.st_mode) and hashlib.sha256(
-                os.fsencode(self.fs.readlink(rel))).digest() == seen.hash
-        return stat.S_ISDIR(st.st_mode)
-
-    def _observed_content(self, rel: str) -> tuple[Kind, bytes, int] | None:
-        try:
-            observed = self.scanner.observe(rel)
-        except ScanError:
-            return None
-        return None if observed is None else observed.content
+        self.writer.materialize(source_rel, kind, content, mode, dest_rel, exclusive=False,
+                                replacing=replacing)
 
     # --- pushes -----------------------------------------------------------------------
 
@@ -398,11 +299,6 @@ class DataPlane:
         if len(self._scanned_at) > SCANS_KEPT:
             old = time.monotonic() - SCANS_KEPT_S
             self._scanned_at = {p: t for p, t in self._scanned_at.items() if t > old}
-
-
-class Superseded(MeshError):
-    """The path a restore was about to replace changed since the restore scanned it: the
-    change is a write to record first, not content to file away."""
 
 
 def _files_under(root: Path) -> list[str]:

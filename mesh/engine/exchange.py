@@ -6,7 +6,8 @@ retained hello. Inbound, it runs one ``Inbox`` per peer: manifests are applied
 in order, gaps are repaired by a replay from the peer's log, and when that log
 no longer reaches back (or the peer restarted) by a *resync*: compare index
 digests, fetch the entries of the buckets that differ, then the conflict
-records this node lacks. It also answers the same requests from peers.
+records this node lacks (the requests: ``mesh.engine.requests``). It also answers
+the same requests from peers (``mesh.engine.answers``).
 
 Transport is behind two callables so the engine can be tested with real
 brokers or without any: ``publish`` puts a payload on one of this node's own
@@ -23,26 +24,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
 
 from mesh import __version__
 from mesh.clock import now_ms
-from mesh.core import admit, manifest, tree, wire
+from mesh.core import admit, manifest, wire
 from mesh.core.batcher import Batcher
 from mesh.core.delivery import Inbox, Need, Outbox
-from mesh.core.digest import Digest, bucket_of
+from mesh.core.digest import Digest
 from mesh.core.effects import Announce, Effect, Logged
 from mesh.core.manifest import MAX_CONFLICTS, Entry, Manifest
 from mesh.core.replica import Replica
 from mesh.core.resolver import Conflict, Version
 from mesh.core.topics import Topics
+from mesh.engine.answers import answer, conflict_digest, tree_entries
+from mesh.engine.peerview import PeerView
+from mesh.engine.requests import Requests
 from mesh.errors import MeshError, RemoteProtocolError
 from mesh.store.index import Index
 
@@ -53,38 +54,6 @@ Request = Callable[[str, bytes], Awaitable[None]]
 EffectSink = Callable[[list[Effect]], Awaitable[None]]
 
 ENTRIES_PER_MANIFEST = 4096
-ENTRIES_PER_REPLY = 4096
-IDS_PER_REPLY = 16384
-FOLDERS_PER_REPLY = 1024
-REQUEST_TIMEOUT = 10.0
-
-
-class RequestFailed(MeshError):
-    """A peer did not answer a catch-up request in time."""
-
-
-def conflict_digest(ids: Iterable[str]) -> int:
-    acc = 0
-    for i in ids:
-        acc ^= int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big")
-    return acc
-
-
-@dataclass
-class PeerView:
-    """What this node knows of one peer's stream."""
-
-    inbox: Inbox
-    hello: wire.Hello | None = None
-    last_head: float | None = None
-    head: tuple[float, int, int] | None = None  # the last head: (wall time, epoch, seq)
-    # What had to be applied before our view of the peer was current again after its
-    # link last came up: (that link's start, epoch, seq); see ``caught_up``.
-    mark: tuple[float, int, int] | None = None
-    resync: asyncio.Task[None] | None = None
-    resync_started: float = 0.0  # monotonic time the running (or last) resync began
-    applied_manifests: int = 0
-    resyncs: int = 0
 
 
 @dataclass
@@ -115,6 +84,8 @@ class Exchange:
     """Called for every new disk version this node announces."""
     on_synced: Callable[[str], None] | None = None
     """Called after each completed resync with a peer."""
+    on_hello: Callable[[str], None] | None = None
+    """Called when a peer's hello arrives (it says which tunnel port the peer listens on)."""
     limits: admit.Limits = field(default_factory=admit.Limits)
     """What a peer's versions must keep to (issue 13)."""
 
@@ -125,13 +96,13 @@ class Exchange:
     _pending_conflicts: dict[str, Conflict] = field(default_factory=dict, init=False)
     _batcher: Batcher = field(init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
-    _waiters: dict[int, _Waiter] = field(default_factory=dict, init=False)
+    requests: Requests = field(init=False)
     _applied: set[asyncio.Event] = field(default_factory=set, init=False)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         self.outbox = Outbox(self.node, self.epoch)
         self.topics = Topics(self.cluster, self.node)
+        self.requests = Requests(self.request)
         self._batcher = Batcher(quiet=self.quiet, cap=self.cap, max_paths=ENTRIES_PER_MANIFEST,
                                 spacing=self.spacing)
 
@@ -254,32 +225,12 @@ class Exchange:
         elif isinstance(message, wire.Hello):
             if message.origin == peer:
                 self.view(peer).hello = message
+                if self.on_hello is not None:
+                    self.on_hello(peer)
         elif topic == peer_topics.resp(self.node):
-            self._on_reply(peer, message)
+            self.requests.on_reply(peer, message)
         else:
             LOG.warning("refused %s from %s on %s", type(message).__name__, peer, topic)
-
-    def _on_reply(self, peer: str, message: wire.Message) -> None:
-        """A reply counts only as the answer of the peer that was asked (issue 13: a
-        certified node answered for another one, matched by a sequential id alone)."""
-        rid = getattr(message, "rid", None)
-        waiter = self._waiters.get(rid) if isinstance(rid, int) else None
-        if waiter is None:
-            return  # late (its request timed out), or a guess: not logged, it may be a flood
-        if waiter.peer != peer:
-            LOG.warning("refused %s from %s: it answers a request made of %s",
-                        type(message).__name__, peer, waiter.peer)
-        else:
-            waiter.queue.put_nowait(message)
-
-    def _open(self, peer: str) -> tuple[int, asyncio.Queue[wire.Message]]:
-        """A new request id, unguessable and unused, and the queue of its replies."""
-        rid = secrets.randbits(63)
-        while rid in self._waiters:
-            rid = secrets.randbits(63)
-        waiter = _Waiter(peer, asyncio.Queue())
-        self._waiters[rid] = waiter
-        return rid, waiter.queue
 
     async def wait_applied(self, within: float) -> bool:
         """Until the next batch of some peer's versions is applied here; False if none
@@ -336,48 +287,24 @@ class Exchange:
         if need is Need.REPLAY:
             from_seq = view.inbox.applied + 1
             assert view.inbox.epoch is not None
-            rid, queue = self._open(peer)
+            rid, queue = self.requests.open(peer)
             LOG.info("asking %s to replay from seq %d", peer, from_seq)
             with contextlib.suppress(MeshError):
                 await self.request(peer, wire.encode(
                     wire.ReplayRequest(rid, view.inbox.epoch, from_seq)))
             # A "gone" answer arrives as a response to this rid.
-            self._expect_gone(peer, rid, queue)
+            self.requests.expect_gone(peer, rid, queue, partial(self._replay_gone, peer))
         elif need is Need.RESYNC and (view.resync is None or view.resync.done()):
             view.resync = asyncio.create_task(self._resync(peer), name=f"resync-{peer}")
 
-    def _expect_gone(self, peer: str, rid: int, queue: asyncio.Queue[wire.Message]) -> None:
-        async def wait() -> None:
-            try:
-                reply = await asyncio.wait_for(queue.get(), REQUEST_TIMEOUT)
-                if isinstance(reply, wire.ReplayGone):
-                    await self._repair(peer, self.view(peer).inbox.replay_gone(time.monotonic()))
-            except TimeoutError:
-                pass  # the replay came (as manifests), or the head will ask again
-            finally:
-                self._waiters.pop(rid, None)
-
-        task = asyncio.create_task(wait())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _replay_gone(self, peer: str) -> None:
+        await self._repair(peer, self.view(peer).inbox.replay_gone(time.monotonic()))
 
     def caught_up(self, peer: str, since: float) -> bool:
         """Whether we hold all that ``peer`` had published when its link came up at
-        ``since`` (wall time): the first head it sent after that, applied. Until then
-        what we know of its versions is stale — in a partition it wrote on — and a push
-        of ours would race its writes instead of resolving with them first."""
+        ``since`` (``PeerView.caught_up``)."""
         view = self.peers.get(peer)
-        if view is None or view.head is None:
-            return False
-        inbox = view.inbox
-        if view.mark is None or view.mark[0] != since or (
-                inbox.epoch is not None and inbox.epoch > view.mark[1]):
-            if view.head[0] < since:
-                return False  # no head heard on this link yet
-            view.mark = (since, view.head[1], view.head[2])
-        _, epoch, seq = view.mark
-        syncing = inbox.resync_pending or (view.resync is not None and not view.resync.done())
-        return not syncing and inbox.epoch == epoch and inbox.applied >= seq
+        return view is not None and view.caught_up(since)
 
     # --- resync -------------------------------------------------------------------
 
@@ -386,14 +313,14 @@ class Exchange:
         view.resyncs += 1
         started = view.resync_started = time.monotonic()
         try:
-            reply = await self._ask_one(peer, wire.DigestRequest)
+            reply = await self.requests.ask_one(peer, wire.DigestRequest)
             if not isinstance(reply, wire.DigestReply):
                 raise RemoteProtocolError("digest request answered with something else", peer=peer)
             ours = Digest.of(self.index.peer_items(peer))
             buckets = reply.digest.differing(ours)
             fetched = 0
             if buckets:
-                async for chunk in self._ask_chunks(
+                async for chunk in self.requests.ask_chunks(
                         peer, lambda rid: wire.EntriesRequest(rid, tuple(buckets))):
                     assert isinstance(chunk, wire.EntriesReply)
                     await self._apply(peer, chunk.entries)
@@ -415,40 +342,17 @@ class Exchange:
         if conflict_digest(mine) == reply.conflicts and len(mine) == reply.conflict_count:
             return 0
         theirs: list[str] = []
-        async for chunk in self._ask_chunks(peer, wire.ConflictIdsRequest):
+        async for chunk in self.requests.ask_chunks(peer, wire.ConflictIdsRequest):
             assert isinstance(chunk, wire.ConflictIdsReply)
             theirs.extend(chunk.ids)
         missing = sorted(set(theirs) - set(mine))
         for i in range(0, len(missing), MAX_CONFLICTS):
             part = tuple(missing[i:i + MAX_CONFLICTS])
-            async for chunk in self._ask_chunks(peer, partial(wire.ConflictsRequest, ids=part)):
+            ask = partial(wire.ConflictsRequest, ids=part)
+            async for chunk in self.requests.ask_chunks(peer, ask):
                 assert isinstance(chunk, wire.ConflictsReply)
                 await self._apply(peer, (), chunk.pairs)
         return len(missing)
-
-    async def _ask_one(self, peer: str, build: Callable[[int], wire.Message]) -> wire.Message:
-        async for reply in self._ask_chunks(peer, build, chunked=False):
-            return reply
-        raise RequestFailed(f"no answer from {peer}")
-
-    async def _ask_chunks(self, peer: str, build: Callable[[int], wire.Message], *,
-                          chunked: bool = True) -> AsyncIterator[wire.Message]:
-        rid, queue = self._open(peer)
-        try:
-            request = build(rid)
-            await self.request(peer, wire.encode(request))
-            while True:
-                try:
-                    reply = await asyncio.wait_for(queue.get(), REQUEST_TIMEOUT)
-                except TimeoutError:
-                    raise RequestFailed(
-                        f"{type(request).__name__} to {peer}: no answer in "
-                        f"{REQUEST_TIMEOUT:.0f} s") from None
-                yield reply
-                if not chunked or getattr(reply, "done", True):
-                    return
-        finally:
-            self._waiters.pop(rid, None)
 
     # --- serving peers' requests (on our own broker) ------------------------------
 
@@ -459,90 +363,11 @@ class Exchange:
             LOG.warning("refused request from %s: %s", peer, err.reason)
             return
         respond = self.topics.resp(peer)
-        for reply in self._answer(peer, message):
+        for reply in answer(peer, message, self.index, self.outbox, self.epoch):
             await self.publish(respond, reply, 1, False)
-
-    def _answer(self, peer: str, m: wire.Message | Manifest) -> Iterable[bytes]:
-        if isinstance(m, wire.ReplayRequest):
-            log = self.outbox.replay(m.epoch, m.from_seq)
-            if log is None:
-                LOG.info("%s asked for a replay from seq %d of epoch %d: gone, resync",
-                         peer, m.from_seq, m.epoch)
-                return [wire.encode(wire.ReplayGone(m.rid, self.epoch))]
-            return log
-        if isinstance(m, wire.DigestRequest):
-            ids = self.index.conflict_ids()
-            digest = Digest.of(self.index.disk_items())
-            return [wire.encode(wire.DigestReply(m.rid, self.epoch, self.outbox.seq, digest,
-                                                 conflict_digest(ids), len(ids)))]
-        if isinstance(m, wire.EntriesRequest):
-            wanted = set(m.buckets)
-            paths = [p for p in self.index.paths() if bucket_of(p) in wanted]
-            heads = [h for v in self.index.versions_in(paths) for h in v.heads]
-            return _chunks(heads, ENTRIES_PER_REPLY,
-                           lambda part, done: wire.EntriesReply(m.rid, tuple(part), done))
-        if isinstance(m, wire.ConflictIdsRequest):
-            return _chunks(self.index.conflict_ids(), IDS_PER_REPLY,
-                           lambda part, done: wire.ConflictIdsReply(m.rid, tuple(part), done))
-        if isinstance(m, wire.ConflictsRequest):
-            pairs = list(self.index.conflict_pairs(m.ids))
-            return _chunks(pairs, MAX_CONFLICTS // 2,
-                           lambda part, done: wire.ConflictsReply(m.rid, tuple(part), done))
-        if isinstance(m, wire.TreeRequest | wire.ListingRequest):
-            return self._answer_verify(m)
-        LOG.warning("refused %s from %s on its request topic", type(m).__name__, peer)
-        return []
 
     # --- mesh verify (issue 5): per-folder tree sums, see mesh.core.tree -----------------
 
     def tree_entries(self) -> list[Entry]:
         """What this node holds: one resolved entry per live disk version."""
-        return [v.resolved for v in self.index.versions() if v.content is not None]
-
-    def _answer_verify(self, m: wire.TreeRequest | wire.ListingRequest) -> Iterable[bytes]:
-        if isinstance(m, wire.TreeRequest):
-            sums = [(f, acc, n) for f, (acc, n) in sorted(tree.folder_sums(
-                self.tree_entries()).items())]
-            return _chunks(sums, FOLDERS_PER_REPLY,
-                           lambda part, done: wire.TreeReply(m.rid, tuple(part), done))
-        wanted = set(m.under)
-        entries = [e for e in self.tree_entries() if tree.folder_of(e.path) in wanted]
-        return _chunks(entries, ENTRIES_PER_REPLY,
-                       lambda part, done: wire.EntriesReply(m.rid, tuple(part), done))
-
-    async def ask_tree(self, peer: str) -> tree.FolderSums:
-        sums: tree.FolderSums = {}
-        async for chunk in self._ask_chunks(peer, wire.TreeRequest):
-            if not isinstance(chunk, wire.TreeReply):
-                raise RemoteProtocolError("tree? answered with something else", peer=peer)
-            sums.update((f, (acc, n)) for f, acc, n in chunk.folders)
-        return sums
-
-    async def ask_listing(self, peer: str, folders: list[str]) -> list[Entry]:
-        entries: list[Entry] = []
-        for i in range(0, len(folders), wire.MAX_FOLDERS):
-            part = tuple(folders[i:i + wire.MAX_FOLDERS])
-            async for chunk in self._ask_chunks(peer, partial(wire.ListingRequest, under=part)):
-                if not isinstance(chunk, wire.EntriesReply):
-                    raise RemoteProtocolError("ls? answered with something else", peer=peer)
-                entries.extend(chunk.entries)
-        return entries
-
-
-@dataclass(frozen=True, slots=True)
-class _Waiter:
-    """An open request: the peer asked, and where its replies go."""
-
-    peer: str
-    queue: asyncio.Queue[wire.Message]
-
-
-T = TypeVar("T")
-
-
-def _chunks(items: list[T], size: int,
-            build: Callable[[list[T], bool], wire.Message]) -> list[bytes]:
-    if not items:
-        return [wire.encode(build([], True))]
-    return [wire.encode(build(items[i:i + size], i + size >= len(items)))
-            for i in range(0, len(items), size)]
+        return tree_entries(self.index)

@@ -4,9 +4,12 @@
                                  ▲ │
             watcher ─► data plane ┘ └─► replica + index (SQLite)
 
-``run_agent`` is the process entry: logging, uvloop when available, signal
-capture, a graceful shutdown within ``SHUTDOWN_S``, and start-up errors as
-one line for the operator (bad certificate, port in use, unreadable state).
+The replica's effects have one dispatcher, ``Exchange.handle_effects``: announcements
+and conflicts go out as manifests (and to the pusher and the metrics, ``on_announce``),
+file work to the data plane; the data plane hands its effects there too. The servers
+(broker, tunnel, gate, control socket, metrics) start in one order and stop in the
+reverse, and the whole stop sequence runs within ``SHUTDOWN_S`` of the stop. The process
+around a node (signals, uvloop, exit codes) is ``mesh.engine.agent``.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from mesh import logs
 from mesh.adapters.fs.scanner import Scanner
@@ -27,32 +30,29 @@ from mesh.adapters.lsyncd.gate import GateServer
 from mesh.adapters.lsyncd.supervisor import LsyncdSettings, LsyncdSupervisor
 from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
 from mesh.adapters.mqtt.connection import LinkDown
-from mesh.adapters.mqtt.links import OwnClient, PeerLink
-from mesh.adapters.mqtt.peers import PeerWatcher, local_addresses
-from mesh.adapters.mqtt.session import LinkState
+from mesh.adapters.mqtt.links import OwnClient
+from mesh.adapters.mqtt.peers import local_addresses
 from mesh.adapters.rsync.tunnel import TunnelServer
-from mesh.clock import now_ms
 from mesh.config import AgentConfig
 from mesh.core import admit
 from mesh.core.effects import Effect
-from mesh.core.paths import reserved
 from mesh.core.pushplan import OWN_GRACE
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
-from mesh.core.stall import NO_HOLDER, ContentWaits, QueueWatch
-from mesh.core.vclock import Ordering, hlc_pack
-from mesh.engine import gcpolicy
+from mesh.core.vclock import Ordering
 from mesh.engine.admission import PushAdmission
+from mesh.engine.bounds import clock_at_start, purge_once
 from mesh.engine.collector import HORIZON_KEY, Collector, KeepLimits, KeepMetrics
 from mesh.engine.dataplane import DataPlane
 from mesh.engine.exchange import Exchange
 from mesh.engine.keep import KeepArea
-from mesh.engine.ops.control import ControlServer, LinkInfo, Operations, socket_path
+from mesh.engine.ops.control import ControlServer, Operations, socket_path
 from mesh.engine.ops.metrics import Metrics, MetricsServer, StalledCollector
 from mesh.engine.ops.versions import VersionOps
+from mesh.engine.peerlinks import PeerLinks
 from mesh.engine.pushes import Pushes
-from mesh.errors import MeshError
-from mesh.pki import NodeCredentials, load_node
+from mesh.engine.stalls import Stalls
+from mesh.pki import NodeCredentials
 from mesh.store.index import Index
 from mesh.store.statcache import StatCache
 
@@ -60,9 +60,7 @@ LOG = logging.getLogger("mesh.engine.node")
 SHUTDOWN_S = 5.0
 STATUS_INTERVAL = 1.0
 WAITS_EVERY = 5  # status intervals between two looks at every path waited for
-PURGED = 1  # meta "purged": the state was purged of what issue 13's bounds refuse
 
-Endpoint = tuple[str, int]
 
 
 class Node:
@@ -72,6 +70,7 @@ class Node:
         self.config = config
         self.creds = creds
         self.me = config.node_id
+        self._reachable = asyncio.Event()  # a link or a hello changed: which peers to push to
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.keep = KeepArea(config.data_dir)
@@ -79,26 +78,28 @@ class Node:
         self.epoch = int(self.index.get_meta("epoch", 0)) + 1
         self.index.set_meta("epoch", self.epoch)
         self.limits = admit.Limits(max_skew_ms=round(config.max_clock_skew * 1000))
-        self._purge_once()
-        self.replica = Replica(self.me, self.index, self._clock_at_start(),
+        purge_once(self.index, self.me, self.limits)
+        self.replica = Replica(self.me, self.index, clock_at_start(self.index, self.limits),
                                horizon=int(self.index.get_meta(HORIZON_KEY, 0)))
         self.broker = EmbeddedBroker(BrokerSettings(creds, config.listen.host,
                                                     config.listen.port))
         self.own: OwnClient | None = None
-        self.links: dict[Endpoint, tuple[PeerLink, asyncio.Task[None]]] = {}
         self.scanner = Scanner(config.data_dir, cache=StatCache(self.index.db))
         self.data = DataPlane(root=config.data_dir, replica=self.replica, index=self.index,
                               keep=self.keep, scanner=self.scanner, forward=self._forward)
+        self.links = PeerLinks(creds, on_message=self._from_peer,
+                               on_change=lambda: self._reachable.set())
         self.exchange = Exchange(
             self.me, config.cluster, self.replica, self.index, self.epoch,
-            publish=self._publish, request=self._request, on_effects=self.data.apply,
+            publish=self._publish, request=self.links.request, on_effects=self.data.apply,
             tunnel_port=config.tunnel_listen.port,  # manifest batching: Exchange's (issue 3)
-            limits=self.limits,
+            limits=self.limits, on_announce=self._announced, on_synced=self._synced,
+            on_hello=lambda _peer: self._reachable.set(),
         )
         # Issue 14: the keep area and the tombstones are collected.
         self.collector = Collector(
             index=self.index, keep=self.keep, kept=self.data.kept,
-            set_horizon=self._set_horizon, live_peers=self._live_peers,
+            set_horizon=self._set_horizon, live_peers=self.links.live_peers,
             seen_peers=lambda: list(self.exchange.peers),
             limits=KeepLimits(config.keep_for, config.keep_max, config.forget_after,
                               config.max_clock_skew))
@@ -107,8 +108,6 @@ class Node:
                              endpoint=self._tunnel_endpoint, catch_up=self._catch_up_events,
                              current=self._peer_current,
                              own_grace=config.lsyncd_delay + OWN_GRACE)
-        self.exchange.on_announce = self._announced
-        self.exchange.on_synced = self.pushes.sweep
         self.gate = GateServer(config.gate_socket, config.data_dir, self.pushes)
         # Operators (issue 5): metrics, and a control socket for `mesh conflicts`/`verify`.
         self.metrics = Metrics(self.me, self.status, self.index)
@@ -117,21 +116,18 @@ class Node:
         self.metrics_server = None if config.metrics_listen is None else MetricsServer(
             self.metrics, config.metrics_listen.host, config.metrics_listen.port)
         ops = Operations(me=self.me, index=self.index, exchange=self.exchange,
-                         data=self.data, links=self._link_infos)
+                         data=self.data, links=self.links.infos)
         ops.handlers.update(VersionOps(self.me, self.data).handlers)  # issue 14
         self.control = ControlServer(socket_path(config.state_dir), ops)
         self.watcher: Watcher | None = None
-        # Issue 13: what holds health down, and for how long.
-        self.waits = ContentWaits(config.stalled_after)
-        self.queues = QueueWatch(config.stalled_after)
-        self._stalled_logged: set[str] = set()
+        self.stalls = Stalls(config.stalled_after)  # issue 13: what holds health down
         self.admission = PushAdmission(
             self.pushes, announced=self.index.peer_vector,
             wait_applied=self.exchange.wait_applied, limits=self.limits,
-            on_delivered=lambda peer: self.waits.delivered(peer, time.monotonic()))
+            on_delivered=lambda peer: self.stalls.waits.delivered(peer, time.monotonic()))
         self.tunnel = TunnelServer(creds, config.tunnel_listen.host, config.tunnel_listen.port,
                                    config.data_dir, self.keep.root,
-                                   self.metrics.counting(self.admission), peers=self._is_peer)
+                                   self.metrics.counting(self.admission), peers=self.links.is_peer)
         self.lsyncd = LsyncdSupervisor(
             config.state_dir / "lsyncd.conf.lua", [],
             settings=LsyncdSettings(config.data_dir, config.gate_socket,
@@ -139,52 +135,10 @@ class Node:
         self.started = time.time()
         self._group: asyncio.TaskGroup | None = None
 
-    # --- state a peer poisoned before issue 13's bounds ------------------------------
-
-    def _purge_once(self) -> None:
-        """Forget, once, what the bounds now refuse from peers (reserved paths, counters
-        that overflow, clock stamps far ahead): an index poisoned before made the agent
-        exit at every start."""
-        if self.index.get_meta("purged") == PURGED:
-            return
-        now = now_ms()
-        counts = self.index.purge(
-            self.me, lambda path: reserved(path) is not None,
-            lambda e: admit.refusal(e, now, self.limits) is not None,
-            lambda v: admit.vector_refusal(v, self.limits) is not None)
-        self.index.set_meta("purged", PURGED)
-        if any(counts.values()):
-            LOG.warning("state: forgot %s: rows a peer sent before their bounds were "
-                        "checked (reserved names, overflowing counters, clocks far ahead); "
-                        "the paths are scanned again", ", ".join(
-                            f"{n} {table}" for table, n in counts.items() if n))
-
-    def _clock_at_start(self) -> int:
-        """The persisted hybrid clock, unless a peer pushed it further ahead of the wall
-        clock than the maximum skew (then the wall clock: a clock at 2**63-3 made every
-        write fail, at every start)."""
-        clock = int(self.index.get_meta("clock", 0))
-        now = now_ms()
-        why = admit.clock_refusal(clock, now, self.limits)
-        if why is None:
-            return clock
-        LOG.warning("state: the persisted %s; starting from the wall clock", why)
-        self.index.set_meta("clock", hlc_pack(now))
-        return hlc_pack(now)
-
     # --- wiring ---------------------------------------------------------------------
 
     def _set_horizon(self, horizon: int) -> None:
         self.replica.horizon = horizon
-
-    def _live_peers(self) -> list[str]:
-        """The peers whose links are up now."""
-        return [s.peer_id for s in (link.status for link, _ in self.links.values())
-                if s.peer_id is not None and s.state is LinkState.UP]
-
-    def _is_peer(self, node: str) -> bool:
-        """Whether ``node`` is a current peer: one of our links reached its broker."""
-        return any(link.status.peer_id == node for link, _ in self.links.values())
 
     async def _forward(self, effects: list[Effect]) -> None:
         await self.exchange.handle_effects(effects)
@@ -193,97 +147,71 @@ class Node:
         self.pushes.changed(version)
         self.metrics.announced(version)
 
-    def _link_infos(self) -> list[LinkInfo]:
-        return [LinkInfo(f"{host}:{port}", link.status.peer_id,
-                         link.status.state is LinkState.UP)
-                for (host, port), (link, _) in self.links.items()]
+    def _synced(self, peer: str) -> None:
+        self.pushes.sweep(peer)
 
     async def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         if self.own is None:
             raise LinkDown("own broker client not started")
         await self.own.publish(topic, payload, qos, retain)
 
-    async def _request(self, peer: str, payload: bytes) -> None:
-        for link, _ in self.links.values():
-            status = link.status
-            if status.peer_id == peer and status.state is LinkState.UP:
-                await link.request(payload)
-                return
-        raise LinkDown(f"no link up to {peer}")
-
     def _tunnel_endpoint(self, peer: str) -> tuple[str, int] | None:
         view = self.exchange.peers.get(peer)
         if view is None or view.hello is None or not view.hello.tunnel_port:
             return None
-        for (host, _), (link, _) in self.links.items():
-            status = link.status
-            if status.peer_id == peer and status.state is LinkState.UP:
+        for (host, _), status in self.links.up():
+            if status.peer_id == peer:
                 return host, view.hello.tunnel_port
         return None
 
     def _peer_current(self, peer: str) -> bool:
-        for link, _ in self.links.values():
-            status = link.status
-            if (status.peer_id == peer and status.state is LinkState.UP
-                    and status.connected_since is not None):
+        for _, status in self.links.up():
+            if status.peer_id == peer and status.connected_since is not None:
                 return self.exchange.caught_up(peer, status.connected_since)
         return False
 
     async def _track_peers(self) -> None:
-        """Keep lsyncd's syncs and the pusher's queues to the peers we can push to."""
+        """Keep lsyncd's syncs and the pusher's queues to the peers we can push to, each
+        time a link changes state, a link comes or goes, or a hello arrives."""
         while True:
+            self._reachable.clear()
             ready = {p for p in self.exchange.peers if self._tunnel_endpoint(p) is not None}
             for peer in ready:
                 self.pushes.add_peer(peer)
             self.lsyncd.update_peers(ready)
-            await asyncio.sleep(0.5)
+            await self._reachable.wait()
 
     async def _on_request(self, topic: str, payload: bytes) -> None:
         peer = topic.rsplit("/", 1)[-1]
         await self.exchange.on_request(peer, payload)
 
-    async def _from_link(self, link: PeerLink, topic: str, payload: bytes) -> None:
-        parts = topic.split("/")
-        peer = link.status.peer_id
-        if len(parts) < 5 or peer is None or parts[3] != peer:
-            LOG.warning("refused message on %s from link %s", topic, link.label)
-            return
+    async def _from_peer(self, peer: str, topic: str, payload: bytes) -> None:
         await self.exchange.on_peer_message(peer, topic, payload)
-
-    async def _peers_changed(self, added: frozenset[Endpoint], removed: frozenset[Endpoint],
-                             ) -> None:
-        for endpoint in removed:
-            link, task = self.links.pop(endpoint)
-            task.cancel()
-            LOG.info("peer %s:%d left", *endpoint)
-        assert self._group is not None
-        for host, port in sorted(added):
-            holder: list[PeerLink] = []  # the handler needs the link it belongs to
-
-            async def on_message(topic: str, payload: bytes, holder: list[PeerLink] = holder,
-                                 ) -> None:
-                await self._from_link(holder[0], topic, payload)
-
-            link = PeerLink(creds=self.creds, host=host, port=port, on_message=on_message)
-            holder.append(link)
-            task = self._group.create_task(link.run(), name=f"link-{host}:{port}")
-            self.links[(host, port)] = (link, task)
-            LOG.info("peer %s:%d joined", host, port)
 
     # --- running --------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.broker.start()
-        await self.tunnel.start()
-        self.exchange.tunnel_port = self.tunnel.address[1]
-        await self.gate.start()
-        await self.control.start()
+    def _servers(self) -> list[tuple[str, Server]]:
+        """What listens, in the order it starts (and stops in reverse)."""
+        servers: list[tuple[str, Server]] = [
+            ("broker", self.broker), ("tunnel", self.tunnel), ("gate", self.gate),
+            ("control socket", self.control)]
         if self.metrics_server is not None:
-            await self.metrics_server.start()
-        host, port = self.broker.address
-        self.own = OwnClient(creds=self.creds, host=_dial(host), port=port,
-                             on_request=self._on_request)
+            servers.append(("metrics", self.metrics_server))
+        return servers
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start the servers, run every task until ``stop``, then stop it all within
+        ``SHUTDOWN_S`` of the stop (one deadline for the whole sequence)."""
+        started: list[tuple[str, Server]] = []
+        deadline: float | None = None
         try:
+            for name, server in self._servers():
+                await server.start()
+                started.append((name, server))
+            self.exchange.tunnel_port = self.tunnel.address[1]
+            host, port = self.broker.address
+            self.own = OwnClient(creds=self.creds, host=_dial(host), port=port,
+                                 on_request=self._on_request)
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 group.create_task(self.own.run(), name="own-client")
@@ -299,27 +227,23 @@ class Node:
                 await self.lsyncd.start()
                 await stop.wait()
                 LOG.info("stopping")
-                await asyncio.wait_for(self.exchange.flush(), SHUTDOWN_S / 2)
+                deadline = asyncio.get_running_loop().time() + SHUTDOWN_S
+                await _within(deadline, "publishing what is pending", self.exchange.flush())
                 raise _Stop
         except* _Stop:
             pass
         finally:
-            await self.lsyncd.stop()
-            if self.metrics_server is not None:
-                await self.metrics_server.stop()
-            await self.control.stop()
-            await self.gate.stop()
-            await self.tunnel.stop()
-            await self.broker.stop()
+            if deadline is None:  # a start failed, or a task did
+                deadline = asyncio.get_running_loop().time() + SHUTDOWN_S
+            await _within(deadline, "lsyncd", self.lsyncd.stop())
+            for name, server in reversed(started):
+                await _within(deadline, name, server.stop())
             self.index.close()
 
     async def _discover(self) -> None:
         own = {(a, self.config.listen.port) for a in local_addresses()}
         own.add((_dial(self.config.listen.host), self.broker.address[1]))
-        watcher = PeerWatcher(self.config.peers, exclude=own, interval=self.config.dns_interval,
-                              on_change=self._peers_changed)
-        await watcher.run()
-        await asyncio.Event().wait()  # static peers: keep the links running
+        await self.links.run(self.config.peers, own, self.config.dns_interval)
 
     async def _watch(self) -> None:
         with Watcher(self.config.data_dir, quiet=self.config.batch_quiet,
@@ -350,13 +274,13 @@ class Node:
         ticks = 0
         while True:
             if ticks % WAITS_EVERY == 0:
-                self.waits.update(time.monotonic(), self.index.target_paths())
+                self.stalls.waits.update(time.monotonic(), self.index.target_paths())
             ticks += 1
-            self.queues.update(time.monotonic(), {p: self.pushes.pending(p)
-                                                  for p in self.pushes.peers()})
+            self.stalls.queues.update(time.monotonic(), {p: self.pushes.pending(p)
+                                                         for p in self.pushes.peers()})
             logs.flush_repeats()
             doc = self.status()
-            self._log_stalled(doc["stalled"])
+            self.stalls.log(doc["stalled"])
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(doc, indent=1))
             tmp.replace(path)
@@ -376,55 +300,15 @@ class Node:
         return out
 
     def stalled(self) -> dict[str, Any]:
-        """What stopped counting against health (``mesh.core.stall``), for the status."""
-        now = time.monotonic()
-        content, paths = self.waits.stalled(now, self._holders)
-        queues = {}
-        for peer, q in self.queues.stalled(now).items():
-            why = ("its hello advertises no tunnel, or its link is down"
-                   if self._tunnel_endpoint(peer) is None else "pushes to it do not get through")
-            queues[peer] = {"paths": q.paths, "for_s": round(now - q.since), "why": why}
-        catch_ups = {peer: round(now - view.resync_started)
-                     for peer, view in self.exchange.peers.items()
-                     if view.resync is not None and not view.resync.done()
-                     and now - view.resync_started >= self.config.stalled_after}
-        return {"after_s": self.config.stalled_after, "content": content,
-                "content_paths": paths, "queues": queues, "catch_ups": catch_ups}
-
-    def _log_stalled(self, stalled: dict[str, Any]) -> None:
-        """One line when a peer starts holding health down past the bound, one when it
-        stops."""
-        now: set[str] = set()
-        for peer, n in stalled["content"].items():
-            key = f"content:{peer}"
-            now.add(key)
-            if key not in self._stalled_logged:
-                who = "no peer holds it" if peer == NO_HOLDER else f"{peer} announced it"
-                LOG.warning("content of %d paths has not come for %.0f s (%s and delivered "
-                            "none): stalled, no longer counted against health", n,
-                            stalled["after_s"], who)
-        for peer, q in stalled["queues"].items():
-            key = f"queue:{peer}"
-            now.add(key)
-            if key not in self._stalled_logged:
-                LOG.warning("%d paths queued for %s have not moved for %d s (%s): stalled, "
-                            "no longer counted against health", q["paths"], peer, q["for_s"],
-                            q["why"])
-        for peer, seconds in stalled["catch_ups"].items():
-            key = f"catch-up:{peer}"
-            now.add(key)
-            if key not in self._stalled_logged:
-                LOG.warning("the catch-up with %s has run for %d s: stalled, no longer "
-                            "counted against health", peer, seconds)
-        for key in sorted(self._stalled_logged - now):
-            kind, _, peer = key.partition(":")
-            what = {"content": "content from", "queue": "the queue to"}.get(kind, "catch-up with")
-            LOG.info("%s %s: no longer stalled", what, peer or "no peer")
-        self._stalled_logged = now
+        """What stopped counting against health (``mesh.engine.stalls``), for the status."""
+        resyncs = {peer: view.resync_started for peer, view in self.exchange.peers.items()
+                   if view.resync is not None and not view.resync.done()}
+        return self.stalls.doc(time.monotonic(), self._holders,
+                               lambda peer: self._tunnel_endpoint(peer) is not None, resyncs)
 
     def status(self) -> dict[str, Any]:
         peers = {}
-        for (host, port), (link, _) in self.links.items():
+        for (host, port), (link, _) in self.links.links.items():
             s = link.status
             view = self.exchange.peers.get(s.peer_id) if s.peer_id else None
             peers[f"{host}:{port}"] = {
@@ -464,43 +348,20 @@ class _Stop(Exception):
     pass
 
 
+class Server(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+async def _within(deadline: float, what: str, step: Coroutine[Any, Any, None]) -> None:
+    """One step of the stop sequence, cut off at the stop's deadline."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await step
+    except TimeoutError:
+        LOG.warning("stop: %s did not finish within %.0f s of the stop", what, SHUTDOWN_S)
+
+
 def _dial(host: str) -> str:
     """An address to connect to for a listen address (a wildcard means loopback)."""
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
-
-
-def run_agent(config: AgentConfig) -> int:
-    """Run one node until SIGTERM or SIGINT; returns the process exit code."""
-    logs.setup(config.node_id, config.log_format, config.log_level)
-    try:
-        creds = load_node(config.pki_dir, config.node_id)
-        node = Node(config, creds)
-    except MeshError as err:
-        LOG.error("cannot start: %s", err)
-        return 2
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.Runner()
-    gcpolicy.tune()  # issue 3: the collector's passes were the latency's tail
-    with runner:
-        return runner.run(_main(node))
-
-
-async def _main(node: Node) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    failures: list[BaseException] = []
-    try:
-        await node.run(stop)
-    except* (MeshError, OSError) as group:
-        failures = list(group.exceptions)
-    for err in failures:
-        LOG.error("%s", err if isinstance(err, MeshError) else f"I/O error: {err}")
-    if failures:
-        return 1 if stop.is_set() else 2
-    return 0

@@ -50,7 +50,7 @@ from mesh.adapters.mqtt.guard import (
     MeshTopicPlugin,
     refuse,
 )
-from mesh.adapters.tls_server import accept_forever, bind, open_tls
+from mesh.adapters.tls_server import Listener, accept_forever, bind, open_tls
 from mesh.core.topics import TopicPolicy
 from mesh.errors import ConfigError, LocalProtocolError, PkiError
 from mesh.pki import NodeCredentials, NodeIdentity, identity_from_der, server_ssl_context
@@ -145,12 +145,14 @@ class _MeshBroker(Broker):  # type: ignore[misc]
 # --- the broker ------------------------------------------------------------------------------
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(Listener):
     """One node's broker. ``start()`` binds and serves, ``stop()`` closes everything.
 
     Raises ``ConfigError`` (address in use, bad settings) or ``PkiError`` (credentials)
     from ``start()``, each with one line for the operator.
     """
+
+    what = "broker"
 
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
@@ -161,21 +163,6 @@ class EmbeddedBroker:
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The address actually bound (port 0 in the settings picks a free port)."""
-        if self._socket is None:
-            raise LocalProtocolError("the broker is not running")
-        host, port = self._socket.getsockname()[:2]
-        return str(host), int(port)
-
-    async def __aenter__(self) -> EmbeddedBroker:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         if self._socket is not None:

@@ -5,9 +5,10 @@ node's topics on its own broker and serves the peers' requests."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from mesh.adapters.mqtt.connection import LinkDown, LinkSettings
-from mesh.adapters.mqtt.session import MqttSession, OnMessage
+from mesh.adapters.mqtt.session import LinkState, MqttSession, OnMessage
 from mesh.core.topics import Topics
 from mesh.pki import NodeCredentials
 
@@ -33,6 +34,7 @@ class PeerLink(MqttSession):
         settings: LinkSettings | None = None,
         rng: random.Random | None = None,
         expect_peer: str | None = None,
+        on_state: Callable[[LinkState], None] | None = None,
     ) -> None:
         identity = creds.identity
         super().__init__(
@@ -45,6 +47,7 @@ class PeerLink(MqttSession):
             settings=settings,
             rng=rng,
             expect_peer=expect_peer,
+            on_state=on_state,
         )
 
     async def request(self, payload: bytes) -> None:

@@ -74,6 +74,7 @@ class MqttSession:
         settings: LinkSettings | None = None,
         rng: random.Random | None = None,
         expect_peer: str | None = None,
+        on_state: Callable[[LinkState], None] | None = None,
     ) -> None:
         if not host or not 0 < port <= 65535:
             raise ConfigError(f"link address {host!r}:{port} is not valid")
@@ -85,6 +86,7 @@ class MqttSession:
         self.expect_peer = expect_peer
         self._subscriptions = subscriptions
         self._on_message = on_message
+        self._on_state = on_state
         self._rng = rng or random.Random()
         self._tls = client_ssl_context(creds)
         self._conn: Connection | None = None
@@ -293,6 +295,8 @@ class MqttSession:
         (self._up.set if state is LinkState.UP else self._up.clear)()
         if state is LinkState.CLOSED:
             self._closed.set()
+        if self._on_state is not None:
+            self._on_state(state)
 
     async def _dispatch(self, inbox: Inbox) -> None:
         while True:

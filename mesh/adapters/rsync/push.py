@@ -237,7 +237,7 @@ async def tunnelled(
         rsh = rsyncd.rsh_command(["/bin/bash", "--norc", "--noprofile", "-c", script, "relay"])
         await asyncio.get_running_loop().create_connection(lambda: local, sock=ours)
         # The receiver done, the local socket closes: the cat reading it ends.
-        relay.take_over(remote_reader, remote_writer, remote)
+        await relay.take_over(remote_reader, remote_writer, remote)
         returncode, errors = await _run(argv(rsh), env, stdin, pass_fds=(fd,),
                                         started=theirs.close)
         # rsync's last words may still be on their way: wait for the receiver to close.

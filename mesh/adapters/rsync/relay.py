@@ -125,22 +125,31 @@ def join(a: End, b: End) -> None:
     link(b, a)
 
 
-def take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, end: End) -> None:
+async def take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, end: End
+                    ) -> None:
     """Move a stream's transport to ``end``, whose ``out`` is attached already. What the
     stream had read ahead of its reader (a daemon's greeting, say) goes out first, and
     ``out`` is closed once ``end``'s reading ends: at once if the stream had seen its
-    end."""
+    end. Nothing waits: once the transport is ``end``'s, the stream is ended by hand
+    and what it holds read out (TLS and pipes close at their peer's end, which is how
+    an end seen before is known; a plain socket's half-close before would not be)."""
+    transport = cast(asyncio.Transport, writer.transport)
+    ended = reader.at_eof() or transport.is_closing()
+    end.before = transport.get_protocol()
+    transport.set_protocol(end)  # nothing more reaches the stream
+    reader.feed_eof()
+    attach(end, transport, await reader.read(), ended)
+
+
+def attach(end: End, transport: asyncio.Transport, ahead: bytes, ended: bool) -> None:
+    """Make ``transport`` (whose protocol is ``end`` now) ``end``'s: ``ahead``, what was
+    read from it before, goes out first; ``ended``: it had seen its end."""
     out = end.out
     assert out is not None and out.transport is not None
-    transport = cast(asyncio.Transport, writer.transport)
-    buffered: bytearray = reader._buffer  # type: ignore[attr-defined]  # where asyncio keeps it
-    out.transport.write(bytes(buffered))
-    buffered.clear()
+    out.transport.write(ahead)
     end.on_eof = out.close
-    end.before = transport.get_protocol()
-    transport.set_protocol(end)
     end.connection_made(transport)
-    if reader.at_eof() or transport.is_closing():
+    if ended:
         end.ended()
     elif not transport.is_reading():  # the stream may have paused it (a full buffer)
         transport.resume_reading()

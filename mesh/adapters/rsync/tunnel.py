@@ -44,7 +44,7 @@ from typing import Protocol
 from mesh.adapters.rsync import relay, rsyncd
 from mesh.adapters.rsync.push import VERSION, PushHello
 from mesh.adapters.streams import Connections, close_stream, read_frame
-from mesh.adapters.tls_server import accept_forever, bind, open_tls
+from mesh.adapters.tls_server import Listener, accept_forever, bind, open_tls
 from mesh.errors import ConfigError, LocalProtocolError, MeshError, PkiError, RemoteProtocolError
 from mesh.frames import MAX_HEADER_BYTES, encode_frame
 from mesh.pki.tls import (
@@ -82,8 +82,10 @@ class TunnelLimits:
     stop_timeout: float = 5.0
 
 
-class TunnelServer:
+class TunnelServer(Listener):
     """Accept pushes from peers and run the fixed rsync daemon for each one."""
+
+    what = "tunnel server"
 
     def __init__(
         self,
@@ -113,20 +115,6 @@ class TunnelServer:
         self._conf_dir: Path | None = None
         self._connections = Connections("tunnel", self.limits.max_connections)
         self._procs: set[asyncio.subprocess.Process] = set()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        if self._socket is None:
-            raise LocalProtocolError("the tunnel server is not running")
-        host, port = self._socket.getsockname()[:2]
-        return str(host), int(port)
-
-    async def __aenter__(self) -> TunnelServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         if self._socket is not None:
@@ -312,7 +300,7 @@ class TunnelServer:
             loop = asyncio.get_running_loop()
             await loop.connect_write_pipe(lambda: daemon_in, to_daemon)
             await loop.connect_read_pipe(lambda: daemon_out, from_daemon)
-            relay.take_over(reader, writer, tls)  # the client leaving ends the daemon's stdin
+            await relay.take_over(reader, writer, tls)  # the client leaving ends the daemon's stdin
             returncode = await proc.wait()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(

@@ -223,7 +223,7 @@ class Operations:
                     "link down" if link.peer else f"never connected to {link.address}")
         own = self.exchange.tree_entries()
         sums: dict[str, tree.FolderSums] = {self.me: tree.folder_sums(own)}
-        for peer, got in zip(asked, await self._each(asked, self.exchange.ask_tree),
+        for peer, got in zip(asked, await self._each(asked, self.exchange.requests.ask_tree),
                              strict=True):
             if isinstance(got, BaseException):
                 unreachable[peer] = _why(got)
@@ -235,7 +235,8 @@ class Operations:
             self.me: [e for e in own if tree.folder_of(e.path) in wanted]}
         if folders:
             peers = [p for p in sums if p != self.me]
-            got_all = await self._each(peers, lambda p: self.exchange.ask_listing(p, folders))
+            requests = self.exchange.requests
+            got_all = await self._each(peers, lambda p: requests.ask_listing(p, folders))
             for peer, got in zip(peers, got_all, strict=True):
                 if isinstance(got, BaseException):
                     unreachable[peer] = _why(got)
