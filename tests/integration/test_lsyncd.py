@@ -35,6 +35,7 @@ class Mesh:
     supervisor: LsyncdSupervisor
     carrier: RecordingCarrier
     sink: RecordingSink
+    gate: GateServer
 
 
 @asynccontextmanager
@@ -59,14 +60,14 @@ async def running(
         if blocked:
             carrier.gate = asyncio.Event()
         socket_path = tmp_path / "agent.sock"
-        await stack.enter_async_context(GateServer(socket_path, source, carrier))
+        gate = await stack.enter_async_context(GateServer(socket_path, source, carrier))
         settings = LsyncdSettings(source, socket_path, backoff=(0.1, 1.0), stop_timeout=3)
         (tmp_path / "lsyncd").mkdir()
         config = tmp_path / "lsyncd" / "lsyncd.conf.lua"
         supervisor = LsyncdSupervisor(config, [RECEIVER], settings=settings)
         await supervisor.start()
         stack.push_async_callback(supervisor.stop)
-        yield Mesh(source, target, supervisor, carrier, sink)
+        yield Mesh(source, target, supervisor, carrier, sink, gate)
 
 
 async def poke_until(
@@ -123,7 +124,10 @@ async def test_a_write_reaches_the_peer_and_a_delete_is_only_announced(
         (mesh.source / "second").unlink()
         await until(lambda: any("second" in ps for _, ps in mesh.carrier.calls[asked:]),
                     "the gate asked about the delete", 5)
-        await until(lambda: len(mesh.sink.finished()) == len(mesh.sink.pushes), "the pushes", 5)
+        # No batch starts after lsyncd stops; the agent's run to their end.
+        await mesh.supervisor.stop()
+        await until(lambda: mesh.gate.serving == 0
+                    and len(mesh.sink.finished()) == len(mesh.sink.pushes), "the pushes", 10)
     assert (mesh.target / "second").read_text() == "bravo's copy"  # rsync deleted nothing
     assert not (mesh.target / "sub").exists()  # nor wrote into the live folder
     assert [(p.peer, p.returncode) for p in mesh.sink.pushes] == [(SENDER, 0)] * len(

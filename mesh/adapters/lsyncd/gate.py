@@ -86,6 +86,11 @@ class GateServer:
     async def __aexit__(self, *_: object) -> None:
         await self.stop()
 
+    @property
+    def serving(self) -> int:
+        """lsyncd batches being looked at or pushed now."""
+        return len(self._connections)
+
     async def start(self) -> None:
         if self._server is not None:
             raise LocalProtocolError("the gate server is already running")
