@@ -18,10 +18,13 @@
 # Exit 10 (rsync's "socket I/O error", which lsyncd retries) when the agent cannot be
 # asked or goes away before it answers.
 
-use strict;
-use warnings;
-use Socket qw(PF_UNIX SOCK_STREAM SHUT_WR pack_sockaddr_un);
-
+# No modules, not even strict, warnings or Socket: they cost more than the rest of the
+# script (1.7 ms per run without them, 6.8 ms with Socket alone, measured on the dev
+# machine). Linux's values: AF_UNIX 1, SOCK_STREAM 1, SHUT_WR 1; a sockaddr_un is the
+# family (native unsigned short) and the path, NUL-padded to 108 bytes.
+my $AF_UNIX = 1;
+my $SOCK_STREAM = 1;
+my $SHUT_WR = 1;
 my $RETRY = 10;
 
 sub give_up {
@@ -34,8 +37,9 @@ binmode STDIN;
 my $patterns = do { local $/; <STDIN> } // '';
 my $request = "mesh-gate 2\n" . pack("N/a* N/a*", join("\0", @ARGV), $patterns);
 
-socket(my $agent, PF_UNIX, SOCK_STREAM, 0) or give_up("socket: $!");
-connect($agent, pack_sockaddr_un($path)) or give_up("agent at $path: $!");
+give_up("MESH_GATE_SOCKET is longer than a unix socket path") if length($path) > 107;
+socket(my $agent, $AF_UNIX, $SOCK_STREAM, 0) or give_up("socket: $!");
+connect($agent, pack("S Z108", $AF_UNIX, $path)) or give_up("agent at $path: $!");
 binmode $agent;
 my $sent = 0;
 while ($sent < length $request) {
@@ -43,7 +47,7 @@ while ($sent < length $request) {
     give_up("agent at $path: $!") unless defined $n;
     $sent += $n;
 }
-shutdown($agent, SHUT_WR);
+shutdown($agent, $SHUT_WR);
 
 my $status = <$agent>;
 give_up("agent at $path closed without an answer") unless defined $status;
