@@ -7,6 +7,7 @@ import asyncio
 import functools
 import os
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -99,15 +100,43 @@ def server_args(*options: str, dest: str = DEST) -> list[str]:
     return ["rsyncd", "--server", *options, ".", dest]
 
 
+def check(args: list[str], keep: str = KEEP, push_id: str = "p1",
+          module: str = "data") -> str | None:
+    """What the daemon's hook (``hook.pl``, run as rsync runs it) says of these server
+    arguments: None when it lets the transfer start, else its refusal."""
+    env = {f"RSYNC_ARG{i}": arg for i, arg in enumerate(args)}
+    env |= {"MESH_PUSH_ID": push_id, "MESH_KEEP_NAME": keep, "RSYNC_MODULE_NAME": module}
+    done = subprocess.run([rsyncd.PERL, str(rsyncd.HOOK)], env=env, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert done.stderr == ""
+    if done.returncode == 0:
+        assert done.stdout == ""
+        return None
+    assert done.returncode == 1 and done.stdout.startswith(f"meshsync refused push {push_id}: ")
+    return done.stdout
+
+
 GOOD = ("-logtprIe.iLsfxCIvu", "--numeric-ids", "--copy-dest", "../../../")
 
 
 def test_check_accepts_what_our_client_sends() -> None:
-    assert rsyncd.check_server_args(server_args(*GOOD), KEEP, "p1") is None
+    assert check(server_args(*GOOD)) is None
     joined = ("-logtpre.iLsfxCIvu", "--copy-dest=../../../")
-    assert rsyncd.check_server_args(server_args(*joined), KEEP, "p1") is None
+    assert check(server_args(*joined)) is None
     # What a daemon without a chroot (not root) hands the hook.
-    assert rsyncd.check_server_args(server_args(*GOOD, dest=DEST[1:]), KEEP, "p1") is None
+    assert check(server_args(*GOOD, dest=DEST[1:])) is None
+
+
+@pytest.mark.parametrize(("keep", "push_id", "module", "reason"), [
+    (KEEP, "", "data", "did not name this push"),
+    (KEEP, "../p1", "data", "did not name this push"),
+    ("keep", "p1", "data", "did not name this push"),
+    (KEEP, "p1", "other", "unknown module"),
+])
+def test_check_refuses_a_push_the_tunnel_did_not_name(keep: str, push_id: str, module: str,
+                                                       reason: str) -> None:
+    why = check(server_args(*GOOD, dest=f"/{keep}/in/{push_id}/"), keep, push_id, module)
+    assert why is not None and reason in why
 
 
 def test_our_client_sends_what_the_check_accepts(tmp_path: Path) -> None:
@@ -148,7 +177,7 @@ def test_our_client_sends_what_the_check_accepts(tmp_path: Path) -> None:
     ],
 )
 def test_check_refuses_anything_else(options: tuple[str, ...], dest: str, reason: str) -> None:
-    why = rsyncd.check_server_args(server_args(*options, dest=dest), KEEP, "p1")
+    why = check(server_args(*options, dest=dest))
     assert why is not None and reason in why
 
 

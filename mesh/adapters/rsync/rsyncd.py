@@ -1,5 +1,5 @@
-"""rsync at both ends of a push: the receiving daemon's config and argument check, and the
-sending command line with its include patterns.
+"""rsync at both ends of a push: the receiving daemon's config and argument check
+(``hook.pl`` beside this module), and the sending command line with its include patterns.
 
 A push lands in two phases (issue 11): rsync writes it into the push's own *staging dir*,
 ``<data>/<keep>/in/<push id>/``, and nothing else; after the daemon exits, the receiving
@@ -20,8 +20,8 @@ assumed):
   has no chroot and no filter the client cannot override. The daemon gives ``use chroot =
   yes`` (the module path becomes ``/``), a daemon filter and ``refuse options``; what it
   lacks, a way to force an option or a destination, the hook below supplies.
-- The ``pre-xfer exec`` hook (:func:`check_server_args`, run as ``python -I -S
-  mesh/adapters/rsync/rsyncd_hook.py``): rsync hands it the client's exact server arguments as
+- The ``pre-xfer exec`` hook (``hook.pl``, run as ``perl hook.pl``; a Python interpreter
+  cost ten times as much per push): rsync hands it the client's exact server arguments as
   ``RSYNC_ARG0..n``, also when the client used ``--secluded-args``, and aborts the transfer
   when it exits non-zero. Our client's arguments arrive as ``rsyncd --server
   -logtprIe.<caps> --numeric-ids --copy-dest ../../../ . /<keep>/in/<push id>/`` (with the
@@ -108,29 +108,42 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import stat
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.adapters.rsync import rsyncd_hook
 from mesh.core import paths
 from mesh.core.paths import KEEP_NAME
 from mesh.errors import ConfigError
 
-# The hook's half (mesh.adapters.rsync.rsyncd_hook), here too for the sending side and tests.
-KEEP_NAME_RE = rsyncd_hook.KEEP_NAME_RE
-COPY_DEST = rsyncd_hook.COPY_DEST
-MODULE = rsyncd_hook.MODULE
-PUSH_ID_RE = rsyncd_hook.PUSH_ID_RE
-STAGING = rsyncd_hook.STAGING
-check_server_args = rsyncd_hook.check_server_args
-hook_main = rsyncd_hook.hook_main
-staging_dest = rsyncd_hook.staging_dest
-valid_keep_name = rsyncd_hook.valid_keep_name
-valid_push_id = rsyncd_hook.valid_push_id
+# hook.pl spells these out again, for the receiving daemon: keep them in step.
+MODULE = "data"
+STAGING = "in"  # <keep>/in/<push id>/: where a push lands, for the agent to check and place
+# --copy-dest is relative to the destination dir, <keep>/in/<push id>/: three levels up is
+# the module root, the live tree (rsync 3.5.0 accepts it with and without the chroot).
+COPY_DEST = "../../../"
+PUSH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+KEEP_NAME_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+HOOK = Path(__file__).with_name("hook.pl")
+PERL = "/usr/bin/perl"
+
+
+def valid_push_id(push_id: object) -> bool:
+    return isinstance(push_id, str) and PUSH_ID_RE.fullmatch(push_id) is not None
+
+
+def valid_keep_name(name: object) -> bool:
+    return isinstance(name, str) and KEEP_NAME_RE.fullmatch(name) is not None
+
+
+def staging_dest(keep_name: str, push_id: str) -> str:
+    """The destination of one push as the daemon's server sees it: ``/<keep>/in/<push id>/``
+    (the client names it ``host::data/<keep>/in/<push id>/``)."""
+    return f"/{keep_name}/{STAGING}/{push_id}/"
+
 
 DEFAULT_KEEP_NAME = KEEP_NAME
 RSYNC = "/usr/bin/rsync"
@@ -155,7 +168,7 @@ class DaemonConfig:
 
     data_dir: Path
     keep_name: str = DEFAULT_KEEP_NAME
-    python: str = sys.executable
+    perl: str = PERL
     chroot: bool = True
     io_timeout: int = 300  # seconds without progress before the daemon gives up
 
@@ -181,8 +194,7 @@ def render_daemon_config(config: DaemonConfig) -> str:
     # rsyncd.conf expands %VAR% in values ("%%" is a literal %); a trailing "/" keeps a
     # trailing space of the path.
     path = str(config.data_dir).replace("%", "%%").rstrip("/") + "/"
-    # -I -S and a path, not -m: no site packages to set up, ~10 ms instead of ~27 per push.
-    hook = f"{shlex.quote(config.python)} -I -S {shlex.quote(rsyncd_hook.__file__)}"
+    hook = f"{shlex.quote(config.perl)} {shlex.quote(str(HOOK))}"
     lines = [
         "# written by mesh.adapters.rsync.rsyncd for one TunnelServer; do not edit",
         "log file = /dev/stderr",

@@ -33,7 +33,6 @@ import shutil
 import signal
 import socket
 import ssl
-import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable
@@ -97,7 +96,6 @@ class TunnelServer(Listener):
         sink: PushSink,
         *,
         rsync: str = rsyncd.RSYNC,
-        python: str = sys.executable,
         limits: TunnelLimits | None = None,
         peers: Callable[[str], bool] | None = None,
     ) -> None:
@@ -108,7 +106,7 @@ class TunnelServer(Listener):
         self.host, self.port = host, port
         self.data_dir, self.keep_dir = data_dir, keep_dir
         self.sink = sink
-        self.rsync, self.python = rsync, python
+        self.rsync = rsync
         self.limits = limits or TunnelLimits()
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -123,7 +121,7 @@ class TunnelServer(Listener):
         chroot = os.geteuid() == 0
         if not chroot:
             LOG.warning("tunnel: not root, so no chroot: incoming symlinks get sanitized")
-        config = rsyncd.DaemonConfig(data_dir, keep_name, self.python, chroot)
+        config = rsyncd.DaemonConfig(data_dir, keep_name, chroot=chroot)
         self._conf_dir = Path(tempfile.mkdtemp(prefix="mesh-rsyncd-"))
         (self._conf_dir / "rsyncd.conf").write_text(rsyncd.render_daemon_config(config))
         self._keep_name = keep_name
