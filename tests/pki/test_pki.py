@@ -28,6 +28,7 @@ from mesh import pki
 from mesh.cli.pki import pki_app
 from mesh.errors import PkiError
 from mesh.pki import NodeCredentials, NodeIdentity
+from mesh.pki.tls import ClientContexts
 
 CLUSTER = "alpha"
 LONG_AGO = datetime.now(UTC) - timedelta(days=3 * 365)
@@ -373,6 +374,23 @@ def test_contexts_demand_certificates_and_tls_1_2(pki_dir: Path) -> None:
         assert ctx.verify_mode == ssl.CERT_REQUIRED
         assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert not client.check_hostname
+
+
+def test_client_contexts_are_made_once_and_again_for_a_renewed_certificate(
+        pki_dir: Path) -> None:
+    contexts = ClientContexts()
+    creds = pki.load_node(pki_dir, "n2")
+    first = contexts.get(creds)
+    assert contexts.get(creds) is first
+    pki.issue(pki_dir, ["n2"], overwrite=True)  # renewed in place
+    renewed = contexts.get(pki.load_node(pki_dir, "n2"))
+    assert renewed is not first
+    server, client = _handshake(pki.server_ssl_context(pki.load_node(pki_dir, "n1")), renewed)
+    assert (server.error, client.error, server.identity) == (None, None,
+                                                             NodeIdentity(CLUSTER, "n2"))
+    with pytest.raises(PkiError, match="load TLS credentials"):
+        contexts.get(NodeCredentials(creds.identity, creds.ca_cert, creds.cert,
+                                     pki_dir / "missing.key"))
 
 
 def test_handshake_tells_each_side_who_the_other_is(pki_dir: Path) -> None:

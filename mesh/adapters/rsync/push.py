@@ -31,13 +31,14 @@ from mesh.core.paths import is_normalized
 from mesh.core.vclock import NODE_ID_RE
 from mesh.errors import LocalProtocolError, MeshError, PkiError, RemoteProtocolError
 from mesh.frames import MAX_HEADER_BYTES, encode_frame
-from mesh.pki.tls import NodeCredentials, client_ssl_context, identity_from_peercert
+from mesh.pki.tls import ClientContexts, NodeCredentials, identity_from_peercert
 
 LOG = logging.getLogger("mesh.push")
 
 VERSION = 1
 _MAX_REPLY_BYTES = 64 * 1024
 _BUFFER = 1 << 20  # a push stream's read-ahead, until the relay takes it over
+_CONTEXTS = ClientContexts()
 
 
 class TunnelError(MeshError):
@@ -94,7 +95,7 @@ async def open_push(
     try:
         async with asyncio.timeout(within):
             reader, writer = await asyncio.open_connection(
-                host, port, ssl=client_ssl_context(creds), limit=_BUFFER)
+                host, port, ssl=_CONTEXTS.get(creds), limit=_BUFFER)
     except ssl.SSLCertVerificationError as err:
         raise TunnelError(f"{where}: certificate verify failed: {err.verify_message}") from None
     except (OSError, TimeoutError) as err:
