@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import ssl
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mesh.adapters import spawn
 from mesh.adapters.rsync import relay, rsyncd
 from mesh.adapters.streams import read_frame
 from mesh.core.paths import is_normalized
@@ -262,22 +262,16 @@ async def _run(
 ) -> tuple[int, bytes]:
     """Run to the end: exit status and stderr. Cancelled, it kills the process group
     before it returns. ``started`` runs once it has."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-        pass_fds=pass_fds,
-    )
+    child = await spawn.start(argv, env=env, stdin=spawn.PIPE, stderr=spawn.PIPE,
+                              pass_fds=pass_fds)
     if started is not None:
         started()
     try:
-        _, errors = await proc.communicate(stdin)
+        assert child.stderr is not None
+        _, errors = await asyncio.gather(child.feed(stdin), child.stderr.read())
+        return await child.wait(), errors
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, errors
+        if child.returncode is None:
+            child.kill_group()
+            await child.wait()
+        child.close()

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from mesh.adapters import spawn
 from mesh.adapters.rsync import relay, rsyncd
 from mesh.adapters.rsync.push import VERSION, PushHello
 from mesh.adapters.streams import Connections, close_stream, read_frame
@@ -112,7 +113,7 @@ class TunnelServer(Listener):
         self._accepting: asyncio.Task[None] | None = None
         self._conf_dir: Path | None = None
         self._connections = Connections("tunnel", self.limits.max_connections)
-        self._procs: set[asyncio.subprocess.Process] = set()
+        self._procs: set[spawn.Child] = set()
 
     async def start(self) -> None:
         if self._socket is not None:
@@ -143,10 +144,10 @@ class TunnelServer(Listener):
             await asyncio.gather(self._accepting, return_exceptions=True)
         self._socket.close()
         for proc in list(self._procs):
-            _kill_group(proc, signal.SIGTERM)
+            proc.kill_group(signal.SIGTERM)
         await self._connections.close(grace=self.limits.stop_timeout)
         for proc in list(self._procs):
-            _kill_group(proc, signal.SIGKILL)
+            proc.kill_group(signal.SIGKILL)
         self._socket = None
         if self._conf_dir is not None:
             shutil.rmtree(self._conf_dir, ignore_errors=True)
@@ -268,14 +269,9 @@ class TunnelServer(Listener):
         with contextlib.suppress(OSError):  # fewer, larger hand-overs to the daemon
             fcntl.fcntl(stdin_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *[self.rsync, "--server", "--daemon", f"--config={conf}", "."],
-                stdin=stdin_r,
-                stdout=stdout_w,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                start_new_session=True,  # its own process group, killed as one on stop
-            )
+            proc = await spawn.start(  # its own process group, killed as one on stop
+                [self.rsync, "--server", "--daemon", f"--config={conf}", "."],
+                stdin=stdin_r, stdout=stdout_w, stderr=spawn.PIPE, env=env)
         except OSError as err:
             for fd in (stdin_w, stdout_r):
                 os.close(fd)
@@ -305,10 +301,11 @@ class TunnelServer(Listener):
                     asyncio.gather(asyncio.shield(daemon_out.read_done), stderr),
                     self.limits.drain_timeout)
         finally:
-            _kill_group(proc, signal.SIGKILL)
+            proc.kill_group(signal.SIGKILL)
             self._procs.discard(proc)
             stderr.cancel()
             await asyncio.gather(stderr, return_exceptions=True)
+            proc.close()
             for end, pipe in ((daemon_in, to_daemon), (daemon_out, from_daemon)):
                 if end.transport is None:
                     pipe.close()
@@ -330,12 +327,6 @@ async def _refuse(writer: asyncio.StreamWriter, where: str, why: str) -> None:
 def _address(writer: asyncio.StreamWriter) -> str:
     peername = writer.get_extra_info("peername")
     return f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-
-
-def _kill_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
 
 
 async def _collect(stream: asyncio.StreamReader, lines: deque[str]) -> None:
