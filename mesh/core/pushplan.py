@@ -55,15 +55,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from mesh.core.pushstate import (
-    PEER_TRANSITIONS,
+    CONFIRM_S,
     TRANSITIONS,
+    Counters,
     Event,
     PeerEvent,
+    PeerQueue,
     PeerStage,
+    Push,
     Stage,
 )
 from mesh.core.replica import Replica
@@ -73,7 +76,6 @@ from mesh.errors import LocalProtocolError
 
 OWN_GRACE = 2.0  # an own write lsyncd has not carried by then is ours to push
 FORWARD_GRACE = 5.0
-CONFIRM_S = 30.0  # after a push, how long to wait for the peer's announcement before again
 PATHS_PER_PUSH = 2000  # keeps the announcement under the manifest's size limits
 RETRY_S = (1.0, 30.0)  # backoff after a failed push: first, most
 
@@ -104,77 +106,9 @@ class ReplicaView:
 
 
 @dataclass(frozen=True)
-class Push:
-    """A push under way: these versions (path, version) to ``peer``."""
-
-    key: int
-    peer: str
-    versions: tuple[tuple[str, Version], ...]
-    started: float
-    own: bool  # our pusher's (retried with backoff), else lsyncd's through the gate
-
-    @property
-    def paths(self) -> list[str]:
-        return [path for path, _ in self.versions]
-
-
-@dataclass(frozen=True)
 class Tick:
     pushes: tuple[Push, ...]  # started now: carry each out, then ``end`` it
     wake: float | None  # tick again by then at the latest (None: on the next input)
-
-
-@dataclass
-class Counters:
-    allowed: int = 0  # paths lsyncd's gate let through
-    denied: int = 0
-    carried: int = 0  # lsyncd's pushes (through the gate) that ended with exit 0
-    carried_paths: int = 0
-    carry_failures: int = 0
-    sent: int = 0  # pushes of our own pusher that ended with exit 0
-    sent_paths: int = 0
-    send_failures: int = 0
-
-    def count(self, push: Push, ok: bool) -> None:
-        if push.own and ok:
-            self.sent, self.sent_paths = self.sent + 1, self.sent_paths + len(push.versions)
-        elif push.own:
-            self.send_failures += 1
-        elif ok:
-            self.carried += 1
-            self.carried_paths += len(push.versions)
-        else:
-            self.carry_failures += 1
-
-
-@dataclass
-class _Peer:
-    name: str
-    queued: dict[str, float] = field(default_factory=dict)  # path -> since; oldest first
-    sending: dict[str, int] = field(default_factory=dict)  # path -> the push's key
-    awaiting: dict[str, tuple[Version, float]] = field(default_factory=dict)  # -> until
-    # Queued paths found not ours, not due before this time: ``_ready`` skips them until
-    # then without asking the view (a burst forwarded is thousands of lookups a tick).
-    # Any event of the path forgets it.
-    not_before: dict[str, float] = field(default_factory=dict)
-    stage: PeerStage = PeerStage.READY
-    failures: int = 0
-    retry_at: float = 0.0
-    counters: Counters = field(default_factory=Counters)
-    lsyncd_open: int = 0  # lsyncd's pushes to it under way
-    lsyncd_ended: float = 0.0  # when the last of them ended
-
-    def at(self, path: str) -> Stage:
-        try:
-            return Stage((path in self.queued, path in self.sending, path in self.awaiting))
-        except ValueError:
-            raise LocalProtocolError(f"{path} to {self.name}: sending and awaiting") from None
-
-    def move(self, event: PeerEvent) -> None:
-        to = PEER_TRANSITIONS.get((self.stage, event))
-        if to is None:
-            raise LocalProtocolError(f"push to {self.name}: {event.value} while {self.stage.value}")
-        self.stage = to
 
 
 class PushPlanner:
@@ -183,13 +117,13 @@ class PushPlanner:
         self.view = view
         self.own_grace = own_grace
         self.counters = Counters()
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[str, PeerQueue] = {}
         self._open: dict[int, Push] = {}
         self._keys = itertools.count(1)
 
     # --- the one place a path changes stage ---------------------------------------
 
-    def _fire(self, q: _Peer, path: str, event: Event, now: float, *, key: int = 0,
+    def _fire(self, q: PeerQueue, path: str, event: Event, now: float, *, key: int = 0,
               pushed: Version | None = None) -> Stage:
         before = q.at(path)
         after = TRANSITIONS.get((before, event))
@@ -379,13 +313,13 @@ class PushPlanner:
 
     # --- internals ----------------------------------------------------------------
 
-    def _queue(self, peer: str) -> _Peer:
+    def _queue(self, peer: str) -> PeerQueue:
         q = self._peers.get(peer)
         if q is None:
-            q = self._peers[peer] = _Peer(peer)
+            q = self._peers[peer] = PeerQueue(peer)
         return q
 
-    def _close(self, push: Push) -> _Peer:
+    def _close(self, push: Push) -> PeerQueue:
         if self._open.pop(push.key, None) is None:
             raise LocalProtocolError(f"push {push.key} to {push.peer} ended twice")
         return self._peers[push.peer]
@@ -397,7 +331,7 @@ class PushPlanner:
         disk = self.view.disk(path)
         return disk is not None and disk.winner.writer == self.me
 
-    def _claimed(self, q: _Peer, path: str, now: float) -> bool:
+    def _claimed(self, q: PeerQueue, path: str, now: float) -> bool:
         """Whether ``path`` is on its way to the peer already: a push carries it now, or
         one delivered our current version and the peer has not announced it back yet."""
         if path in q.sending:
@@ -410,7 +344,7 @@ class PushPlanner:
         self._fire(q, path, Event.UNCONFIRMED, now)
         return False
 
-    def _recheck(self, q: _Peer, now: float) -> float | None:
+    def _recheck(self, q: PeerQueue, now: float) -> float | None:
         """Pushed paths the peer never announced back go round again; returns the
         next time one will."""
         wake = None
@@ -421,7 +355,7 @@ class PushPlanner:
                 wake = _earliest(wake, until)
         return wake
 
-    def _ready(self, q: _Peer, now: float) -> tuple[list[str], float | None]:
+    def _ready(self, q: PeerQueue, now: float) -> tuple[list[str], float | None]:
         """Queued paths due now, oldest first, at most ``PATHS_PER_PUSH``; and when the
         next of the others falls due."""
         ready: list[str] = []

@@ -24,11 +24,20 @@ CONFIRMED    the peer announced the awaited version or a newer one
 Per peer: READY -(a batch of ours starts)-> PUSHING -(exit 0)-> READY, or
 -(failure)-> BACKING_OFF -(retry time passed)-> READY; abandoned: READY. A push of
 lsyncd's that fails backs our pusher off too (READY or BACKING_OFF -> BACKING_OFF).
+
+``PeerQueue`` holds one peer's side of it (each path's stage, the peer's stage and its
+counters) and ``Push`` one push under way; the planner moves them.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
+
+from mesh.core.resolver import Version
+from mesh.errors import LocalProtocolError
+
+CONFIRM_S = 30.0  # after a push, how long to wait for the peer's announcement before again
 
 
 class Stage(enum.Enum):
@@ -103,3 +112,73 @@ PEER_TRANSITIONS: dict[tuple[PeerStage, PeerEvent], PeerStage] = {
     (PeerStage.PUSHING, PeerEvent.ABANDONED): PeerStage.READY,
     (PeerStage.BACKING_OFF, PeerEvent.RETRY_DUE): PeerStage.READY,
 }
+
+
+@dataclass(frozen=True)
+class Push:
+    """A push under way: these versions (path, version) to ``peer``."""
+
+    key: int
+    peer: str
+    versions: tuple[tuple[str, Version], ...]
+    started: float
+    own: bool  # our pusher's (retried with backoff), else lsyncd's through the gate
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.versions]
+
+
+@dataclass
+class Counters:
+    allowed: int = 0  # paths lsyncd's gate let through
+    denied: int = 0
+    carried: int = 0  # lsyncd's pushes (through the gate) that ended with exit 0
+    carried_paths: int = 0
+    carry_failures: int = 0
+    sent: int = 0  # pushes of our own pusher that ended with exit 0
+    sent_paths: int = 0
+    send_failures: int = 0
+
+    def count(self, push: Push, ok: bool) -> None:
+        if push.own and ok:
+            self.sent, self.sent_paths = self.sent + 1, self.sent_paths + len(push.versions)
+        elif push.own:
+            self.send_failures += 1
+        elif ok:
+            self.carried += 1
+            self.carried_paths += len(push.versions)
+        else:
+            self.carry_failures += 1
+
+
+@dataclass
+class PeerQueue:
+    """Where every path stands with one peer, and the peer's own stage."""
+
+    name: str
+    queued: dict[str, float] = field(default_factory=dict)  # path -> since; oldest first
+    sending: dict[str, int] = field(default_factory=dict)  # path -> the push's key
+    awaiting: dict[str, tuple[Version, float]] = field(default_factory=dict)  # -> until
+    # Queued paths found not ours, not due before this time: ``_ready`` skips them until
+    # then without asking the view (a burst forwarded is thousands of lookups a tick).
+    # Any event of the path forgets it.
+    not_before: dict[str, float] = field(default_factory=dict)
+    stage: PeerStage = PeerStage.READY
+    failures: int = 0
+    retry_at: float = 0.0
+    counters: Counters = field(default_factory=Counters)
+    lsyncd_open: int = 0  # lsyncd's pushes to it under way
+    lsyncd_ended: float = 0.0  # when the last of them ended
+
+    def at(self, path: str) -> Stage:
+        try:
+            return Stage((path in self.queued, path in self.sending, path in self.awaiting))
+        except ValueError:
+            raise LocalProtocolError(f"{path} to {self.name}: sending and awaiting") from None
+
+    def move(self, event: PeerEvent) -> None:
+        to = PEER_TRANSITIONS.get((self.stage, event))
+        if to is None:
+            raise LocalProtocolError(f"push to {self.name}: {event.value} while {self.stage.value}")
+        self.stage = to

@@ -35,8 +35,8 @@ from mesh.adapters.rsync import push as rsync_push
 from mesh.adapters.rsync.push import PushOrder
 from mesh.core import manifest
 from mesh.core.manifest import Manifest
-from mesh.core.pushplan import OWN_GRACE, PATHS_PER_PUSH, Push, PushPlanner, ReplicaView
-from mesh.core.pushstate import PeerStage
+from mesh.core.pushplan import OWN_GRACE, PATHS_PER_PUSH, PushPlanner, ReplicaView
+from mesh.core.pushstate import PeerStage, Push
 from mesh.core.replica import group
 from mesh.core.resolver import Version
 from mesh.engine.dataplane import DataPlane

@@ -12,15 +12,21 @@ import pytest
 
 from mesh.core.manifest import Entry, Kind
 from mesh.core.pushplan import (
-    CONFIRM_S,
     FORWARD_GRACE,
     OWN_GRACE,
     PATHS_PER_PUSH,
     RETRY_S,
-    Push,
     PushPlanner,
 )
-from mesh.core.pushstate import PEER_TRANSITIONS, TRANSITIONS, Event, PeerStage, Stage
+from mesh.core.pushstate import (
+    CONFIRM_S,
+    PEER_TRANSITIONS,
+    TRANSITIONS,
+    Event,
+    PeerStage,
+    Push,
+    Stage,
+)
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
 from mesh.errors import LocalProtocolError

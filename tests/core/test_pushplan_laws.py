@@ -21,8 +21,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.core.pushplan import FORWARD_GRACE, OWN_GRACE, RETRY_S, Push, PushPlanner
-from mesh.core.pushstate import PeerStage, Stage
+from mesh.core.pushplan import FORWARD_GRACE, OWN_GRACE, RETRY_S, PushPlanner
+from mesh.core.pushstate import PeerStage, Push, Stage
 from mesh.core.resolver import Version
 from mesh.core.vclock import Ordering
 from tests.core.test_pushplan import ME, OTHER, View
