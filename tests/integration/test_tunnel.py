@@ -580,3 +580,39 @@ async def test_same_size_same_mtime_change_still_moves(cluster_pki: Pki, tmp_pat
         await until(lambda: len(sink.finished()) == 1, "the push to end")
     assert code == 0
     assert (staged(target, "same") / "plan").read_bytes() == b"n1's plan"
+
+
+def test_a_push_leaves_nothing_for_the_garbage_collector(cluster_pki: Pki, tmp_path: Path
+                                                         ) -> None:
+    """Each push's TLS buffers (a quarter MiB a side) must go when it ends, on both sides:
+    the agent runs the collector rarely (mesh.engine.gcpolicy), so what is left in a
+    cycle stays for minutes. On uvloop, as the agent runs."""
+    import gc
+
+    import uvloop
+
+    async def pushes() -> list[str]:
+        source, target = make_dirs(tmp_path)
+        (source / "f").write_bytes(os.urandom(10_000))
+        sink = RecordingSink(target)
+        async with receiver(cluster_pki, target, sink) as server:
+            assert await push(order(server, "warm", ["f"]), source,
+                              cluster_pki.creds(SENDER)) == 0
+            await until(lambda: len(sink.finished()) == 1, "the first push to end")
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                assert await push(order(server, "p1", ["f"]), source,
+                                  cluster_pki.creds(SENDER)) == 0
+                await until(lambda: len(sink.finished()) == 2, "the push to end")
+                await asyncio.sleep(0)  # the transports' last callbacks
+                gc.collect()
+                left = sorted({type(o).__qualname__ for o in gc.garbage
+                               if "SSL" in type(o).__qualname__ or type(o).__name__ == "End"})
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+        return left
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(asyncio.wait_for(pushes(), 60)) == []

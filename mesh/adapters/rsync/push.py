@@ -250,6 +250,7 @@ async def tunnelled(
         remote_writer.transport.abort()
         theirs.close()
         ours.close()
+        relay.release(remote, local)
 
 
 async def _run(

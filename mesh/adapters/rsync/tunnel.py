@@ -310,6 +310,8 @@ class TunnelServer(Listener):
                 if end.transport is None:
                     pipe.close()
                 end.abort()
+            # The TLS end stays open: the caller closes it once the last bytes are out.
+            relay.release(tls, daemon_in, daemon_out)
         level = logging.INFO if returncode == 0 else logging.WARNING
         LOG.log(level, "tunnel: push %s from %s: rsync exit %d", push_id, peer, returncode)
         for line in errors if returncode else ():
