@@ -29,6 +29,7 @@ class Listener:
 
     what = "server"  # how errors name it
     _socket: socket.socket | None = None
+    _accepting: asyncio.Task[None] | None = None  # accept_forever on _socket
 
     @property
     def address(self) -> tuple[str, int]:
@@ -50,6 +51,17 @@ class Listener:
 
     async def stop(self) -> None:
         raise NotImplementedError
+
+    async def close_listener(self) -> bool:
+        """Stop accepting and close the listening socket; False if it was not open."""
+        sock, self._socket = self._socket, None
+        if sock is None:
+            return False
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        sock.close()
+        return True
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -39,7 +39,7 @@ def _days(help_text: str) -> Any:
 
 
 @contextmanager
-def _operator_errors() -> Iterator[None]:
+def operator_errors() -> Iterator[None]:
     """Report a PkiError as one line and exit 1: the operator caused it and can fix it
     from the message; a traceback would only bury it."""
     try:
@@ -58,7 +58,7 @@ def init(
     days: Annotated[int, _days("Days the CA certificate stays valid.")] = 3650,
 ) -> None:
     """Create the cluster CA (ca.crt, ca.key); never overwrites an existing one."""
-    with _operator_errors():
+    with operator_errors():
         cert = pki.init_ca(pki_dir, cluster, days=days)
     typer.echo(f"CA of cluster {cluster}: {cert} (key {cert.with_suffix('.key')}, mode 0600)")
 
@@ -83,7 +83,7 @@ def issue(
     ] = False,
 ) -> None:
     """Issue a key and a certificate per node, signed by the cluster CA."""
-    with _operator_errors():
+    with operator_errors():
         certs = pki.issue(
             pki_dir, nodes, days=days, dns_names=dns or (), ip_addresses=ip or (), overwrite=force
         )
@@ -97,7 +97,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the certificates in the PKI directory, their identity and expiry."""
-    with _operator_errors():
+    with operator_errors():
         infos = pki.show(pki_dir)
     now = datetime.now(UTC)
     if as_json:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from mesh import config, pki
-from mesh.cli.pki import DEFAULT_DIR, PkiDir, _operator_errors
+from mesh.cli.pki import DEFAULT_DIR, PkiDir, operator_errors
 from mesh.config.values import HostPort
 from mesh.deploy import swarm
 from mesh.errors import ConfigError, PkiError
@@ -43,7 +43,7 @@ def swarm_secrets(
 
     The CA certificate and key and a new join token; no node keys: each node makes its
     own and enrols with the signer."""
-    with _operator_errors():
+    with operator_errors():
         planned = swarm.plan(pki_dir, prefix=prefix, version=version)
         if not dry_run:
             swarm.create(planned, docker=docker.split())
@@ -76,7 +76,7 @@ def enroll_command(
 
     The key never leaves the node. Nothing is asked when the certificate in the PKI
     directory is current, issued by the CA and for this key."""
-    with _operator_errors():
+    with operator_errors():
         try:
             agent = config.load({"node_id": node_id, "pki_dir": pki_out}, os.environ,
                                 hostname=socket.gethostname())
@@ -110,7 +110,7 @@ def signer_command(
     The only process that needs the CA key; it pins the first key of each node id."""
     from mesh import logs  # the agent's log format, for one `docker service logs` view
 
-    with _operator_errors():
+    with operator_errors():
         try:
             address = HostPort.parse(listen)
         except ConfigError as err:

@@ -182,13 +182,8 @@ class EmbeddedBroker(Listener):
         LOG.info("broker of %s listening on %s:%d", self.policy.owner, *self.address)
 
     async def stop(self) -> None:
-        if self._socket is None:
+        if not await self.close_listener():
             return
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
-        self._socket.close()
-        self._socket = None
         if self._broker is not None:
             # amqtt closes each session with a drain, which waits forever on a client that
             # does not read: past the timeout, abort the connections to release it.

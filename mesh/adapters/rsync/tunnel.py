@@ -137,18 +137,13 @@ class TunnelServer(Listener):
         LOG.info("tunnel of %s listening on %s:%d", self.creds.identity.node, *self.address)
 
     async def stop(self) -> None:
-        if self._socket is None:
+        if not await self.close_listener():
             return
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
-        self._socket.close()
         for proc in list(self._procs):
             proc.kill_group(signal.SIGTERM)
         await self._connections.close(grace=self.limits.stop_timeout)
         for proc in list(self._procs):
             proc.kill_group(signal.SIGKILL)
-        self._socket = None
         if self._conf_dir is not None:
             shutil.rmtree(self._conf_dir, ignore_errors=True)
 
