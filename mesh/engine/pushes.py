@@ -33,6 +33,7 @@ from pathlib import Path
 
 from mesh.adapters.rsync import push as rsync_push
 from mesh.adapters.rsync.push import PushOrder
+from mesh.clock import now_ms
 from mesh.core import manifest
 from mesh.core.manifest import Manifest
 from mesh.core.pushplan import OWN_GRACE, PATHS_PER_PUSH, PushPlanner, ReplicaView
@@ -153,7 +154,7 @@ class Pushes:
         m = manifest.decode_push(header, peer, push_id)
         paths = sorted(group(m.entries))
         with self.index.batch():  # learned like any announcement (mesh.core.landing)
-            effects = self.replica.remote(peer, m.entries, m.conflicts, _ms())
+            effects = self.replica.remote(peer, m.entries, m.conflicts, now_ms())
         await self.data.apply(effects)
         self.received += 1
         return _Ticket(peer, push_id, paths)
@@ -218,7 +219,3 @@ class Pushes:
         task = asyncio.create_task(self.execute(planned, order), name=f"push-{planned.peer}")
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
-
-
-def _ms() -> int:
-    return time.time_ns() // 1_000_000
