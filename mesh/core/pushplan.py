@@ -13,9 +13,10 @@ Policy (issue 12: lsyncd is the live push path):
 * a healthy mesh moves each version once per peer, and our own writes go by
   lsyncd: its gate asks (``unclaimed``, ``grantable``) and the push it starts is
   ``own=False``. Our pusher takes an own write only if no lsyncd push took it
-  within ``own_grace`` of the write, counted from the end of the last lsyncd
-  push to that peer, and never while one runs (lsyncd's next batch carries it):
-  lsyncd stopped, or the peer was away or not current when lsyncd asked;
+  within ``own_grace`` of the write (lsyncd stopped; the peer was away or not
+  current; the write was not settled when lsyncd asked, and lsyncd asks once per
+  event), and never one written while a batch of lsyncd's to that peer runs: that
+  is lsyncd's next batch;
 * a version written elsewhere is *forwarded* only when the peer is still behind
   after ``FORWARD_GRACE`` (its writer is down or cut off), so a partition heals;
 * a path is in at most one push to a peer at a time, and a delivered version
@@ -74,10 +75,11 @@ from mesh.core.resolver import Version
 from mesh.core.vclock import Ordering, VersionVector
 from mesh.errors import LocalProtocolError
 
-OWN_GRACE = 2.0  # an own write lsyncd has not carried by then is ours to push
+OWN_GRACE = 1.0  # an own write lsyncd has not carried by then is ours to push
 FORWARD_GRACE = 5.0
 PATHS_PER_PUSH = 2000  # keeps the announcement under the manifest's size limits
 RETRY_S = (1.0, 30.0)  # backoff after a failed push: first, most
+VANISHED = 24  # rsync's "some files vanished before they could be transferred"
 
 
 class PushView(Protocol):
@@ -222,6 +224,8 @@ class PushPlanner:
         if own:
             q.move(PeerEvent.SENT)
         else:
+            if not q.lsyncd_open:
+                q.lsyncd_since = now
             q.lsyncd_open += 1
         push = Push(next(self._keys), peer, tuple(versions), now, own)
         for path in paths:
@@ -234,7 +238,10 @@ class PushPlanner:
         by the agent). Delivered, the peer's announcement confirms it (or the recheck
         after ``CONFIRM_S`` queues it again); failed, its paths are queued for us."""
         q = self._close(push)
-        ok = status == 0
+        # 24: files vanished before rsync read them (deleted or renamed meanwhile), the
+        # rest went. Each vanished path's disk version moved on, so it is OVERTAKEN and
+        # goes again with its new version; lsyncd too counts 24 as done.
+        ok = status in (0, VANISHED)
         for path, version in push.versions:
             event = (Event.FAILED if not ok else
                      Event.DELIVERED if self.view.disk(path) == version else Event.OVERTAKEN)
@@ -375,9 +382,13 @@ class PushPlanner:
                 continue
             disk = self.view.disk(path)  # may_push held: ours if we wrote it
             if disk is not None and disk.winner.writer == self.me:
-                if q.lsyncd_open:
+                written_since_lsyncd_asked = since > q.lsyncd_since
+                if q.lsyncd_open and written_since_lsyncd_asked:
                     continue  # lsyncd's next batch carries it; that push's end ticks
-                due = max(since, q.lsyncd_ended) + self.own_grace
+                # Written while lsyncd's last batch ran: its next one, due at that end.
+                # Else lsyncd asked about it and did not take it, and will not ask again.
+                due = (max(since, q.lsyncd_ended) if written_since_lsyncd_asked
+                       else since) + self.own_grace
             else:
                 due = since + FORWARD_GRACE
             if now >= due:

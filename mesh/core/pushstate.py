@@ -169,6 +169,7 @@ class PeerQueue:
     retry_at: float = 0.0
     counters: Counters = field(default_factory=Counters)
     lsyncd_open: int = 0  # lsyncd's pushes to it under way
+    lsyncd_since: float = 0.0  # when the first of those started (or of the last ones)
     lsyncd_ended: float = 0.0  # when the last of them ended
 
     def at(self, path: str) -> Stage:

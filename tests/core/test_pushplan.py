@@ -449,6 +449,7 @@ def test_while_an_lsyncd_push_runs_its_next_batch_is_left_to_lsyncd() -> None:
     r = Rig(own_grace=OWN_GRACE)
     r.write("a")
     assert r.gate(["a"]) == ["a"]
+    r.now += 0.01
     for i in range(5):
         r.write(f"b{i}")
     r.now += 10 * OWN_GRACE  # a long push
@@ -458,6 +459,20 @@ def test_while_an_lsyncd_push_runs_its_next_batch_is_left_to_lsyncd() -> None:
     assert r.gate([f"b{i}" for i in range(5)]) == [f"b{i}" for i in range(5)]
     r.end(0)
     assert r.plan.counters.carried_paths == 6 and r.plan.counters.sent == 0
+
+
+def test_an_own_write_lsyncd_asked_about_and_left_goes_by_our_pusher_after_the_grace(
+) -> None:
+    """lsyncd asks once per event. A write it asked about but could not take (not yet
+    scanned, say) is ours after OWN_GRACE, even while lsyncd keeps pushing others."""
+    r = Rig(own_grace=OWN_GRACE)
+    r.write("early")
+    r.now += 0.01
+    assert r.gate(["other"]) == []  # lsyncd's batch, which did not carry "early"
+    r.write("other")
+    assert r.gate(["other"]) == ["other"]  # a push of lsyncd's runs from here on
+    r.now += OWN_GRACE
+    assert [p.paths for p in r.tick()] == [["early"]]
 
 
 def test_a_failed_lsyncd_push_is_ours_to_retry_after_the_backoff() -> None:
@@ -472,10 +487,7 @@ def test_a_failed_lsyncd_push_is_ours_to_retry_after_the_backoff() -> None:
     assert r.plan.counters.carry_failures == 1
     r.now = started + RETRY_S[0] - 0.01
     assert r.tick() == []  # backing off: the first wait is RETRY_S[0] from the start
-    r.now = started + RETRY_S[0]
-    assert r.tick() == []  # and an own write waits OWN_GRACE after lsyncd's last push
-    assert r.plan.peer_stage(PEER) is PeerStage.READY
-    r.now = started + 0.5 + OWN_GRACE
+    r.now = max(started + RETRY_S[0], started + OWN_GRACE)  # lsyncd will not ask again
     [push] = r.tick()
     assert push.paths == ["a"] and push.own
 
@@ -494,3 +506,20 @@ def test_a_batch_larger_than_a_push_is_granted_whole_and_narrowed_per_push() -> 
     r.view.write(rest[0], writer=OTHER)  # a peer's newer write arrived meanwhile
     r.plan.end(first, r.now, 0)
     assert r.plan.narrow(PEER, rest, r.now) == rest[1:]
+
+
+def test_a_push_whose_files_vanished_is_a_success_and_the_vanished_path_goes_again() -> None:
+    """rsync exits 24 when a file vanished before it read it (deleted meanwhile): the
+    other paths went, and the vanished one's new version (the delete) goes next."""
+    r = Rig()
+    r.write("a")
+    r.write("b")
+    assert [p.paths for p in r.tick()] == [["a", "b"]]
+    r.view.write("b")  # b changed (say, deleted) while the push ran
+    r.plan.changed("b", r.now)
+    r.end(24)
+    assert r.plan.peer_stage(PEER) is PeerStage.READY
+    assert r.plan.counters.sent == 1 and r.plan.counters.send_failures == 0
+    assert (r.plan.stage(PEER, "a"), r.plan.stage(PEER, "b")) == (Stage.AWAITING,
+                                                                 Stage.QUEUED_AWAITING)
+    assert [p.paths for p in r.tick()] == [["b"]]

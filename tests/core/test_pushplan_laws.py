@@ -60,6 +60,7 @@ class Run:
         self.failures = dict.fromkeys(PEERS, 0)
         self.retry_at = dict.fromkeys(PEERS, 0.0)
         self.lsyncd_open = dict.fromkeys(PEERS, 0)
+        self.lsyncd_since = dict.fromkeys(PEERS, 0.0)
         self.lsyncd_ended = dict.fromkeys(PEERS, 0.0)
 
     # --- the world ----------------------------------------------------------------------
@@ -105,7 +106,7 @@ class Run:
                 if version.winner.writer != ME:
                     assert self.now >= due + FORWARD_GRACE, "forwarded before the grace"
                 else:
-                    assert not self.lsyncd_open[push.peer], "took lsyncd's next batch"
+                    assert not self.lsyncd_next(push.peer, due), "took lsyncd's next batch"
                     assert self.now >= self.own_due(push.peer, due), "before lsyncd's grace"
             self.started(push)
         for p in idle:
@@ -118,12 +119,18 @@ class Run:
                     disk = self.view.disks[x]
                     if disk.winner.writer != ME:
                         assert self.now < due + FORWARD_GRACE, f"{x} for {p} left behind"
-                    elif not self.lsyncd_open[p]:
+                    elif not self.lsyncd_next(p, due):
                         assert self.now < self.own_due(p, due), f"{x} for {p} left behind"
 
+    def lsyncd_next(self, peer: str, due: float) -> bool:
+        """Written while a batch of lsyncd's to ``peer`` runs: its next batch's."""
+        return bool(self.lsyncd_open[peer]) and due > self.lsyncd_since[peer]
+
     def own_due(self, peer: str, due: float) -> float:
-        """When our pusher takes an own write lsyncd did not carry."""
-        return max(due, self.lsyncd_ended[peer]) + OWN_GRACE
+        """When our pusher takes an own write lsyncd did not carry: the grace after the
+        write, or after lsyncd's batch that ran while it was written."""
+        since = self.lsyncd_since[peer]
+        return (max(due, self.lsyncd_ended[peer]) if due > since else due) + OWN_GRACE
 
     def gate(self, peer: str, paths: list[str], current: bool) -> None:
         current = current and peer in self.up
@@ -134,6 +141,8 @@ class Run:
             assert self.view.disks[p].winner.writer == ME, "lsyncd carries only our writes"
         if allowed:
             self.started(self.plan.start(peer, allowed, self.now, own=False))
+            if not self.lsyncd_open[peer]:
+                self.lsyncd_since[peer] = self.now
             self.lsyncd_open[peer] += 1
 
     def end(self, i: int, status: int, announce: bool) -> None:
