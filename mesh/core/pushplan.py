@@ -12,11 +12,14 @@ Policy (issue 12: lsyncd is the live push path):
 
 * a healthy mesh moves each version once per peer, and our own writes go by
   lsyncd: its gate asks (``unclaimed``, ``grantable``) and the push it starts is
-  ``own=False``. Our pusher takes an own write only if no lsyncd push took it
-  within ``own_grace`` of the write (lsyncd stopped; the peer was away or not
-  current; the write was not settled when lsyncd asked, and lsyncd asks once per
-  event), and never one written while a batch of lsyncd's to that peer runs: that
-  is lsyncd's next batch;
+  ``own=False``. Our pusher takes an own write ``own_grace`` after lsyncd has
+  shown it will not carry it: lsyncd asked about it and left it (lsyncd asks once
+  per event; a write that changes again is asked about again), a push of it
+  failed, was abandoned or never confirmed, or a resync found the peer behind.
+  Any other own write is lsyncd's next batch while one of its batches to that
+  peer runs (ours if that takes ``LSYNCD_WAIT_GRACES`` graces), and ours
+  ``own_grace`` after the last one ended (lsyncd stopped; the peer was away or
+  not current);
 * a version written elsewhere is *forwarded* only when the peer is still behind
   after ``FORWARD_GRACE`` (its writer is down or cut off), so a partition heals;
 * a path is in at most one push to a peer at a time, and a delivered version
@@ -30,26 +33,10 @@ Policy (issue 12: lsyncd is the live push path):
 The states and transitions are in mesh/core/pushstate.py, in one table; every
 move of a path or a peer goes through it.
 
-Driving it (an agent does this in mesh/engine/pushes.py; a simulated node the same):
-
-    plan = PushPlanner("n1", ReplicaView(replica))
-    plan.add_peer("n2")
-    plan.changed("a.txt", now)                   # for every Announce effect
-    tick = plan.tick(now, up=["n2"])             # peers whose link is up and current
-    for push in tick.pushes:                     # (key, peer, paths, versions, ...)
-        ...                                      # carry push.versions to push.peer
-        plan.end(push, later, 0)                 # rsync's exit status
-    plan.announced("n2", "a.txt", vector)        # n2's manifest: it holds ``vector``
-    plan.behind("n2", every_path, now)           # after a resync with n2
-    # Tick again at tick.wake (None: nothing timed is pending), or after any input.
-
-    # lsyncd's gate asks about `paths` for peer "n2":
-    asked = plan.unclaimed("n2", paths, now, current=True)   # then scan these
-    allowed = plan.grantable("n2", asked, now, asked=len(paths))
-    if allowed:
-        push = plan.start("n2", allowed, now, own=False)
-        ...                                      # the same push as ours
-        plan.end(push, later, 0)                 # rsync's exit status
+Driving it: ``mesh/engine/pushes.py`` (the agent) and ``tests/core/sim.py`` (a
+simulated node) do, with ``changed``, ``behind``, ``announced``, lsyncd's
+``unclaimed`` → scan → ``grantable`` → ``start(own=False)``, ``tick`` for ours, and
+``end`` with rsync's exit status for every push.
 """
 
 from __future__ import annotations
@@ -57,7 +44,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 from mesh.core.pushstate import (
     CONFIRM_S,
@@ -68,43 +54,22 @@ from mesh.core.pushstate import (
     PeerQueue,
     PeerStage,
     Push,
+    PushView,
     Stage,
 )
-from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import Ordering, VersionVector
 from mesh.errors import LocalProtocolError
 
 OWN_GRACE = 1.0  # an own write lsyncd has not carried by then is ours to push
+# ... and while lsyncd keeps pushing to that peer, this many graces: lsyncd asks once per
+# event, and a write whose event it saw before the agent recorded the write (found at a
+# push's end, say) is not asked about again.
+LSYNCD_WAIT_GRACES = 5
 FORWARD_GRACE = 5.0
 PATHS_PER_PUSH = 2000  # keeps the announcement under the manifest's size limits
 RETRY_S = (1.0, 30.0)  # backoff after a failed push: first, most
 VANISHED = 24  # rsync's "some files vanished before they could be transferred"
-
-
-class PushView(Protocol):
-    """What the planner asks of the replica."""
-
-    def may_push(self, peer: str, path: str) -> bool:
-        """The gate: whether our disk version of ``path`` may overwrite ``peer``'s."""
-        ...
-
-    def disk(self, path: str) -> Version | None:
-        """The version whose content our data folder holds."""
-        ...
-
-
-@dataclass(frozen=True)
-class ReplicaView:
-    """A ``PushView`` of a ``Replica`` and its store."""
-
-    replica: Replica
-
-    def may_push(self, peer: str, path: str) -> bool:
-        return self.replica.may_push(peer, path)
-
-    def disk(self, path: str) -> Version | None:
-        return self.replica.store.state(path).disk
 
 
 @dataclass(frozen=True)
@@ -137,6 +102,12 @@ class PushPlanner:
             q.queued.setdefault(path, now)
         else:
             q.queued.pop(path, None)
+        # A change makes an inotify event, so lsyncd asks again; a push that failed, was
+        # abandoned or never confirmed makes none: it is our pusher's to send.
+        if event is Event.CHANGED or not queued:
+            q.left.pop(path, None)
+        elif event in (Event.FAILED, Event.RELEASED, Event.UNCONFIRMED):
+            q.left[path] = now
         if sending and not before.value[1]:
             q.sending[path] = key
         elif not sending:
@@ -167,6 +138,7 @@ class PushPlanner:
         for path in paths:
             if self.view.may_push(peer, path):
                 self._fire(q, path, Event.CHANGED, now)
+                q.left[path] = now  # no event of lsyncd's will name it
         return len(q.queued)
 
     def announced(self, peer: str, path: str, vector: VersionVector) -> None:
@@ -192,8 +164,13 @@ class PushPlanner:
         """After the scan: which of ``paths`` lsyncd may push now (our own writes only),
         counted. ``asked``: how many paths it asked about. Start them in pushes of at
         most ``PATHS_PER_PUSH``, each after ``narrow`` once an earlier one has run."""
+        paths = list(paths)
         allowed = self.narrow(peer, paths, now)
         q = self._queue(peer)
+        taken = set(allowed)
+        for path in paths:  # asked about and left: lsyncd will not ask again unless it changes
+            if path not in taken and path in q.queued and path not in q.sending:
+                q.left.setdefault(path, now)
         for counters in (self.counters, q.counters):
             counters.allowed += len(allowed)
             counters.denied += asked - len(allowed)
@@ -224,8 +201,6 @@ class PushPlanner:
         if own:
             q.move(PeerEvent.SENT)
         else:
-            if not q.lsyncd_open:
-                q.lsyncd_since = now
             q.lsyncd_open += 1
         push = Push(next(self._keys), peer, tuple(versions), now, own)
         for path in paths:
@@ -382,13 +357,13 @@ class PushPlanner:
                 continue
             disk = self.view.disk(path)  # may_push held: ours if we wrote it
             if disk is not None and disk.winner.writer == self.me:
-                written_since_lsyncd_asked = since > q.lsyncd_since
-                if q.lsyncd_open and written_since_lsyncd_asked:
-                    continue  # lsyncd's next batch carries it; that push's end ticks
-                # Written while lsyncd's last batch ran: its next one, due at that end.
-                # Else lsyncd asked about it and did not take it, and will not ask again.
-                due = (max(since, q.lsyncd_ended) if written_since_lsyncd_asked
-                       else since) + self.own_grace
+                left = q.left.get(path)
+                if left is not None:  # lsyncd will not ask about it again
+                    due = left + self.own_grace
+                elif q.lsyncd_open:  # lsyncd's next batch, unless it is long in coming
+                    due = since + LSYNCD_WAIT_GRACES * self.own_grace
+                else:
+                    due = max(since, q.lsyncd_ended) + self.own_grace
             else:
                 due = since + FORWARD_GRACE
             if now >= due:

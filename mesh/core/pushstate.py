@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.errors import LocalProtocolError
 
@@ -169,8 +171,9 @@ class PeerQueue:
     retry_at: float = 0.0
     counters: Counters = field(default_factory=Counters)
     lsyncd_open: int = 0  # lsyncd's pushes to it under way
-    lsyncd_since: float = 0.0  # when the first of those started (or of the last ones)
     lsyncd_ended: float = 0.0  # when the last of them ended
+    # Queued paths lsyncd will not ask about again unless they change, since when.
+    left: dict[str, float] = field(default_factory=dict)
 
     def at(self, path: str) -> Stage:
         try:
@@ -183,3 +186,28 @@ class PeerQueue:
         if to is None:
             raise LocalProtocolError(f"push to {self.name}: {event.value} while {self.stage.value}")
         self.stage = to
+
+
+class PushView(Protocol):
+    """What the planner asks of the replica."""
+
+    def may_push(self, peer: str, path: str) -> bool:
+        """The gate: whether our disk version of ``path`` may overwrite ``peer``'s."""
+        ...
+
+    def disk(self, path: str) -> Version | None:
+        """The version whose content our data folder holds."""
+        ...
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """A ``PushView`` of a ``Replica`` and its store."""
+
+    replica: Replica
+
+    def may_push(self, peer: str, path: str) -> bool:
+        return self.replica.may_push(peer, path)
+
+    def disk(self, path: str) -> Version | None:
+        return self.replica.store.state(path).disk

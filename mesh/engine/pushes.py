@@ -36,8 +36,8 @@ from mesh.adapters.rsync.push import PushOrder
 from mesh.clock import now_ms
 from mesh.core import manifest
 from mesh.core.manifest import Manifest
-from mesh.core.pushplan import OWN_GRACE, PATHS_PER_PUSH, PushPlanner, ReplicaView
-from mesh.core.pushstate import PeerStage, Push
+from mesh.core.pushplan import OWN_GRACE, PATHS_PER_PUSH, PushPlanner
+from mesh.core.pushstate import PeerStage, Push, ReplicaView
 from mesh.core.replica import group
 from mesh.core.resolver import Version
 from mesh.engine.dataplane import DataPlane

@@ -13,6 +13,7 @@ import pytest
 from mesh.core.manifest import Entry, Kind
 from mesh.core.pushplan import (
     FORWARD_GRACE,
+    LSYNCD_WAIT_GRACES,
     OWN_GRACE,
     PATHS_PER_PUSH,
     RETRY_S,
@@ -452,7 +453,7 @@ def test_while_an_lsyncd_push_runs_its_next_batch_is_left_to_lsyncd() -> None:
     r.now += 0.01
     for i in range(5):
         r.write(f"b{i}")
-    r.now += 10 * OWN_GRACE  # a long push
+    r.now += (LSYNCD_WAIT_GRACES - 0.5) * OWN_GRACE  # a long push
     assert r.tick() == []
     r.end(0)
     assert r.tick() == []  # lsyncd's next batch is due now
@@ -461,18 +462,31 @@ def test_while_an_lsyncd_push_runs_its_next_batch_is_left_to_lsyncd() -> None:
     assert r.plan.counters.carried_paths == 6 and r.plan.counters.sent == 0
 
 
-def test_an_own_write_lsyncd_asked_about_and_left_goes_by_our_pusher_after_the_grace(
+def test_an_own_write_lsyncd_does_not_carry_goes_by_our_pusher_even_while_lsyncd_pushes(
 ) -> None:
-    """lsyncd asks once per event. A write it asked about but could not take (not yet
-    scanned, say) is ours after OWN_GRACE, even while lsyncd keeps pushing others."""
+    """lsyncd asks once per event. A write whose event lsyncd saw before the agent
+    recorded it is never asked about again: while lsyncd keeps pushing others, ours
+    after LSYNCD_WAIT_GRACES graces, not never."""
     r = Rig(own_grace=OWN_GRACE)
-    r.write("early")
+    r.write("found-late")
     r.now += 0.01
-    assert r.gate(["other"]) == []  # lsyncd's batch, which did not carry "early"
     r.write("other")
     assert r.gate(["other"]) == ["other"]  # a push of lsyncd's runs from here on
     r.now += OWN_GRACE
-    assert [p.paths for p in r.tick()] == [["early"]]
+    assert r.tick() == []  # lsyncd's next batch may carry it
+    r.now += (LSYNCD_WAIT_GRACES - 1) * OWN_GRACE
+    assert [p.paths for p in r.tick()] == [["found-late"]]
+
+
+def test_a_catch_up_is_ours_after_the_grace_even_while_lsyncd_pushes() -> None:
+    """No event of lsyncd's names what a resync found a peer behind on."""
+    r = Rig(own_grace=OWN_GRACE)
+    r.view.write("old")
+    r.write("other")
+    assert r.gate(["other"]) == ["other"]
+    r.plan.behind(PEER, ["old"], r.now)
+    r.now += OWN_GRACE
+    assert [p.paths for p in r.tick()] == [["old"]]
 
 
 def test_a_failed_lsyncd_push_is_ours_to_retry_after_the_backoff() -> None:
@@ -487,7 +501,7 @@ def test_a_failed_lsyncd_push_is_ours_to_retry_after_the_backoff() -> None:
     assert r.plan.counters.carry_failures == 1
     r.now = started + RETRY_S[0] - 0.01
     assert r.tick() == []  # backing off: the first wait is RETRY_S[0] from the start
-    r.now = max(started + RETRY_S[0], started + OWN_GRACE)  # lsyncd will not ask again
+    r.now = started + 0.5 + OWN_GRACE  # lsyncd will not ask again: ours after the grace
     [push] = r.tick()
     assert push.paths == ["a"] and push.own
 
