@@ -76,6 +76,17 @@ def fresh_status(nodes: list[Node]) -> None:
              "fresh status")
 
 
+def caught_up(nodes: list[Node]) -> None:
+    """Every link up and caught up: until then a node pushes nothing to that peer (its
+    writes there could race ours), and lsyncd's batches for it are refused."""
+    def ready(node: Node) -> bool:
+        peers = (node.status() or {}).get("peers", {})
+        return len(peers) == 2 and all(p["state"] == "up" and not p["catching_up"]
+                                       for p in peers.values())
+
+    wait_for(lambda: all(ready(n) for n in nodes), 30, "links up and caught up")
+
+
 def test_lsyncd_carries_own_writes_and_each_version_moves_once_per_peer(
         cluster: Cluster) -> None:
     """Issue 12: lsyncd is the live push path. A burst of 200 files on n1 goes through
@@ -83,6 +94,7 @@ def test_lsyncd_carries_own_writes_and_each_version_moves_once_per_peer(
     none of it, and each push lands once: the peers' lsyncd, firing on the files pushed
     in, are refused (no echo)."""
     n1, n2, n3 = cluster.nodes
+    caught_up(cluster.nodes)
     fresh_status(cluster.nodes)
     before = {n.name: pushes(n) for n in cluster.nodes}
     for i in range(200):
