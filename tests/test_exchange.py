@@ -367,3 +367,31 @@ def test_a_refused_manifest_does_not_stall_the_stream_behind_it(
         net.stop()
 
     run(main())
+
+
+def test_a_lost_hello_is_sent_again() -> None:
+    """Issue 16: the hello names our tunnel port; one lost on the way (our own link cut
+    after the client took it) left the peer unable to push to us. It goes out again."""
+    async def main() -> None:
+        net = Net()
+        n1 = net.add("n1")
+        n1.hello_every = 3
+        n2 = net.add("n2")
+        hellos = 0
+
+        def lose_the_first(src: str, dst: str, topic: str) -> bool:
+            nonlocal hellos
+            if topic.endswith("/hello"):
+                hellos += 1
+                return hellos == 1
+            return False
+
+        net.drop = lose_the_first
+        task = asyncio.create_task(n1.run_heads())
+        await until(lambda: "n1" in n2.peers and n2.peers["n1"].hello is not None, within=5)
+        assert hellos >= 2
+        task.cancel()
+        net.stop()
+
+    run(main())
+
