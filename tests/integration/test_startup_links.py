@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from tests.cluster import running, wait_for
+from tests.cluster import Node, running, wait_for
 
 NETS = ("127.0.51", "127.0.52")  # networks of this file's own (tests/cluster.py)
 FILES = int(os.environ.get("MESH_TEST_STARTUP_FILES", "40000"))
@@ -53,3 +55,28 @@ def test_no_link_drops_during_a_large_start_up_scan(tmp_path: Path) -> None:
         wait_for(lambda: (n1.status() or {}).get("now", 0) > scanned + 2, 30,
                  "two statuses of n1's after its scan")
         assert drops(n1.log) == [] and drops(n2.log) == []
+
+
+def health(node: Node) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mesh", "health", "--state-dir",
+                           str(node.state)], capture_output=True, text=True, check=False)
+
+
+def test_a_restart_logs_when_it_has_caught_up_and_health_agrees(tmp_path: Path) -> None:
+    """Issue 16: the agent answers health as soon as it has caught up after a start,
+    and logs how long that took."""
+    with running(tmp_path, size=2, start=False, nets=NETS) as c:
+        n1, n2 = c.nodes
+        fill(n1.data, 50)
+        c.start_all()
+
+        def caught_up(node: Node) -> int:
+            return node.log.read_text(errors="replace").count("caught up after start in ")
+
+        wait_for(lambda: caught_up(n1) == 1 and caught_up(n2) == 1, 60, "both caught up")
+        wait_for(lambda: health(n1).returncode == 0, 30, "n1 healthy")
+        c.stop(n1)
+        c.start(n1)
+        wait_for(lambda: caught_up(n1) == 2, 60, "n1 caught up after its restart")
+        result = health(n1)
+        assert result.returncode == 0, result.stdout + result.stderr
