@@ -175,12 +175,7 @@ class Pushes:
     def sweep(self, peer: str) -> None:
         """After a resync with ``peer``: queue every path it is behind on."""
         behind = self.plan.behind(peer, self.index.paths(), time.monotonic())
-        if behind and self.endpoint(peer) is None:
-            # Issue 16: a report with no push after it. They go once its hello names its
-            # tunnel port (hellos are sent again and again, Exchange.hello_every).
-            LOG.warning("%s is behind on %d paths, queued: no push until its hello names "
-                        "its tunnel port", peer, behind)
-        elif behind:
+        if behind:
             LOG.info("%s is behind on %d paths", peer, behind)
         self._wake.set()
 
