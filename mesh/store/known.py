@@ -55,7 +55,9 @@ class KnownPaths:
 def open_reader(path: Path) -> Iterator[KnownPaths]:
     """A read-only connection of its own to the state database at ``path``."""
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        # By URI, quoted: a '?', '#' or '%' in a folder's name would be taken apart.
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                             check_same_thread=False)
     except sqlite3.Error as err:
         raise StoreError(f"open {path} to read: {err}") from err
     try:

@@ -143,3 +143,19 @@ def test_scan_marks_are_dropped_once_not_rebuilt(tmp_path: Path,
     assert list(marks) == [*(f"young{i}" for i in range(15)), "old0"]
     plane._forget_scans()  # young marks over the bound stay: events may still be on the way
     assert len(marks) == 16
+
+
+async def test_a_state_folder_with_uri_characters_in_its_name(tmp_path: Path) -> None:
+    """The reconcile's reader opens the database by URI: '?', '#', '%' and spaces in
+    the state folder's name are quoted, not taken for the URI's parts."""
+    root, state = tmp_path / "data", tmp_path / "st?a#t e%41"
+    root.mkdir()
+    state.mkdir()
+    tree(root, 5)
+    first = Agent(root, state / "state.db")
+    await first.plane.startup()
+    first.index.close()
+    again = Agent(root, state / "state.db")
+    assert await again.plane.startup() == 10
+    assert again.observed == []
+    again.index.close()
