@@ -21,17 +21,15 @@ import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import replace
 from pathlib import Path
 
-from mesh.adapters.fs.reconcile import Reconciled, reconcile
+from mesh.adapters.fs.reconcile import against_index
 from mesh.adapters.fs.scanner import PREHASH_BYTES, ScanError, Scanner, Unsettled
 from mesh.clock import now_ms
 from mesh.core.effects import Effect, Observed, Restore, Want, WriteCopy
 from mesh.core.landing import Staged, StagedFile, staged, to_reaim
 from mesh.core.manifest import ContentKey, Kind
 from mesh.core.paths import deepest_first
-from mesh.core.reconcile import Known
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
@@ -40,7 +38,6 @@ from mesh.engine.materialize import Materializer, Superseded
 from mesh.errors import MeshError
 from mesh.store.index import Index
 from mesh.store.kept import KeptLog
-from mesh.store.known import KnownPaths, open_reader
 
 LOG = logging.getLogger("mesh.data")
 
@@ -120,7 +117,7 @@ class DataPlane:
                         "staged", push_id)
             await self.push_ended(push_id)
         started = time.monotonic()
-        found = await self._reconcile()
+        found = await against_index(self.scanner, self.index)
         if found.large:  # hashing hundreds of MB would stall every link of this node
             await asyncio.to_thread(self.scanner.prehash, found.large)
         LOG.info("start-up reconcile: %d paths on disk, %d unchanged (not scanned), "
@@ -132,28 +129,6 @@ class DataPlane:
             effects = [fx for path in pending for fx in self.replica.reaim(path)]
         await self.apply(effects)
         return found.on_disk
-
-    async def _reconcile(self) -> Reconciled:
-        """Walk the tree against the index (``mesh.adapters.fs.reconcile``): in a worker
-        thread with a reader of its own; an index in memory (tests) has one connection,
-        read on this thread."""
-        root, ignore = self.scanner.root, self.scanner.ignore
-        hashed = self.scanner.cache is not None  # no stat cache: every file is scanned
-
-        def walk(known: KnownPaths) -> Reconciled:
-            def lookup(paths: list[str]) -> dict[str, Known]:
-                rows = known.known(paths)
-                return rows if hashed else {p: replace(k, cached=None)
-                                            for p, k in rows.items()}
-            return reconcile(root, ignore, lookup, known.held)
-
-        if self.index.path is None:
-            return walk(KnownPaths(self.index.db))
-
-        def in_thread(db: Path) -> Reconciled:
-            with open_reader(db) as known:
-                return walk(known)
-        return await asyncio.to_thread(in_thread, self.index.path)
 
     def _observe(self, paths: list[str],
                  seen: dict[str, Observed | None] | None = None) -> list[Effect]:

@@ -14,16 +14,19 @@ watcher reports of the swap.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mesh.adapters.fs.beneath import PERMISSIONS
-from mesh.adapters.fs.scanner import PREHASH_BYTES, tree
+from mesh.adapters.fs.scanner import PREHASH_BYTES, Scanner, tree
 from mesh.core.manifest import Kind
 from mesh.core.reconcile import Known, Seen, unchanged
+from mesh.store.index import Index
+from mesh.store.known import KnownPaths, open_reader
 
 CHUNK = 2048  # paths per query of the index
 
@@ -79,3 +82,24 @@ def reconcile(root: Path, ignore: Callable[[str], bool], lookup: Lookup,
     out.on_disk = len(found)
     out.gone = [p for p in held() if p not in found]
     return out
+
+
+async def against_index(scanner: Scanner, index: Index) -> Reconciled:
+    """``reconcile`` the scanner's tree with ``index``: in a worker thread with a reader
+    of its own; an index in memory (tests) has one connection, read on this thread."""
+    root, ignore = scanner.root, scanner.ignore
+    hashed = scanner.cache is not None  # no stat cache: every file is scanned
+
+    def walk(known: KnownPaths) -> Reconciled:
+        def lookup(paths: list[str]) -> dict[str, Known]:
+            rows = known.known(paths)
+            return rows if hashed else {p: replace(k, cached=None) for p, k in rows.items()}
+        return reconcile(root, ignore, lookup, known.held)
+
+    if index.path is None:
+        return walk(KnownPaths(index.db))
+
+    def in_thread(db: Path) -> Reconciled:
+        with open_reader(db) as known:
+            return walk(known)
+    return await asyncio.to_thread(in_thread, index.path)
