@@ -22,7 +22,9 @@ from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, VersionVector, hlc_pack
+from mesh.engine import requests
 from mesh.engine.exchange import ENTRIES_PER_MANIFEST, Exchange
+from mesh.engine.peerview import catching_up
 from mesh.store.index import Index
 
 Job = Callable[[], Coroutine[Any, Any, None]]
@@ -364,6 +366,64 @@ def test_a_refused_manifest_does_not_stall_the_stream_behind_it(
         assert n1.index.peer_vector("n9", ".mesh-keep") is None
         assert any("refused message from n9 on mesh/v1/test/n9/manifest: reserved path "
                    "'.mesh-keep'" in r.getMessage() for r in caplog.records)
+        net.stop()
+
+    run(main())
+
+
+def test_a_lost_hello_is_sent_again() -> None:
+    """Issue 16: the hello names our tunnel port; one lost on the way (our own link cut
+    after the client took it) left the peer unable to push to us. It goes out again."""
+    async def main() -> None:
+        net = Net()
+        n1 = net.add("n1")
+        n1.hello_every = 3
+        n2 = net.add("n2")
+        hellos = 0
+
+        def lose_the_first(src: str, dst: str, topic: str) -> bool:
+            nonlocal hellos
+            if topic.endswith("/hello"):
+                hellos += 1
+                return hellos == 1
+            return False
+
+        net.drop = lose_the_first
+        task = asyncio.create_task(n1.run_heads())
+        await until(lambda: "n1" in n2.peers and n2.peers["n1"].hello is not None, within=5)
+        assert hellos >= 2
+        task.cancel()
+        net.stop()
+
+    run(main())
+
+
+def test_a_catch_up_that_keeps_failing_counts_as_catching_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: ``mesh health`` exited 0 while catch-up was failing: only a catch-up
+    running counted, not one that failed and waits for its retry."""
+    monkeypatch.setattr(requests, "REQUEST_TIMEOUT", 0.2)
+
+    async def main() -> None:
+        net = Net()
+        n1 = net.add("n1")
+        n2 = net.add("n2")
+        since = time.time()
+        write(n1, "f", 1)
+        unanswered = True
+        net.drop = lambda src, dst, topic: unanswered and src == "n2" and topic == "req"
+        tasks = [asyncio.create_task(t) for t in (n1.run_flusher(), n1.run_heads(),
+                                                  n2.run_heads())]
+        await until(lambda: "n1" in n2.peers and n2.peers["n1"].resyncs >= 1)
+        view = n2.peers["n1"]
+        assert view.resync is not None
+        await until(lambda: view.resync is not None and view.resync.done(), within=5)
+        assert catching_up(view, since), "a failed catch-up was taken for caught up"
+        unanswered = False
+        await until(lambda: not catching_up(view, since))
+        assert n2.index.peer_vector("n1", "f") is not None
+        for t in tasks:
+            t.cancel()
         net.stop()
 
     run(main())

@@ -118,6 +118,8 @@ def test_health_rules() -> None:
         "lag 4 > 3 (unpublished 1, waiting for content 3)"]
     doc["peers"]["127.0.0.12:8883"]["state"] = "connecting"
     assert health.health_problems(doc, 10) == ["link to n2 is connecting"]
+    # Issue 16: the loop now serves the status while the start-up scan runs.
+    assert health.health_problems(status_doc(scanning=True), 0) == ["start-up scan running"]
 
 
 def test_what_is_stalled_no_longer_counts_against_health_and_is_named(tmp_path: Path) -> None:

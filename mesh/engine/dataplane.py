@@ -23,6 +23,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
+from mesh.adapters.fs.reconcile import against_index
 from mesh.adapters.fs.scanner import PREHASH_BYTES, ScanError, Scanner, Unsettled
 from mesh.clock import now_ms
 from mesh.core.effects import Effect, Observed, Restore, Want, WriteCopy
@@ -65,12 +66,16 @@ class DataPlane:
 
     # --- scanning ---------------------------------------------------------------------
 
-    async def scan(self, paths: Iterable[str], *, events_read: float | None = None) -> None:
-        """Observe ``paths`` and feed the replica, in transactions of SCAN_BATCH.
+    async def scan(self, paths: Iterable[str], *, events_read: float | None = None,
+                   prehash: bool = True) -> None:
+        """Observe ``paths`` and feed the replica, in transactions of SCAN_BATCH, the
+        event loop served between two (issue 16: a scan of the whole tree held it for
+        seconds, and the links went silent).
 
         For the watcher's paths (``events_read``: its events were all read from inotify
         before that ``time.monotonic()``), also skipped: a path scanned since (it shows
-        the change already), so a burst of pushed files is scanned once.
+        the change already), so a burst of pushed files is scanned once. ``prehash``
+        False: the caller hashed the large files among ``paths`` already.
         """
         now = time.monotonic()
         asked = list(paths)
@@ -87,8 +92,8 @@ class DataPlane:
         # received 256 MiB file was otherwise hashed twice at once, by the push's end and
         # by the watcher.
         for path in paths:
-            self._scanned_at[path] = now  # no mark is later: all were taken before ``now``
-        large = self.scanner.to_prehash(paths)
+            self._stamp(path, now)  # no mark is later: all were taken before ``now``
+        large = self.scanner.to_prehash(paths) if prehash else []
         if large:  # hashing hundreds of MB would stall every link and push of this node
             await asyncio.to_thread(self.scanner.prehash, large)
         batch: list[str] = []
@@ -97,6 +102,7 @@ class DataPlane:
             if len(batch) >= SCAN_BATCH:
                 await self.apply(self._observe(batch))
                 batch = []
+                await asyncio.sleep(0)  # apply need not yield: links, broker, control
         if batch:
             await self.apply(self._observe(batch))
 
@@ -110,14 +116,19 @@ class DataPlane:
             LOG.warning("push %s was cut short when the agent stopped: keeping what it "
                         "staged", push_id)
             await self.push_ended(push_id)
-        on_disk = list(self.scanner.walk())
-        gone = set(self.index.paths()) - set(on_disk)
-        await self.scan([*on_disk, *deepest_first(gone)])
+        started = time.monotonic()
+        found = await against_index(self.scanner, self.index)
+        if found.large:  # hashing hundreds of MB would stall every link of this node
+            await asyncio.to_thread(self.scanner.prehash, found.large)
+        LOG.info("start-up reconcile: %d paths on disk, %d unchanged (not scanned), "
+                 "%d to scan, %d gone; walked in %.2f s", found.on_disk, found.unchanged,
+                 len(found.changed), len(found.gone), time.monotonic() - started)
+        await self.scan([*found.changed, *deepest_first(found.gone)], prehash=False)
         pending = [v.path for v in self.index.targets()]
         with self.index.batch():
             effects = [fx for path in pending for fx in self.replica.reaim(path)]
         await self.apply(effects)
-        return len(on_disk)
+        return found.on_disk
 
     def _observe(self, paths: list[str],
                  seen: dict[str, Observed | None] | None = None) -> list[Effect]:
@@ -128,6 +139,7 @@ class DataPlane:
         done: set[str] = set()
         self._forget_scans()
         with self.index.batch():
+            self.index.prefetch(paths)  # one query per chunk, not a row per path
             while queue:
                 path = queue.popleft()
                 started = time.monotonic()
@@ -140,7 +152,7 @@ class DataPlane:
                     LOG.warning("scan %s: %s", path, err)
                     continue
                 self.unsettled.discard(path)
-                self._scanned_at[path] = started
+                self._stamp(path, started)
                 if seen is not None:
                     seen[path] = observed
                 if observed is None and path not in done:
@@ -294,11 +306,27 @@ class DataPlane:
                 LOG.warning("keep %s: %s", rel_of(rel), err)
         return kept
 
+    def _stamp(self, path: str, when: float) -> None:
+        """Mark ``path`` scanned at ``when``, no earlier than any mark so far: moved to the
+        end, the map stays in the order of its marks (``_forget_scans``)."""
+        self._scanned_at.pop(path, None)
+        self._scanned_at[path] = when
+
     def _forget_scans(self) -> None:
-        """Scan times matter only against events still on their way: keep them briefly."""
-        if len(self._scanned_at) > SCANS_KEPT:
-            old = time.monotonic() - SCANS_KEPT_S
-            self._scanned_at = {p: t for p, t in self._scanned_at.items() if t > old}
+        """Scan times matter only against events still on their way: keep them briefly.
+        The oldest marks go first, and only while the map is over its bound: each mark
+        is dropped once, however many scans ask (issue 16: the map was rebuilt whole at
+        every batch while it held more than SCANS_KEPT young marks, quadratic in a
+        start-up scan)."""
+        if len(self._scanned_at) <= SCANS_KEPT:
+            return
+        old = time.monotonic() - SCANS_KEPT_S
+        marks = self._scanned_at
+        while len(marks) > SCANS_KEPT:
+            path = next(iter(marks))
+            if marks[path] > old:
+                break
+            del marks[path]
 
 
 def _files_under(root: Path) -> list[str]:

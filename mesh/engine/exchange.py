@@ -78,6 +78,12 @@ class Exchange:
     cap: float = 0.05
     spacing: float = 0.005
     head_interval: float = 1.0
+    hello_every: int = 10
+    """Heads between two hellos. The hello is published again and again (retained, so
+    a peer that subscribes later has it anyway): a publish that our own client took is
+    not yet on our broker, and a hello lost when that link was cut (a start-up scan held
+    the loop, issue 16) left a peer without our tunnel port, its pushes to us queued
+    for good."""
     on_manifest: Callable[[str, Manifest], None] | None = None
     """Test hook: called for every manifest applied, in application order."""
     on_announce: Callable[[Version], None] | None = None
@@ -181,14 +187,17 @@ class Exchange:
                             self.outbox.seq, err)
 
     async def run_heads(self) -> None:
-        """A retained hello (until one is published), then a head every interval."""
-        hello_sent = False
+        """A retained hello every ``hello_every`` heads (each interval until one is
+        published), and a head every interval."""
+        since_hello: int | None = None  # heads since a hello was published
         while True:
-            if not hello_sent:
+            if since_hello is None or since_hello >= self.hello_every:
                 hello = wire.Hello(self.node, self.epoch, __version__, self.tunnel_port, now_ms())
                 with contextlib.suppress(MeshError):  # own link down: next interval
                     await self.publish(self.topics.hello, wire.encode(hello), 1, True)
-                    hello_sent = True
+                    since_hello = 0
+            if since_hello is not None:
+                since_hello += 1
             head = wire.Head(self.node, self.epoch, self.outbox.seq, now_ms())
             with contextlib.suppress(MeshError):
                 await self.publish(self.topics.head, wire.encode(head), 0, False)

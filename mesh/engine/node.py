@@ -15,6 +15,7 @@ around a node (signals, uvloop, exit codes) is ``mesh.engine.agent``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +33,7 @@ from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
 from mesh.adapters.mqtt.connection import LinkDown
 from mesh.adapters.mqtt.links import OwnClient
 from mesh.adapters.mqtt.peers import local_addresses
+from mesh.adapters.mqtt.session import LinkState
 from mesh.adapters.rsync.tunnel import TunnelServer
 from mesh.config import AgentConfig
 from mesh.core import admit
@@ -47,9 +49,11 @@ from mesh.engine.dataplane import DataPlane
 from mesh.engine.exchange import Exchange
 from mesh.engine.keep import KeepArea
 from mesh.engine.ops.control import ControlServer, Operations, socket_path
+from mesh.engine.ops.health import DEFAULT_MAX_LAG, health_problems
 from mesh.engine.ops.metrics import Metrics, MetricsServer, StalledCollector
 from mesh.engine.ops.versions import VersionOps
 from mesh.engine.peerlinks import PeerLinks
+from mesh.engine.peerview import catching_up
 from mesh.engine.pushes import Pushes
 from mesh.engine.stalls import Stalls
 from mesh.pki import NodeCredentials
@@ -133,6 +137,10 @@ class Node:
             settings=LsyncdSettings(config.data_dir, config.gate_socket,
                                     delay=config.lsyncd_delay))
         self.started = time.time()
+        self._since_start = time.monotonic()  # the agent's start, for "caught up after"
+        self.scanned: float | None = None  # when the start-up scan ended (monotonic)
+        self._caught_up_logged = False
+        self._status_now = asyncio.Event()  # write the status without waiting the interval
         self._group: asyncio.TaskGroup | None = None
 
     # --- wiring ---------------------------------------------------------------------
@@ -149,6 +157,7 @@ class Node:
 
     def _synced(self, peer: str) -> None:
         self.pushes.sweep(peer)
+        self._status_now.set()
 
     async def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         if self.own is None:
@@ -250,7 +259,10 @@ class Node:
                      cap=self.config.batch_cap, max_paths=4096) as watcher:
             self.watcher = watcher
             count = await self.data.startup()
-            LOG.info("start-up scan: %d paths on disk, %d indexed", count, self.index.count())
+            self.scanned = time.monotonic()
+            LOG.info("start-up scan: %d paths on disk, %d indexed, in %.1f s", count,
+                     self.index.count(), self.scanned - self._since_start)
+            self._status_now.set()
             async for batch in watcher.batches():
                 if batch.rescan:
                     LOG.warning("inotify queue overflowed: rescanning everything")
@@ -284,7 +296,19 @@ class Node:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(doc, indent=1))
             tmp.replace(path)
-            await asyncio.sleep(STATUS_INTERVAL)
+            self._log_caught_up(doc)
+            self._status_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STATUS_INTERVAL):
+                    await self._status_now.wait()
+
+    def _log_caught_up(self, doc: dict[str, Any]) -> None:
+        """Once, the first time the status is healthy: how long that took from the start
+        (issue 16: a restart on unchanged files is to be healthy within seconds)."""
+        if self._caught_up_logged or health_problems(doc, DEFAULT_MAX_LAG):
+            return
+        self._caught_up_logged = True
+        LOG.info("caught up after start in %.1f s", time.monotonic() - self._since_start)
 
     def _holders(self, path: str) -> list[str]:
         """The peers that announced holding what ``path`` waits for."""
@@ -319,12 +343,13 @@ class Node:
                 "epoch": view.inbox.epoch if view else None,
                 "manifests": view.applied_manifests if view else 0,
                 "resyncs": view.resyncs if view else 0,
-                "catching_up": bool(view and view.resync and not view.resync.done()),
+                "catching_up": s.state is LinkState.UP and catching_up(view, s.connected_since),
                 "inbox_pending": len(view.inbox.pending) if view else 0,
             }
         return {
             "node": self.me, "cluster": self.config.cluster, "pid": os.getpid(),
             "epoch": self.epoch, "started": self.started, "now": time.time(),
+            "scanning": self.scanned is None,
             "broker": "{}:{}".format(*self.broker.address),
             "data_dir": str(self.config.data_dir), "seq": self.exchange.outbox.seq,
             "backlog": self.exchange.backlog, "index_size": self.index.count(),

@@ -41,3 +41,12 @@ class PeerView:
         _, epoch, seq = self.mark
         syncing = inbox.resync_pending or (self.resync is not None and not self.resync.done())
         return not syncing and inbox.epoch == epoch and inbox.applied >= seq
+
+
+def catching_up(view: PeerView | None, since: float | None) -> bool:
+    """Whether we are still to catch up with a peer whose link is up (since ``since``):
+    nothing heard from it yet, no head of this link's yet, a catch-up running, or one
+    that failed and waits for its retry (``Inbox.resync_pending``), or manifests up to
+    its first head not applied. Issue 16: health counted only a catch-up running, and
+    was satisfied between the attempts of one that kept failing."""
+    return view is None or since is None or not view.caught_up(since)

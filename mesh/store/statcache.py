@@ -19,13 +19,13 @@ _U64 = 1 << 64
 _I64_MAX = (1 << 63) - 1
 
 
-def _to_sql_ino(ino: int) -> int:
+def to_sql_ino(ino: int) -> int:
     # SQLite integers are signed 64-bit; overlayfs (xino) and some other
     # filesystems hand out inode numbers with the top bit set.
     return ino - _U64 if ino > _I64_MAX else ino
 
 
-def _from_sql_ino(value: int) -> int:
+def from_sql_ino(value: int) -> int:
     return value + _U64 if value < 0 else value
 
 
@@ -64,7 +64,7 @@ class StatCache:
         if row is None:
             return None
         size, mtime_ns, ctime_ns, ino, digest = row
-        return CachedStat(size, mtime_ns, ctime_ns, _from_sql_ino(ino), digest)
+        return CachedStat(size, mtime_ns, ctime_ns, from_sql_ino(ino), digest)
 
     def put(self, path: str, stat: CachedStat) -> None:
         self.put_many(((path, stat),))
@@ -73,7 +73,7 @@ class StatCache:
         try:
             self.db.executemany(
                 "INSERT OR REPLACE INTO stat_cache VALUES (?, ?, ?, ?, ?, ?)",
-                ((p, s.size, s.mtime_ns, s.ctime_ns, _to_sql_ino(s.ino), s.hash)
+                ((p, s.size, s.mtime_ns, s.ctime_ns, to_sql_ino(s.ino), s.hash)
                  for p, s in items))
         except sqlite3.Error as err:
             raise StoreError(f"write stat cache: {err}") from err

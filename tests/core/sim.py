@@ -38,6 +38,7 @@ from mesh.core.manifest import ContentKey, Entry, Kind, Manifest
 from mesh.core.paths import deepest_first, parent
 from mesh.core.pushplan import PushPlanner
 from mesh.core.pushstate import Push, ReplicaView
+from mesh.core.reconcile import Identity, Known, Seen, unchanged
 from mesh.core.replica import Replica
 from mesh.core.resolver import Conflict, Version
 from mesh.core.vclock import VersionVector
@@ -102,12 +103,23 @@ def digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+_STAMPS = itertools.count(1)
+
+
 @dataclass(frozen=True)
 class Node:
-    """A file (``data`` is not None) or a folder on a simulated disk."""
+    """A file (``data`` is not None) or a folder on a simulated disk. ``stamp``: what a
+    ``stat`` tells apart (inode, ctime), new with every write, chmod or rename into
+    place; not part of what two disks compare by."""
 
     data: bytes | None
     mode: int
+    stamp: int = field(default_factory=lambda: next(_STAMPS), compare=False)
+
+    def seen(self) -> Seen:
+        size = 0 if self.data is None else len(self.data)
+        return Seen(Kind.DIR if self.data is None else Kind.FILE, self.mode,
+                    (size, 0, 0, self.stamp))
 
     @property
     def is_dir(self) -> bool:
@@ -185,6 +197,9 @@ class SimNode:
         self.out_conflicts: list[tuple[Entry, Entry]] = []
         # Kept on disk: each incoming push's staging dir.
         self.staging: dict[str, dict[str, Node]] = {}
+        # Kept in the state database: the stat cache (path -> the file as hashed, hash).
+        self.cache: dict[str, tuple[Identity, bytes]] = {}
+        self.rescanned: list[str] = []  # by the last start-up reconcile
         self.seq = 0
 
     @property
@@ -295,10 +310,34 @@ class SimNode:
         moved = False
         for p in queue:
             f = self.disk.get(p)
+            self._cache(p, f)
             fx = self.replica.local(p, None if f is None else f.observed(), self.now)
             self.apply(fx)
             moved |= bool(fx)
         return moved
+
+    def _cache(self, path: str, f: Node | None) -> None:
+        """What ``Scanner.observe`` (and ``placed``) record in the stat cache."""
+        if f is not None and f.data is not None:
+            self.cache[path] = (f.seen().identity, f.observed().hash)
+        else:
+            self.cache.pop(path, None)
+
+    def reconcile(self) -> None:
+        """The start-up reconcile (``mesh.adapters.fs.reconcile``): scan only what one
+        ``stat`` does not show unchanged since it was indexed, then what is gone."""
+        changed = []
+        for path, f in sorted(self.disk.items()):
+            disk = self.store.state(path).disk
+            known = None if disk is None else Known(
+                disk.winner.kind, disk.winner.hash, disk.winner.mode, self.cache.get(path))
+            if not unchanged(f.seen(), known):
+                changed.append(path)
+        gone = [p for p, st in self.store.all_states().items()
+                if p not in self.disk and st.disk is not None and st.disk.content is not None]
+        self.rescanned = [*changed, *deepest_first(gone)]
+        for path in self.rescanned:
+            self.scan(path)
 
     def scan_all(self) -> bool:
         paths = set(self.disk) | set(self.store.all_states())
@@ -437,7 +476,7 @@ class SimNode:
         self.up = True
         for push_id in sorted(self.staging):
             self.end(push_id, [])
-        self.scan_all()
+        self.reconcile()
         for path, st in list(self.store.all_states().items()):
             if st.target is not None:
                 self.apply(self.replica.reaim(path))
@@ -501,6 +540,7 @@ class SimNode:
         if version.content is not None:
             self.disk[path] = Node(None if w.kind is Kind.DIR else self.store.keep[
                 version.content], w.mode)
+            self._cache(path, self.disk[path])  # Scanner.placed
         self.apply(self.replica.restored(path, version))
 
 

@@ -330,3 +330,33 @@ def test_a_folder_delete_never_takes_a_file_the_deleter_did_not_see(old_rsync: b
     else:
         check_invariants(cluster)
         assert all("d/x" in tree for tree in cluster.trees().values())
+
+
+def test_a_restart_scans_only_what_changed_while_down_and_loses_none_of_it() -> None:
+    """Issue 16: the start-up reconcile skips what one stat shows unchanged since it was
+    indexed. What changed while the agent was down (an edit, a chmod, a delete, a new
+    file) is scanned and becomes a local write at once, before anything else could scan
+    it; the rest is not scanned at all; then every node converges on the edits."""
+    cluster = Cluster(2, [0, 300])
+    n1, n2 = cluster.nodes.values()
+    for path in ("f", "g", "d/h", "d/i"):
+        n1.user_write(path, 0o644)
+    cluster.quiesce()
+    n1.restart()
+    assert n1.rescanned == [], "an unchanged tree was scanned"
+    cluster.crash("n1")
+    n1.user_write("f", 0o644)
+    n1.user_chmod("g", 0o600)
+    n1.user_delete("d/h")
+    n1.user_write("d/new", 0o644)
+    cluster.restart("n1")
+    assert sorted(n1.rescanned) == ["d/h", "d/new", "f", "g"]
+    for path in ("f", "g", "d/new", "d/i", "d"):
+        disk = n1.store.state(path).disk
+        assert disk is not None and disk.content == n1.disk[path].observed().content, path
+    gone = n1.store.state("d/h").disk
+    assert gone is not None and gone.content is None
+    cluster.quiesce()
+    assert cluster.trees()["n2"] == cluster.trees()["n1"]
+    assert n2.disk["g"].mode == 0o600 and "d/h" not in n2.disk
+    check_invariants(cluster)

@@ -27,6 +27,8 @@ def lag_of(doc: dict[str, Any]) -> dict[str, int]:
 
 def health_problems(doc: dict[str, Any], max_lag: int) -> list[str]:
     problems = []
+    if doc.get("scanning"):
+        problems.append("start-up scan running")
     stalled = (doc.get("stalled") or {}).get("catch_ups", {})
     for address, p in sorted(doc["peers"].items()):
         name = p["node"] or address

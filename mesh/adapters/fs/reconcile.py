@@ -1,0 +1,105 @@
+"""The start-up reconcile's walk (issue 16): every path under the root, one ``lstat``
+each, compared in chunks with what the index knows (``mesh.core.reconcile``); what
+is unchanged is not scanned. Blocking throughout (a walk of the whole tree, reads of
+the state database): run it in a worker thread, with a reader of its own
+(``mesh.store.known.open_reader``), so that links, the broker and the control socket
+keep being served while it runs.
+
+A path is reached by its full name here, so a folder swapped for a symlink during the
+walk could be stat'ed through it; what the walk then compares is another file's
+identity, which does not match the stat cache's record of this path (inode, ctime),
+and the path is scanned the careful way (``Scanner.observe``), as is what the
+watcher reports of the swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from mesh.adapters.fs.beneath import PERMISSIONS
+from mesh.adapters.fs.scanner import PREHASH_BYTES, Scanner, tree
+from mesh.core.manifest import Kind
+from mesh.core.reconcile import Known, Seen, unchanged
+from mesh.store.index import Index
+from mesh.store.known import KnownPaths, open_reader
+
+CHUNK = 2048  # paths per query of the index
+
+Lookup = Callable[[list[str]], Mapping[str, Known]]
+
+
+@dataclass
+class Reconciled:
+    on_disk: int = 0  # paths found under the root
+    unchanged: int = 0
+    changed: list[str] = field(default_factory=list)  # to scan: new, changed, unreadable
+    large: list[str] = field(default_factory=list)  # of those, files worth hashing first
+    gone: list[str] = field(default_factory=list)  # indexed as held, not found
+
+
+def seen(st: os.stat_result) -> Seen:
+    kind = (Kind.DIR if stat.S_ISDIR(st.st_mode) else
+            Kind.FILE if stat.S_ISREG(st.st_mode) else None)
+    return Seen(kind, stat.S_IMODE(st.st_mode) & PERMISSIONS,
+                (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+
+
+def reconcile(root: Path, ignore: Callable[[str], bool], lookup: Lookup,
+              held: Callable[[], Iterable[str]], chunk: int = CHUNK) -> Reconciled:
+    """Walk ``root``: each path ``lookup`` (the index, in chunks) does not show
+    unchanged is to scan; each path ``held`` names that the walk did not find is gone."""
+    out = Reconciled()
+    found: set[str] = set()
+    batch: list[tuple[str, os.stat_result | None]] = []
+
+    def compare() -> None:
+        known = lookup([p for p, _ in batch])
+        for path, st in batch:
+            if st is not None and unchanged(seen(st), known.get(path)):
+                out.unchanged += 1
+                continue
+            out.changed.append(path)
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= PREHASH_BYTES:
+                out.large.append(path)
+        batch.clear()
+
+    for path, _ in tree(root, "", ignore):
+        found.add(path)
+        try:
+            st: os.stat_result | None = os.lstat(root / path)
+        except OSError:
+            st = None  # gone or unreadable since it was listed: the scan says which
+        batch.append((path, st))
+        if len(batch) >= chunk:
+            compare()
+    if batch:
+        compare()
+    out.on_disk = len(found)
+    out.gone = [p for p in held() if p not in found]
+    return out
+
+
+async def against_index(scanner: Scanner, index: Index) -> Reconciled:
+    """``reconcile`` the scanner's tree with ``index``: in a worker thread with a reader
+    of its own; an index in memory (tests) has one connection, read on this thread."""
+    root, ignore = scanner.root, scanner.ignore
+    hashed = scanner.cache is not None  # no stat cache: every file is scanned
+
+    def walk(known: KnownPaths) -> Reconciled:
+        def lookup(paths: list[str]) -> dict[str, Known]:
+            rows = known.known(paths)
+            return rows if hashed else {p: replace(k, cached=None) for p, k in rows.items()}
+        return reconcile(root, ignore, lookup, known.held)
+
+    if index.path is None:
+        return walk(KnownPaths(index.db))
+
+    def in_thread(db: Path) -> Reconciled:
+        with open_reader(db) as known:
+            return walk(known)
+    return await asyncio.to_thread(in_thread, index.path)
