@@ -1,0 +1,50 @@
+"""Queries over many paths at once, for catch-up and incoming pushes (issue 16).
+
+A catch-up of an empty node moves the whole tree: asking the index one path at a time
+(a row fetched and its heads decoded per path, in the sender's planner and in the
+receiver's admission) was most of the CPU of a join. These read what is needed in one
+statement per chunk, decode only vectors, and stream: nothing here holds the whole
+tree in memory (``behind`` pages by path, ``limit`` rows at a time).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from mesh.core.vclock import VersionVector
+from mesh.store.index import Index
+from mesh.store.rows import unpack_vector
+
+CHUNK = 8192  # paths per IN query
+
+
+def peer_vectors(index: Index, peer: str, paths: Iterable[str]) -> dict[str, VersionVector]:
+    """What ``peer`` last announced of each of ``paths`` (absent: never): the bulk form
+    of ``Index.peer_vector``."""
+    index.flush()
+    todo = list(dict.fromkeys(paths))
+    out: dict[str, VersionVector] = {}
+    for i in range(0, len(todo), CHUNK):
+        for path, blob in index.db.execute(
+                "SELECT path, vector FROM peer_vectors WHERE peer = ? AND path IN "
+                "(SELECT value FROM json_each(?))", (peer, json.dumps(todo[i:i + CHUNK]))):
+            out[path] = unpack_vector(blob)
+    return out
+
+
+def behind(index: Index, peer: str, after: str, limit: int) -> tuple[list[str], str | None]:
+    """The next page of a sweep for what ``peer`` is behind on: of the first ``limit``
+    indexed paths after ``after`` (by path) that wait for no target, those our disk
+    version may overwrite ``peer``'s with (``Replica.may_push``: content where it
+    announced nothing, else a vector strictly after what it announced); and the last
+    path of the page, to continue after (None: the sweep is done)."""
+    index.flush()
+    rows = index.db.execute(
+        "SELECT v.path, v.vector, v.hash IS NOT NULL, p.vector FROM versions v "
+        "LEFT JOIN peer_vectors p ON p.peer = ? AND p.path = v.path "
+        "WHERE v.path > ? AND NOT EXISTS (SELECT 1 FROM targets t WHERE t.path = v.path) "
+        "ORDER BY v.path LIMIT ?", (peer, after, limit)).fetchall()
+    out = [path for path, mine, held, seen in rows
+           if (held if seen is None else unpack_vector(mine).dominates(unpack_vector(seen)))]
+    return out, (rows[-1][0] if len(rows) == limit else None)
