@@ -34,6 +34,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.errors import LocalProtocolError
 
@@ -182,3 +183,17 @@ class PeerQueue:
         if to is None:
             raise LocalProtocolError(f"push to {self.name}: {event.value} while {self.stage.value}")
         self.stage = to
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """The planner's view (``mesh.core.pushplan.PushView``) of a ``Replica`` and its
+    store."""
+
+    replica: Replica
+
+    def may_push(self, peer: str, path: str) -> bool:
+        return self.replica.may_push(peer, path)
+
+    def disk(self, path: str) -> Version | None:
+        return self.replica.store.state(path).disk

@@ -36,8 +36,8 @@ from mesh.core.effects import (
 from mesh.core.landing import Staged, StagedFile, staged, to_reaim
 from mesh.core.manifest import ContentKey, Entry, Kind, Manifest
 from mesh.core.paths import deepest_first, parent
-from mesh.core.pushplan import PushPlanner, ReplicaView
-from mesh.core.pushstate import Push
+from mesh.core.pushplan import PushPlanner
+from mesh.core.pushstate import Push, ReplicaView
 from mesh.core.replica import Replica
 from mesh.core.resolver import Conflict, Version
 from mesh.core.vclock import VersionVector
