@@ -10,11 +10,13 @@ tree in memory (``behind`` pages by path, ``limit`` rows at a time).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+from mesh.core.digest import bucket_of
+from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
 from mesh.store.index import Index
-from mesh.store.rows import unpack_vector
+from mesh.store.rows import unpack_heads, unpack_vector
 
 CHUNK = 8192  # paths per IN query
 
@@ -48,3 +50,22 @@ def behind(index: Index, peer: str, after: str, limit: int) -> tuple[list[str], 
     out = [path for path, mine, held, seen in rows
            if (held if seen is None else unpack_vector(mine).dominates(unpack_vector(seen)))]
     return out, (rows[-1][0] if len(rows) == limit else None)
+
+
+def versions_in_buckets(index: Index, wanted: set[int], page: int = CHUNK
+                        ) -> Iterator[Version]:
+    """Our disk versions of the paths in the digest buckets ``wanted``, by path, a page
+    of ``page`` rows per query, decoded only when wanted: what a peer's catch-up fetches
+    (all 4,096 buckets for an empty node). No cursor stays open between pages: the
+    caller may publish, and the index be written, between two."""
+    after = ""
+    while True:
+        index.flush()
+        rows = index.db.execute("SELECT path, heads FROM versions WHERE path > ? "
+                                "ORDER BY path LIMIT ?", (after, page)).fetchall()
+        for path, blob in rows:
+            if bucket_of(path) in wanted:
+                yield unpack_heads(blob)
+        if len(rows) < page:
+            return
+        after = rows[-1][0]

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mesh.core import wire
+from mesh.core.delivery import Outbox
+from mesh.core.digest import bucket_of
 from mesh.core.effects import PathState
 from mesh.core.manifest import Entry, Kind
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
+from mesh.engine import answers
 from mesh.store import bulk
 from mesh.store.index import Index
 
@@ -75,3 +80,24 @@ def test_peer_vectors_in_bulk_are_what_was_announced(tmp_path: Path) -> None:
         got = bulk.peer_vectors(index, PEER, [*paths, "never"])
     assert got == {p: index.peer_vector(PEER, p) for p in paths[::3]}
     index.close()
+
+
+def test_a_catch_up_fetches_its_buckets_in_pages_and_replies_in_chunks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a peer's catch-up fetches (``answers``, EntriesRequest): the versions of the
+    wanted buckets, read a page at a time, sent in replies of ENTRIES_PER_REPLY, the
+    last one done."""
+    index = Index(":memory:")
+    paths = fill(index, [(({"n1": 1}, i % 4 != 0), False, None) for i in range(50)])
+    wanted = {bucket_of(p) for p in paths[::2]}
+    expected = [v for v in index.versions() if bucket_of(v.path) in wanted]
+    assert list(bulk.versions_in_buckets(index, wanted, page=3)) == expected
+    monkeypatch.setattr(answers, "ENTRIES_PER_REPLY", 4)
+    replies = [wire.decode(b) for b in answers.answer(
+        "n2", wire.EntriesRequest(7, tuple(sorted(wanted))), index, Outbox("n1", 1), 1)]
+    assert all(isinstance(r, wire.EntriesReply) and r.rid == 7 for r in replies)
+    assert [r.done for r in replies] == [False] * (len(replies) - 1) + [True]
+    assert [e for r in replies for e in r.entries] == [  # type: ignore[union-attr]
+        h for v in expected for h in v.heads]
+    nothing = list(answers.answer("n2", wire.EntriesRequest(8, ()), index, Outbox("n1", 1), 1))
+    assert [wire.decode(b) for b in nothing] == [wire.EntriesReply(8, (), True)]
