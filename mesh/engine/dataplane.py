@@ -274,31 +274,40 @@ class DataPlane:
 
         staging = self.keep.staging_dir(push_id)
         announced = list(announced)
-        kept = await self._file_away_under(
-            staging, lambda rel: self.keep.staging_rel(push_id, rel), converged_to,
-            expected=announced)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(staging)  # what is left was not the version: dropped
-        # A push that landed the way releases before issue 11 did (in place, what it
-        # replaced in ``<keep>/<push id>``), cut short by a stop: keep what it displaced.
-        backup = self.keep.push_dir(push_id)
-        await self._file_away_under(backup, lambda rel: self.keep.push_rel(push_id, rel),
-                                    lambda _rel, _found: True)
-        _remove_empty_dirs(backup)
-        with self.index.batch():
-            reaim = to_reaim(announced, kept)
-            self.index.prefetch(reaim)
-            effects = [fx for rel in reaim for fx in self.replica.reaim(rel)]
-        await self.apply(effects)
+        try:
+            # Held where rsync staged them: a restore moves each to its path in one
+            # rename (``KeepArea.hold``); what is left is filed into the objects below.
+            kept = await self._file_away_under(
+                staging, lambda rel: self.keep.staging_rel(push_id, rel), converged_to,
+                expected=announced, hold=True)
+            # A push that landed the way releases before issue 11 did (in place, what it
+            # replaced in ``<keep>/<push id>``), cut short by a stop: keep what it
+            # displaced.
+            backup = self.keep.push_dir(push_id)
+            await self._file_away_under(backup, lambda rel: self.keep.push_rel(push_id, rel),
+                                        lambda _rel, _found: True)
+            _remove_empty_dirs(backup)
+            with self.index.batch():
+                reaim = to_reaim(announced, kept)
+                self.index.prefetch(reaim)
+                effects = [fx for rel in reaim for fx in self.replica.reaim(rel)]
+            await self.apply(effects)
+        finally:
+            for rel, err in self.keep.file_held():
+                LOG.warning("keep %s: %s", rel, err)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(staging)  # what is left was not the version: dropped
 
     async def _file_away_under(self, folder: Path, rel_of: Callable[[str], str],
                                wanted: Callable[[str, Observed], bool],
-                               expected: list[str] | None = None) -> list[str]:
+                               expected: list[str] | None = None, hold: bool = False
+                               ) -> list[str]:
         """File into the keep area's objects each file under ``folder`` (a staging or
         backup dir; ``rel_of`` names it from the data folder) that is ``wanted``; the
         paths filed. Large files are hashed in a thread: hundreds of MB would stall
         every link and push of this node. ``expected``: the paths likely there, whose
-        states ``wanted`` reads, read in bulk first (one transaction for them all)."""
+        states ``wanted`` reads, read in bulk first (one transaction for them all).
+        ``hold``: files stay where they are until ``KeepArea.file_held``."""
         scanner = Scanner(folder, ignore=lambda _: False)
         files = _files_under(folder)
         hashed: dict[str, Observed | None] = {}  # large ones, hashed before the batch
@@ -318,7 +327,8 @@ class DataPlane:
                     found = hashed[rel] if rel in hashed else scanner.observe(rel)
                     if found is None or not wanted(rel, found):
                         continue
-                    self.keep.file_away(rel_of(rel), found.content)
+                    (self.keep.hold if hold else self.keep.file_away)(rel_of(rel),
+                                                                       found.content)
                     kept.append(rel)
                 except (OSError, MeshError) as err:
                     LOG.warning("keep %s: %s", rel_of(rel), err)

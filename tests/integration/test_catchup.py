@@ -122,3 +122,55 @@ class _NoData:
 
     async def scan(self, paths: list[str]) -> None:
         pass
+
+
+async def test_a_pushed_file_moves_once_and_a_content_two_paths_want_lands_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held where rsync staged it, a pushed file is renamed to its path (the same inode),
+    not filed into the keep area and out again; content two paths of the push want is
+    copied for one and moved for the other; nothing is left held or staged."""
+    r = Receiver(tmp_path / "data")
+    now_ms = time.time_ns() // 1_000_000
+    same, other = b"the same bytes\n", b"other bytes\n"
+
+    def made(rel: str, data: bytes) -> Entry:
+        return Entry(rel, VersionVector.of({"n1": 1}), hashlib.sha256(data).digest(),
+                     len(data), 0, 0o644, Kind.FILE, hlc_pack(now_ms), "n1")
+
+    files = {"a": (made("a", same), same), "b": (made("b", same), same),
+             "c": (made("c", other), other)}
+    ticket = await r.begin("n1-1-1", *(e for e, _ in files.values()))
+    for rel, (_, data) in files.items():
+        r.stage("n1-1-1", rel, data)
+    staged = {rel: (r.keep.staging_dir("n1-1-1") / rel).stat().st_ino for rel in files}
+    renames: list[tuple[str, str]] = []
+    rename = r.keep.fs.rename
+
+    def counted(src: str, dst: str, *, create: bool = False) -> None:
+        renames.append((src, dst))
+        rename(src, dst, create=create)
+
+    monkeypatch.setattr(r.keep.fs, "rename", counted)
+    await r.sink.end(ticket, 0)
+    # At most two per file: to a temp name beside its path, then onto it.
+    assert len(renames) <= 2 * len(files), renames
+    for rel, (e, data) in files.items():
+        assert (r.root / rel).read_bytes() == data
+        assert r.index.state(rel) == PathState(Version.of(e), None)
+    assert (r.root / "c").stat().st_ino == staged["c"]
+    assert {(r.root / "a").stat().st_ino, (r.root / "b").stat().st_ino} & {
+        staged["a"], staged["b"]}
+    assert not r.keep._held
+    assert not r.keep.staging_dir("n1-1-1").exists()
+
+
+def test_what_a_push_held_and_no_restore_took_is_filed(tmp_path: Path) -> None:
+    r = Receiver(tmp_path / "data")
+    r.stage("n1-1-1", "x", b"kept\n")
+    content = (Kind.FILE, hashlib.sha256(b"kept\n").digest(), 0o644)
+    r.keep.hold(r.keep.staging_rel("n1-1-1", "x"), content)
+    assert r.keep.has(content)
+    assert not r.keep.object_path(content).exists()
+    assert r.keep.file_held() == []
+    assert r.keep.object_path(content).read_bytes() == b"kept\n"
+    assert r.keep.has(content)
