@@ -248,7 +248,7 @@ class Pushes:
                 # sender).
                 with self.index.batch():
                     for peer in up:
-                        self.index.prefetch(self.plan.queued(peer, 2 * PATHS_PER_PUSH), peer)
+                        self.index.prefetch(self.plan.queued(peer, PATHS_PER_PUSH), peer)
                     for planned in self.plan.tick(time.monotonic(), up).pushes:
                         self._start(planned)
                 if self._page():  # a sweep looks further at once, other tasks first

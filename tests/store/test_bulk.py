@@ -15,7 +15,7 @@ from mesh.core.digest import bucket_of
 from mesh.core.effects import PathState
 from mesh.core.manifest import Entry, Kind
 from mesh.core.replica import Replica
-from mesh.core.resolver import Version
+from mesh.core.resolver import Conflict, Version, resolve
 from mesh.core.vclock import VersionVector
 from mesh.engine import answers
 from mesh.store import bulk
@@ -101,3 +101,23 @@ def test_a_catch_up_fetches_its_buckets_in_pages_and_replies_in_chunks(
         h for v in expected for h in v.heads]
     nothing = list(answers.answer("n2", wire.EntriesRequest(8, ()), index, Outbox("n1", 1), 1))
     assert [wire.decode(b) for b in nothing] == [wire.EntriesReply(8, (), True)]
+
+
+def test_conflicts_on_many_paths_in_one_query(tmp_path: Path) -> None:
+    index = Index(tmp_path / "s.db")
+    logged = []
+    for path in ("a", "b", "b", "c"):
+        n = len(logged) + 1
+        theirs = Entry(path, VersionVector.of({"n3": n}), bytes([100 + n]) * 32, 1, 0, 0o644,
+                       Kind.FILE, 2, "n3")
+        c = resolve(entry(path, {"n1": n}, True), theirs)
+        assert isinstance(c, Conflict)
+        assert index.log_conflict(c)
+        logged.append(c)
+    statements: list[str] = []
+    index.db.set_trace_callback(statements.append)
+    got = index.conflicts_on(["b", "a", "zz", "b"])
+    index.db.set_trace_callback(None)
+    assert [r.conflict for r in got] == [logged[0], logged[1], logged[2]]
+    assert len(statements) == 1
+    index.close()
