@@ -2,6 +2,11 @@
 rsync, no watcher, so what is left is the agent's own work per path.
 
     .venv/bin/python bench/landing.py --files 20000 [--profile out.prof]
+    .venv/bin/python bench/landing.py --files 100000 --sender
+
+With --sender, the other side: a sender's catch-up of a peer behind on every path (the
+sweep, the pusher's ticks, orders and push ends) with rsync replaced by a stub that
+reports success; CPU seconds until every path was pushed.
 
 The receiver's index is a file (WAL, as an agent's). As in a join: the receiver first
 learns the sender's versions as announcements (the exchange's catch-up), then each push
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import functools
 import hashlib
@@ -24,11 +30,13 @@ import time
 from pathlib import Path
 
 from mesh.adapters.fs.scanner import Scanner
+from mesh.adapters.rsync import push as rsync_push
 from mesh.core import admit, manifest
 from mesh.core.effects import Effect
 from mesh.core.manifest import Entry, Kind, Manifest
 from mesh.core.pushplan import PATHS_PER_PUSH
 from mesh.core.replica import Replica
+from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector, hlc_pack
 from mesh.engine.admission import PushAdmission
 from mesh.engine.dataplane import DataPlane
@@ -111,13 +119,54 @@ async def run(files: int, root: Path, profile: str | None) -> None:
     index.close()
 
 
+async def send(files: int, root: Path) -> None:
+    index = Index(root / "index.db")
+    index.upsert_versions(Version.of(entry(i)[0]) for i in range(files))
+    replica = Replica(SENDER, index)
+
+    class Data:  # what the pusher asks of the data plane: the replica, and lsyncd's scans
+        def __init__(self) -> None:
+            self.replica = replica
+
+        async def scan(self, paths: list[str]) -> None:
+            pass
+
+    pushes = Pushes(me=SENDER, epoch=1, index=index, data=Data(),  # type: ignore[arg-type]
+                    creds=None, data_dir=root,  # type: ignore[arg-type]
+                    endpoint=lambda peer: ("127.0.0.1", 1), own_grace=0.0)
+    pushed = 0
+    done = asyncio.Event()
+
+    async def stub(order: rsync_push.PushOrder, *_args: object, **_kw: object) -> int:
+        nonlocal pushed
+        pushed += len(order.paths)
+        if pushed >= files:
+            done.set()
+        return 0
+
+    rsync_push.push = stub  # type: ignore[assignment]
+    pushes.add_peer("n2")
+    t0 = time.process_time()
+    pushes.sweep("n2")
+    task = asyncio.create_task(pushes.run())
+    await asyncio.wait_for(done.wait(), 600)
+    cpu = time.process_time() - t0
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    print(f"sender, {files} paths: {cpu:.2f} CPU-s, {cpu / files * 1000:.3f} per 1,000 paths")
+    index.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=20_000)
     ap.add_argument("--profile")
+    ap.add_argument("--sender", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(run(args.files, Path(tmp), args.profile))
+        asyncio.run(send(args.files, Path(tmp)) if args.sender
+                    else run(args.files, Path(tmp), args.profile))
 
 
 if __name__ == "__main__":
