@@ -10,9 +10,11 @@ tree in memory (``behind`` pages by path, ``limit`` rows at a time).
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
-from mesh.core.digest import bucket_of
+from mesh.core.digest import Digest, bucket_of
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
 from mesh.store.index import Index
@@ -69,3 +71,17 @@ def versions_in_buckets(index: Index, wanted: set[int], page: int = CHUNK
         if len(rows) < page:
             return
         after = rows[-1][0]
+
+
+def digest_in_thread(db_path: Path, peer: str | None = None) -> Digest:
+    """The digest of our disk versions (``Digest.of(Index.disk_items())``), or of what
+    ``peer`` announced (``Index.peer_items``), read through a connection of its own, to
+    run in a thread: a million paths hash for seconds, which the event loop must not
+    wait for (issue 16). It reads the index as last committed (WAL)."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        rows = (db.execute("SELECT path, vector FROM versions") if peer is None else
+                db.execute("SELECT path, vector FROM peer_vectors WHERE peer = ?", (peer,)))
+        return Digest.of((path, unpack_vector(blob)) for path, blob in rows)
+    finally:
+        db.close()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mesh.core import wire
 from mesh.core.delivery import Outbox
-from mesh.core.digest import bucket_of
+from mesh.core.digest import Digest, bucket_of
 from mesh.core.effects import PathState
 from mesh.core.manifest import Entry, Kind
 from mesh.core.replica import Replica
@@ -120,4 +120,17 @@ def test_conflicts_on_many_paths_in_one_query(tmp_path: Path) -> None:
     index.db.set_trace_callback(None)
     assert [r.conflict for r in got] == [logged[0], logged[1], logged[2]]
     assert len(statements) == 1
+    index.close()
+
+
+def test_a_digest_in_a_thread_is_the_index_digest(tmp_path: Path) -> None:
+    """What a digest request is answered with, and what a resync compares it to, read
+    through a connection of their own (to run off the event loop)."""
+    index = Index(tmp_path / "s.db")
+    fill(index, [(({"n1": i + 1}, i % 3 != 0), False, {"n1": i} if i else None)
+                 for i in range(30)])
+    assert index.path is not None
+    assert bulk.digest_in_thread(index.path) == Digest.of(index.disk_items())
+    assert bulk.digest_in_thread(index.path, PEER) == Digest.of(index.peer_items(PEER))
+    assert bulk.digest_in_thread(index.path, "n9") == Digest.of(())
     index.close()
