@@ -198,6 +198,11 @@ class Pushes:
         over."""
         self._sweeps[peer] = _Sweep(time.monotonic())
         self._page()
+        if self.plan.pending(peer) and self.endpoint(peer) is None:
+            # Nothing goes until its hello names its tunnel port: said, not left silent
+            # (issue 16: a "behind" report with no push after it).
+            LOG.warning("%s is behind, its catch-up queued: no push until its hello names "
+                        "its tunnel port", peer)
         self._wake.set()
 
     def _page(self) -> bool:
