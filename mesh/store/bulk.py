@@ -78,7 +78,7 @@ def digest_in_thread(db_path: Path, peer: str | None = None) -> Digest:
     ``peer`` announced (``Index.peer_items``), read through a connection of its own, to
     run in a thread: a million paths hash for seconds, which the event loop must not
     wait for (issue 16). It reads the index as last committed (WAL)."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True)
     try:
         rows = (db.execute("SELECT path, vector FROM versions") if peer is None else
                 db.execute("SELECT path, vector FROM peer_vectors WHERE peer = ?", (peer,)))
