@@ -113,6 +113,7 @@ class PushPlanner:
         elif not sending:
             q.sending.pop(path, None)
         if awaiting and pushed is not None:
+            q.awaiting.pop(path, None)  # appended anew: the dict stays in deadline order
             q.awaiting[path] = (pushed, now + CONFIRM_S)
         elif not awaiting:
             q.awaiting.pop(path, None)
@@ -131,12 +132,13 @@ class PushPlanner:
         for q in self._peers.values():
             self._fire(q, path, Event.CHANGED, now)
 
-    def behind(self, peer: str, paths: Iterable[str], now: float) -> int:
-        """After a resync with ``peer``: queue those of ``paths`` it is behind on.
-        Returns how many paths are queued for it now."""
+    def behind(self, peer: str, paths: Iterable[str], now: float, *,
+               checked: bool = False) -> int:
+        """After a resync with ``peer``: queue those of ``paths`` it is behind on (all if
+        ``checked``: the gate was asked in bulk). Returns how many are queued for it."""
         q = self._queue(peer)
         for path in paths:
-            if self.view.may_push(peer, path):
+            if checked or self.view.may_push(peer, path):
                 self._fire(q, path, Event.CHANGED, now)
                 q.left[path] = now  # no event of lsyncd's will name it
         return len(q.queued)
@@ -274,7 +276,16 @@ class PushPlanner:
     def pending(self, peer: str) -> int:
         """Paths queued for ``peer`` or on their way to it."""
         q = self._peers.get(peer)
-        return 0 if q is None else len(q.queued.keys() | q.sending.keys())
+        if q is None:
+            return 0
+        # Not a union of the two (a set of the whole queue every status second): what
+        # is sending is a push's worth, the queue may be a catch-up's.
+        return len(q.queued) + sum(1 for p in q.sending if p not in q.queued)
+
+    def queued(self, peer: str, limit: int) -> list[str]:
+        """The first ``limit`` paths queued for ``peer``: what its next tick looks at."""
+        q = self._peers.get(peer)
+        return [] if q is None else list(itertools.islice(q.queued, limit))
 
     def stage(self, peer: str, path: str) -> Stage:
         q = self._peers.get(peer)
@@ -329,13 +340,12 @@ class PushPlanner:
     def _recheck(self, q: PeerQueue, now: float) -> float | None:
         """Pushed paths the peer never announced back go round again; returns the
         next time one will."""
-        wake = None
-        for path, (_, until) in list(q.awaiting.items()):
-            if now >= until:
-                self._fire(q, path, Event.UNCONFIRMED, now)
-            else:
-                wake = _earliest(wake, until)
-        return wake
+        # In deadline order (``_fire`` appends anew, at a push's end + CONFIRM_S): a tick
+        # costs what falls due, not a catch-up's tens of thousands awaiting (issue 16).
+        due = list(itertools.takewhile(lambda kv: now >= kv[1][1], q.awaiting.items()))
+        for path, _ in due:
+            self._fire(q, path, Event.UNCONFIRMED, now)
+        return next((until for _, until in q.awaiting.values()), None)
 
     def _ready(self, q: PeerQueue, now: float) -> tuple[list[str], float | None]:
         """Queued paths due now, oldest first, at most ``PATHS_PER_PUSH``; and when the

@@ -6,14 +6,16 @@ listings (``mesh.core.tree``). Long answers go in chunks, the last one marked do
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from mesh.core import tree, wire
 from mesh.core.delivery import Outbox
-from mesh.core.digest import Digest, bucket_of
+from mesh.core.digest import Digest
 from mesh.core.manifest import MAX_CONFLICTS, Entry, Manifest
+from mesh.store import bulk
 from mesh.store.index import Index
 
 LOG = logging.getLogger("mesh.engine.exchange")
@@ -51,9 +53,11 @@ def answer(peer: str, m: wire.Message | Manifest, index: Index, outbox: Outbox, 
         return [wire.encode(wire.DigestReply(m.rid, epoch, outbox.seq, digest,
                                              conflict_digest(ids), len(ids)))]
     if isinstance(m, wire.EntriesRequest):
-        wanted = set(m.buckets)
-        paths = [p for p in index.paths() if bucket_of(p) in wanted]
-        heads = [h for v in index.versions_in(paths) for h in v.heads]
+        # Streamed from the index a page at a time, each reply encoded as it is sent
+        # (issue 16: an empty node fetches every bucket; the whole tree's entries and
+        # replies were built at once, with a query per path).
+        heads = (h for v in bulk.versions_in_buckets(index, set(m.buckets))
+                 for h in v.heads)
         return _chunks(heads, ENTRIES_PER_REPLY,
                        lambda part, done: wire.EntriesReply(m.rid, tuple(part), done))
     if isinstance(m, wire.ConflictIdsRequest):
@@ -84,9 +88,15 @@ def _answer_verify(index: Index, m: wire.TreeRequest | wire.ListingRequest
 T = TypeVar("T")
 
 
-def _chunks(items: list[T], size: int,
-            build: Callable[[list[T], bool], wire.Message]) -> list[bytes]:
-    if not items:
-        return [wire.encode(build([], True))]
-    return [wire.encode(build(items[i:i + size], i + size >= len(items)))
-            for i in range(0, len(items), size)]
+def _chunks(items: Iterable[T], size: int,
+            build: Callable[[list[T], bool], wire.Message]) -> Iterator[bytes]:
+    """``items`` in replies of ``size``, the last one marked done, each encoded when the
+    caller takes it."""
+    it = iter(items)
+    part = list(itertools.islice(it, size))
+    while True:
+        after = list(itertools.islice(it, size))
+        yield wire.encode(build(part, not after))
+        if not after:
+            return
+        part = after

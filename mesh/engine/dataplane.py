@@ -29,7 +29,7 @@ from mesh.clock import now_ms
 from mesh.core.effects import Effect, Observed, Restore, Want, WriteCopy
 from mesh.core.landing import Staged, StagedFile, staged, to_reaim
 from mesh.core.manifest import ContentKey, Kind
-from mesh.core.paths import deepest_first
+from mesh.core.paths import deepest_first, parent
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
@@ -63,6 +63,9 @@ class DataPlane:
         self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
         self.writer = Materializer(index=index, keep=keep, kept=self.kept, scanner=scanner)
         self.wants = 0
+        # Hashes of kept content that a kept row records (or may, once this apply
+        # files it away): read once per ``apply``, not per restore.
+        self._kept_rows: set[bytes] = set()
 
     # --- scanning ---------------------------------------------------------------------
 
@@ -179,6 +182,12 @@ class DataPlane:
         # One transaction for them all: a push's end restores hundreds of paths, each
         # scanned and recorded (a commit each was most of a burst's time).
         with self.index.batch():
+            # Read in bulk what the restores will ask for one by one (issue 16: a
+            # catch-up push restores 2,000 paths; a query each per state and per kept
+            # content was a fifth of the receiver's time).
+            restored = [fx.version.path for fx in effects if isinstance(fx, Restore)]
+            self.index.prefetch([*restored, *filter(None, map(parent, restored))])
+            self._kept_rows = set(self.kept.rows_of(c[1] for c in needed))
             for _ in range(100_000):  # bounded: every step settles a path or gives up on it
                 if not queue:
                     break
@@ -219,6 +228,10 @@ class DataPlane:
             return effects
         winner = version.winner
         current = seen[rel]  # what the index now records there, and what we file away
+        if current is not None:
+            # Filed away below and maybe recorded as kept: a later restore of this apply
+            # must not take that object out of the keep area (it copies it instead).
+            self._kept_rows.add(current.content[1])
         try:
             if version.content is not None:
                 needed[version.content] -= 1
@@ -231,10 +244,11 @@ class DataPlane:
                                         at_source=current is not None
                                         and current.content == version.content,
                                         take=needed[version.content] <= 0
-                                        and not self.kept.rows_of([version.content[1]]))
+                                        and version.content[1] not in self._kept_rows)
             else:
                 if current is not None:
                     self.writer.file_away(rel, rel, current.content, Reason.DELETED)
+                    self._kept_rows.add(current.content[1])
                 if self.fs.lexists(rel):  # a folder still holding entries: the replica
                     return effects + self._observe([rel])  # decides (DESIGN.md, Folders)
         except Superseded:
@@ -271,39 +285,65 @@ class DataPlane:
                 {rel: goal}, StagedFile(rel, found.content)) is Staged.KEEP
 
         staging = self.keep.staging_dir(push_id)
-        kept = await self._file_away_under(
-            staging, lambda rel: self.keep.staging_rel(push_id, rel), converged_to)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(staging)  # what is left was not the version: dropped
-        # A push that landed the way releases before issue 11 did (in place, what it
-        # replaced in ``<keep>/<push id>``), cut short by a stop: keep what it displaced.
-        backup = self.keep.push_dir(push_id)
-        await self._file_away_under(backup, lambda rel: self.keep.push_rel(push_id, rel),
-                                    lambda _rel, _found: True)
-        _remove_empty_dirs(backup)
-        with self.index.batch():
-            effects = [fx for rel in to_reaim(announced, kept) for fx in self.replica.reaim(rel)]
-        await self.apply(effects)
+        announced = list(announced)
+        try:
+            # Held where rsync staged them: a restore moves each to its path in one
+            # rename (``KeepArea.hold``); what is left is filed into the objects below.
+            kept = await self._file_away_under(
+                staging, lambda rel: self.keep.staging_rel(push_id, rel), converged_to,
+                expected=announced, hold=True)
+            # A push that landed the way releases before issue 11 did (in place, what it
+            # replaced in ``<keep>/<push id>``), cut short by a stop: keep what it
+            # displaced.
+            backup = self.keep.push_dir(push_id)
+            await self._file_away_under(backup, lambda rel: self.keep.push_rel(push_id, rel),
+                                        lambda _rel, _found: True)
+            _remove_empty_dirs(backup)
+            with self.index.batch():
+                reaim = to_reaim(announced, kept)
+                self.index.prefetch(reaim)
+                effects = [fx for rel in reaim for fx in self.replica.reaim(rel)]
+            await self.apply(effects)
+        finally:
+            for rel, err in self.keep.file_held():
+                LOG.warning("keep %s: %s", rel, err)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(staging)  # what is left was not the version: dropped
 
     async def _file_away_under(self, folder: Path, rel_of: Callable[[str], str],
-                               wanted: Callable[[str, Observed], bool]) -> list[str]:
+                               wanted: Callable[[str, Observed], bool],
+                               expected: list[str] | None = None, hold: bool = False
+                               ) -> list[str]:
         """File into the keep area's objects each file under ``folder`` (a staging or
         backup dir; ``rel_of`` names it from the data folder) that is ``wanted``; the
         paths filed. Large files are hashed in a thread: hundreds of MB would stall
-        every link and push of this node."""
+        every link and push of this node. ``expected``: the paths likely there, whose
+        states ``wanted`` reads, read in bulk first (one transaction for them all).
+        ``hold``: files stay where they are until ``KeepArea.file_held``."""
         scanner = Scanner(folder, ignore=lambda _: False)
-        kept: list[str] = []
-        for rel in _files_under(folder):
+        files = _files_under(folder)
+        hashed: dict[str, Observed | None] = {}  # large ones, hashed before the batch
+        for rel in files:
             try:
-                large = os.lstat(folder / rel).st_size >= PREHASH_BYTES
-                found = (await asyncio.to_thread(scanner.observe, rel) if large
-                         else scanner.observe(rel))
-                if found is None or not wanted(rel, found):
-                    continue
-                self.keep.file_away(rel_of(rel), found.content)
-                kept.append(rel)
+                if os.lstat(folder / rel).st_size >= PREHASH_BYTES:
+                    hashed[rel] = await asyncio.to_thread(scanner.observe, rel)
             except (OSError, MeshError) as err:
+                hashed[rel] = None
                 LOG.warning("keep %s: %s", rel_of(rel), err)
+        kept: list[str] = []
+        # One transaction, no await inside: another task's batch must not join it.
+        with self.index.batch():
+            self.index.prefetch(expected or ())
+            for rel in files:
+                try:
+                    found = hashed[rel] if rel in hashed else scanner.observe(rel)
+                    if found is None or not wanted(rel, found):
+                        continue
+                    (self.keep.hold if hold else self.keep.file_away)(rel_of(rel),
+                                                                       found.content)
+                    kept.append(rel)
+                except (OSError, MeshError) as err:
+                    LOG.warning("keep %s: %s", rel_of(rel), err)
         return kept
 
     def _stamp(self, path: str, when: float) -> None:

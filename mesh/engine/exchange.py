@@ -45,6 +45,7 @@ from mesh.engine.answers import answer, conflict_digest, tree_entries
 from mesh.engine.peerview import PeerView
 from mesh.engine.requests import Requests
 from mesh.errors import MeshError, RemoteProtocolError
+from mesh.store import bulk
 from mesh.store.index import Index
 
 LOG = logging.getLogger("mesh.engine.exchange")
@@ -325,7 +326,8 @@ class Exchange:
             reply = await self.requests.ask_one(peer, wire.DigestRequest)
             if not isinstance(reply, wire.DigestReply):
                 raise RemoteProtocolError("digest request answered with something else", peer=peer)
-            ours = Digest.of(self.index.peer_items(peer))
+            ours = (Digest.of(self.index.peer_items(peer)) if self.index.path is None else
+                    await asyncio.to_thread(bulk.digest_in_thread, self.index.path, peer))
             buckets = reply.digest.differing(ours)
             fetched = 0
             if buckets:
@@ -372,7 +374,17 @@ class Exchange:
             LOG.warning("refused request from %s: %s", peer, err.reason)
             return
         respond = self.topics.resp(peer)
-        for reply in answer(peer, message, self.index, self.outbox, self.epoch):
+        replies: Iterable[bytes]
+        if isinstance(message, wire.DigestRequest) and self.index.path is not None:
+            # Hashed in a thread (issue 16). The seq is taken first: the digest may hold
+            # more than it, never less, and what is after it is replayed anyway.
+            seq, ids = self.outbox.seq, self.index.conflict_ids()
+            digest = await asyncio.to_thread(bulk.digest_in_thread, self.index.path)
+            replies = [wire.encode(wire.DigestReply(message.rid, self.epoch, seq, digest,
+                                                    conflict_digest(ids), len(ids)))]
+        else:
+            replies = answer(peer, message, self.index, self.outbox, self.epoch)
+        for reply in replies:
             await self.publish(respond, reply, 1, False)
 
     # --- mesh verify (issue 5): per-folder tree sums, see mesh.core.tree -----------------

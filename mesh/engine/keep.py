@@ -30,6 +30,7 @@ from pathlib import Path
 from mesh.adapters.fs.beneath import Beneath
 from mesh.core.manifest import ContentKey, Kind
 from mesh.core.paths import KEEP_NAME
+from mesh.errors import MeshError
 
 
 def _subdirs(parent: Path) -> list[Path]:
@@ -56,6 +57,11 @@ class KeepArea:
         self.unfinished = sorted(
             {p.name for p in _subdirs(self.incoming)}
             | {p.name for p in _subdirs(self.root) if p.name not in ours})
+        # Files of a push's staging dir kept where rsync staged them while its end puts
+        # them in place (``hold``), by hash: a file taken to its path moves once, not
+        # into the objects and out again (issue 16: three renames per pushed file were a
+        # third of a push's end). What no restore took is filed (``file_held``).
+        self._held: dict[bytes, str] = {}
 
     def staging_dir(self, push_id: str) -> Path:
         """Where rsync lands push ``push_id`` (``mesh.core.landing``)."""
@@ -79,7 +85,33 @@ class KeepArea:
     def has(self, content: ContentKey) -> bool:
         if content[0] is Kind.DIR:
             return True  # a directory has no content to keep
-        return self.object_path(content).exists()
+        return content[1] in self._held or self.object_path(content).exists()
+
+    def hold(self, rel: str, content: ContentKey) -> None:
+        """Keep the staged file ``rel`` (``content``) where it is until ``file_held``:
+        ``take_out`` moves it straight to its path. Links and folders are filed now."""
+        if content[0] is not Kind.FILE:
+            self.file_away(rel, content)
+        elif self.has(content):
+            self.fs.unlink(rel)  # same content is kept already
+        else:
+            self._held[content[1]] = rel
+
+    def file_held(self) -> list[tuple[str, OSError | MeshError]]:
+        """File into the objects what ``hold`` kept and no restore took; what could not
+        be, and why."""
+        failed: list[tuple[str, OSError | MeshError]] = []
+        while self._held:
+            digest, rel = self._held.popitem()
+            try:
+                self.fs.rename(rel, f"{KEEP_NAME}/{self.objects.name}/{digest.hex()}")
+            except (OSError, MeshError) as err:
+                failed.append((rel, err))
+        return failed
+
+    def _source(self, content: ContentKey) -> str:
+        """Where the kept content is now, relative to the data folder."""
+        return self._held.get(content[1]) or self.object_rel(content)
 
     def file_away(self, rel: str, content: ContentKey) -> None:
         """Move ``rel`` (whose content is ``content``) into the objects."""
@@ -104,7 +136,7 @@ class KeepArea:
     def copy_out(self, content: ContentKey, dest: str, mode: int,
                  mtime_ns: int = 0) -> os.stat_result:
         """Write the kept content as the new file ``dest`` (a temp name); its ``lstat``."""
-        fd = self.fs.open_file(self.object_rel(content))
+        fd = self.fs.open_file(self._source(content))
         try:
             return self.fs.write_file(dest, fd, mode, mtime_ns)
         finally:
@@ -112,7 +144,8 @@ class KeepArea:
 
     def take_out(self, content: ContentKey, dest: str) -> None:
         """Move the kept content to ``dest`` (a temp name; ``put_back`` undoes it)."""
-        self.fs.rename(self.object_rel(content), dest, create=True)
+        self.fs.rename(self._source(content), dest, create=True)
+        self._held.pop(content[1], None)
 
     def put_back(self, content: ContentKey, source: str) -> None:
         self.fs.rename(source, self.object_rel(content))

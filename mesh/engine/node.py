@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ from mesh.engine.peerview import catching_up
 from mesh.engine.pushes import Pushes
 from mesh.engine.stalls import Stalls
 from mesh.pki import NodeCredentials
+from mesh.store import bulk
 from mesh.store.index import Index
 from mesh.store.statcache import StatCache
 
@@ -127,6 +129,7 @@ class Node:
         self.stalls = Stalls(config.stalled_after)  # issue 13: what holds health down
         self.admission = PushAdmission(
             self.pushes, announced=self.index.peer_vector,
+            announced_in=functools.partial(bulk.peer_vectors, self.index),
             wait_applied=self.exchange.wait_applied, limits=self.limits,
             on_delivered=lambda peer: self.stalls.waits.delivered(peer, time.monotonic()))
         self.tunnel = TunnelServer(creds, config.tunnel_listen.host, config.tunnel_listen.port,

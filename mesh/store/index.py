@@ -126,6 +126,10 @@ class Index(ConflictLog):
         self._peers.clear()
         self._peers_dirty.clear()
 
+    def flush(self) -> None:
+        """Write what the open batch holds back (before a query of ``mesh.store.bulk``)."""
+        self._flush()
+
     def _flush(self) -> None:
         """Write what the open batch holds back, one statement per table and kind."""
         if self._dirty:

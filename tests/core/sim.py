@@ -44,6 +44,8 @@ from mesh.core.resolver import Conflict, Version
 from mesh.core.vclock import VersionVector
 
 BASE_MS = 1_780_000_000_000
+SWEEP_PAGE = 2  # the engine's are 4,096 and 2 x PATHS_PER_PUSH (mesh.engine.pushes)
+SWEEP_AHEAD = 1
 DIR_MODE = 0o755
 TOMBSTONE_AGE_MS = 5000  # the most clock skew: above the simulation's (-2 s .. +2 s)
 
@@ -193,6 +195,7 @@ class SimNode:
         self.up = True
         # Lost when the node is killed:
         self.plan = self._planner()
+        self.sweeps: dict[str, tuple[str, float]] = {}  # peer -> (after, since)
         self.outbox: dict[str, Version] = {}
         self.out_conflicts: list[tuple[Entry, Entry]] = []
         # Kept on disk: each incoming push's staging dir.
@@ -221,6 +224,7 @@ class SimNode:
         if not self.up:
             return
         up = [p for p in self.peers if self.cluster.nodes[p].up]
+        self._page()
         for push in self.plan.tick(self.now_s, up).pushes:
             versions = dict(push.versions)
             related = tuple((c.winner, c.loser) for c in self.store.conflict_map().values()
@@ -228,6 +232,25 @@ class SimNode:
             push_id = f"{self.name}-{next(self.cluster.ids)}"
             self.cluster.network.append(
                 PushMsg(self.name, push.peer, push_id, versions, related, push, self.plan))
+
+    def _page(self) -> None:
+        """``Pushes._page`` with ``mesh.store.bulk.behind``: the sweeps after a resync
+        queue a page of what the peer is behind on (by path, of the versions waiting for
+        no target) while fewer than SWEEP_AHEAD paths are queued for it (small here,
+        so a sweep takes several pages, with writes and pushes between them)."""
+        for peer, (after, since) in list(self.sweeps.items()):
+            while self.plan.pending(peer) < SWEEP_AHEAD:
+                states = self.store.all_states()
+                rows = [p for p in sorted(states) if p > after
+                        and states[p].disk is not None and states[p].target is None]
+                rows = rows[:SWEEP_PAGE]
+                behind = [p for p in rows if self.replica.may_push(peer, p)]
+                self.plan.behind(peer, behind, since, checked=True)
+                if len(rows) < SWEEP_PAGE:
+                    del self.sweeps[peer]
+                    break
+                after = rows[-1]
+                self.sweeps[peer] = (after, since)
 
     def push_done(self, msg: PushMsg, status: int) -> None:
         """A push of ours ended (a planner of before a kill knows nothing of it)."""
@@ -443,6 +466,7 @@ class SimNode:
     def crash(self) -> None:
         self.up = False
         self.plan = self._planner()
+        self.sweeps.clear()
         self.outbox.clear()
         self.out_conflicts.clear()
 
@@ -481,8 +505,9 @@ class SimNode:
             if st.target is not None:
                 self.apply(self.replica.reaim(path))
         self.announce_all()
-        for peer in self.peers:  # as after each resync (Pushes.sweep)
-            self.plan.behind(peer, list(self.store.all_states()), self.now_s)
+        for peer in self.peers:  # as after each resync (Pushes.sweep): a page at a time
+            self.sweeps[peer] = ("", self.now_s)
+        self._page()
 
     def apply(self, fx: list[Effect]) -> None:
         for effect in fx:

@@ -1,0 +1,87 @@
+"""Queries over many paths at once, for catch-up and incoming pushes (issue 16).
+
+A catch-up of an empty node moves the whole tree: asking the index one path at a time
+(a row fetched and its heads decoded per path, in the sender's planner and in the
+receiver's admission) was most of the CPU of a join. These read what is needed in one
+statement per chunk, decode only vectors, and stream: nothing here holds the whole
+tree in memory (``behind`` pages by path, ``limit`` rows at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from mesh.core.digest import Digest, bucket_of
+from mesh.core.resolver import Version
+from mesh.core.vclock import VersionVector
+from mesh.store.index import Index
+from mesh.store.rows import unpack_heads, unpack_vector
+
+CHUNK = 8192  # paths per IN query
+
+
+def peer_vectors(index: Index, peer: str, paths: Iterable[str]) -> dict[str, VersionVector]:
+    """What ``peer`` last announced of each of ``paths`` (absent: never): the bulk form
+    of ``Index.peer_vector``."""
+    index.flush()
+    todo = list(dict.fromkeys(paths))
+    out: dict[str, VersionVector] = {}
+    for i in range(0, len(todo), CHUNK):
+        for path, blob in index.db.execute(
+                "SELECT path, vector FROM peer_vectors WHERE peer = ? AND path IN "
+                "(SELECT value FROM json_each(?))", (peer, json.dumps(todo[i:i + CHUNK]))):
+            out[path] = unpack_vector(blob)
+    return out
+
+
+def behind(index: Index, peer: str, after: str, limit: int) -> tuple[list[str], str | None]:
+    """The next page of a sweep for what ``peer`` is behind on: of the first ``limit``
+    indexed paths after ``after`` (by path) that wait for no target, those our disk
+    version may overwrite ``peer``'s with (``Replica.may_push``: content where it
+    announced nothing, else a vector strictly after what it announced); and the last
+    path of the page, to continue after (None: the sweep is done)."""
+    index.flush()
+    rows = index.db.execute(
+        "SELECT v.path, v.vector, v.hash IS NOT NULL, p.vector FROM versions v "
+        "LEFT JOIN peer_vectors p ON p.peer = ? AND p.path = v.path "
+        "WHERE v.path > ? AND NOT EXISTS (SELECT 1 FROM targets t WHERE t.path = v.path) "
+        "ORDER BY v.path LIMIT ?", (peer, after, limit)).fetchall()
+    out = [path for path, mine, held, seen in rows
+           if (held if seen is None else unpack_vector(mine).dominates(unpack_vector(seen)))]
+    return out, (rows[-1][0] if len(rows) == limit else None)
+
+
+def versions_in_buckets(index: Index, wanted: set[int], page: int = CHUNK
+                        ) -> Iterator[Version]:
+    """Our disk versions of the paths in the digest buckets ``wanted``, by path, a page
+    of ``page`` rows per query, decoded only when wanted: what a peer's catch-up fetches
+    (all 4,096 buckets for an empty node). No cursor stays open between pages: the
+    caller may publish, and the index be written, between two."""
+    after = ""
+    while True:
+        index.flush()
+        rows = index.db.execute("SELECT path, heads FROM versions WHERE path > ? "
+                                "ORDER BY path LIMIT ?", (after, page)).fetchall()
+        for path, blob in rows:
+            if bucket_of(path) in wanted:
+                yield unpack_heads(blob)
+        if len(rows) < page:
+            return
+        after = rows[-1][0]
+
+
+def digest_in_thread(db_path: Path, peer: str | None = None) -> Digest:
+    """The digest of our disk versions (``Digest.of(Index.disk_items())``), or of what
+    ``peer`` announced (``Index.peer_items``), read through a connection of its own, to
+    run in a thread: a million paths hash for seconds, which the event loop must not
+    wait for (issue 16). It reads the index as last committed (WAL)."""
+    db = sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        rows = (db.execute("SELECT path, vector FROM versions") if peer is None else
+                db.execute("SELECT path, vector FROM peer_vectors WHERE peer = ?", (peer,)))
+        return Digest.of((path, unpack_vector(blob)) for path, blob in rows)
+    finally:
+        db.close()
