@@ -295,7 +295,11 @@ def test_push_landing_on_an_unscanned_edit_keeps_the_edit(tmp_path: Path) -> Non
     with running(tmp_path, nets=NETS) as cluster:
         n1, n2, _ = cluster.nodes
         seed(cluster, cluster.nodes[2], "shared.txt", b"v0\n")
-        wait_for(lambda: _denied(n2) >= 2, 30, "n2's gate to deny the echo of shared.txt")
+        # n2's lsyncd syncing to both peers: it restarts when a peer's tunnel becomes
+        # known, and an event in that instant (the seed's landing, say) is not seen. Waiting
+        # for its gate to deny the seed's echo raced that restart (a CI run, 30 s).
+        wait_for(lambda: sorted((n2.status() or {}).get("lsyncd", {}).get("peers", []))
+                 == ["n1", "n3"], 30, "n2's lsyncd to sync to n1 and n3")
         written = {"n2": b"n2's edit, still open for writing\n", "n1": b"n1's edit\n"}
         path = n2.data / "shared.txt"
         kept_on_n2 = n2.data / ".mesh-keep" / "objects" / sha(written["n1"])
