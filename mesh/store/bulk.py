@@ -10,13 +10,13 @@ tree in memory (``behind`` pages by path, ``limit`` rows at a time).
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mesh.core.digest import Digest, bucket_of
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
+from mesh.store.db import connect_read_only
 from mesh.store.index import Index
 from mesh.store.rows import unpack_heads, unpack_vector
 
@@ -78,7 +78,7 @@ def digest_in_thread(db_path: Path, peer: str | None = None) -> Digest:
     ``peer`` announced (``Index.peer_items``), read through a connection of its own, to
     run in a thread: a million paths hash for seconds, which the event loop must not
     wait for (issue 16). It reads the index as last committed (WAL)."""
-    db = sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True)
+    db = connect_read_only(db_path)
     try:
         rows = (db.execute("SELECT path, vector FROM versions") if peer is None else
                 db.execute("SELECT path, vector FROM peer_vectors WHERE peer = ?", (peer,)))

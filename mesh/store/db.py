@@ -38,6 +38,14 @@ def connect(path: Path | str) -> sqlite3.Connection:
     return db
 
 
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection of its own to the state database at ``path``, for work in
+    a thread (``check_same_thread`` off). By URI, quoted: a '?', '#' or '%' in a folder's
+    name would otherwise be taken apart. Raises ``sqlite3.Error``."""
+    return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                           check_same_thread=False)
+
+
 def _schema_files() -> list[tuple[int, str]]:
     folder = resources.files("mesh.store") / "schema"
     files = sorted(f.name for f in folder.iterdir() if f.name.endswith(".sql"))

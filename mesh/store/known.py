@@ -15,6 +15,7 @@ from pathlib import Path
 from mesh.core.manifest import Kind
 from mesh.core.reconcile import Known
 from mesh.errors import StoreError
+from mesh.store.db import connect_read_only
 from mesh.store.statcache import from_sql_ino
 
 _KNOWN = (
@@ -55,9 +56,7 @@ class KnownPaths:
 def open_reader(path: Path) -> Iterator[KnownPaths]:
     """A read-only connection of its own to the state database at ``path``."""
     try:
-        # By URI, quoted: a '?', '#' or '%' in a folder's name would be taken apart.
-        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
-                             check_same_thread=False)
+        db = connect_read_only(path)
     except sqlite3.Error as err:
         raise StoreError(f"open {path} to read: {err}") from err
     try:
