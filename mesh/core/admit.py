@@ -3,8 +3,8 @@
 A certified node can send anything the codec accepts. Two kinds of values would
 then harm the receiver's own state rather than just the paths they name:
 
-* **counters near the top of int64.** A node writes with its own counter one
-  above every counter of its own the path carries (``Replica._edit``); a
+* **counters near the top of int64.** A node writes with its own counter above
+  every counter of its own the path carries (``Replica._counter``); a
   tombstone claiming ``{victim: 2**63-1}`` made the victim's next write of
   that path overflow, and the agent exit, again at every restart. A counter
   above ``Limits.max_counter`` (2**62) is refused, whoever it belongs to: an
@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mesh.core.manifest import Entry
+from mesh.core.resolver import Version
 from mesh.core.vclock import MAX_COUNTER, Ordering, VersionVector, hlc_wall_ms
 from mesh.errors import LocalProtocolError
 
@@ -118,6 +119,20 @@ def unannounced(entries: Iterable[Entry], conflicts: Iterable[tuple[Entry, Entry
                              f"announced (vector {_vector(seen)})")
                 break
     return out
+
+
+def stand_in(path: str, me: str, announced: Iterable[VersionVector]) -> Version | None:
+    """What replaces our version of ``path`` when it is forgotten (``Index.purge``): a
+    delete of ours under the merge of the vectors the peers ``announced`` for it, or
+    None when none did. Our next write of the path then dominates all they hold; what
+    they hold that we never heard of is concurrent with it, and our counter for it is
+    new all the same (``Replica._counter``), so no vector names two contents."""
+    vector = VersionVector()
+    for v in announced:
+        vector = vector.merge(v)
+    if not vector:
+        return None
+    return Version((Entry(path, vector, None, writer=me),))
 
 
 def clock_refusal(clock: int, wall_ms: int, limits: Limits) -> str | None:

@@ -7,8 +7,8 @@ import functools
 import sqlite3
 from collections.abc import Callable, Iterable
 
+from mesh.core import admit
 from mesh.core.manifest import Entry
-from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
 from mesh.errors import MeshError
 from mesh.store.rows import heads_of, pair_of, unpack_vector, version_row
@@ -48,8 +48,9 @@ def purge_rows(db: sqlite3.Connection, me: str, path_refused: Callable[[str], bo
         db.executemany(f"DELETE FROM {table} WHERE path = ?",  # noqa: S608
                        [(p,) for p in doomed[table]])
         counts[table] = len(doomed[table])
-    stand_ins = [_stand_in(db, me, path) for path in doomed["versions"]
-                 if not path_refused(path)]
+    stand_ins = [admit.stand_in(path, me, (unpack_vector(blob) for (blob,) in db.execute(
+                     "SELECT vector FROM peer_vectors WHERE path = ?", (path,))))
+                 for path in doomed["versions"] if not path_refused(path)]
     db.executemany("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)",
                    [version_row(v) for v in stand_ins if v is not None])
     conflicts = [(cid,) for cid, path, winner, loser in
@@ -59,13 +60,3 @@ def purge_rows(db: sqlite3.Connection, me: str, path_refused: Callable[[str], bo
     counts["conflicts"] = len(conflicts)
     return counts
 
-
-def _stand_in(db: sqlite3.Connection, me: str, path: str) -> Version | None:
-    """A delete of ours under the merge of what the peers announced for ``path``, or
-    None when none did (see ``purge``)."""
-    vector = VersionVector()
-    for (blob,) in db.execute("SELECT vector FROM peer_vectors WHERE path = ?", (path,)):
-        vector = vector.merge(unpack_vector(blob))
-    if not vector:
-        return None
-    return Version((Entry(path, vector, None, writer=me),))

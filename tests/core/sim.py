@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mesh.core import manifest, retention
+from mesh.core import admit, manifest, retention
 from mesh.core.effects import (
     Announce,
     Effect,
@@ -469,6 +469,29 @@ class SimNode:
         self.sweeps.clear()
         self.outbox.clear()
         self.out_conflicts.clear()
+
+    def purge(self, path: str) -> None:
+        """``Index.purge`` at a start (``mesh.engine.bounds``): the version we hold of
+        ``path`` was a peer's, and the bounds now refuse it; it is forgotten, with that
+        peer's announced vector, and in its place is a delete of ours under what the
+        other peers announced (``admit.stand_in``)."""
+        st = self.store.state(path)
+        if self.up or st.disk is None or st.target is not None:
+            return
+        poisoner = st.disk.winner.writer
+        if poisoner == self.name:
+            return
+        # What our disk holds there is scanned again as a write of ours: the purge's
+        # contract (the forgotten version no longer says it was seen and replaced).
+        at = self.disk.get(path)
+        if at is not None and at.data is not None:
+            self.cluster.dead.discard((path, at.data, at.mode))
+        self.store.forget(path, [poisoner])
+        stand_in = admit.stand_in(path, self.name, [
+            v for p in self.peers if (v := self.store.peer_vector(p, path)) is not None])
+        if stand_in is not None:
+            self.store.set_state(path, PathState(stand_in, None))
+        self.cache.pop(path, None)
 
     def collect(self, known: list[str] | None = None) -> list[ContentKey]:
         """The collector (issue 14) at its most eager: every object nothing needs goes

@@ -5,8 +5,8 @@ nodes, scans that lag behind them, manifests that are reordered, duplicated and
 delayed, pushes that land path by path while the receiver's user writes the same
 paths (their gate decision may be stale by then, and the sender's disk may have
 moved on), pushes overlapping on one path, folder deletes racing creates under
-them, and nodes killed at any step and restarted (cut-short pushes are settled
-at the restart). After delivery quiesces, every node must hold the same tree and
+them, nodes killed at any step and restarted (cut-short pushes are settled
+at the restart), and a peer's version forgotten at a restart (``Index.purge``). After delivery quiesces, every node must hold the same tree and
 vectors, no write may be lost, nothing a user deleted or replaced having seen it
 may come back, and every node must have logged the same conflicts.
 """
@@ -58,6 +58,7 @@ actions = st.one_of(
     st.tuples(st.just("flow"), st.integers(1, 8)),
     st.tuples(st.just("crash"), node_ix),
     st.tuples(st.just("restart"), node_ix),
+    st.tuples(st.just("purge"), node_ix, path),
     st.tuples(st.just("tick"), st.integers(0, 3000)),
     st.tuples(st.just("collect"), node_ix),
     st.tuples(st.just("collect"), node_ix),
@@ -113,6 +114,7 @@ NODE_ACTIONS = {
     "scan": "scan",
     "flush": "flush",
     "plan": "plan_tick",
+    "purge": "purge",
 }
 
 
@@ -360,3 +362,29 @@ def test_a_restart_scans_only_what_changed_while_down_and_loses_none_of_it() -> 
     assert cluster.trees()["n2"] == cluster.trees()["n1"]
     assert n2.disk["g"].mode == 0o600 and "d/h" not in n2.disk
     check_invariants(cluster)
+
+
+def test_a_node_that_forgot_a_path_never_reuses_its_counter() -> None:
+    """The fresh-clone CI run of d42d146 (``test_hostile_node.py::
+    test_a_state_poisoned_before_the_bounds_does_not_stop_the_agent``): n1's version of
+    f, n2's write on top of n1's, is forgotten at a start (the bounds refuse it), and no
+    other peer announced f, so nothing stands in for it. n1's user writes f again: with
+    counters one above what the path's state carries, that write was {n1: 1} again,
+    before n2's {n1: 1, n2: 1}, and lost to it (or, where {n1: 1} was still held,
+    one vector named two contents and the nodes stopped converging)."""
+    cluster = Cluster(2, [0])
+    n1, n2 = cluster.nodes.values()
+    n1.user_write("f", 0o644)
+    cluster.quiesce()
+    cluster.time_ms += 1000
+    n2.user_write("f", 0o644)
+    cluster.quiesce()
+    n1.crash()
+    n1.purge("f")
+    assert n1.store.state("f").disk is None  # nothing stands in: n2's vector went too
+    cluster.time_ms += 1000
+    n1.user_write("f", 0o644)
+    mine = n1.disk["f"].data
+    cluster.quiesce()
+    check_invariants(cluster)
+    assert mine in {f.data for f in n2.disk.values()}
