@@ -6,9 +6,10 @@ delayed, pushes that land path by path while the receiver's user writes the same
 paths (their gate decision may be stale by then, and the sender's disk may have
 moved on), pushes overlapping on one path, folder deletes racing creates under
 them, nodes killed at any step and restarted (cut-short pushes are settled
-at the restart), and a peer's version forgotten at a restart (``Index.purge``). After delivery quiesces, every node must hold the same tree and
-vectors, no write may be lost, nothing a user deleted or replaced having seen it
-may come back, and every node must have logged the same conflicts.
+at the restart), and a peer's version forgotten at a restart (``Index.purge``).
+After delivery quiesces, every node must hold the same tree and vectors, no
+write may be lost, nothing a user deleted or replaced having seen it may come
+back, and every node must have logged the same conflicts.
 """
 
 from __future__ import annotations
