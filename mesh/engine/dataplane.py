@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Container, Iterable
 from pathlib import Path
 
 from mesh.adapters.fs.reconcile import against_index
@@ -33,7 +33,7 @@ from mesh.core.paths import deepest_first, parent
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
-from mesh.engine.keep import KeepArea
+from mesh.engine.keep import KeepArea, files_under, remove_empty_dirs
 from mesh.engine.materialize import Materializer, Superseded
 from mesh.errors import MeshError
 from mesh.store.index import Index
@@ -50,14 +50,20 @@ Forward = Callable[[list[Effect]], Awaitable[None]]
 
 class DataPlane:
     def __init__(self, *, root: Path, replica: Replica, index: Index, keep: KeepArea,
-                 scanner: Scanner, forward: Forward) -> None:
+                 scanner: Scanner, forward: Forward,
+                 being_written: Callable[[], Container[str]] = frozenset) -> None:
+        """``being_written``: the files a writer has open and changed (the watcher's
+        ``being_written``); a restore leaves them until the writer closes them."""
         self.root = root
         self.replica = replica
         self.index = index
         self.keep = keep
         self.scanner = scanner
         self.forward = forward  # announcements and conflicts go to the exchange
+        self.being_written = being_written
         self.unsettled: set[str] = set()
+        self._deferred: set[str] = set()  # restores left while a writer had the file open
+        self._busy: Container[str] = frozenset()  # ``being_written`` as this apply began
         self._scanned_at: dict[str, float] = {}  # path -> when its last scan began
         self.fs = keep.fs  # file operations beneath the root, no symlink followed
         self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
@@ -108,6 +114,12 @@ class DataPlane:
                 await asyncio.sleep(0)  # apply need not yield: links, broker, control
         if batch:
             await self.apply(self._observe(batch))
+        again = self._deferred.intersection(paths)
+        if again:  # a restore left for its writer: scanned now, so aimed again
+            self._deferred -= again
+            with self.index.batch():
+                effects = [fx for path in sorted(again) for fx in self.replica.reaim(path)]
+            await self.apply(effects)
 
     async def startup(self) -> int:
         """Keep what the pushes the last stop cut short had staged, then reconcile the
@@ -186,6 +198,7 @@ class DataPlane:
             # catch-up push restores 2,000 paths; a query each per state and per kept
             # content was a fifth of the receiver's time).
             restored = [fx.version.path for fx in effects if isinstance(fx, Restore)]
+            self._busy = self.being_written() if restored else frozenset()
             self.index.prefetch([*restored, *filter(None, map(parent, restored))])
             self._kept_rows = set(self.kept.rows_of(c[1] for c in needed))
             for _ in range(100_000):  # bounded: every step settles a path or gives up on it
@@ -220,6 +233,13 @@ class DataPlane:
 
     def _restore(self, version: Version, needed: Counter[ContentKey]) -> list[Effect]:
         rel = version.path
+        if rel in self._busy:
+            # Its writer has it open: a scan now could record half a write (a file
+            # truncated, then written in place) as an edit of ours, and a second
+            # conflict. Its close brings the scan, and this restore again (``scan``).
+            LOG.debug("restore %s: being written; waiting for its writer to close it", rel)
+            self._deferred.add(rel)
+            return []
         seen: dict[str, Observed | None] = {}
         effects = self._observe([rel], seen)  # record anything unscanned first
         if rel not in seen:  # unreadable or still being written: its next scan aims again
@@ -298,7 +318,7 @@ class DataPlane:
             backup = self.keep.push_dir(push_id)
             await self._file_away_under(backup, lambda rel: self.keep.push_rel(push_id, rel),
                                         lambda _rel, _found: True)
-            _remove_empty_dirs(backup)
+            remove_empty_dirs(backup)
             with self.index.batch():
                 reaim = to_reaim(announced, kept)
                 self.index.prefetch(reaim)
@@ -321,7 +341,7 @@ class DataPlane:
         states ``wanted`` reads, read in bulk first (one transaction for them all).
         ``hold``: files stay where they are until ``KeepArea.file_held``."""
         scanner = Scanner(folder, ignore=lambda _: False)
-        files = _files_under(folder)
+        files = files_under(folder)
         hashed: dict[str, Observed | None] = {}  # large ones, hashed before the batch
         for rel in files:
             try:
@@ -368,19 +388,3 @@ class DataPlane:
                 break
             del marks[path]
 
-
-def _files_under(root: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        base = Path(dirpath).relative_to(root)
-        for name in [*filenames, *(d for d in dirnames if (Path(dirpath) / d).is_symlink())]:
-            out.append(str(base / name) if str(base) != "." else name)
-    return sorted(out)
-
-
-def _remove_empty_dirs(root: Path) -> None:
-    """Remove ``root`` and the directories under it, deepest first. What could not be
-    filed keeps its directory, and the next start files it (``KeepArea.unfinished``)."""
-    for dirpath, _, _ in os.walk(root, topdown=False):
-        with contextlib.suppress(OSError):  # not empty
-            Path(dirpath).rmdir()

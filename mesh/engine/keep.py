@@ -179,3 +179,21 @@ class KeepArea:
         tmp = self.fs.temp_name(target)
         self.fs.write_bytes(tmp, data, 0o600)
         self.fs.rename(tmp, target)
+
+
+def files_under(root: Path) -> list[str]:
+    """Every file and symlink under ``root`` (a staging or backup dir), relative, sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath).relative_to(root)
+        for name in [*filenames, *(d for d in dirnames if (Path(dirpath) / d).is_symlink())]:
+            out.append(str(base / name) if str(base) != "." else name)
+    return sorted(out)
+
+
+def remove_empty_dirs(root: Path) -> None:
+    """Remove ``root`` and the directories under it, deepest first. What could not be
+    filed keeps its directory, and the next start files it (``KeepArea.unfinished``)."""
+    for dirpath, _, _ in os.walk(root, topdown=False):
+        with contextlib.suppress(OSError):  # not empty
+            Path(dirpath).rmdir()

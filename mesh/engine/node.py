@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Container, Coroutine
 from typing import Any, Protocol
 
 from mesh import logs
@@ -92,7 +92,8 @@ class Node:
         self.own: OwnClient | None = None
         self.scanner = Scanner(config.data_dir, cache=StatCache(self.index.db))
         self.data = DataPlane(root=config.data_dir, replica=self.replica, index=self.index,
-                              keep=self.keep, scanner=self.scanner, forward=self._forward)
+                              keep=self.keep, scanner=self.scanner, forward=self._forward,
+                              being_written=self._being_written)
         self.links = PeerLinks(creds, on_message=self._from_peer,
                                on_change=lambda: self._reachable.set())
         self.exchange = Exchange(
@@ -274,6 +275,9 @@ class Node:
                     await self.data.scan(batch.paths, events_read=batch.taken)
                     if self.data.unsettled:
                         await self.data.scan(sorted(self.data.unsettled))
+
+    def _being_written(self) -> Container[str]:
+        return self.watcher.being_written() if self.watcher is not None else frozenset()
 
     async def _catch_up_events(self, paths: list[str]) -> None:
         """Before the gate answers: apply every inotify event up to now, scanning each

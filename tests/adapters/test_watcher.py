@@ -154,6 +154,20 @@ def test_a_file_is_reported_when_closed_not_while_written(root: Path) -> None:
     run(body)
 
 
+def test_being_written_names_the_files_open_and_changed_until_closed(root: Path) -> None:
+    """What a restore asks before it scans (DESIGN.md §5): read at once, with no wait
+    for the watcher's loop, and no longer named once the writer closed the file."""
+    with Watcher(root, settle=60.0) as watcher:
+        (root / "done").write_bytes(b"closed")
+        with (root / "open").open("wb") as w:
+            w.write(b"partial")
+            w.flush()
+            assert set(watcher.being_written()) == {"open"}
+        assert set(watcher.being_written()) == set()
+        batch = watcher.take_all()
+        assert batch is not None and sorted(batch.paths) == ["done", "open"]
+
+
 def test_a_file_written_but_never_closed_is_reported_once_quiet(root: Path) -> None:
     async def body() -> None:
         async with watching(root, settle=0.2) as seen:

@@ -21,6 +21,7 @@ import msgpack
 import pytest
 
 from mesh.adapters.fs.scanner import PREHASH_BYTES, Scanner
+from mesh.adapters.fs.watcher import Watcher
 from mesh.adapters.lsyncd.call import target_of
 from mesh.adapters.lsyncd.supervisor import GATE
 from mesh.core import manifest
@@ -335,8 +336,8 @@ def test_push_landing_on_an_unscanned_edit_keeps_the_edit(tmp_path: Path) -> Non
 
 
 class Receiver:
-    def __init__(self, root: Path, node: str = "n3") -> None:
-        root.mkdir()
+    def __init__(self, root: Path, node: str = "n3", watcher: Watcher | None = None) -> None:
+        root.mkdir(exist_ok=True)
         self.root = root
         self.keep = KeepArea(root)
         self.index = Index(":memory:", keep=self.keep.has)
@@ -346,8 +347,10 @@ class Receiver:
         async def nowhere(effects: list[Effect]) -> None:
             pass
 
-        self.plane = DataPlane(root=root, replica=self.replica, index=self.index,
-                               keep=self.keep, scanner=Scanner(root), forward=nowhere)
+        self.plane = DataPlane(
+            root=root, replica=self.replica, index=self.index, keep=self.keep,
+            scanner=Scanner(root), forward=nowhere,
+            being_written=frozenset if watcher is None else watcher.being_written)
         # begin/end use neither the exchange nor the credentials.
         self.sink = Pushes(me=node, epoch=1, index=self.index, data=self.plane,
                            creds=None, data_dir=root,  # type: ignore[arg-type]
@@ -449,6 +452,39 @@ async def test_an_edit_in_the_instant_before_a_restore_replaces_is_kept_and_reso
     assert contents == {b"n1's edit\n", b"n3's edit in the instant before\n"}
     assert len(list(r.index.conflicts_on({"p"}))) == 1
     assert not any(f.name.startswith(".p.") for f in r.root.iterdir())  # no temp left
+
+
+async def test_a_restore_waits_for_a_writer_that_has_the_file_open(tmp_path: Path) -> None:
+    """DESIGN.md §5: a push lands while our user's program rewrites the file in place
+    (truncate, then write). The restore leaves it while it is open (a scan then would
+    record the empty file as a write of ours, and a second conflict: the fresh-clone
+    CI flake of test_same_existing_file_edited_on_two_nodes); its close brings the
+    scan, and the restore again: one conflict, between the two whole versions."""
+    root = tmp_path / "data"
+    root.mkdir()
+    with Watcher(root) as watcher:
+        r = Receiver(root, watcher=watcher)
+        v0 = await r.write("p", b"v0 by n3\n")
+        assert watcher.take_all() is not None  # the write's own events, scanned already
+        e1 = write("p", b"n1's edit\n", "n1", {"n1": 1, "n3": v0}, NOW_MS)
+        ticket = await r.begin("n1-1-1", e1)
+        r.stage("n1-1-1", "p", b"n1's edit\n")
+        with (root / "p").open("wb") as f:  # truncated: the file is empty now
+            f.write(b"n3's ")
+            f.flush()
+            await r.sink.end(ticket, 0)
+            assert (root / "p").read_bytes() == b"n3's "  # left for its writer
+            assert r.writes_of_mine("p") == []
+            assert r.index.state("p").target == Version.of(e1)
+            f.write(b"rewrite, in place\n")
+        batch = watcher.take_all()
+        assert batch is not None and batch.paths == ["p"]
+        await r.plane.scan(batch.paths, events_read=batch.taken)
+    contents = {f.read_bytes() for f in root.iterdir() if f.is_file()}
+    assert contents == {b"n1's edit\n", b"n3's rewrite, in place\n"}
+    conflicts = list(r.index.conflicts_on({"p"}))
+    assert len(conflicts) == 1, conflicts
+    assert r.index.state("p").target is None
 
 
 async def test_bytes_other_than_the_announced_version_never_land(tmp_path: Path) -> None:

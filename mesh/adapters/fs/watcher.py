@@ -7,23 +7,22 @@ relative and normalized; ignored paths (``default_ignore``) never appear.
 * Every directory is watched. A directory that is created or moved in is
   watched and then listed, and its whole subtree is reported: whatever was
   made inside it before the watch existed had no events.
-* A file is reported when its writer closes it (``CLOSE_WRITE``): DESIGN.md,
-  "hash only settled content". ``MODIFY`` only marks it as being written;
-  a marked file that is never closed (a hard link, a writer that keeps it
-  open) is reported once it has had no event for ``settle`` seconds.
-* A directory that disappears (deleted, moved out, renamed) is reported by
-  its own path; its children are not listed, since they are no longer there
-  to list (when renamed inside the root, the new subtree is reported under
-  both names). Callers treat an absent directory as the removal of
-  everything they know under it.
-* When the kernel's queue overflows, events are lost: the watcher re-adds its
-  watches and yields ``WatchBatch([], rescan=True)``; the caller rescans all.
-* ``WatchLimit`` when the kernel refuses a watch, ``WatchError`` when the data
-  root itself is removed, moved or unmounted: both end the iteration.
+* A file is reported when its writer closes it (``CLOSE_WRITE``): DESIGN.md, "hash
+  only settled content". ``MODIFY`` only marks it as being written (``being_written``);
+  a marked file that is never closed (a hard link, a writer that keeps it open) is
+  reported once it has had no event for ``settle`` seconds.
+* A directory that disappears (deleted, moved out, renamed) is reported by its own
+  path; its children are not listed, since they are no longer there to list (when
+  renamed inside the root, the new subtree is reported under both names). Callers
+  treat an absent directory as the removal of everything they know under it.
+* When the kernel's queue overflows, events are lost: the watcher re-adds its watches
+  and yields ``WatchBatch([], rescan=True)``; the caller rescans all.
+* ``WatchLimit`` when the kernel refuses a watch, ``WatchError`` when the data root
+  itself is removed, moved or unmounted: both end the iteration.
 
-Start the watcher before the start-up scan, so that nothing changed during
-the scan goes unseen. Stop it by cancelling the task that iterates
-``batches()`` (or ``aclose()`` on it): that closes the inotify descriptor.
+Start the watcher before the start-up scan, so that nothing changed during the scan
+goes unseen. Stop it by cancelling the task that iterates ``batches()`` (or
+``aclose()`` on it): that closes the inotify descriptor.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -139,10 +138,8 @@ class Watcher:
             raise
 
     def close(self) -> None:
-        """Stop watching; an iteration of ``batches()`` in progress ends.
-
-        Call it from the event loop's thread (or cancel the iterating task).
-        """
+        """Stop watching; an iteration of ``batches()`` in progress ends. Call it from
+        the event loop's thread (or cancel the iterating task)."""
         self._closed = True
         if self._waiter is not None:
             loop, fd, ready = self._waiter
@@ -159,10 +156,8 @@ class Watcher:
         self.open()
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
     async def batches(self) -> AsyncGenerator[WatchBatch, None]:
@@ -197,6 +192,14 @@ class Watcher:
             return None
         now = self._clock()
         return WatchBatch(self._batcher.flush(), taken=now)
+
+    def being_written(self) -> Container[str]:
+        """Files changed and not yet closed by their writer, after reading every event
+        inotify holds: a scan may find half a write there (truncated, then written in
+        place), so a restore leaves them until they are closed (DESIGN.md §5)."""
+        if self._inotify is not None and not self._rescan:
+            self._drain()
+        return self._writing.keys()
 
     # --- watches -----------------------------------------------------------------
 
