@@ -82,6 +82,6 @@ def digest_in_thread(db_path: Path, peer: str | None = None) -> Digest:
     try:
         rows = (db.execute("SELECT path, vector FROM versions") if peer is None else
                 db.execute("SELECT path, vector FROM peer_vectors WHERE peer = ?", (peer,)))
-        return Digest.of((path, unpack_vector(blob)) for path, blob in rows)
+        return Digest.of_packed(rows)  # the stored vectors are ``vector_bytes``
     finally:
         db.close()
