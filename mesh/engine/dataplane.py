@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Container, Iterable
 from pathlib import Path
 
@@ -64,7 +64,10 @@ class DataPlane:
         self.unsettled: set[str] = set()
         self._deferred: set[str] = set()  # restores left while a writer had the file open
         self._busy: Container[str] = frozenset()  # ``being_written`` as this apply began
-        self._scanned_at: dict[str, float] = {}  # path -> when its last scan began
+        # path -> when its last scan began, oldest first. An OrderedDict: a dict's first
+        # key after many deletes at its front is found by skipping their holes, which
+        # made the start-up scan of a million files quadratic (the loop held 6 s).
+        self._scanned_at: OrderedDict[str, float] = OrderedDict()
         self.fs = keep.fs  # file operations beneath the root, no symlink followed
         self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
         self.writer = Materializer(index=index, keep=keep, kept=self.kept, scanner=scanner)
@@ -100,9 +103,11 @@ class DataPlane:
         # it, arriving while this scan waits (on a hash, say), need not look again. A
         # received 256 MiB file was otherwise hashed twice at once, by the push's end and
         # by the watcher.
-        for path in paths:
-            self._stamp(path, now)  # no mark is later: all were taken before ``now``
         large = self.scanner.to_prehash(paths) if prehash else []
+        # (Not all of a start-up scan's paths: a mark each, held for SCANS_KEPT_S, was a
+        # million at once. Each is marked as it is observed.)
+        for path in paths if len(paths) <= SCANS_KEPT else large:
+            self._stamp(path, now)  # no mark is later: all were taken before ``now``
         if large:  # hashing hundreds of MB would stall every link and push of this node
             await asyncio.to_thread(self.scanner.prehash, large)
         batch: list[str] = []
@@ -369,8 +374,8 @@ class DataPlane:
     def _stamp(self, path: str, when: float) -> None:
         """Mark ``path`` scanned at ``when``, no earlier than any mark so far: moved to the
         end, the map stays in the order of its marks (``_forget_scans``)."""
-        self._scanned_at.pop(path, None)
         self._scanned_at[path] = when
+        self._scanned_at.move_to_end(path)
 
     def _forget_scans(self) -> None:
         """Scan times matter only against events still on their way: keep them briefly.
