@@ -49,6 +49,17 @@ def packed_item_hash(path: str, packed: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "big")
 
 
+def in_requests(buckets: list[int], count: int, per_request: int) -> list[list[int]]:
+    """``buckets`` in groups of about ``per_request`` entries each, for a digest of
+    ``count`` paths (spread evenly over the buckets by their hash). A catch-up asks for
+    one group at a time: an empty node asking for all 4,096 buckets at once had the
+    peer publish its whole index at once, a million entries queued in its broker."""
+    if per_request < 1:
+        raise LocalProtocolError("per_request must be >= 1")
+    step = max(1, BUCKETS * per_request // max(count, 1))
+    return [buckets[i:i + step] for i in range(0, len(buckets), step)]
+
+
 @dataclass(frozen=True, slots=True)
 class Digest:
     buckets: tuple[int, ...]

@@ -35,7 +35,7 @@ from mesh.clock import now_ms
 from mesh.core import admit, manifest, wire
 from mesh.core.batcher import Batcher
 from mesh.core.delivery import Inbox, Need, Outbox
-from mesh.core.digest import Digest
+from mesh.core.digest import Digest, in_requests
 from mesh.core.effects import Announce, Effect, Logged
 from mesh.core.manifest import MAX_CONFLICTS, Entry, Manifest
 from mesh.core.replica import Replica
@@ -55,6 +55,7 @@ Request = Callable[[str, bytes], Awaitable[None]]
 EffectSink = Callable[[list[Effect]], Awaitable[None]]
 
 ENTRIES_PER_MANIFEST = 4096
+ENTRIES_PER_REQUEST = 20_000  # a catch-up's entries asked for at once (``in_requests``)
 
 
 @dataclass
@@ -330,9 +331,9 @@ class Exchange:
                     await asyncio.to_thread(bulk.digest_in_thread, self.index.path, peer))
             buckets = reply.digest.differing(ours)
             fetched = 0
-            if buckets:
-                async for chunk in self.requests.ask_chunks(
-                        peer, lambda rid: wire.EntriesRequest(rid, tuple(buckets))):
+            for group in in_requests(buckets, reply.digest.count, ENTRIES_PER_REQUEST):
+                ask = partial(wire.EntriesRequest, buckets=tuple(group))
+                async for chunk in self.requests.ask_chunks(peer, ask):
                     assert isinstance(chunk, wire.EntriesReply)
                     await self._apply(peer, chunk.entries)
                     fetched += len(chunk.entries)

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.core import wire
-from mesh.core.digest import BUCKETS, Digest, bucket_of
+from mesh.core.digest import BUCKETS, Digest, bucket_of, in_requests
 from mesh.core.manifest import Entry, Manifest
 from mesh.core.vclock import VersionVector
-from mesh.errors import RemoteProtocolError
+from mesh.errors import LocalProtocolError, RemoteProtocolError
 from tests.core.strategies import entries
 
 D = Digest.of([("a", VersionVector.of({"n1": 1})), ("b/c", VersionVector.of({"n2": 3}))])
@@ -101,3 +101,24 @@ def test_digest_finds_the_buckets_that_differ() -> None:
     assert set(diff) == {bucket_of("d7/f"), bucket_of("new")}
     assert {p for p in changed if bucket_of(p) in set(diff)} >= {"d7/f", "new"}
     assert Digest.of(reversed(base)) == a  # order does not matter
+
+
+@given(st.lists(st.integers(0, BUCKETS - 1), unique=True).map(sorted),
+       st.integers(0, 10_000_000), st.integers(1, 100_000))
+def test_a_catch_up_asks_for_its_buckets_in_groups_of_about_per_request(
+        buckets: list[int], count: int, per_request: int) -> None:
+    groups = in_requests(buckets, count, per_request)
+    assert [b for g in groups for b in g] == buckets
+    assert all(groups)
+    # A group's expected entries (count / BUCKETS each) stay within per_request, unless
+    # one bucket alone holds more.
+    for group in groups:
+        assert len(group) == 1 or len(group) * count <= per_request * BUCKETS
+
+
+def test_an_empty_node_asks_for_a_million_entries_in_about_fifty_requests() -> None:
+    groups = in_requests(list(range(BUCKETS)), 1_000_000, 20_000)
+    assert len(groups) == 51 and len(groups[0]) == 81  # 81 buckets: 19,775 entries
+    assert in_requests(list(range(BUCKETS)), 100, 20_000) == [list(range(BUCKETS))]
+    with pytest.raises(LocalProtocolError):
+        in_requests([1], 1, 0)
