@@ -40,10 +40,6 @@ def vector_bytes(vector: VersionVector) -> bytes:
     return packed
 
 
-def item_hash(path: str, vector: VersionVector) -> int:
-    return packed_item_hash(path, vector_bytes(vector))
-
-
 def packed_item_hash(path: str, packed: bytes) -> int:
     material = path.encode() + b"\x00" + packed
     return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "big")
@@ -71,12 +67,7 @@ class Digest:
 
     @classmethod
     def of(cls, items: Iterable[tuple[str, VersionVector]]) -> Digest:
-        buckets = [0] * BUCKETS
-        count = 0
-        for path, vector in items:
-            buckets[bucket_of(path)] ^= item_hash(path, vector)
-            count += 1
-        return cls(tuple(buckets), count)
+        return cls.of_packed((path, vector_bytes(vector)) for path, vector in items)
 
     @classmethod
     def of_packed(cls, items: Iterable[tuple[str, bytes]]) -> Digest:
