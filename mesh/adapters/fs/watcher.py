@@ -49,8 +49,7 @@ log = logging.getLogger(__name__)
 WATCH_MASK = (
     Mask.CLOSE_WRITE | Mask.MODIFY | Mask.ATTRIB | Mask.CREATE | Mask.DELETE
     | Mask.MOVED_FROM | Mask.MOVED_TO | Mask.DELETE_SELF | Mask.MOVE_SELF
-    # Never watch through a symlink, never a file that replaced a directory,
-    # and no events for a name after it was unlinked (temp files).
+    # Never through a symlink or a file that replaced a directory; no events after unlink.
     | Mask.ONLYDIR | Mask.DONT_FOLLOW | Mask.EXCL_UNLINK
 )
 DRAIN_LIMIT = 4096  # events handled before batches are looked at again
