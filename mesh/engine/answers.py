@@ -13,7 +13,6 @@ from typing import TypeVar
 
 from mesh.core import tree, wire
 from mesh.core.delivery import Outbox
-from mesh.core.digest import Digest
 from mesh.core.manifest import MAX_CONFLICTS, Entry, Manifest
 from mesh.store import bulk
 from mesh.store.index import Index
@@ -47,11 +46,6 @@ def answer(peer: str, m: wire.Message | Manifest, index: Index, outbox: Outbox, 
                      peer, m.from_seq, m.epoch)
             return [wire.encode(wire.ReplayGone(m.rid, epoch))]
         return log
-    if isinstance(m, wire.DigestRequest):
-        ids = index.conflict_ids()
-        digest = Digest.of(index.disk_items())
-        return [wire.encode(wire.DigestReply(m.rid, epoch, outbox.seq, digest,
-                                             conflict_digest(ids), len(ids)))]
     if isinstance(m, wire.EntriesRequest):
         # Streamed from the index a page at a time, each reply encoded as it is sent
         # (issue 16: an empty node fetches every bucket; the whole tree's entries and

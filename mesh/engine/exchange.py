@@ -35,7 +35,7 @@ from mesh.clock import now_ms
 from mesh.core import admit, manifest, wire
 from mesh.core.batcher import Batcher
 from mesh.core.delivery import Inbox, Need, Outbox
-from mesh.core.digest import Digest, in_requests
+from mesh.core.digest import in_requests
 from mesh.core.effects import Announce, Effect, Logged
 from mesh.core.manifest import MAX_CONFLICTS, Entry, Manifest
 from mesh.core.replica import Replica
@@ -327,8 +327,7 @@ class Exchange:
             reply = await self.requests.ask_one(peer, wire.DigestRequest)
             if not isinstance(reply, wire.DigestReply):
                 raise RemoteProtocolError("digest request answered with something else", peer=peer)
-            ours = (Digest.of(self.index.peer_items(peer)) if self.index.path is None else
-                    await asyncio.to_thread(bulk.digest_in_thread, self.index.path, peer))
+            ours = await bulk.digest(self.index, peer)
             buckets = reply.digest.differing(ours)
             fetched = 0
             for group in in_requests(buckets, reply.digest.count, ENTRIES_PER_REQUEST):
@@ -376,11 +375,11 @@ class Exchange:
             return
         respond = self.topics.resp(peer)
         replies: Iterable[bytes]
-        if isinstance(message, wire.DigestRequest) and self.index.path is not None:
-            # Hashed in a thread (issue 16). The seq is taken first: the digest may hold
-            # more than it, never less, and what is after it is replayed anyway.
+        if isinstance(message, wire.DigestRequest):
+            # The seq is taken first: the digest may hold more than it, never less, and
+            # what is after it is replayed anyway.
             seq, ids = self.outbox.seq, self.index.conflict_ids()
-            digest = await asyncio.to_thread(bulk.digest_in_thread, self.index.path)
+            digest = await bulk.digest(self.index)
             replies = [wire.encode(wire.DigestReply(message.rid, self.epoch, seq, digest,
                                                     conflict_digest(ids), len(ids)))]
         else:

@@ -9,6 +9,7 @@ tree in memory (``behind`` pages by path, ``limit`` rows at a time).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -71,6 +72,15 @@ def versions_in_buckets(index: Index, wanted: set[int], page: int = CHUNK
         if len(rows) < page:
             return
         after = rows[-1][0]
+
+
+async def digest(index: Index, peer: str | None = None) -> Digest:
+    """The digest of our disk versions, or of what ``peer`` announced to us: hashed in a
+    thread (``digest_in_thread``); an index in memory (tests) has one connection, read
+    on the caller's."""
+    if index.path is None:
+        return Digest.of(index.disk_items() if peer is None else index.peer_items(peer))
+    return await asyncio.to_thread(digest_in_thread, index.path, peer)
 
 
 def digest_in_thread(db_path: Path, peer: str | None = None) -> Digest:
