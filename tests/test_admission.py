@@ -48,7 +48,10 @@ def admission(announced: dict[tuple[str, str], VersionVector], inner: Inner,
         await asyncio.sleep(within)  # nothing comes: the deadline passes
         return False
 
-    return PushAdmission(inner, announced=lambda peer, path: announced.get((peer, path)),
+    def announced_of(peer: str, paths: list[str]) -> dict[str, VersionVector]:
+        return {p: announced[(peer, p)] for p in paths if (peer, p) in announced}
+
+    return PushAdmission(inner, announced=announced_of,
                          wait_applied=wait_applied, limits=admit.Limits(),
                          on_delivered=delivered.append, wait_s=wait_s)
 

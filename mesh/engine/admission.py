@@ -21,7 +21,6 @@ delivers.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -52,22 +51,21 @@ class PushAdmission:
         self,
         inner: PushSink,
         *,
-        announced: Callable[[str, str], VersionVector | None],
+        announced: Callable[[str, list[str]], Mapping[str, VersionVector]],
         wait_applied: Callable[[float], Awaitable[bool]],
         limits: admit.Limits,
         on_delivered: Callable[[str], None] = lambda peer: None,
         wait_s: float = WAIT_S,
-        announced_in: Callable[[str, list[str]], Mapping[str, VersionVector]] | None = None,
     ) -> None:
         self.inner = inner
-        self.announced = announced  # (peer, path) -> what the peer last announced
+        # (peer, paths) -> what the peer last announced of each, in one read (issue 16:
+        # a catch-up push lists 2,000 paths, and a query each was a twentieth of the
+        # receiver's time).
+        self.announced = announced
         self.wait_applied = wait_applied  # until the exchange applies more, or a timeout
         self.limits = limits
         self.on_delivered = on_delivered
         self.wait_s = wait_s
-        # The same for many paths at once (issue 16: a catch-up push lists 2,000, and a
-        # query each was a twentieth of the receiver's time).
-        self.announced_in = announced_in
 
     async def begin(self, peer: str, push_id: str, header: bytes) -> object:
         where = f"push {push_id}"
@@ -81,14 +79,12 @@ class PushAdmission:
     async def _announced(self, peer: str, where: str, m: Manifest) -> None:
         """Until everything in the header is among what ``peer`` announced; refused if
         that does not happen within ``wait_s``."""
+        paths = sorted({e.path for e in m.entries}
+                       | {x.path for pair in m.conflicts for x in pair})
+
         def check() -> dict[str, str]:
-            if self.announced_in is None:
-                return admit.unannounced(m.entries, m.conflicts,
-                                         functools.partial(self.announced, peer))
-            paths = sorted({e.path for e in m.entries}
-                           | {x.path for pair in m.conflicts for x in pair})
             return admit.unannounced(m.entries, m.conflicts,
-                                     self.announced_in(peer, paths).get)
+                                     self.announced(peer, paths).get)
 
         deadline = time.monotonic() + self.wait_s
         while missing := check():

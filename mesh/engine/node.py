@@ -129,8 +129,7 @@ class Node:
         self.watcher: Watcher | None = None
         self.stalls = Stalls(config.stalled_after)  # issue 13: what holds health down
         self.admission = PushAdmission(
-            self.pushes, announced=self.index.peer_vector,
-            announced_in=functools.partial(bulk.peer_vectors, self.index),
+            self.pushes, announced=functools.partial(bulk.peer_vectors, self.index),
             wait_applied=self.exchange.wait_applied, limits=self.limits,
             on_delivered=lambda peer: self.stalls.waits.delivered(peer, time.monotonic()))
         self.tunnel = TunnelServer(creds, config.tunnel_listen.host, config.tunnel_listen.port,

@@ -4,6 +4,7 @@ page at a time, never holding the whole tree. In one process: no network, no rsy
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -54,10 +55,8 @@ async def land_one_push(root: Path, n: int) -> int:
     async def applied(_timeout: float) -> bool:
         return True
 
-    admission = PushAdmission(r.sink, announced=r.index.peer_vector, wait_applied=applied,
-                              limits=admit.Limits(),
-                              announced_in=lambda peer, paths: bulk.peer_vectors(
-                                  r.index, peer, paths))
+    admission = PushAdmission(r.sink, announced=functools.partial(bulk.peer_vectors, r.index),
+                              wait_applied=applied, limits=admit.Limits())
     statements: list[str] = []
     r.index.db.set_trace_callback(statements.append)
     header = manifest.encode(Manifest("n1", 1, 0, tuple(e for e, _ in files)))
