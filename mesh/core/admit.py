@@ -4,7 +4,7 @@ A certified node can send anything the codec accepts. Two kinds of values would
 then harm the receiver's own state rather than just the paths they name:
 
 * **counters near the top of int64.** A node writes with its own counter above
-  every counter of its own the path carries (``Replica._counter``); a
+  every counter of its own the path carries (``Replica._bumped``); a
   tombstone claiming ``{victim: 2**63-1}`` made the victim's next write of
   that path overflow, and the agent exit, again at every restart. A counter
   above ``Limits.max_counter`` (2**62) is refused, whoever it belongs to: an
@@ -126,7 +126,7 @@ def stand_in(path: str, me: str, announced: Iterable[VersionVector]) -> Version 
     delete of ours under the merge of the vectors the peers ``announced`` for it, or
     None when none did. Our next write of the path then dominates all they hold; what
     they hold that we never heard of is concurrent with it, and our counter for it is
-    new all the same (``Replica._counter``), so no vector names two contents."""
+    new all the same (``Replica._bumped``), so no vector names two contents."""
     vector = VersionVector()
     for v in announced:
         vector = vector.merge(v)

@@ -174,13 +174,14 @@ class Replica:
 
     # --- internals -------------------------------------------------------------
 
-    def _counter(self, top: int) -> int:
-        """Our counter for a new write over ``top``, the highest of ours this path's
-        state carries: above it, and no lower than our clock's milliseconds (ticked for
+    def _bumped(self, base: VersionVector, top: int) -> VersionVector:
+        """``base`` with our counter for a new write: above ``top``, the highest of ours
+        the path's state carries, and no lower than our clock's milliseconds (ticked for
         this write). A node that forgot a path's state (a purge of poisoned rows, a
         state db restored from a backup or lost) never issues a counter it issued
         before, which would name two contents with one vector (Syncthing's rule)."""
-        return max(top + 1, hlc_wall_ms(self.clock))
+        return VersionVector.of({**base.to_dict(),
+                                 self.node: max(top + 1, hlc_wall_ms(self.clock))})
 
     def _edit(
         self, path: str, st: PathState, observed: Observed | None, wall_ms: int,
@@ -193,7 +194,7 @@ class Replica:
         # pending target carries, so that the new write is new everywhere.
         top = max(base.get(self.node), st.target.vector.get(self.node) if st.target else 0)
         self.clock = hlc_tick(self.clock, wall_ms)
-        vector = VersionVector.of({**base.to_dict(), self.node: self._counter(top)})
+        vector = self._bumped(base, top)
         if observed is None:
             kind = st.disk.winner.kind if st.disk is not None else Kind.FILE
             return Entry(path, vector, None, kind=kind, hlc=self.clock, writer=self.node)
@@ -243,8 +244,7 @@ class Replica:
         if incoming.content is None:
             return
         self.clock = hlc_tick(self.clock, hlc_wall_ms(self.clock))
-        vector = VersionVector.of({**incoming.vector.to_dict(),
-                                   self.node: self._counter(incoming.vector.get(self.node))})
+        vector = self._bumped(incoming.vector, incoming.vector.get(self.node))
         delete = Entry(path, vector, None, kind=incoming.winner.kind, hlc=self.clock,
                        writer=self.node)
         self._put(path, PathState(Version((delete,)), None), fx)
@@ -300,7 +300,7 @@ class Replica:
         # Later than every stamp we have seen, so the folder wins against a file it
         # is concurrent with (rule 2: the later write).
         self.clock = hlc_tick(self.clock, hlc_wall_ms(self.clock))
-        vector = VersionVector.of({**base.to_dict(), self.node: self._counter(base.get(self.node))})
+        vector = self._bumped(base, base.get(self.node))
         return Version((Entry(path, vector, b"", 0, 0, mode, Kind.DIR, self.clock, self.node),))
 
     def _keep_unseen_own_writes(
