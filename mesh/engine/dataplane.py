@@ -119,8 +119,10 @@ class DataPlane:
                 await asyncio.sleep(0)  # apply need not yield: links, broker, control
         if batch:
             await self.apply(self._observe(batch))
-        again = self._deferred.intersection(paths)
-        if again:  # a restore left for its writer: scanned now, so aimed again
+        # A restore left for its writer: scanned now, so aimed again. (Looked for only
+        # while one waits: a start-up scan's million paths need not be gone through.)
+        again = self._deferred.intersection(paths) if self._deferred else set()
+        if again:
             self._deferred -= again
             with self.index.batch():
                 effects = [fx for path in sorted(again) for fx in self.replica.reaim(path)]
