@@ -10,30 +10,26 @@ tree in memory (``behind`` pages by path, ``limit`` rows at a time).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mesh.core.digest import Digest, bucket_of
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
-from mesh.store.db import connect_read_only
+from mesh.store.db import IN_CHUNK, connect_read_only, in_chunks
 from mesh.store.index import Index
 from mesh.store.rows import unpack_heads, unpack_vector
-
-CHUNK = 8192  # paths per IN query
 
 
 def peer_vectors(index: Index, peer: str, paths: Iterable[str]) -> dict[str, VersionVector]:
     """What ``peer`` last announced of each of ``paths`` (absent: never): the bulk form
     of ``Index.peer_vector``."""
     index.flush()
-    todo = list(dict.fromkeys(paths))
     out: dict[str, VersionVector] = {}
-    for i in range(0, len(todo), CHUNK):
+    for _, wanted in in_chunks(paths):
         for path, blob in index.db.execute(
                 "SELECT path, vector FROM peer_vectors WHERE peer = ? AND path IN "
-                "(SELECT value FROM json_each(?))", (peer, json.dumps(todo[i:i + CHUNK]))):
+                "(SELECT value FROM json_each(?))", (peer, wanted)):
             out[path] = unpack_vector(blob)
     return out
 
@@ -55,7 +51,7 @@ def behind(index: Index, peer: str, after: str, limit: int) -> tuple[list[str], 
     return out, (rows[-1][0] if len(rows) == limit else None)
 
 
-def versions_in_buckets(index: Index, wanted: set[int], page: int = CHUNK
+def versions_in_buckets(index: Index, wanted: set[int], page: int = IN_CHUNK
                         ) -> Iterator[Version]:
     """Our disk versions of the paths in the digest buckets ``wanted``, by path, a page
     of ``page`` rows per query, decoded only when wanted: what a peer's catch-up fetches

@@ -4,7 +4,6 @@ of ``mesh.store.index.Index``, which inherits it."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from mesh import clock
 from mesh.core.manifest import Entry, entry_from_wire, entry_to_wire
 from mesh.core.resolver import Conflict, resolve
 from mesh.errors import StoreError
+from mesh.store.db import in_chunks
 from mesh.store.rows import Row, pack
 
 
@@ -45,13 +45,11 @@ class ConflictLog:
     def conflicts_on(self, paths: Iterable[str]) -> list[ConflictRow]:
         """The conflicts logged on ``paths``, by path: one query per 8,192 paths (a push's
         order asked once per path, issue 16)."""
-        todo = sorted(set(paths))
         rows = []
-        for i in range(0, len(todo), 8192):
+        for _, wanted in in_chunks(sorted(set(paths))):
             rows += [self._conflict_row(r[1:]) for r in self.db.execute(
                 "SELECT path, winner, loser, logged_ms, restored_ms FROM conflicts WHERE "
-                "path IN (SELECT value FROM json_each(?)) ORDER BY path, rowid",
-                (json.dumps(todo[i:i + 8192]),))]
+                "path IN (SELECT value FROM json_each(?)) ORDER BY path, rowid", (wanted,))]
         return rows
 
     def conflict_ids(self) -> list[str]:

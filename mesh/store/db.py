@@ -4,9 +4,11 @@ own. ``mesh.store.index`` is what reads and writes it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -36,6 +38,18 @@ def connect(path: Path | str) -> sqlite3.Connection:
     except sqlite3.Error as err:
         raise StoreError(f"open state database {path}: {err}") from err
     return db
+
+
+IN_CHUNK = 8192  # paths per ``path IN (SELECT value FROM json_each(?))`` query
+
+
+def in_chunks(paths: Iterable[str], size: int = IN_CHUNK) -> Iterator[tuple[list[str], str]]:
+    """``paths``, each once, in chunks of ``size``: each chunk and its JSON array, the
+    parameter of a ``json_each`` IN query (one statement per chunk, not a row per path)."""
+    todo = list(dict.fromkeys(paths))
+    for i in range(0, len(todo), size):
+        chunk = todo[i:i + size]
+        yield chunk, json.dumps(chunk)
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:

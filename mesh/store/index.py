@@ -22,7 +22,6 @@ mesh's manifest latency.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sqlite3
 import weakref
@@ -42,7 +41,7 @@ from mesh.core.resolver import Rule, Version
 from mesh.core.vclock import VersionVector
 from mesh.errors import StoreError
 from mesh.store.conflicts import ConflictLog, ConflictRow
-from mesh.store.db import Checkpointer, connect
+from mesh.store.db import Checkpointer, connect, in_chunks
 from mesh.store.purge import purge_rows
 from mesh.store.rows import (
     pack,
@@ -55,7 +54,6 @@ from mesh.store.rows import (
 
 LOG = logging.getLogger(__name__)
 
-_PREFETCH_CHUNK = 8192  # paths per prefetch query
 
 
 class Index(ConflictLog):
@@ -181,10 +179,7 @@ class Index(ConflictLog):
         Outside a batch there is no cache: nothing to do."""
         if not self._depth:
             return
-        todo = [p for p in dict.fromkeys(paths) if p not in self._states]
-        for i in range(0, len(todo), _PREFETCH_CHUNK):
-            chunk = todo[i:i + _PREFETCH_CHUNK]
-            wanted = json.dumps(chunk)
+        for chunk, wanted in in_chunks(p for p in paths if p not in self._states):
             disk = dict(self.db.execute(_IN_PATHS.format(table="versions"), (wanted,)))
             target = dict(self.db.execute(_IN_PATHS.format(table="targets"), (wanted,)))
             for p in chunk:

@@ -19,6 +19,7 @@ from mesh.core.resolver import Conflict, Version, resolve
 from mesh.core.vclock import VersionVector
 from mesh.engine import answers
 from mesh.store import bulk
+from mesh.store.db import IN_CHUNK
 from mesh.store.index import Index
 
 PEER = "n2"
@@ -71,7 +72,7 @@ def test_a_sweep_finds_what_the_gate_lets_through_page_by_page(
 
 def test_peer_vectors_in_bulk_are_what_was_announced(tmp_path: Path) -> None:
     index = Index(tmp_path / "s.db")
-    paths = [f"p{i}" for i in range(bulk.CHUNK + 5)]  # more than one query's worth
+    paths = [f"p{i}" for i in range(IN_CHUNK + 5)]  # more than one query's worth
     with index.batch():
         for i, p in enumerate(paths[::3]):
             index.set_peer_vector(PEER, p, VersionVector.of({"n2": i + 1}))
