@@ -19,6 +19,8 @@ import pytest
 from mesh.core import admit, manifest, tree, wire
 from mesh.core.effects import Effect, PathState
 from mesh.core.manifest import Entry, Kind, Manifest
+from mesh.core.pushplan import PushPlanner
+from mesh.core.pushstate import ReplicaView, Stage
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import MAX_COUNTER, MAX_HLC, VersionVector, hlc_pack
@@ -422,6 +424,39 @@ def test_a_catch_up_that_keeps_failing_counts_as_catching_up(
         unanswered = False
         await until(lambda: not catching_up(view, since))
         assert n2.index.peer_vector("n1", "f") is not None
+        for t in tasks:
+            t.cancel()
+        net.stop()
+
+    run(main())
+
+
+def test_a_peers_manifest_confirms_what_our_push_delivered() -> None:
+    """Issue 16: the exchange never told the push planner what a peer announced, so
+    every delivered path waited ``CONFIRM_S`` for its recheck (a join held 70,000
+    versions). Wired as the agent wires it (``on_heard``): n2's manifest confirms n1's
+    push, with no tick, so no recheck, in between."""
+    async def main() -> None:
+        net = Net()
+        plan: list[PushPlanner] = []
+        n1 = net.add("n1", on_heard=lambda peer, entries: plan[0].heard(peer, entries))
+        n2 = net.add("n2")
+        plan.append(PushPlanner("n1", ReplicaView(n1.replica)))
+        plan[0].add_peer("n2")
+        write(n1, "a", 1)
+        write(n1, "b", 2)
+        for path in ("a", "b"):
+            plan[0].changed(path, 0.0)
+        push = plan[0].start("n2", ["a", "b"], 0.0, own=True)
+        plan[0].end(push, 0.0, 0)
+        assert {plan[0].stage("n2", p) for p in "ab"} == {Stage.AWAITING}
+        held = n1.index.state("a").disk
+        assert held is not None
+        n2.index.set_state("a", PathState(held, None))  # n2 holds "a" only
+        n2.announce(held)
+        tasks = [asyncio.create_task(n2.run_flusher())]
+        await until(lambda: plan[0].stage("n2", "a") is Stage.IDLE)
+        assert plan[0].stage("n2", "b") is Stage.AWAITING  # not announced: still awaited
         for t in tasks:
             t.cancel()
         net.stop()

@@ -34,9 +34,9 @@ The states and transitions are in mesh/core/pushstate.py, in one table; every
 move of a path or a peer goes through it.
 
 Driving it: ``mesh/engine/pushes.py`` (the agent) and ``tests/core/sim.py`` (a
-simulated node) do, with ``changed``, ``behind``, ``announced``, lsyncd's
-``unclaimed`` → scan → ``grantable`` → ``start(own=False)``, ``tick`` for ours, and
-``end`` with rsync's exit status for every push.
+simulated node) do, with ``changed``, ``behind``, ``heard`` (the peer's manifests),
+lsyncd's ``unclaimed`` → scan → ``grantable`` → ``start(own=False)``, ``tick`` for
+ours, and ``end`` with rsync's exit status for every push.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mesh.core.manifest import Entry
 from mesh.core.pushstate import (
     CONFIRM_S,
     TRANSITIONS,
@@ -58,7 +59,7 @@ from mesh.core.pushstate import (
     Stage,
 )
 from mesh.core.resolver import Version
-from mesh.core.vclock import Ordering, VersionVector
+from mesh.core.vclock import Ordering
 from mesh.errors import LocalProtocolError
 
 OWN_GRACE = 1.0  # an own write lsyncd has not carried by then is ours to push
@@ -143,13 +144,22 @@ class PushPlanner:
                 q.left[path] = now  # no event of lsyncd's will name it
         return len(q.queued)
 
-    def announced(self, peer: str, path: str, vector: VersionVector) -> None:
-        """``peer`` announced that it holds ``vector`` of ``path``."""
+    def heard(self, peer: str, entries: Iterable[Entry]) -> None:
+        """``peer`` announced these entries (a manifest, a catch-up's): its disk holds
+        them. A push awaiting the version, or one before it, is confirmed. (Issue 16:
+        unheard, every delivered path waited ``CONFIRM_S``, 70,000 in a join.)"""
         q = self._peers.get(peer)
-        pushed = None if q is None else q.awaiting.get(path)
-        if q is not None and pushed is not None and vector.compare(pushed[0].vector) in (
-                Ordering.EQUAL, Ordering.AFTER):
-            self._fire(q, path, Event.CONFIRMED, 0.0)  # queues nothing anew: no time needed
+        if q is None or not q.awaiting:
+            return
+        held: dict[str, Version] = {}
+        for e in entries:
+            if e.path in q.awaiting:
+                known = held.get(e.path)
+                held[e.path] = Version((e,)) if known is None else known.absorb(e)
+        for path, version in held.items():
+            if version.vector.compare(q.awaiting[path][0].vector) in (Ordering.EQUAL,
+                                                                      Ordering.AFTER):
+                self._fire(q, path, Event.CONFIRMED, 0.0)  # queues nothing anew
 
     def unclaimed(self, peer: str, paths: Iterable[str], now: float, *,
                   current: bool = True) -> list[str]:

@@ -90,6 +90,8 @@ class Exchange:
     """Test hook: called for every manifest applied, in application order."""
     on_announce: Callable[[Version], None] | None = None
     """Called for every new disk version this node announces."""
+    on_heard: Callable[[str, list[Entry]], None] | None = None
+    """Called with a peer's admitted entries (what its disk holds), once applied."""
     on_synced: Callable[[str], None] | None = None
     """Called after each completed resync with a peer."""
     on_hello: Callable[[str], None] | None = None
@@ -289,6 +291,8 @@ class Exchange:
         except RemoteProtocolError as err:
             LOG.warning("refused manifest from %s: %s", peer, err.reason)
             return
+        if self.on_heard is not None:
+            self.on_heard(peer, listed)
         for event in self._applied:
             event.set()
         await self.handle_effects(effects)

@@ -96,12 +96,17 @@ class Node:
                               being_written=self._being_written)
         self.links = PeerLinks(creds, on_message=self._from_peer,
                                on_change=lambda: self._reachable.set())
+        self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
+                             creds=creds, data_dir=config.data_dir,
+                             endpoint=self._tunnel_endpoint, catch_up=self._catch_up_events,
+                             current=self._peer_current,
+                             own_grace=config.lsyncd_delay + OWN_GRACE)
         self.exchange = Exchange(
             self.me, config.cluster, self.replica, self.index, self.epoch,
             publish=self._publish, request=self.links.request, on_effects=self.data.apply,
             tunnel_port=config.tunnel_listen.port,  # manifest batching: Exchange's (issue 3)
             limits=self.limits, on_announce=self._announced, on_synced=self._synced,
-            on_hello=lambda _peer: self._reachable.set(),
+            on_hello=lambda _peer: self._reachable.set(), on_heard=self.pushes.plan.heard,
         )
         # Issue 14: the keep area and the tombstones are collected.
         self.collector = Collector(
@@ -110,11 +115,6 @@ class Node:
             seen_peers=lambda: list(self.exchange.peers),
             limits=KeepLimits(config.keep_for, config.keep_max, config.forget_after,
                               config.max_clock_skew))
-        self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
-                             creds=creds, data_dir=config.data_dir,
-                             endpoint=self._tunnel_endpoint, catch_up=self._catch_up_events,
-                             current=self._peer_current,
-                             own_grace=config.lsyncd_delay + OWN_GRACE)
         self.gate = GateServer(config.gate_socket, config.data_dir, self.pushes)
         # Operators (issue 5): metrics, and a control socket for `mesh conflicts`/`verify`.
         self.metrics = Metrics(self.me, self.status, self.index)

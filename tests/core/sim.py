@@ -627,6 +627,7 @@ class Cluster:
         if isinstance(msg, ManifestMsg):
             m = manifest.decode(msg.payload)
             dst.apply(dst.replica.remote(m.origin, m.entries, m.conflicts, dst.now))
+            dst.plan.heard(m.origin, m.entries)  # as the exchange's ``on_heard``
         elif self.nodes[msg.src].up and not any(t.msg == msg for t in self.transfers):
             dst.begin(msg)  # else the sender died before rsync started, or a duplicate
 

@@ -106,7 +106,7 @@ class Rig:
         """The peer announces that it holds our disk version."""
         vector = self.view.disks[path].vector
         self.view.seen[(PEER, path)] = vector
-        self.plan.announced(PEER, path, vector)
+        self.plan.heard(PEER, self.view.disks[path].heads)
 
     @property
     def stage(self) -> Stage:
@@ -374,11 +374,11 @@ def test_an_announced_version_is_not_pushed_again() -> None:
 def test_an_older_announcement_confirms_nothing() -> None:
     r = Rig()
     r.write()
-    old = r.view.disks["a"].vector
+    old = r.view.disks["a"]
     r.write()
     r.tick()
     r.end(0)
-    r.plan.announced(PEER, "a", old)
+    r.plan.heard(PEER, old.heads)
     assert r.stage is Stage.AWAITING
 
 

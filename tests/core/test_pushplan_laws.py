@@ -89,7 +89,7 @@ class Run:
                             and held.vector.compare(seen) is Ordering.BEFORE):
             return
         self.view.seen[(peer, path)] = held.vector
-        self.plan.announced(peer, path, held.vector)
+        self.plan.heard(peer, held.heads)
 
     # --- the planner's calls, and the laws checked at each -------------------------------
 
