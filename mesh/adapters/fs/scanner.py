@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -100,6 +101,9 @@ def tree(root: Path, rel: str, ignore: Callable[[str], bool]) -> Iterator[tuple[
             yield from tree(root, child, ignore)
 
 
+_buffers = threading.local()  # each thread's read buffer for ``hash_fd``
+
+
 def hash_fd(fd: int) -> tuple[bytes, int]:
     """SHA-256 of an open file from where it stands, and the bytes read.
 
@@ -107,7 +111,9 @@ def hash_fd(fd: int) -> tuple[bytes, int]:
     overlap with the event loop.
     """
     h = hashlib.sha256()
-    buf = bytearray(CHUNK)
+    buf = getattr(_buffers, "chunk", None)
+    if buf is None:  # one per thread, kept: a new zeroed MiB per file cost more than
+        buf = _buffers.chunk = bytearray(CHUNK)  # hashing a small file (issue 16)
     view = memoryview(buf)
     total = 0
     while n := os.readv(fd, [buf]):
