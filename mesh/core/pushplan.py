@@ -328,11 +328,11 @@ class PushPlanner:
         return self._peers[push.peer]
 
     def _own(self, peer: str, path: str) -> bool:
-        """Whether ``path`` may go to ``peer`` and this node wrote the version."""
-        if not self.view.may_push(peer, path):
-            return False
+        """Whether this node wrote our version of ``path`` and it may go to ``peer``
+        (asked in that order: lsyncd asks about every file a peer pushed in)."""
         disk = self.view.disk(path)
-        return disk is not None and disk.winner.writer == self.me
+        return (disk is not None and disk.winner.writer == self.me
+                and self.view.may_push(peer, path))
 
     def _claimed(self, q: PeerQueue, path: str, now: float) -> bool:
         """Whether ``path`` is on its way to the peer already: a push carries it now, or

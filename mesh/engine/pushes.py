@@ -152,7 +152,9 @@ class Pushes:
         # through the watcher anyway.
         paths = self.plan.unclaimed(peer, paths, now, current=self.current(peer))
         await self.catch_up(paths)
-        allowed = self.plan.grantable(peer, paths, now, asked=asked)
+        with self.index.batch():  # each path's state and the peer's vector: read in bulk
+            self.index.prefetch(paths, peer)  # (issue 12: a peer's push in is asked about)
+            allowed = self.plan.grantable(peer, paths, now, asked=asked)
         # A burst or a mass delete is one batch of lsyncd's: pushes of PATHS_PER_PUSH paths
         # (the announcement's bound), one after the other, each narrowed to what may
         # still go once the one before it has run.

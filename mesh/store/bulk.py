@@ -46,8 +46,11 @@ def behind(index: Index, peer: str, after: str, limit: int) -> tuple[list[str], 
         "LEFT JOIN peer_vectors p ON p.peer = ? AND p.path = v.path "
         "WHERE v.path > ? AND NOT EXISTS (SELECT 1 FROM targets t WHERE t.path = v.path) "
         "ORDER BY v.path LIMIT ?", (peer, after, limit)).fetchall()
+    # Equal bytes are equal vectors (``vector_bytes``), which do not dominate: a restart's
+    # sweep finds most paths so and decodes none of them.
     out = [path for path, mine, held, seen in rows
-           if (held if seen is None else unpack_vector(mine).dominates(unpack_vector(seen)))]
+           if (held if seen is None else mine != seen
+               and unpack_vector(mine).dominates(unpack_vector(seen)))]
     return out, (rows[-1][0] if len(rows) == limit else None)
 
 
