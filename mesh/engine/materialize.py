@@ -75,7 +75,7 @@ class Materializer:
             self.fs.mkdir(dest_rel, mode, exist_ok=not exclusive)
             return
         tmp = self.fs.temp_name(dest_rel)
-        taken = False
+        taken = moved = False  # moved: renamed into place, nothing left at ``tmp``
         if at_source is None:
             at_source = self._observed_content(source_rel) == content
         try:
@@ -110,15 +110,16 @@ class Materializer:
                         raise Superseded(dest_rel)
                     self.file_away(dest_rel, dest_rel, replacing.content, why)
                 self.fs.rename(tmp, dest_rel)
-                taken = False
+                taken, moved = False, True
             if kind is Kind.FILE:
                 self.scanner.placed(dest_rel, placed, content[1])
         finally:
             if taken and self.fs.lexists(tmp):
                 with contextlib.suppress(OSError, MeshError):
                     self.keep.put_back(content, tmp)  # it did not take its place
-            with contextlib.suppress(FileNotFoundError, MeshError):
-                self.fs.unlink(tmp)
+            if not moved:  # (a walk down to its folder per file, to find nothing there)
+                with contextlib.suppress(FileNotFoundError, MeshError):
+                    self.fs.unlink(tmp)
 
     def _unchanged(self, rel: str, seen: Observed) -> bool:
         """Whether ``rel`` still looks as the scan ``seen`` it: kind, and a file's size
