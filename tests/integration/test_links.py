@@ -15,7 +15,7 @@ import pytest
 
 from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
 from mesh.adapters.mqtt.connection import LinkDown, LinkSettings
-from mesh.adapters.mqtt.links import OwnClient, PeerLink
+from mesh.adapters.mqtt.links import DEAF_AFTER, OwnClient, PeerLink
 from mesh.adapters.mqtt.session import LinkState, MqttSession, OnMessage
 from mesh.core.topics import Topics
 from mesh.pki import NodeCredentials, load_node, server_ssl_context
@@ -91,6 +91,7 @@ def link_to(
     node: str = ALPHA,
     expect_peer: str | None = None,
     settings: LinkSettings = FAST,
+    deaf_after: float = DEAF_AFTER,
 ) -> PeerLink:
     return PeerLink(
         creds=cluster_pki.creds(node),
@@ -100,6 +101,7 @@ def link_to(
         settings=settings,
         rng=random.Random(7),
         expect_peer=expect_peer,
+        deaf_after=deaf_after,
     )
 
 
@@ -366,6 +368,35 @@ async def test_a_silent_link_is_dropped_and_reconnects(
                 await link.wait_up(FAST.connect_timeout + FAST.backoff_max + 2)
                 await until(lambda: len(heads.messages) > received, "heads again")
                 assert link.status.reconnects >= 1
+
+
+async def test_a_link_that_hands_on_no_message_is_reconnected_and_one_that_does_is_kept(
+    cluster_pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 16: among ten nodes, two peer links came back up after a reconnect with
+    nothing behind them: no message for 1,000 s, MQTT's keepalive holding them up. A
+    peer's heads come every second; a link that hands on none for ``deaf_after`` is
+    reconnected. Here bravo's heads stop and start again."""
+    head = Topics(CLUSTER, BRAVO).head
+    heads = Inbox((head,))
+    async with serving(cluster_pki.creds(BRAVO), BRAVO_HOST) as broker:
+        own = own_client(cluster_pki, BRAVO, broker)
+        link = link_to(cluster_pki, broker.address, heads, expect_peer=BRAVO, deaf_after=1.0)
+        async with running(own, link):
+            await own.wait_up(5)
+            await link.wait_up(5)
+            async with heartbeat(own, every=0.1):
+                # Heads flowing: the link stays, for several times deaf_after.
+                await until(lambda: len(heads.messages) >= 40, "40 heads")
+                assert link.status.reconnects == 0 and not link_lines(caplog, "deaf")
+            # No head any more: the link is taken for deaf and made again.
+            await until(lambda: link.status.reconnects >= 1, "the deaf link reconnected",
+                        within=10)
+            assert link_lines(caplog, f"link {BRAVO}: down (deaf: no message for 1 s)")
+            await link.wait_up(5)
+            received = len(heads.messages)
+            async with heartbeat(own, every=0.1):
+                await until(lambda: len(heads.messages) > received, "heads again")
 
 
 # --- refusals ------------------------------------------------------------------------------

@@ -20,6 +20,11 @@ def _peer_subscriptions(cluster: str, me: str, peer: str) -> list[tuple[str, int
     return [(topic, qos[topic]) for topic in topics.for_peer(me)]
 
 
+# A peer publishes its head every second (``Exchange.head_interval``): a link that hands
+# on nothing for this long is reconnected (``MqttSession._hold``).
+DEAF_AFTER = 30.0
+
+
 class PeerLink(MqttSession):
     """The link to one peer's broker: client id = our node id; reads the peer's manifest
     and our responses (QoS 1), its hello and head (QoS 0); writes our requests."""
@@ -35,6 +40,7 @@ class PeerLink(MqttSession):
         rng: random.Random | None = None,
         expect_peer: str | None = None,
         on_state: Callable[[LinkState], None] | None = None,
+        deaf_after: float = DEAF_AFTER,
     ) -> None:
         identity = creds.identity
         super().__init__(
@@ -48,6 +54,7 @@ class PeerLink(MqttSession):
             rng=rng,
             expect_peer=expect_peer,
             on_state=on_state,
+            deaf_after=deaf_after,
         )
 
     async def request(self, payload: bytes) -> None:

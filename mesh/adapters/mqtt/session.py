@@ -75,6 +75,7 @@ class MqttSession:
         rng: random.Random | None = None,
         expect_peer: str | None = None,
         on_state: Callable[[LinkState], None] | None = None,
+        deaf_after: float | None = None,
     ) -> None:
         if not host or not 0 < port <= 65535:
             raise ConfigError(f"link address {host!r}:{port} is not valid")
@@ -87,6 +88,10 @@ class MqttSession:
         self._subscriptions = subscriptions
         self._on_message = on_message
         self._on_state = on_state
+        if deaf_after is not None and deaf_after <= 0:
+            raise ConfigError(f"deaf_after must be positive, not {deaf_after}")
+        self.deaf_after = deaf_after  # see ``_hold``
+        self._handling = False  # on_message runs
         self._rng = rng or random.Random()
         self._tls = client_ssl_context(creds)
         self._conn: Connection | None = None
@@ -267,9 +272,7 @@ class MqttSession:
         LOG.info("link %s: up (%s:%d)", self.label, self.host, self.port)
         goodbye = True
         try:
-            await asyncio.wait({conn.ended})  # wait() leaves the future alone if cancelled
-            goodbye = False
-            reason = conn.ended.result()
+            reason, goodbye = await self._hold(conn)
         finally:
             lived = time.time() - self._since
             self._conn = None
@@ -279,6 +282,21 @@ class MqttSession:
         self._logged = f"down ({reason})"
         LOG.warning("link %s: %s", self.label, self._logged)
         return lived
+
+    async def _hold(self, conn: Connection) -> tuple[str, bool]:
+        """Wait for ``conn`` to end: why, and whether to say goodbye. With ``deaf_after``,
+        a connection that handed on no message for that long, while none was being
+        handled, is ended by us: a peer publishes its head every second, and a link that
+        came back up with no subscription behind it (seen among ten nodes, issue 16)
+        stayed up on MQTT's keepalive alone, its peer never caught up with."""
+        deaf = self.deaf_after
+        while True:  # wait() leaves the future alone if cancelled
+            await asyncio.wait({conn.ended}, timeout=None if deaf is None else deaf / 4)
+            if conn.ended.done():
+                return conn.ended.result(), False
+            heard = max(self._since or 0.0, self._last_message or 0.0)
+            if deaf is not None and not self._handling and time.time() - heard > deaf:
+                return f"deaf: no message for {deaf:g} s", True
 
     def _failed(self, err: LinkDown) -> None:
         verb = "refused" if isinstance(err, LinkRefused) else "down"
@@ -303,10 +321,14 @@ class MqttSession:
             message = await inbox.get()
             topic, payload = str(message.topic), bytes(message.data)
             self._last_message = time.time()
+            self._handling = True
             try:
                 await self._on_message(topic, payload)
             except Exception:
                 LOG.exception("link %s: handling a message on %s failed", self.label, topic)
+            finally:
+                self._handling = False
+                self._last_message = time.time()
 
 
 class LinkState(enum.Enum):
