@@ -58,6 +58,7 @@ from mesh.core.pushstate import (
     PushView,
     Stage,
 )
+from mesh.core.replica import group
 from mesh.core.resolver import Version
 from mesh.core.vclock import Ordering
 from mesh.errors import LocalProtocolError
@@ -151,11 +152,7 @@ class PushPlanner:
         q = self._peers.get(peer)
         if q is None or not q.awaiting:
             return
-        held: dict[str, Version] = {}
-        for e in entries:
-            if e.path in q.awaiting:
-                known = held.get(e.path)
-                held[e.path] = Version((e,)) if known is None else known.absorb(e)
+        held = group(e for e in entries if e.path in q.awaiting)
         for path, version in held.items():
             if version.vector.compare(q.awaiting[path][0].vector) in (Ordering.EQUAL,
                                                                       Ordering.AFTER):

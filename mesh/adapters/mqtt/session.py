@@ -346,7 +346,7 @@ class LinkStatus:
     peer_id: str | None  # from the server's certificate, once known
     address: str  # host:port as dialled
     connected_since: float | None
-    last_message: float | None  # when on_message was last handed a message
+    last_message: float | None  # when on_message was last handed a message, or done with one
     reconnects: int  # connections made after the first
     last_error: str | None
     attempts: int  # connection attempts, successful or not
