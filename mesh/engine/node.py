@@ -183,14 +183,16 @@ class Node:
         return False
 
     async def _track_peers(self) -> None:
-        """Keep lsyncd's syncs and the pusher's queues to the peers we can push to, each
-        time a link changes state, a link comes or goes, or a hello arrives."""
+        """lsyncd's syncs and the pusher's queues: one per peer whose hello named its
+        tunnel port, kept while it is down (``Pushes.carry`` refuses its batches), so
+        lsyncd restarts only for a new peer and misses no write in a restart."""
         while True:
             self._reachable.clear()
-            ready = {p for p in self.exchange.peers if self._tunnel_endpoint(p) is not None}
-            for peer in ready:
+            known = {peer for peer, view in self.exchange.peers.items()
+                     if view.hello is not None and view.hello.tunnel_port}
+            for peer in known:
                 self.pushes.add_peer(peer)
-            self.lsyncd.update_peers(ready)
+            self.lsyncd.update_peers(known)
             await self._reachable.wait()
 
     async def _on_request(self, topic: str, payload: bytes) -> None:

@@ -127,10 +127,13 @@ def test_a_version_lsyncd_could_not_carry_goes_by_the_agent_through_the_same_exe
     """n3 is down while n1 writes: lsyncd's batch for n3 cannot go (the agent refuses a
     peer that is not up), so the agent's pusher sends the version once n3 is back (the
     catch-up), through the same executor: counted as n1's own push to n3, while n2 got
-    it from lsyncd."""
+    it from lsyncd. n1's lsyncd keeps running throughout, with its sync to n3: a restart
+    for a peer going down or coming back would miss the writes made during it."""
     n1, n2, n3 = cluster.nodes
     fresh_status(cluster.nodes)
     before = pushes(n1)["by_peer"]
+    lsyncd = (n1.status() or {})["lsyncd"]
+    assert lsyncd["pid"] is not None and lsyncd["peers"] == ["n2", "n3"]
     cluster.stop(n3)
     (n1.data / "while-n3-away.txt").write_bytes(b"written while n3 was down\n")
     wait_for(lambda: (n2.data / "while-n3-away.txt").exists(), 30, "the file at n2")
@@ -143,6 +146,7 @@ def test_a_version_lsyncd_could_not_carry_goes_by_the_agent_through_the_same_exe
     assert after["n2"]["sent_paths"] == before["n2"]["sent_paths"]
     assert after["n3"]["sent_paths"] > before["n3"]["sent_paths"]
     assert (n3.data / "while-n3-away.txt").read_bytes() == b"written while n3 was down\n"
+    assert (n1.status() or {})["lsyncd"] == lsyncd
 
 
 def test_one_content_at_many_paths_lands_at_each(cluster: Cluster) -> None:
