@@ -285,7 +285,7 @@ class EmbeddedBroker(Listener):
         try:
             async with asyncio.timeout(limits.connect_timeout):
                 raw = await _read_packet(reader, limits.max_packet_bytes)
-            conn.last_rx = asyncio.get_running_loop().time()
+            conn.heard()
         except TimeoutError:
             why = f"no CONNECT within {limits.connect_timeout:g} s"
         except _TooLarge as err:

@@ -41,6 +41,7 @@ from amqtt.mqtt.protocol.client_handler import ClientProtocolHandler
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import Session
 
+from mesh.adapters.mqtt import listening
 from mesh.adapters.mqtt.frames import FrameMeter
 from mesh.errors import ConfigError, MeshError
 
@@ -202,7 +203,8 @@ class Connection:
         self.settings = settings
         self.writer = writer
         self.loop = asyncio.get_running_loop()
-        self.last_rx = self.loop.time()
+        self.clock = listening.of(self.loop)  # silence counts only while we could listen
+        self.last_rx = self.clock.free()
         self.paused = False
         self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue(settings.max_queue)
         self.ended: asyncio.Future[str] = self.loop.create_future()
@@ -227,7 +229,7 @@ class Connection:
         return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
 
     def touch(self) -> None:
-        self.last_rx = self.loop.time()
+        self.last_rx = self.clock.free()
 
     def end(self, reason: str) -> None:
         """Drop the connection now, without waiting on amqtt; the first reason stays."""
@@ -305,12 +307,12 @@ class Connection:
         last_ping = self.loop.time()
         while True:
             await asyncio.sleep(liveness / 6)  # a timer tick, not a wait for an outcome
-            now = self.loop.time()
+            now, heard = self.loop.time(), self.clock.free()
             if self.paused:
-                self.last_rx = now
+                self.last_rx = heard
                 continue
-            if now - self.last_rx > liveness:
-                self.end(f"silent for {now - self.last_rx:.1f} s")
+            if heard - self.last_rx > liveness:
+                self.end(f"silent for {heard - self.last_rx:.1f} s")
                 return
             # Pings make a link without application traffic (OwnClient) prove itself,
             # and keep the broker's keep-alive satisfied (PINGRESP resets last_rx).

@@ -17,6 +17,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from mesh.adapters.mqtt import listening
 from mesh.adapters.mqtt.frames import FrameMeter
 from mesh.core.topics import TopicPolicy
 from mesh.errors import ConfigError, PkiError
@@ -67,7 +68,8 @@ class ClientConnection:
         self.session: Session | None = None
         self.closed = False
         self._idle_limit = limits.connect_timeout
-        self.last_rx = asyncio.get_running_loop().time()
+        self.clock = listening.of()  # silence counts only while we could listen
+        self.last_rx = self.clock.free()
 
     def bind(self, session: Session, max_keepalive: int) -> None:
         self.session = session
@@ -76,8 +78,12 @@ class ClientConnection:
         # amqtt 0.12.1 times the read out and then carries on waiting.
         self._idle_limit = 1.5 * keepalive
 
-    def idle_deadline(self) -> float:
-        return self.last_rx + self._idle_limit
+    def heard(self) -> None:
+        self.last_rx = self.clock.free()
+
+    def idle_left(self) -> float:
+        """Seconds of listening left before the client has been silent too long."""
+        return self.last_rx + self._idle_limit - self.clock.free()
 
     def idle_limit(self) -> float:
         return self._idle_limit
@@ -118,18 +124,26 @@ class GuardedReader(ReaderAdapter):  # type: ignore[misc]
             return data
         if self._conn.closed or self._inbound_full():
             return b""
-        try:
-            async with asyncio.timeout_at(self._conn.idle_deadline()):
-                data = await (
-                    self._reader.readexactly(n)
-                    if n >= 0
-                    # amqtt never reads to EOF; if it did, not without bound
-                    else self._reader.read(self._limits.max_packet_bytes)
-                )
-        except TimeoutError:
+        # Until the client has been silent too long in our listening time: a timeout that
+        # a stall of ours made come early only starts another wait. What was read stays
+        # in the stream's buffer when a wait ends (readexactly takes nothing until all
+        # of it is there).
+        while (left := self._conn.idle_left()) > 0:
+            try:
+                async with asyncio.timeout(left):
+                    data = await (
+                        self._reader.readexactly(n)
+                        if n >= 0
+                        # amqtt never reads to EOF; if it did, not without bound
+                        else self._reader.read(self._limits.max_packet_bytes)
+                    )
+                break
+            except TimeoutError:
+                continue
+        else:
             self._conn.cut(f"silent for {self._conn.idle_limit():g} s (MQTT-3.1.2-24)")
             return b""
-        self._conn.last_rx = asyncio.get_running_loop().time()
+        self._conn.heard()
         length = self._meter.feed(data)
         if self._meter.reserved is not None:
             self._conn.cut(f"reserved packet type {self._meter.reserved} (MQTT-2.2.1)")
