@@ -40,12 +40,16 @@ class Mesh:
 
 @asynccontextmanager
 async def running(
-    cluster_pki: Pki, tmp_path: Path, *, blocked: bool = False
+    cluster_pki: Pki, tmp_path: Path, *, blocked: bool = False, folders: int = 0,
+    **tuning: float,
 ) -> AsyncIterator[Mesh]:
-    """alpha's lsyncd pushing to bravo. The data dir's name has a space, quotes and
-    non-ASCII, which the rendered Lua must carry intact."""
+    """alpha's lsyncd pushing to bravo (``folders`` empty folders in its tree, ``tuning``
+    for LsyncdSettings). The data dir's name has a space, quotes and non-ASCII, which the
+    rendered Lua must carry intact."""
     source, target = tmp_path / 'data "A" ü', tmp_path / "B"
     source.mkdir()
+    for i in range(folders):
+        (source / f"f{i}").mkdir()
     target.mkdir(exist_ok=True)
     sink = RecordingSink(target)
     async with AsyncExitStack() as stack:
@@ -61,7 +65,8 @@ async def running(
             carrier.gate = asyncio.Event()
         socket_path = tmp_path / "agent.sock"
         gate = await stack.enter_async_context(GateServer(socket_path, source, carrier))
-        settings = LsyncdSettings(source, socket_path, backoff=(0.1, 1.0), stop_timeout=3)
+        settings = LsyncdSettings(source, socket_path, **{
+            "backoff": (0.1, 1.0), "stop_timeout": 3, **tuning})  # type: ignore[arg-type]
         (tmp_path / "lsyncd").mkdir()
         config = tmp_path / "lsyncd" / "lsyncd.conf.lua"
         supervisor = LsyncdSupervisor(config, [RECEIVER], settings=settings)
@@ -155,7 +160,10 @@ async def test_peer_change_restarts_lsyncd_with_a_sync_per_peer(
     async with running(cluster_pki, tmp_path) as mesh:
         await poke_until(mesh)
         first = mesh.supervisor.pid
-        mesh.supervisor.update_peers([RECEIVER, OTHER])
+        # Two hellos 0.1 s apart (under LsyncdSettings.settle): one restart for both.
+        mesh.supervisor.update_peers([RECEIVER, "delta"])
+        await asyncio.sleep(0.1)  # the cadence under test
+        mesh.supervisor.update_peers([RECEIVER, "delta", OTHER])
         await until(lambda: mesh.supervisor.pid not in (None, first), "a new lsyncd", 5)
         assert f"{OTHER}::data/" in mesh.supervisor.config_path.read_text()
         await poke_until(mesh)
@@ -167,6 +175,23 @@ async def test_peer_change_restarts_lsyncd_with_a_sync_per_peer(
         )
         await until(lambda: "for both peers" in staged(mesh, "after"), "the write", 5)
         assert mesh.supervisor.starts == 2
+
+
+async def test_a_restart_while_lsyncd_starts_up_ends_it_without_the_kill(
+    cluster_pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lsyncd 2.2.3 loses a SIGTERM that comes while it sets its watches, and runs on
+    until killed: among ten nodes a restart for a peer's hello right after the start
+    waited out the whole stop timeout with no lsyncd. The supervisor sends SIGTERM
+    again until lsyncd ends; here the kill would come only after 60 s."""
+    caplog.set_level(logging.INFO, "mesh.adapters.lsyncd.supervisor")
+    async with running(cluster_pki, tmp_path, folders=3000, stop_timeout=60,
+                       settle=0.01) as mesh:
+        await until(lambda: mesh.supervisor.pid is not None, "lsyncd to start", 10)
+        first = mesh.supervisor.pid
+        mesh.supervisor.update_peers([RECEIVER, OTHER])  # while it watches 3,000 folders
+        await until(lambda: mesh.supervisor.pid not in (None, first), "a new lsyncd", 30)
+    assert not [r for r in caplog.records if "ignored SIGTERM" in r.getMessage()]
 
 
 async def test_a_dead_lsyncd_is_restarted(cluster_pki: Pki, tmp_path: Path) -> None:

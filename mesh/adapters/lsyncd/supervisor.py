@@ -77,6 +77,13 @@ class LsyncdSettings:
     template: Path = TEMPLATE
     gate: Path = GATE
     stop_timeout: float = 5.0
+    # lsyncd 2.2.3 loses a SIGTERM that comes while it starts up (it then runs on until
+    # killed; checked here): the supervisor sends it again every ``term_again`` seconds.
+    term_again: float = 0.5
+    # Peers come one hello after another: a (re)start waits until the set has not changed
+    # for ``settle`` seconds (``settle_max`` at most), one restart for them all.
+    settle: float = 0.5
+    settle_max: float = 3.0
     backoff: tuple[float, float] = (0.5, 30.0)  # first and longest wait before a restart
     stable_after: float = 60.0  # a run this long resets the backoff
 
@@ -177,6 +184,7 @@ class LsyncdSupervisor:
             self._changed.clear()
             if not self._peers:
                 await self._changed.wait()
+                await self._settled()
                 continue
             started = loop.time()
             try:
@@ -186,7 +194,7 @@ class LsyncdSupervisor:
                 returncode: int | None = 1
             else:
                 returncode = await self._run_once()
-            if returncode is None:  # the peers changed: restart at once
+            if returncode is None:  # the peers changed: restart once they settle
                 backoff = self.settings.backoff[0]
                 continue
             if loop.time() - started >= self.settings.stable_after:
@@ -195,6 +203,18 @@ class LsyncdSupervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), backoff)
             backoff = min(backoff * 2, self.settings.backoff[1])
+
+    async def _settled(self) -> None:
+        """Return once the peers have not changed for ``settle`` seconds, or after
+        ``settle_max``."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.settings.settle_max
+        while (left := end - loop.time()) > 0:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(self.settings.settle, left))
+            except TimeoutError:
+                return
 
     def _render(self) -> None:
         try:
@@ -234,7 +254,10 @@ class LsyncdSupervisor:
         changed = asyncio.create_task(self._changed.wait())
         try:
             await asyncio.wait({exited, changed}, return_when=asyncio.FIRST_COMPLETED)
-            return proc.returncode if exited.done() else None
+            if exited.done():
+                return proc.returncode
+            await self._settled()  # this lsyncd carries on for the peers it has meanwhile
+            return None
         finally:
             changed.cancel()
             await self._terminate(proc, exited)
@@ -246,14 +269,20 @@ class LsyncdSupervisor:
             self._proc = None
 
     async def _terminate(self, proc: asyncio.subprocess.Process, exited: asyncio.Task[int]) -> None:
-        """SIGTERM to the group, SIGKILL after ``stop_timeout``; then SIGKILL to the group
+        """SIGTERM to the group (again every ``term_again``), SIGKILL after ``stop_timeout``;
+        then SIGKILL to the group
         again for a child that outlived lsyncd. Shielded: it runs to the end even when
         ``stop`` cancelled the supervisor."""
 
         async def terminate() -> None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            done, _ = await asyncio.wait({exited}, timeout=self.settings.stop_timeout)
-            if not done:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + self.settings.stop_timeout
+            while (left := end - loop.time()) > 0:
+                _signal_group(proc.pid, signal.SIGTERM)
+                done, _ = await asyncio.wait({exited}, timeout=min(self.settings.term_again, left))
+                if done:
+                    break
+            else:
                 LOG.warning("lsyncd %d ignored SIGTERM; killing its group", proc.pid)
             _signal_group(proc.pid, signal.SIGKILL)
             await exited
