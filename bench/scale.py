@@ -314,9 +314,11 @@ def phases(args: argparse.Namespace, base: Path, cluster: Cluster, prof: Profile
         mark()
         burst = layout(args.burst, first=args.files, folder="burst")
         cpu0 = {n: group_cpu(p.pid) for n, p in cluster.procs.items()}
+        prof.attach("burst", n1.name, p1.pid)
         start = time.monotonic()
         write_tree(n1.data, burst)
         took = arrived([Arrival(m.data, burst) for m in others], start, limit, "the burst")
+        prof.stop()
         out["burst"] = {"files": args.burst, "all_files_s": took, "logs": logs(),
                         "cpu_s": {n: group_cpu(p.pid) - cpu0[n] for n, p in cluster.procs.items()},
                         "peak_rss_mib": {n: peak_rss_mib(p.pid) for n, p in cluster.procs.items()}}

@@ -14,10 +14,8 @@ and the replica's restores put them in place, each after a scan of the path.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import shutil
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Container, Iterable
@@ -33,7 +31,7 @@ from mesh.core.paths import deepest_first, parent
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
-from mesh.engine.keep import KeepArea, files_under, remove_empty_dirs
+from mesh.engine.keep import KeepArea, drop_tree, files_under, remove_empty_dirs
 from mesh.engine.materialize import Materializer, Superseded
 from mesh.errors import MeshError
 from mesh.store.index import Index
@@ -334,8 +332,7 @@ class DataPlane:
         finally:
             for rel, err in self.keep.file_held():
                 LOG.warning("keep %s: %s", rel, err)
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(staging)  # what is left was not the version: dropped
+            await asyncio.to_thread(drop_tree, staging)  # the rest: not the version; off the loop
 
     async def _file_away_under(self, folder: Path, rel_of: Callable[[str], str],
                                wanted: Callable[[str, Observed], bool],
@@ -394,4 +391,3 @@ class DataPlane:
             if marks[path] > old:
                 break
             del marks[path]
-
