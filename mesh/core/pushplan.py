@@ -20,8 +20,10 @@ Policy (issue 12: lsyncd is the live push path):
   peer runs (ours if that takes ``LSYNCD_WAIT_GRACES`` graces), and ours
   ``own_grace`` after the last one ended (lsyncd stopped; the peer was away or
   not current);
-* a version written elsewhere is *forwarded* only when the peer is still behind
-  after ``FORWARD_GRACE`` (its writer is down or cut off), so a partition heals;
+* a version written elsewhere is *forwarded* once the peer is still behind after
+  ``FORWARD_GRACE`` if our link to its writer is down (so a partition heals), after
+  ``FORWARD_LINKED_GRACE`` if it is up (the writer pushes it; issue 16: ten nodes
+  forwarding what a busy writer had not pushed yet moved each version 2.75 times);
 * a path is in at most one push to a peer at a time, and a delivered version
   is not pushed again while the peer's announcement of it is awaited; if none
   came within ``CONFIRM_S``, the path is queued again;
@@ -31,19 +33,17 @@ Policy (issue 12: lsyncd is the live push path):
   retry, whoever started it (rsync's exit status is known for both).
 
 The states and transitions are in mesh/core/pushstate.py, in one table; every
-move of a path or a peer goes through it.
-
-Driving it: ``mesh/engine/pushes.py`` (the agent) and ``tests/core/sim.py`` (a
-simulated node) do, with ``changed``, ``behind``, ``heard`` (the peer's manifests),
-lsyncd's ``unclaimed`` → scan → ``grantable`` → ``start(own=False)``, ``tick`` for
-ours, and ``end`` with rsync's exit status for every push.
+move of a path or a peer goes through it. Driving it: ``mesh/engine/pushes.py``
+(the agent) and ``tests/core/sim.py`` (a simulated node), with ``changed``,
+``behind``, ``heard`` (the peer's manifests), ``linked``, lsyncd's ``unclaimed`` →
+scan → ``grantable`` → ``start(own=False)``, ``tick`` for ours, and ``end`` with
+rsync's exit status for every push.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from mesh.core.manifest import Entry
 from mesh.core.pushstate import (
@@ -57,6 +57,8 @@ from mesh.core.pushstate import (
     Push,
     PushView,
     Stage,
+    Tick,
+    earliest,
 )
 from mesh.core.replica import group
 from mesh.core.resolver import Version
@@ -68,16 +70,11 @@ OWN_GRACE = 1.0  # an own write lsyncd has not carried by then is ours to push
 # event, and a write whose event it saw before the agent recorded the write (found at a
 # push's end, say) is not asked about again.
 LSYNCD_WAIT_GRACES = 5
-FORWARD_GRACE = 5.0
+FORWARD_GRACE = 5.0  # a version whose writer our links do not reach
+FORWARD_LINKED_GRACE = 30.0  # ... and one whose writer they reach
 PATHS_PER_PUSH = 2000  # keeps the announcement under the manifest's size limits
 RETRY_S = (1.0, 30.0)  # backoff after a failed push: first, most
 VANISHED = 24  # rsync's "some files vanished before they could be transferred"
-
-
-@dataclass(frozen=True)
-class Tick:
-    pushes: tuple[Push, ...]  # started now: carry each out, then ``end`` it
-    wake: float | None  # tick again by then at the latest (None: on the next input)
 
 
 class PushPlanner:
@@ -88,6 +85,7 @@ class PushPlanner:
         self.counters = Counters()
         self._peers: dict[str, PeerQueue] = {}
         self._open: dict[int, Push] = {}
+        self._linked: frozenset[str] = frozenset()
         self._keys = itertools.count(1)
 
     # --- the one place a path changes stage ---------------------------------------
@@ -147,8 +145,7 @@ class PushPlanner:
 
     def heard(self, peer: str, entries: Iterable[Entry]) -> None:
         """``peer`` announced these entries (a manifest, a catch-up's): its disk holds
-        them. A push awaiting the version, or one before it, is confirmed. (Issue 16:
-        unheard, every delivered path waited ``CONFIRM_S``, 70,000 in a join.)"""
+        them. A push awaiting the version, or one before it, is confirmed."""
         q = self._peers.get(peer)
         if q is None or not q.awaiting:
             return
@@ -157,6 +154,14 @@ class PushPlanner:
             if version.vector.compare(q.awaiting[path][0].vector) in (Ordering.EQUAL,
                                                                       Ordering.AFTER):
                 self._fire(q, path, Event.CONFIRMED, 0.0)  # queues nothing anew
+
+    def linked(self, nodes: Iterable[str]) -> None:
+        """Our links reach these nodes now: what they wrote is theirs to push."""
+        linked = frozenset(nodes)
+        if linked != self._linked:
+            self._linked = linked
+            for q in self._peers.values():
+                q.not_before.clear()  # the forwarding graces change
 
     def unclaimed(self, peer: str, paths: Iterable[str], now: float, *,
                   current: bool = True) -> list[str]:
@@ -266,16 +271,16 @@ class PushPlanner:
             q = self._peers.get(peer)
             if q is None or q.stage is PeerStage.PUSHING:
                 continue  # its push's end ticks again
-            wake = _earliest(wake, self._recheck(q, now))
+            wake = earliest(wake, self._recheck(q, now))
             if not q.queued:
                 continue
             if q.stage is PeerStage.BACKING_OFF:
                 if now < q.retry_at:
-                    wake = _earliest(wake, q.retry_at)
+                    wake = earliest(wake, q.retry_at)
                     continue
                 q.move(PeerEvent.RETRY_DUE)
             ready, due = self._ready(q, now)
-            wake = _earliest(wake, due)
+            wake = earliest(wake, due)
             if ready:
                 pushes.append(self.start(peer, ready, now, own=True))
         return Tick(tuple(pushes), wake)
@@ -364,7 +369,7 @@ class PushPlanner:
                 continue  # lsyncd's gate carries it; confirmed or retried afterwards
             later = q.not_before.get(path)
             if later is not None and now < later:
-                wake = _earliest(wake, later)
+                wake = earliest(wake, later)
                 continue
             if not self.view.may_push(q.name, path):
                 self._fire(q, path, Event.DROPPED, now)  # the peer has it (or newer)
@@ -382,16 +387,14 @@ class PushPlanner:
                 else:
                     due = max(since, q.lsyncd_ended) + self.own_grace
             else:
-                due = since + FORWARD_GRACE
+                linked = disk is not None and disk.winner.writer in self._linked
+                due = since + (FORWARD_LINKED_GRACE if linked else FORWARD_GRACE)
             if now >= due:
                 ready.append(path)
             else:
                 q.not_before[path] = due
-                wake = _earliest(wake, due)
+                wake = earliest(wake, due)
             if len(ready) >= PATHS_PER_PUSH:
                 return ready, now
         return ready, wake
 
-
-def _earliest(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else min(a, b)

@@ -211,3 +211,13 @@ class ReplicaView:
 
     def disk(self, path: str) -> Version | None:
         return self.replica.store.state(path).disk
+
+
+@dataclass(frozen=True)
+class Tick:
+    pushes: tuple[Push, ...]  # started now: carry each out, then ``end`` it
+    wake: float | None  # tick again by then at the latest (None: on the next input)
+
+
+def earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)

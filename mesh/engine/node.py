@@ -68,7 +68,6 @@ STATUS_INTERVAL = 1.0
 WAITS_EVERY = 5  # status intervals between two looks at every path waited for
 
 
-
 class Node:
     """The parts of one node and the tasks that run them."""
 
@@ -183,9 +182,9 @@ class Node:
         return False
 
     async def _track_peers(self) -> None:
-        """lsyncd's syncs and the pusher's queues: one per peer whose hello named its
-        tunnel port, kept while it is down (``Pushes.carry`` refuses its batches), so
-        lsyncd restarts only for a new peer and misses no write in a restart."""
+        """lsyncd's syncs and the pusher's queues, one per peer whose hello named its
+        tunnel port, kept while it is down (``Pushes.carry`` refuses its batches): lsyncd
+        restarts only for a new peer. And the peers our links reach (``linked``)."""
         while True:
             self._reachable.clear()
             known = {peer for peer, view in self.exchange.peers.items()
@@ -193,6 +192,7 @@ class Node:
             for peer in known:
                 self.pushes.add_peer(peer)
             self.lsyncd.update_peers(known)
+            self.pushes.plan.linked(self.links.live_peers())
             await self._reachable.wait()
 
     async def _on_request(self, topic: str, payload: bytes) -> None:

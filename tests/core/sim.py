@@ -224,6 +224,7 @@ class SimNode:
         if not self.up:
             return
         up = [p for p in self.peers if self.cluster.nodes[p].up]
+        self.plan.linked(up)  # what they wrote is theirs to push: forwarded late
         self._page()
         for push in self.plan.tick(self.now_s, up).pushes:
             versions = dict(push.versions)

@@ -13,6 +13,7 @@ import pytest
 from mesh.core.manifest import Entry, Kind
 from mesh.core.pushplan import (
     FORWARD_GRACE,
+    FORWARD_LINKED_GRACE,
     LSYNCD_WAIT_GRACES,
     OWN_GRACE,
     PATHS_PER_PUSH,
@@ -284,6 +285,31 @@ def test_own_writes_go_at_once_forwarded_ones_after_the_grace() -> None:
     assert r.tick() == []
     r.now += 0.01
     assert [p.paths for p in r.tick()] == [["theirs"]]
+
+
+def test_a_version_whose_writer_our_links_reach_is_forwarded_only_late() -> None:
+    """Issue 16: among ten nodes, a writer busy pushing to nine peers had not reached
+    most of them within FORWARD_GRACE, and the others forwarded what it was about to
+    push: each version moved 2.75 times as often as needed. While our link to the
+    writer is up, it pushes its own writes; we forward after FORWARD_LINKED_GRACE (a
+    writer cut off from that peer alone). Its link going down makes FORWARD_GRACE the
+    rule again, counted from when the path was queued."""
+    r = Rig()
+    r.plan.linked([OTHER, PEER])
+    r.write("theirs", writer=OTHER)
+    tick = r.plan.tick(r.now, [PEER])
+    assert tick.pushes == () and tick.wake == r.now + FORWARD_LINKED_GRACE
+    r.now += FORWARD_GRACE
+    assert r.tick() == []
+    r.plan.linked([PEER])  # the writer's link went down
+    assert [p.paths for p in r.tick()] == [["theirs"]]
+    r.end(0)
+    r.plan.linked([OTHER, PEER])
+    r.write("later", writer=OTHER)
+    r.now += FORWARD_LINKED_GRACE - 0.01
+    assert r.tick() == []
+    r.now += 0.01
+    assert [p.paths for p in r.tick()] == [["later"]]
 
 
 def test_a_forwarded_path_not_yet_due_is_not_looked_up_again_each_tick() -> None:

@@ -3,7 +3,8 @@ down, lsyncd's gate asking, pushes ending well or badly, announcements late or l
 
 Checked at every step: a path is never in two pushes to one peer at a time; nothing goes
 to a peer whose link is down or whose view is not current; nothing goes to a peer that
-announced the version (or a newer one); a forwarded version waits ``FORWARD_GRACE``; an
+announced the version (or a newer one); a forwarded version waits ``FORWARD_GRACE``
+(``FORWARD_LINKED_GRACE`` while our link to its writer is up); an
 own write goes by our pusher only when no lsyncd push to that peer runs and lsyncd had
 ``OWN_GRACE`` to carry it (issue 12); a failed push's paths (ours or lsyncd's) stay
 queued and no push of ours goes to that peer before its backoff is over; after a tick,
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from mesh.core.pushplan import (
     FORWARD_GRACE,
+    FORWARD_LINKED_GRACE,
     LSYNCD_WAIT_GRACES,
     OWN_GRACE,
     RETRY_S,
@@ -43,6 +45,7 @@ actions = st.one_of(
     st.tuples(st.just("write"), path, st.sampled_from([ME, ME, OTHER, *PEERS])),
     st.tuples(st.just("advance"), st.sampled_from([0.0, 0.3, 1.0, 5.0, 31.0])),
     st.tuples(st.just("link"), peer, st.booleans()),
+    st.tuples(st.just("link_other"), st.booleans()),  # a writer that is not a peer
     st.tuples(st.just("tick")),
     st.tuples(st.just("gate"), peer, st.lists(path, max_size=3, unique=True), st.booleans()),
     st.tuples(st.just("end"), st.integers(0, 5), st.sampled_from([0, 0, 1]), st.booleans()),
@@ -60,6 +63,8 @@ class Run:
             self.plan.add_peer(p)
         self.now = 0.0
         self.up: set[str] = set(PEERS)
+        self.other_linked = False
+        self.plan.linked(self.linked())
         self.open: list[Push] = []
         self.carrying: set[tuple[str, str]] = set()
         self.held: dict[tuple[str, str], Version] = {}  # what each peer's disk holds
@@ -70,6 +75,12 @@ class Run:
         # Paths lsyncd will not ask about again (asked and left; a push of it failed or
         # was abandoned; a resync found the peer behind), since when; a write forgets.
         self.left: dict[tuple[str, str], float] = {}
+
+    def linked(self) -> set[str]:
+        return self.up | ({OTHER} if self.other_linked else set())
+
+    def forward_grace(self, writer: str) -> float:
+        return FORWARD_LINKED_GRACE if writer in self.linked() else FORWARD_GRACE
 
     # --- the world ----------------------------------------------------------------------
 
@@ -119,7 +130,8 @@ class Run:
                 due = since[(push.peer, p)]
                 assert due is not None, "pushed what was not queued"
                 if version.winner.writer != ME:
-                    assert self.now >= due + FORWARD_GRACE, "forwarded before the grace"
+                    grace = self.forward_grace(version.winner.writer)
+                    assert self.now >= due + grace, "forwarded before the grace"
                 else:
                     assert self.now >= due + OWN_GRACE, "before lsyncd's grace"
                     assert (not self.lsyncd_open[push.peer]
@@ -136,7 +148,8 @@ class Run:
                 if stage is Stage.QUEUED and due is not None:
                     disk = self.view.disks[x]
                     if disk.winner.writer != ME:
-                        assert self.now < due + FORWARD_GRACE, f"{x} for {p} left behind"
+                        grace = self.forward_grace(disk.winner.writer)
+                        assert self.now < due + grace, f"{x} for {p} left behind"
                     else:  # at the latest: lsyncd never carries it, and kept pushing
                         latest = max(due, self.left.get((p, x), 0.0), self.lsyncd_ended[p])
                         wait = LSYNCD_WAIT_GRACES * OWN_GRACE
@@ -199,6 +212,10 @@ class Run:
             self.now += args[0]
         elif kind == "link":
             (self.up.add if args[1] else self.up.discard)(args[0])
+            self.plan.linked(self.linked())
+        elif kind == "link_other":
+            self.other_linked = args[0]
+            self.plan.linked(self.linked())
         elif kind == "resync":
             self.plan.behind(args[0], PATHS, self.now)
             for x in PATHS:
@@ -223,6 +240,7 @@ def test_the_planner_keeps_its_laws_and_every_peer_catches_up(
     # Quiesce: links up, pushes succeed, the first rounds' announcements are lost; lsyncd
     # asks about every path before each of our ticks.
     run.up = set(PEERS)
+    run.plan.linked(run.linked())
     while run.open:
         run.step("end", [0, 0, False])
     for rounds in range(12):
