@@ -347,12 +347,9 @@ class Node:
                 "node": s.peer_id, "state": s.state.value, "since": s.connected_since,
                 "last_message": s.last_message, "reconnects": s.reconnects,
                 "error": s.last_error,
-                "applied_seq": view.inbox.applied if view else None,
-                "epoch": view.inbox.epoch if view else None,
-                "manifests": view.applied_manifests if view else 0,
-                "resyncs": view.resyncs if view else 0,
                 "catching_up": s.state is LinkState.UP and catching_up(view, s.connected_since),
-                "inbox_pending": len(view.inbox.pending) if view else 0,
+                **(view.doc() if view else {"applied_seq": None, "epoch": None,
+                                            "manifests": 0, "resyncs": 0, "inbox_pending": 0}),
             }
         return {
             "node": self.me, "cluster": self.config.cluster, "pid": os.getpid(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from mesh.core import wire
 from mesh.core.delivery import Inbox
@@ -24,6 +25,15 @@ class PeerView:
     resync_started: float = 0.0  # monotonic time the running (or last) resync began
     applied_manifests: int = 0
     resyncs: int = 0
+
+    def doc(self) -> dict[str, Any]:
+        """For the status: where its stream stands with us, and its last head."""
+        inbox = self.inbox
+        return {"applied_seq": inbox.applied, "epoch": inbox.epoch,
+                "manifests": self.applied_manifests, "resyncs": self.resyncs,
+                "inbox_pending": len(inbox.pending), "resync_pending": inbox.resync_pending,
+                "head_seq": None if self.head is None else self.head[2],
+                "head_at": None if self.head is None else self.head[0]}
 
     def caught_up(self, since: float) -> bool:
         """Whether we hold all that the peer had published when its link came up at
