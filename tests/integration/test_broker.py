@@ -320,6 +320,45 @@ async def test_a_subscription_made_while_a_message_is_broadcast_loses_nothing(
                 assert await next_message(late) == (f"{ORIGIN}head", b"two")
 
 
+async def test_a_late_subscribe_of_a_connection_taken_over_leaves_the_new_one_subscribed(
+    cluster_pki: Pki,
+) -> None:
+    """Issue 16, ten nodes: a peer link gave up on a connection whose SUBACK was late and
+    connected again with its client id. amqtt 0.12.1 added the old session's late
+    subscription, then skipped the new session's on that filter (one per client id)
+    though it acknowledged it: the owner's replies never reached the link, and the
+    node never caught up with the owner. The old connection is held here at its ACL
+    check until the new one is connected."""
+    async with running_broker(cluster_pki) as broker:
+        amqtt_broker: Any = broker._broker
+        acl = amqtt_broker._topic_filtering
+        responses = f"{ORIGIN}resp/{PEER}"
+        held, go_on = asyncio.Event(), asyncio.Event()
+
+        async def slow_acl(session: Any, topic: str, action: Action) -> bool:
+            if action == Action.SUBSCRIBE and not held.is_set():
+                held.set()
+                await go_on.wait()
+            return bool(await acl(session, topic=topic, action=action))
+
+        amqtt_broker._topic_filtering = slow_acl
+        async with (
+            connected(broker, cluster_pki.files(OWNER), f"{OWNER}/replies") as owner,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            old = await stack.enter_async_context(
+                connected(broker, cluster_pki.files(PEER), PEER))
+            late = asyncio.create_task(old.subscribe([(responses, 1)]))
+            await held.wait()
+            async with connected(broker, cluster_pki.files(PEER), PEER) as new:
+                go_on.set()
+                assert await asyncio.wait_for(late, 5) == [SUBSCRIBE_REFUSED]  # taken over
+                await stack.aclose()  # the old connection ends, as the link's did
+                assert await new.subscribe([(responses, 1)]) == [1]
+                await owner.publish(responses, b"the reply", qos=1)
+                assert await next_message(new) == (responses, b"the reply")
+
+
 async def test_stalled_subscriber_is_cut_off(
     cluster_pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -59,6 +59,7 @@ LOG = logging.getLogger(__name__)
 
 _LISTENER = "default"
 _CONNECT = 0x01  # MQTT 3.1.1 packet type of CONNECT
+SUBSCRIBE_REFUSED = 0x80  # a SUBACK's failure code (MQTT 3.1.1 section 3.9.3)
 
 
 # --- configuration -------------------------------------------------------------------------
@@ -117,13 +118,35 @@ class _Subscriptions(dict[str, list[tuple[Session, int]]]):
 
 
 class _MeshBroker(Broker):  # type: ignore[misc]
-    """amqtt's broker with retained messages restricted to the owner and bounded, and
-    its subscriptions iterated safely (``_Subscriptions``)."""
+    """amqtt's broker with retained messages restricted to the owner and bounded, its
+    subscriptions iterated safely (``_Subscriptions``), and held by a client id's current
+    session only (``add_subscription``)."""
 
     def __init__(self, config: BrokerConfig, guard: Guard) -> None:
         super().__init__(config)
         self._guard = guard
         self._subscriptions = _Subscriptions(self.subscriptions)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt 0.12.1 adds a subscription only when no session of the same client id
+        holds one on that filter. A client that gave up on a connection (its SUBACK
+        late) and made another left the old session's late subscriptions behind, and the
+        new session's were skipped there though acknowledged: among ten nodes, a peer's
+        replies to us never came, and we never caught up with it (issue 16). Here the
+        client id's current session holds its subscription, and no other of its
+        sessions holds one; a session taken over subscribes to nothing."""
+        granted = int(await super().add_subscription(subscription, session))
+        subscribers = self.subscriptions.get(subscription[0])
+        if granted == SUBSCRIBE_REFUSED or subscribers is None:
+            return granted
+        current = self.sessions.get(session.client_id)
+        now = None if current is None else current[0]
+        kept = [(s, qos) for s, qos in subscribers
+                if s.client_id != session.client_id or s is now]
+        if session is now and all(s is not session for s, _ in kept):
+            kept.append((session, granted))
+        subscribers[:] = kept  # no await since amqtt's own check: nothing came between
+        return granted if session is now else SUBSCRIBE_REFUSED
 
     async def retain_message(
         self,
