@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Container, Iterable
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from mesh.core.resolver import Version
 from mesh.core.retention import Reason
 from mesh.engine.keep import KeepArea, drop_tree, files_under, remove_empty_dirs
 from mesh.engine.materialize import Materializer, Superseded
+from mesh.engine.scanmarks import ScanMarks
 from mesh.errors import MeshError
 from mesh.store.index import Index
 from mesh.store.kept import KeptLog
@@ -40,8 +41,6 @@ from mesh.store.kept import KeptLog
 LOG = logging.getLogger("mesh.data")
 
 SCAN_BATCH = 500
-SCANS_KEPT = 10_000
-SCANS_KEPT_S = 10.0  # a scan's mark matters only to watcher events already on their way
 
 Forward = Callable[[list[Effect]], Awaitable[None]]
 
@@ -62,10 +61,7 @@ class DataPlane:
         self.unsettled: set[str] = set()
         self._deferred: set[str] = set()  # restores left while a writer had the file open
         self._busy: Container[str] = frozenset()  # ``being_written`` as this apply began
-        # path -> when its last scan began, oldest first. An OrderedDict: a dict's first
-        # key after many deletes at its front is found by skipping their holes, which
-        # made the start-up scan of a million files quadratic (the loop held 6 s).
-        self._scanned_at: OrderedDict[str, float] = OrderedDict()
+        self.marks = ScanMarks()  # when each path's last scan began
         self.fs = keep.fs  # file operations beneath the root, no symlink followed
         self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
         self.writer = Materializer(index=index, keep=keep, kept=self.kept, scanner=scanner)
@@ -91,7 +87,7 @@ class DataPlane:
         asked = list(paths)
         paths = asked
         if events_read is not None:
-            paths = [p for p in paths if self._scanned_at.get(p, -1.0) < events_read]
+            paths = [p for p in paths if self.marks.since(p) < events_read]
         if len(paths) < len(asked) and LOG.isEnabledFor(logging.DEBUG):
             kept = set(paths)
             skipped = [p for p in asked if p not in kept]
@@ -102,10 +98,10 @@ class DataPlane:
         # received 256 MiB file was otherwise hashed twice at once, by the push's end and
         # by the watcher.
         large = self.scanner.to_prehash(paths) if prehash else []
-        # (Not all of a start-up scan's paths: a mark each, held for SCANS_KEPT_S, was a
+        # (Not all of a start-up scan's paths: a mark each, held for ScanMarks.kept_s, was a
         # million at once. Each is marked as it is observed.)
-        for path in paths if len(paths) <= SCANS_KEPT else large:
-            self._stamp(path, now)  # no mark is later: all were taken before ``now``
+        for path in paths if len(paths) <= self.marks.kept else large:
+            self.marks.mark(path, now)  # no mark is later: all were taken before ``now``
         if large:  # hashing hundreds of MB would stall every link and push of this node
             await asyncio.to_thread(self.scanner.prehash, large)
         batch: list[str] = []
@@ -157,7 +153,7 @@ class DataPlane:
         effects: list[Effect] = []
         queue = deque(paths)
         done: set[str] = set()
-        self._forget_scans()
+        self.marks.forget()
         with self.index.batch():
             self.index.prefetch(paths)  # one query per chunk, not a row per path
             while queue:
@@ -172,7 +168,7 @@ class DataPlane:
                     LOG.warning("scan %s: %s", path, err)
                     continue
                 self.unsettled.discard(path)
-                self._stamp(path, started)
+                self.marks.mark(path, started)
                 if seen is not None:
                     seen[path] = observed
                 if observed is None and path not in done:
@@ -369,25 +365,3 @@ class DataPlane:
                 except (OSError, MeshError) as err:
                     LOG.warning("keep %s: %s", rel_of(rel), err)
         return kept
-
-    def _stamp(self, path: str, when: float) -> None:
-        """Mark ``path`` scanned at ``when``, no earlier than any mark so far: moved to the
-        end, the map stays in the order of its marks (``_forget_scans``)."""
-        self._scanned_at[path] = when
-        self._scanned_at.move_to_end(path)
-
-    def _forget_scans(self) -> None:
-        """Scan times matter only against events still on their way: keep them briefly.
-        The oldest marks go first, and only while the map is over its bound: each mark
-        is dropped once, however many scans ask (issue 16: the map was rebuilt whole at
-        every batch while it held more than SCANS_KEPT young marks, quadratic in a
-        start-up scan)."""
-        if len(self._scanned_at) <= SCANS_KEPT:
-            return
-        old = time.monotonic() - SCANS_KEPT_S
-        marks = self._scanned_at
-        while len(marks) > SCANS_KEPT:
-            path = next(iter(marks))
-            if marks[path] > old:
-                break
-            del marks[path]

@@ -9,14 +9,12 @@ import asyncio
 import os
 from pathlib import Path
 
-import pytest
-
 from mesh.adapters.fs.scanner import Scanner
 from mesh.core.effects import Effect
 from mesh.core.replica import Replica
-from mesh.engine import dataplane
 from mesh.engine.dataplane import SCAN_BATCH, DataPlane
 from mesh.engine.keep import KeepArea
+from mesh.engine.scanmarks import ScanMarks
 from mesh.store.index import Index
 from mesh.store.statcache import StatCache
 
@@ -124,24 +122,17 @@ async def test_a_scan_serves_the_event_loop_between_batches(tmp_path: Path) -> N
     agent.index.close()
 
 
-def test_scan_marks_are_dropped_once_not_rebuilt(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    root = tmp_path / "data"
-    root.mkdir()
-    plane = Agent(root, tmp_path / "state.db").plane
-    monkeypatch.setattr(dataplane, "SCANS_KEPT", 10)
+def test_scan_marks_are_dropped_once_not_rebuilt() -> None:
     now = 1000.0
-    monkeypatch.setattr(dataplane.time, "monotonic", lambda: now)
+    marks = ScanMarks(kept=10, clock=lambda: now)
     for i in range(15):
-        plane._stamp(f"old{i}", now - 60)
+        marks.mark(f"old{i}", now - 60)
     for i in range(15):
-        plane._stamp(f"young{i}", now - 1)
-    plane._stamp("old0", now)  # scanned again: young now, and last
-    marks = plane._scanned_at
-    plane._forget_scans()
-    assert plane._scanned_at is marks, "the map was rebuilt"
-    assert list(marks) == [*(f"young{i}" for i in range(15)), "old0"]
-    plane._forget_scans()  # young marks over the bound stay: events may still be on the way
+        marks.mark(f"young{i}", now - 1)
+    marks.mark("old0", now)  # scanned again: young now, and last
+    marks.forget()
+    assert marks.paths() == [*(f"young{i}" for i in range(15)), "old0"]
+    marks.forget()  # young marks over the bound stay: events may still be on the way
     assert len(marks) == 16
 
 

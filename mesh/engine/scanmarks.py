@@ -1,0 +1,56 @@
+"""When each path's last scan began (``DataPlane.scan``): a watcher batch whose events
+were all read before a path's mark need not scan it again, so a burst of pushed files
+is scanned once, by the push's end."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+KEPT = 10_000  # marks kept at least, however old
+KEPT_S = 10.0  # a mark matters only to watcher events already on their way
+
+
+class ScanMarks:
+    def __init__(self, *, kept: int = KEPT, kept_s: float = KEPT_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.kept = kept
+        self.kept_s = kept_s
+        self._clock = clock
+        # path -> when its last scan began, oldest first. An OrderedDict: a dict's first
+        # key after many deletes at its front is found by skipping their holes, which
+        # made the start-up scan of a million files quadratic (the loop held 6 s).
+        self._marks: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+    def paths(self) -> list[str]:
+        """The marked paths, oldest mark first."""
+        return list(self._marks)
+
+    def since(self, path: str) -> float:
+        """When the last scan of ``path`` began (-1: none marked)."""
+        return self._marks.get(path, -1.0)
+
+    def mark(self, path: str, when: float) -> None:
+        """``path`` scanned at ``when``, no earlier than any mark so far: moved to the
+        end, the map stays in the order of its marks (``forget``)."""
+        self._marks[path] = when
+        self._marks.move_to_end(path)
+
+    def forget(self) -> None:
+        """Marks matter only against events still on their way: kept briefly. The oldest
+        go first, and only while the map is over its bound: each mark is dropped once,
+        however many scans ask (issue 16: the map was rebuilt whole at every batch while
+        it held more than ``kept`` young marks, quadratic in a start-up scan)."""
+        marks = self._marks
+        if len(marks) <= self.kept:
+            return
+        old = self._clock() - self.kept_s
+        while len(marks) > self.kept:
+            path = next(iter(marks))
+            if marks[path] > old:
+                break
+            del marks[path]
