@@ -14,6 +14,7 @@ and the replica's restores put them in place, each after a scan of the path.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ from mesh.core.paths import deepest_first, parent
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
-from mesh.engine.keep import KeepArea, drop_tree, files_under, remove_empty_dirs
+from mesh.engine.keep import KeepArea, chunked, drop_tree, files_under, remove_empty_dirs
 from mesh.engine.materialize import Materializer, Superseded
 from mesh.engine.scanmarks import ScanMarks
 from mesh.errors import MeshError
@@ -41,6 +42,8 @@ from mesh.store.kept import KeptLog
 LOG = logging.getLogger("mesh.data")
 
 SCAN_BATCH = 500
+APPLY_CHUNK = 256  # effects per transaction of an apply; the loop runs others between
+APPLY_STEPS = 100_000  # at most, in one apply
 
 Forward = Callable[[list[Effect]], Awaitable[None]]
 
@@ -60,7 +63,10 @@ class DataPlane:
         self.being_written = being_written
         self.unsettled: set[str] = set()
         self._deferred: set[str] = set()  # restores left while a writer had the file open
-        self._busy: Container[str] = frozenset()  # ``being_written`` as this apply began
+        self._busy: Container[str] = frozenset()  # ``being_written`` as this chunk began
+        # One apply (or push's end) at a time: each yields between its chunks, and the
+        # keep area's held files and the counts of who takes a kept content are its own.
+        self._applying = asyncio.Lock()
         self.marks = ScanMarks()  # when each path's last scan began
         self.fs = keep.fs  # file operations beneath the root, no symlink followed
         self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
@@ -187,35 +193,48 @@ class DataPlane:
     # --- effects ----------------------------------------------------------------------
 
     async def apply(self, effects: list[Effect]) -> None:
+        async with self._applying:
+            passed = await self._apply(effects)
+        if passed:
+            await self.forward(passed)
+
+    async def _apply(self, effects: list[Effect]) -> list[Effect]:
+        """The file work among ``effects`` (under ``_applying``); the rest is returned.
+        In transactions of ``APPLY_CHUNK``, the loop served between two (issue 16: among
+        ten nodes, a push's end of 2,000 restores held each receiver's loop 3 to 5 s)."""
         queue: deque[Effect] = deque(effects)
         passed: list[Effect] = []
         # How many restores want each content: the last one may take it out of the keep.
         needed = Counter(fx.version.content for fx in effects
                          if isinstance(fx, Restore) and fx.version.content is not None)
-        # One transaction for them all: a push's end restores hundreds of paths, each
-        # scanned and recorded (a commit each was most of a burst's time).
-        with self.index.batch():
-            # Read in bulk what the restores will ask for one by one (issue 16: a
-            # catch-up push restores 2,000 paths; a query each per state and per kept
-            # content was a fifth of the receiver's time).
-            restored = [fx.version.path for fx in effects if isinstance(fx, Restore)]
-            self._busy = self.being_written() if restored else frozenset()
-            self.index.prefetch([*restored, *filter(None, map(parent, restored))])
-            self._kept_rows = set(self.kept.rows_of(c[1] for c in needed))
-            for _ in range(100_000):  # bounded: every step settles a path or gives up on it
-                if not queue:
-                    break
-                fx = queue.popleft()
-                if isinstance(fx, WriteCopy):
-                    queue.extend(self._write_copy(fx))
-                elif isinstance(fx, Restore):
-                    queue.extend(self._restore(fx.version, needed))
-                elif isinstance(fx, Want):
-                    self.wants += 1
-                else:
-                    passed.append(fx)
-        if passed:
-            await self.forward(passed)
+        for chunk in range(APPLY_STEPS // APPLY_CHUNK):  # every step settles a path or
+            if chunk:                                     # gives up on it
+                await asyncio.sleep(0)
+            # A transaction per chunk: a push's end restores thousands of paths, each
+            # scanned and recorded (a commit each was most of a burst's time). What the
+            # restores will ask for one by one is read in bulk (issue 16: a query each
+            # per state and per kept content was a fifth of the receiver's time).
+            with self.index.batch():
+                ahead = list(itertools.islice(queue, APPLY_CHUNK))
+                restored = [fx.version.path for fx in ahead if isinstance(fx, Restore)]
+                self._busy = self.being_written() if restored else frozenset()
+                self.index.prefetch([*restored, *filter(None, map(parent, restored))])
+                if not chunk:
+                    self._kept_rows = set(self.kept.rows_of(c[1] for c in needed))
+                for _ in range(APPLY_CHUNK):
+                    if not queue:
+                        return passed
+                    fx = queue.popleft()
+                    if isinstance(fx, WriteCopy):
+                        queue.extend(self._write_copy(fx))
+                    elif isinstance(fx, Restore):
+                        queue.extend(self._restore(fx.version, needed))
+                    elif isinstance(fx, Want):
+                        self.wants += 1
+                    else:
+                        passed.append(fx)
+        LOG.error("an apply gave up after %d steps; %d effects left", APPLY_STEPS, len(queue))
+        return passed
 
     def _write_copy(self, fx: WriteCopy) -> list[Effect]:
         content = fx.source.content
@@ -307,28 +326,37 @@ class DataPlane:
 
         staging = self.keep.staging_dir(push_id)
         announced = list(announced)
+        passed: list[Effect] = []
         try:
-            # Held where rsync staged them: a restore moves each to its path in one
-            # rename (``KeepArea.hold``); what is left is filed into the objects below.
-            kept = await self._file_away_under(
-                staging, lambda rel: self.keep.staging_rel(push_id, rel), converged_to,
-                expected=announced, hold=True)
-            # A push that landed the way releases before issue 11 did (in place, what it
-            # replaced in ``<keep>/<push id>``), cut short by a stop: keep what it
-            # displaced.
-            backup = self.keep.push_dir(push_id)
-            await self._file_away_under(backup, lambda rel: self.keep.push_rel(push_id, rel),
-                                        lambda _rel, _found: True)
-            remove_empty_dirs(backup)
-            with self.index.batch():
-                reaim = to_reaim(announced, kept)
-                self.index.prefetch(reaim)
-                effects = [fx for rel in reaim for fx in self.replica.reaim(rel)]
-            await self.apply(effects)
+            async with self._applying:  # held files are this push's until file_held
+                try:
+                    # Held where rsync staged them: a restore moves each to its path in
+                    # one rename (``KeepArea.hold``); what is left is filed away below.
+                    kept = await self._file_away_under(
+                        staging, lambda rel: self.keep.staging_rel(push_id, rel),
+                        converged_to, expected=announced, hold=True)
+                    # A push that landed the way releases before issue 11 did (in place,
+                    # what it replaced in ``<keep>/<push id>``), cut short by a stop:
+                    # keep what it displaced.
+                    backup = self.keep.push_dir(push_id)
+                    await self._file_away_under(
+                        backup, lambda rel: self.keep.push_rel(push_id, rel),
+                        lambda _rel, _found: True)
+                    remove_empty_dirs(backup)
+                    effects: list[Effect] = []
+                    for part in chunked(to_reaim(announced, kept), APPLY_CHUNK):
+                        with self.index.batch():
+                            self.index.prefetch(part)
+                            effects += [fx for rel in part for fx in self.replica.reaim(rel)]
+                        await asyncio.sleep(0)
+                    passed = await self._apply(effects)
+                finally:
+                    for rel, err in self.keep.file_held():
+                        LOG.warning("keep %s: %s", rel, err)
         finally:
-            for rel, err in self.keep.file_held():
-                LOG.warning("keep %s: %s", rel, err)
-            await asyncio.to_thread(drop_tree, staging)  # the rest: not the version; off the loop
+            await asyncio.to_thread(drop_tree, staging)  # the rest: not the version
+        if passed:
+            await self.forward(passed)
 
     async def _file_away_under(self, folder: Path, rel_of: Callable[[str], str],
                                wanted: Callable[[str, Observed], bool],
@@ -338,7 +366,7 @@ class DataPlane:
         backup dir; ``rel_of`` names it from the data folder) that is ``wanted``; the
         paths filed. Large files are hashed in a thread: hundreds of MB would stall
         every link and push of this node. ``expected``: the paths likely there, whose
-        states ``wanted`` reads, read in bulk first (one transaction for them all).
+        states ``wanted`` reads, read in bulk first (given: the staged files are read).
         ``hold``: files stay where they are until ``KeepArea.file_held``."""
         scanner = Scanner(folder, ignore=lambda _: False)
         files = files_under(folder)
@@ -351,17 +379,19 @@ class DataPlane:
                 hashed[rel] = None
                 LOG.warning("keep %s: %s", rel_of(rel), err)
         kept: list[str] = []
-        # One transaction, no await inside: another task's batch must not join it.
-        with self.index.batch():
-            self.index.prefetch(expected or ())
-            for rel in files:
-                try:
-                    found = hashed[rel] if rel in hashed else scanner.observe(rel)
-                    if found is None or not wanted(rel, found):
-                        continue
-                    (self.keep.hold if hold else self.keep.file_away)(rel_of(rel),
-                                                                       found.content)
-                    kept.append(rel)
-                except (OSError, MeshError) as err:
-                    LOG.warning("keep %s: %s", rel_of(rel), err)
+        for part in chunked(files, APPLY_CHUNK):
+            # A transaction each, no await inside: another task's batch must not join it.
+            with self.index.batch():
+                self.index.prefetch(part if expected is not None else ())
+                for rel in part:
+                    try:
+                        found = hashed[rel] if rel in hashed else scanner.observe(rel)
+                        if found is None or not wanted(rel, found):
+                            continue
+                        (self.keep.hold if hold else self.keep.file_away)(rel_of(rel),
+                                                                           found.content)
+                        kept.append(rel)
+                    except (OSError, MeshError) as err:
+                        LOG.warning("keep %s: %s", rel_of(rel), err)
+            await asyncio.sleep(0)  # the loop is served between two (issue 16)
         return kept

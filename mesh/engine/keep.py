@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mesh.adapters.fs.beneath import Beneath
@@ -205,3 +206,9 @@ def drop_tree(folder: Path) -> None:
     staging folder of 2,000 paths a peer already had held the loop for seconds."""
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(folder)
+
+
+def chunked(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    """``items`` in runs of ``size`` (an apply's transactions, a push's end's)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
