@@ -1,12 +1,10 @@
 """What this node pushes to which peer, and when (issue 11), with no I/O and no clock.
 
-The caller reports what happened — our disk holds a new version of a path, a
-resync found a peer behind, lsyncd's gate asks about some paths, a push
-started or ended, a peer announced what it holds — and asks what to push now:
-``tick`` returns the pushes to start, each a batch of at most
-``PATHS_PER_PUSH`` paths, and when to tick again. Every method that depends
-on time takes ``now`` (seconds, monotonic). What it needs of the replica comes
-through ``PushView``: the gate (``Replica.may_push``) and the disk version.
+The caller reports what happened (a new version on our disk, a peer found behind
+by a resync, lsyncd's gate asking, a push started or ended, a peer's announcement)
+and asks what to push now: ``tick`` returns the pushes to start, each of at most
+``PATHS_PER_PUSH`` paths, and when to tick again. Time comes in as ``now`` (seconds,
+monotonic), the replica through ``PushView``: the gate and the disk version.
 
 Policy (issue 12: lsyncd is the live push path):
 
@@ -75,6 +73,8 @@ FORWARD_LINKED_GRACE = 30.0  # ... and one whose writer they reach
 PATHS_PER_PUSH = 2000  # keeps the announcement under the manifest's size limits
 RETRY_S = (1.0, 30.0)  # backoff after a failed push: first, most
 VANISHED = 24  # rsync's "some files vanished before they could be transferred"
+_HOLDS = (Ordering.EQUAL, Ordering.AFTER)  # a peer's vector against what we pushed
+_NOBODY = PeerQueue("")  # what a peer not known yet has: read, never written
 
 
 class PushPlanner:
@@ -144,16 +144,19 @@ class PushPlanner:
         return len(q.queued)
 
     def heard(self, peer: str, entries: Iterable[Entry]) -> None:
-        """``peer`` announced these entries (a manifest, a catch-up's): its disk holds
-        them. A push awaiting the version, or one before it, is confirmed."""
+        """``peer`` announced these entries (a manifest, a catch-up's): a push awaiting
+        the version, or one before it, is confirmed; a path only queued that the gate no
+        longer lets go is dropped now, not at its grace (issue 16: among ten nodes)."""
         q = self._peers.get(peer)
-        if q is None or not q.awaiting:
+        if q is None or not (q.awaiting or q.queued):
             return
-        held = group(e for e in entries if e.path in q.awaiting)
-        for path, version in held.items():
-            if version.vector.compare(q.awaiting[path][0].vector) in (Ordering.EQUAL,
-                                                                      Ordering.AFTER):
+        for path, version in group(e for e in entries if e.path in q.awaiting
+                                   or e.path in q.queued).items():
+            pushed = q.awaiting.get(path)
+            if pushed is not None and version.vector.compare(pushed[0].vector) in _HOLDS:
                 self._fire(q, path, Event.CONFIRMED, 0.0)  # queues nothing anew
+            elif not (pushed or path in q.sending or self.view.may_push(peer, path)):
+                self._fire(q, path, Event.DROPPED, 0.0)
 
     def linked(self, nodes: Iterable[str]) -> None:
         """Our links reach these nodes now: what they wrote is theirs to push."""
@@ -300,17 +303,14 @@ class PushPlanner:
         return [] if q is None else list(itertools.islice(q.queued, limit))
 
     def stage(self, peer: str, path: str) -> Stage:
-        q = self._peers.get(peer)
-        return Stage.IDLE if q is None else q.at(path)
+        return self._peers.get(peer, _NOBODY).at(path)
 
     def due_since(self, peer: str, path: str) -> float | None:
         """When ``path`` became due for ``peer``, while it is queued."""
-        q = self._peers.get(peer)
-        return None if q is None else q.queued.get(path)
+        return self._peers.get(peer, _NOBODY).queued.get(path)
 
     def peer_stage(self, peer: str) -> PeerStage:
-        q = self._peers.get(peer)
-        return PeerStage.READY if q is None else q.stage
+        return self._peers.get(peer, _NOBODY).stage
 
     def peer_counters(self, peer: str) -> Counters:
         q = self._peers.get(peer)

@@ -408,6 +408,24 @@ def test_an_older_announcement_confirms_nothing() -> None:
     assert r.stage is Stage.AWAITING
 
 
+def test_a_queued_path_the_peer_announces_is_dropped_at_once_not_at_its_grace() -> None:
+    """Issue 16: among ten nodes, each receiver queued every path it got for its eight
+    other peers (to forward, after the grace), and held them there after those peers
+    announced them: 16,000 "queued for peers" kept each node unhealthy for 30 s. An
+    announcement the gate agrees with drops the path; an older one leaves it queued."""
+    r = Rig()
+    r.plan.linked([OTHER, PEER])
+    r.write("a", writer=OTHER)
+    old = r.view.disks["a"]
+    r.write("a", writer=OTHER)
+    assert r.tick() == [] and r.stage is Stage.QUEUED  # its grace has not run out
+    r.view.seen[(PEER, "a")] = old.vector
+    r.plan.heard(PEER, old.heads)
+    assert r.stage is Stage.QUEUED  # the peer is still behind
+    r.announce("a")
+    assert r.stage is Stage.IDLE and r.plan.pending(PEER) == 0
+
+
 def test_a_newer_write_during_a_push_goes_after_it() -> None:
     r = Rig()
     r.write()
