@@ -288,11 +288,11 @@ class Exchange:
                 self.index.prefetch([e.path for e in listed] + [w.path for w, _ in pairs], peer)
                 effects = self.replica.remote(peer, listed, pairs, now_ms())
                 self.index.set_meta("clock", self.replica.clock)
+                if self.on_heard is not None:  # in the batch: the gate's reads are cached
+                    self.on_heard(peer, listed)
         except RemoteProtocolError as err:
             LOG.warning("refused manifest from %s: %s", peer, err.reason)
             return
-        if self.on_heard is not None:
-            self.on_heard(peer, listed)
         for event in self._applied:
             event.set()
         await self.handle_effects(effects)
