@@ -144,8 +144,10 @@ class DataPlane:
             await asyncio.to_thread(self.scanner.prehash, found.large)
         LOG.info("start-up reconcile: %d paths on disk, %d unchanged (not scanned), "
                  "%d to scan, %d gone; walked in %.2f s", found.on_disk, found.unchanged,
-                 len(found.changed), len(found.gone), time.monotonic() - started)
-        await self.scan([*found.changed, *deepest_first(found.gone)], prehash=False)
+                 found.changed, len(found.gone), time.monotonic() - started)
+        for paths in found.to_scan():  # a run at a time (issue 16: a million at once)
+            await self.scan(paths, prehash=False)
+        await self.scan(deepest_first(found.gone), prehash=False)
         pending = [v.path for v in self.index.targets()]
         with self.index.batch():
             effects = [fx for path in pending for fx in self.replica.reaim(path)]
