@@ -11,6 +11,7 @@ import signal
 from mesh import logs
 from mesh.config import AgentConfig
 from mesh.engine import gcpolicy
+from mesh.engine.loopwatch import LoopWatch
 from mesh.engine.node import Node
 from mesh.errors import MeshError
 from mesh.pki import load_node
@@ -44,10 +45,14 @@ async def _main(node: Node) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     failures: list[BaseException] = []
+    watch = LoopWatch(loop)  # logs where the loop is, when it is held for seconds
+    watch.start()
     try:
         await node.run(stop)
     except* (MeshError, OSError) as group:
         failures = list(group.exceptions)
+    finally:
+        watch.stop()
     for err in failures:
         LOG.error("%s", err if isinstance(err, MeshError) else f"I/O error: {err}")
     if failures:
