@@ -423,7 +423,7 @@ def test_a_queued_path_the_peer_announces_is_dropped_at_once_not_at_its_grace() 
     r.plan.heard(PEER, old.heads)
     assert r.stage is Stage.QUEUED  # the peer is still behind
     r.announce("a")
-    assert r.stage is Stage.IDLE and r.plan.pending(PEER) == 0
+    assert r.plan.stage(PEER, "a") is Stage.IDLE and r.plan.pending(PEER) == 0
 
 
 def test_a_newer_write_during_a_push_goes_after_it() -> None:

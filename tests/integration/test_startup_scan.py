@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 
 from mesh.adapters.fs.scanner import Scanner
@@ -52,6 +53,27 @@ def tree(root: Path, files: int) -> None:
 def content(agent: Agent, rel: str) -> object:
     disk = agent.index.state(rel).disk
     return None if disk is None else disk.content
+
+
+async def loop_turns_during(work: Awaitable[object]) -> int:
+    """How many turns another task got while ``work`` was awaited."""
+    turns = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal turns
+        while not done.is_set():
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = turns
+    await work
+    during = turns - before
+    done.set()
+    await task
+    return during
 
 
 async def test_an_unchanged_tree_is_not_scanned_at_a_restart(tmp_path: Path) -> None:
@@ -103,22 +125,7 @@ async def test_a_scan_serves_the_event_loop_between_batches(tmp_path: Path) -> N
     root.mkdir()
     tree(root, 3 * SCAN_BATCH)
     agent = Agent(root, db)
-    turns = 0
-    done = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal turns
-        while not done.is_set():
-            turns += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    before = turns
-    await agent.plane.scan(sorted(agent.scanner.walk()))
-    during = turns - before
-    done.set()
-    await task
+    during = await loop_turns_during(agent.plane.scan(sorted(agent.scanner.walk())))
     assert during >= 2, "the loop was not served during the scan"
     agent.index.close()
 
@@ -133,22 +140,7 @@ async def test_an_apply_serves_the_event_loop_between_chunks(tmp_path: Path) -> 
     view = View()
     effects: list[Effect] = [Restore(view.write(f"r{i}", "n2"))
                              for i in range(3 * APPLY_CHUNK)]
-    turns = 0
-    done = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal turns
-        while not done.is_set():
-            turns += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    before = turns
-    await agent.plane.apply(effects)
-    during = turns - before
-    done.set()
-    await task
+    during = await loop_turns_during(agent.plane.apply(effects))
     assert during >= 2, "the loop was not served during the apply"
     assert len(agent.observed) == 3 * APPLY_CHUNK  # each was looked at
     agent.index.close()
