@@ -209,8 +209,9 @@ class DataPlane:
         # How many restores want each content: the last one may take it out of the keep.
         needed = Counter(fx.version.content for fx in effects
                          if isinstance(fx, Restore) and fx.version.content is not None)
-        for chunk in range(APPLY_STEPS // APPLY_CHUNK):  # every step settles a path or
-            if chunk:                                     # gives up on it
+        # Bounded: every step settles a path or gives up on it.
+        for chunk in range(APPLY_STEPS // APPLY_CHUNK):
+            if chunk:
                 await asyncio.sleep(0)
             # A transaction per chunk: a push's end restores thousands of paths, each
             # scanned and recorded (a commit each was most of a burst's time). What the
@@ -336,7 +337,7 @@ class DataPlane:
                     # one rename (``KeepArea.hold``); what is left is filed away below.
                     kept = await self._file_away_under(
                         staging, lambda rel: self.keep.staging_rel(push_id, rel),
-                        converged_to, expected=announced, hold=True)
+                        converged_to, prefetch=True, hold=True)
                     # A push that landed the way releases before issue 11 did (in place,
                     # what it replaced in ``<keep>/<push id>``), cut short by a stop:
                     # keep what it displaced.
@@ -362,13 +363,13 @@ class DataPlane:
 
     async def _file_away_under(self, folder: Path, rel_of: Callable[[str], str],
                                wanted: Callable[[str, Observed], bool],
-                               expected: list[str] | None = None, hold: bool = False
+                               prefetch: bool = False, hold: bool = False
                                ) -> list[str]:
         """File into the keep area's objects each file under ``folder`` (a staging or
         backup dir; ``rel_of`` names it from the data folder) that is ``wanted``; the
         paths filed. Large files are hashed in a thread: hundreds of MB would stall
-        every link and push of this node. ``expected``: the paths likely there, whose
-        states ``wanted`` reads, read in bulk first (given: the staged files are read).
+        every link and push of this node. ``prefetch``: the states of the files' paths,
+        which ``wanted`` reads, are read in bulk first.
         ``hold``: files stay where they are until ``KeepArea.file_held``."""
         scanner = Scanner(folder, ignore=lambda _: False)
         files = files_under(folder)
@@ -384,7 +385,7 @@ class DataPlane:
         for part in chunked(files, APPLY_CHUNK):
             # A transaction each, no await inside: another task's batch must not join it.
             with self.index.batch():
-                self.index.prefetch(part if expected is not None else ())
+                self.index.prefetch(part if prefetch else ())
                 for rel in part:
                     try:
                         found = hashed[rel] if rel in hashed else scanner.observe(rel)
