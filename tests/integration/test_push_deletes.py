@@ -125,7 +125,8 @@ async def test_the_daemon_refuses_what_deletes_or_backs_up(
     cluster_pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture, option: str
 ) -> None:
     """Nothing that deletes or moves receiver files is sent any more, so none of it is
-    accepted: the hook and the daemon's own allow-list both refuse it."""
+    accepted: the agent's check of the arguments (serverargs) and the daemon's own allow-list
+    both refuse it."""
     assert not any(flag.startswith(option) for flag in rsyncd.SEND_FLAGS)
     source, target = make_dirs(tmp_path)
     build(source, {"f": b"new"})

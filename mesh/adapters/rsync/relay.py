@@ -159,9 +159,10 @@ def attach(end: End, transport: asyncio.Transport, ahead: bytes, ended: bool) ->
     read from it before, goes out first; ``ended``: it had seen its end."""
     out = end.out
     assert out is not None and out.transport is not None
-    out.transport.write(ahead)
     end.on_eof = out.close
     end.connection_made(transport)
+    if ahead:  # through the end, as all it reads (serverargs.CheckedEnd reads it first)
+        end.data_received(ahead)
     if ended:
         end.ended()
     elif not transport.is_reading():  # the stream may have paused it (a full buffer)

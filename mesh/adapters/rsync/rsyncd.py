@@ -1,5 +1,6 @@
-"""rsync at both ends of a push: the receiving daemon's config and argument check
-(``hook.pl`` beside this module), and the sending command line with its include patterns.
+"""rsync at both ends of a push: the receiving daemon's config (its arguments are checked
+on their way in, by ``serverargs``), and the sending command line with its include
+patterns.
 
 A push lands in two phases (issue 11): rsync writes it into the push's own *staging dir*,
 ``<data>/<keep>/in/<push id>/``, and nothing else; after the daemon exits, the receiving
@@ -19,19 +20,20 @@ assumed):
 - Why not the simpler fixed remote-shell server, ``rsync --server <our flags> . DEST``: it
   has no chroot and no filter the client cannot override. The daemon gives ``use chroot =
   yes`` (the module path becomes ``/``), a daemon filter and ``refuse options``; what it
-  lacks, a way to force an option or a destination, the hook below supplies.
-- The ``pre-xfer exec`` hook (``hook.pl``, run as ``perl hook.pl``; a Python interpreter
-  cost ten times as much per push): rsync hands it the client's exact server arguments as
-  ``RSYNC_ARG0..n``, also when the client used ``--secluded-args``, and aborts the transfer
-  when it exits non-zero. Our client's arguments arrive as ``rsyncd --server
-  -logtprIe.<caps> --numeric-ids --copy-dest ../../../ . /<keep>/in/<push id>/`` (with the
-  chroot; without it the destination has no first ``/``). The hook accepts that shape
-  only: the destination exactly this push's staging dir (the tunnel passes the push id in
-  the environment), exactly one ``--copy-dest`` equal to ``../../../``, letters of
+  lacks, a way to force an option or a destination, the agent's check supplies.
+- The arguments are checked before the daemon reads them (``serverargs``): the tunnel
+  reads the client's greeting, module and server arguments from the stream it relays to
+  the daemon, which come in the clear before any file data. Our client's arguments are
+  ``--server -logtprIe.<caps> --numeric-ids --copy-dest ../../../ .
+  data/<keep>/in/<push id>/``; the check accepts that shape only: the destination exactly
+  this push's staging dir, exactly one ``--copy-dest`` equal to ``../../../``, letters of
   ``rlptgoI`` in one bundle, and nothing it does not know (``--delete``, ``--backup``,
-  ``-b``, ``--inplace``, another ``*-dest``... are refused before any file is touched).
+  ``-b``, ``--inplace``, another ``*-dest``, ``-s``... are refused before the daemon has
+  read an argument). It used to be the daemon's ``pre-xfer exec`` hook, a Perl script: a
+  shell and a Perl start per push.
 - ``refuse options`` is the second lock, an allow-list that rsync applies with its own
-  option parser: checked with the hook removed, each of ``--delete``, ``--force``,
+  option parser: checked with the agent's check out of the way (``test_tunnel.py``,
+  ``test_the_daemon_alone_refuses_what_the_agent_checks``, for five of them), each of ``--delete``, ``--force``,
   ``--backup``, ``--backup-dir``, ``--suffix``, ``--inplace``, ``--append``,
   ``--partial(-dir)``, ``--delay-updates``, ``--temp-dir``, ``--link-dest``,
   ``--compare-dest``, ``-K``, ``-D``, ``-H``, ``-A``, ``-X``, ``-c``, ``-R``,
@@ -93,7 +95,7 @@ stdin (``--from0 --include-from=- --exclude=*``), ``--rsh`` naming our tunnel, a
 destination ``host::data/<keep>/in/<push id>/``. Nothing that deletes or moves a receiver
 file: no ``--delete``, ``--force``, ``--backup(-dir)``. No ``--ignore-errors``.
 
-What a push stages (:func:`include_patterns`; checked through this daemon config and hook,
+What a push stages (:func:`include_patterns`; checked through this daemon config and check,
 ``tests/integration/test_push_deletes.py``): exactly the named paths the sender has now,
 and the folders on the way to them (a folder not named but on the way is staged empty of
 anything else). A named path the sender lacks (deleted there) is not in the list and
@@ -109,7 +111,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shlex
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -119,7 +120,6 @@ from mesh.core import paths
 from mesh.core.paths import KEEP_NAME
 from mesh.errors import ConfigError
 
-# hook.pl spells these out again, for the receiving daemon: keep them in step.
 MODULE = "data"
 STAGING = "in"  # <keep>/in/<push id>/: where a push lands, for the agent to check and place
 # --copy-dest is relative to the destination dir, <keep>/in/<push id>/: three levels up is
@@ -127,8 +127,6 @@ STAGING = "in"  # <keep>/in/<push id>/: where a push lands, for the agent to che
 COPY_DEST = "../../../"
 PUSH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 KEEP_NAME_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
-HOOK = Path(__file__).with_name("hook.pl")
-PERL = "/usr/bin/perl"
 
 
 def valid_push_id(push_id: object) -> bool:
@@ -168,7 +166,6 @@ class DaemonConfig:
 
     data_dir: Path
     keep_name: str = DEFAULT_KEEP_NAME
-    perl: str = PERL
     chroot: bool = True
     io_timeout: int = 300  # seconds without progress before the daemon gives up
 
@@ -194,7 +191,6 @@ def render_daemon_config(config: DaemonConfig) -> str:
     # rsyncd.conf expands %VAR% in values ("%%" is a literal %); a trailing "/" keeps a
     # trailing space of the path.
     path = str(config.data_dir).replace("%", "%%").rstrip("/") + "/"
-    hook = f"{shlex.quote(config.perl)} {shlex.quote(str(HOOK))}"
     lines = [
         "# written by mesh.adapters.rsync.rsyncd for one TunnelServer; do not edit",
         "log file = /dev/stderr",
@@ -214,7 +210,6 @@ def render_daemon_config(config: DaemonConfig) -> str:
         f"timeout = {config.io_timeout}",
         f"filter = {daemon_filter(keep)}",
         f"refuse options = {_REFUSE}",
-        f"pre-xfer exec = {hook}",
     ]
     if config.chroot:
         lines += ["use chroot = yes", "uid = 0", "gid = 0"]

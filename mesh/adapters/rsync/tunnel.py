@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mesh.adapters import spawn
-from mesh.adapters.rsync import relay, rsyncd
+from mesh.adapters.rsync import relay, rsyncd, serverargs
 from mesh.adapters.rsync.push import VERSION, PushHello
 from mesh.adapters.streams import Connections, close_stream, read_frame
 from mesh.adapters.tls_server import Listener, accept_forever, bind, open_tls
@@ -255,8 +255,7 @@ class TunnelServer(Listener):
         env = {
             "PATH": os.environ.get("PATH", os.defpath),
             "LC_ALL": "C",
-            "MESH_PUSH_ID": push_id,
-            "MESH_KEEP_NAME": self._keep_name,
+            "MESH_PUSH_ID": push_id,  # the daemon filter's (rsyncd.daemon_filter)
         }
         conf = self._conf_dir / "rsyncd.conf"
         stdin_r, stdin_w = os.pipe()
@@ -280,7 +279,12 @@ class TunnelServer(Listener):
         errors: deque[str] = deque(maxlen=20)
         stderr = asyncio.create_task(_collect(proc.stderr, errors))
         # TLS -> the daemon's stdin; its stdout -> TLS (relay.py: no streams on the way).
-        tls, daemon_in, daemon_out = relay.End(), relay.End(), relay.End()
+        # What the client asks of the daemon is read on its way in (serverargs).
+        def refused(why: str) -> None:
+            LOG.warning("tunnel: refused push %s from %s: %s", push_id, peer, why)
+
+        tls = serverargs.CheckedEnd(serverargs.Prologue(self._keep_name, push_id), refused)
+        daemon_in, daemon_out = relay.End(), relay.End()
         relay.link(tls, daemon_in)
         relay.link(daemon_out, tls)
         to_daemon = os.fdopen(stdin_w, "wb", buffering=0)  # the transports own them, once made
