@@ -94,9 +94,10 @@ def snapshot(root: Path, skip: str = f"{KEEP}/in") -> dict[str, tuple[int, int, 
 
 
 def test_our_client_sends_what_the_check_accepts(tmp_path: Path) -> None:
-    argv = rsyncd.client_argv(tmp_path, "127.0.0.1", "rsh", KEEP, "p1")
+    argv = rsyncd.client_argv(tmp_path, 4242, KEEP, "p1")
     assert argv[1:4] == ["-rlptgoI", "--numeric-ids", "--copy-dest=../../../"]
-    assert argv[-1] == f"127.0.0.1::data/{KEEP}/in/p1/"
+    assert argv[-1] == f"rsync://127.0.0.1:4242/data/{KEEP}/in/p1/"
+    assert not any(a.startswith(("--rsh", "-e")) for a in argv)  # no remote shell
     assert not any(a.startswith(("--delete", "--force", "--backup", "-b")) for a in argv)
 
 
@@ -122,10 +123,11 @@ def test_the_daemon_alone_refuses_what_the_agent_checks(tmp_path: Path, option: 
     conf = tmp_path / "rsyncd.conf"
     conf.write_text(rsyncd.render_daemon_config(
         rsyncd.DaemonConfig(target, KEEP, chroot=os.geteuid() == 0)))
-    daemon = rsyncd.rsh_command(["/usr/bin/env", "MESH_PUSH_ID=p1", rsyncd.RSYNC, "--server",
-                                 "--daemon", f"--config={conf}", "."])
+    # A single-use daemon through a remote shell: what the tunnel starts, with no tunnel.
+    daemon = " ".join(["/usr/bin/env", "MESH_PUSH_ID=p1", rsyncd.RSYNC, "--server", "--daemon",
+                       f"--config={conf}", "."])
     argv = [rsyncd.RSYNC, "-rlptgoI", "--numeric-ids", "--copy-dest=../../../", option,
-            f"--rsh={daemon}", f"{source}/", rsyncd.daemon_target("h", f"/{KEEP}/in/p1/")]
+            f"--rsh={daemon}", f"{source}/", f"h::data/{KEEP}/in/p1/"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0
     assert "refuse" in done.stderr or "rejected" in done.stderr, done.stderr
@@ -254,15 +256,14 @@ async def raw_rsync(
     dest: str | None = None,
 ) -> tuple[int, str]:
     """Our rsync client through the real tunnel (``rsync_push.tunnelled``: header,
-    go-ahead, the remote shell the agent gives rsync), but with the command line given
+    go-ahead, the loopback listener the agent relays), but with the command line given
     here instead of ours (the destination: this push's staging dir unless ``dest`` says
     otherwise), as a hostile sender would run it."""
     path = rsyncd.staging_dest(KEEP, push_id) if dest is None else dest
     host = server.address[0]
 
-    def argv(rsh: str) -> list[str]:
-        return [rsyncd.RSYNC, "-rlptgo", *options, f"--rsh={rsh}", f"{source}/",
-                rsyncd.daemon_target(host, path)]
+    def argv(port: int) -> list[str]:
+        return [rsyncd.RSYNC, "-rlptgo", *options, f"{source}/", rsyncd.daemon_url(port, path)]
 
     env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
     the_order = PushOrder(RECEIVER, host, server.address[1], push_id, (), b"raw")
@@ -319,8 +320,9 @@ async def test_client_cannot_choose_the_command_nor_the_destination(
             assert list(staging.iterdir()) == [], push_id
         assert snapshot(target) == before
         assert list(staged(target, "other").iterdir()) == []
-        # Asking the remote shell for another program changes nothing: the tunnel runs its
-        # own daemon, which stages the push.
+        # Asking for another program on the far side changes nothing (rsync sends no
+        # command to a daemon; a client of its own could): the tunnel runs its own daemon,
+        # which stages the push.
         marker = tmp_path / "ran"
         returncode, errors = await raw_rsync(
             cluster_pki, server, source, "othercmd", f"--rsync-path=touch {marker}; rsync", COPY,

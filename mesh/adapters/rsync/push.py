@@ -6,9 +6,8 @@ Every push runs here, whichever way it started (a batch of lsyncd's that the gat
 through, or the agent's own pusher): ``push`` gives the caller rsync's exit status, or a
 ``TunnelError`` with the receiver's reason when the push could not start. ``open_push``
 connects, checks the peer's identity, sends the header (``PushHello``) and waits for the
-go-ahead; the TLS end then runs in the agent's event loop, and rsync's remote shell is a
-pair of ``cat``s joined to it by a socket pair: a push starts rsync, a shell and a
-``cat``, and no interpreter.
+go-ahead; the TLS end then runs in the agent's event loop, and rsync connects to it over
+loopback TCP (``loopback``): a push starts rsync and nothing else.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.adapters import spawn
-from mesh.adapters.rsync import relay, rsyncd
+from mesh.adapters.rsync import loopback, relay, rsyncd
 from mesh.adapters.streams import read_frame
 from mesh.core.paths import is_normalized
 from mesh.core.vclock import NODE_ID_RE
@@ -197,9 +196,8 @@ async def _push(
     env: dict[str, str],
     stdin: bytes,
 ) -> tuple[int, bytes]:
-    def argv(rsh: str) -> list[str]:
-        return rsyncd.client_argv(data_dir, order.host, rsh, keep_name, order.push_id,
-                                  rsync=rsync)
+    def argv(port: int) -> list[str]:
+        return rsyncd.client_argv(data_dir, port, keep_name, order.push_id, rsync=rsync)
 
     return await tunnelled(order, creds, argv, stdin, env)
 
@@ -207,72 +205,55 @@ async def _push(
 async def tunnelled(
     order: PushOrder,
     creds: NodeCredentials,
-    argv: Callable[[str], list[str]],
+    argv: Callable[[int], list[str]],
     stdin: bytes,
     env: dict[str, str],
 ) -> tuple[int, bytes]:
     """Open the tunnel for ``order`` (its header announced, the go-ahead received), then
-    run the rsync command line ``argv(rsh)`` through it, where ``rsh`` is the remote
-    shell to give rsync; its exit status and stderr. ``push`` gives the only command
-    line the agent runs; tests give others, as a hostile sender would."""
+    run the rsync command line ``argv(port)`` and relay the connection it makes to the
+    loopback ``port`` through the tunnel (``loopback``); its exit status and stderr.
+    ``push`` gives the only command line the agent runs; tests give others, as a hostile
+    sender would."""
+    where = f"push {order.push_id} to {order.peer}"
     hello = PushHello(order.push_id, order.header)
     remote_reader, remote_writer = await open_push(creds, order.host, order.port, order.peer,
                                                    hello)
-    ours, theirs = socket.socketpair()
-    for sock in (ours, theirs):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     # rsync's socket <-> TLS, in this loop (relay.py: no streams on the way). The local
     # end half-closes: rsync's stream ends before the receiver's answer does.
     remote, local = relay.End(), relay.End(half_close=True)
     relay.join(remote, local)
+    listener: socket.socket | None = None
+    child: spawn.Child | None = None
     try:
-        fd = theirs.fileno()
-        # rsync's remote shell: a cat in the background copies rsync's stream into the
-        # socket; the shell itself becomes the cat that copies the socket to rsync, so it
-        # exits when the receiver is done, as rsync expects of a remote shell. (bash: dash
-        # redirects only fds 0-9; "0<&0": a background job's stdin is otherwise /dev/null;
-        # --norc: with a socket on its stdin, bash takes itself for rshd's and would run
-        # ~/.bashrc — a pyenv set-up there cost 0.3 s per push.)
-        script = f"cat 0<&0 >&{fd} & exec cat <&{fd}"
-        rsh = rsyncd.rsh_command(["/bin/bash", "--norc", "--noprofile", "-c", script, "relay"])
-        await asyncio.get_running_loop().create_connection(lambda: local, sock=ours)
-        # The receiver done, the local socket closes: the cat reading it ends.
-        await relay.take_over(remote_reader, remote_writer, remote)
-        returncode, errors = await _run(argv(rsh), env, stdin, pass_fds=(fd,),
-                                        started=theirs.close)
-        # rsync's last words may still be on their way: wait for the receiver to close.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(remote.read_done), LINGER_S)
+        listener = loopback.listen()
+        child = await spawn.start(argv(listener.getsockname()[1]), env=env, stdin=spawn.PIPE,
+                                  stderr=spawn.PIPE)
+        assert child.stderr is not None
+        talk = asyncio.gather(child.feed(stdin), child.stderr.read())
+        exited = asyncio.ensure_future(child.wait())
+        conn = await loopback.accept_from(listener, child.pid, exited, where)
+        listener.close()
+        if conn is None:  # rsync ended, or never connected: its status says which
+            child.kill_group()
+        else:
+            await asyncio.get_running_loop().create_connection(lambda: local, sock=conn)
+            # The receiver done, the TLS end closes, and so does rsync's connection.
+            await relay.take_over(remote_reader, remote_writer, remote)
+        _, errors = await talk
+        returncode = await exited
+        if conn is not None:
+            # rsync's last words may still be on their way: wait for the receiver to close.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(remote.read_done), LINGER_S)
         return returncode, errors
     finally:
+        if child is not None:
+            if child.returncode is None:
+                child.kill_group()
+                await child.wait()
+            child.close()
+        if listener is not None:
+            listener.close()
         local.abort()
         remote_writer.transport.abort()
-        theirs.close()
-        ours.close()
         relay.release(remote, local)
-
-
-async def _run(
-    argv: list[str],
-    env: dict[str, str],
-    stdin: bytes,
-    *,
-    pass_fds: tuple[int, ...] = (),
-    started: Callable[[], None] | None = None,
-) -> tuple[int, bytes]:
-    """Run to the end: exit status and stderr. Cancelled, it kills the process group
-    before it returns. ``started`` runs once it has."""
-    child = await spawn.start(argv, env=env, stdin=spawn.PIPE, stderr=spawn.PIPE,
-                              pass_fds=pass_fds)
-    if started is not None:
-        started()
-    try:
-        assert child.stderr is not None
-        _, errors = await asyncio.gather(child.feed(stdin), child.stderr.read())
-        return await child.wait(), errors
-    finally:
-        if child.returncode is None:
-            child.kill_group()
-            await child.wait()
-        child.close()

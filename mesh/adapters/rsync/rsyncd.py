@@ -33,9 +33,9 @@ assumed):
   shell and a Perl start per push.
 - ``refuse options`` is the second lock, an allow-list that rsync applies with its own
   option parser: checked with the agent's check out of the way (``test_tunnel.py``,
-  ``test_the_daemon_alone_refuses_what_the_agent_checks``, for five of them), each of ``--delete``, ``--force``,
-  ``--backup``, ``--backup-dir``, ``--suffix``, ``--inplace``, ``--append``,
-  ``--partial(-dir)``, ``--delay-updates``, ``--temp-dir``, ``--link-dest``,
+  ``test_the_daemon_alone_refuses_what_the_agent_checks``, for five of them), each of
+  ``--delete``, ``--force``, ``--backup``, ``--backup-dir``, ``--suffix``, ``--inplace``,
+  ``--append``, ``--partial(-dir)``, ``--delay-updates``, ``--temp-dir``, ``--link-dest``,
   ``--compare-dest``, ``-K``, ``-D``, ``-H``, ``-A``, ``-X``, ``-c``, ``-R``,
   ``--max-delete``, ``--remove-source-files``, ``--chown``, ``--timeout``,
   ``--copy-unsafe-links`` is refused ("The server is configured to refuse
@@ -91,9 +91,10 @@ assumed):
 Sending side: :func:`client_argv` is the only rsync command line we run: ``-rlptgoI``
 (``archive`` without ``-D``: the module refuses devices and specials; ``-I``: see
 :data:`SEND_FLAGS`), ``--numeric-ids``, ``--copy-dest=../../../``, the include list on
-stdin (``--from0 --include-from=- --exclude=*``), ``--rsh`` naming our tunnel, and the
-destination ``host::data/<keep>/in/<push id>/``. Nothing that deletes or moves a receiver
-file: no ``--delete``, ``--force``, ``--backup(-dir)``. No ``--ignore-errors``.
+stdin (``--from0 --include-from=- --exclude=*``), and the destination
+``rsync://127.0.0.1:<port>/data/<keep>/in/<push id>/``: the agent's loopback listener for
+this push, which relays to the peer's tunnel (``loopback``). Nothing that deletes or moves
+a receiver file: no ``--delete``, ``--force``, ``--backup(-dir)``. No ``--ignore-errors``.
 
 What a push stages (:func:`include_patterns`; checked through this daemon config and check,
 ``tests/integration/test_push_deletes.py``): exactly the named paths the sender has now,
@@ -112,7 +113,7 @@ import contextlib
 import os
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def valid_keep_name(name: object) -> bool:
 
 def staging_dest(keep_name: str, push_id: str) -> str:
     """The destination of one push as the daemon's server sees it: ``/<keep>/in/<push id>/``
-    (the client names it ``host::data/<keep>/in/<push id>/``)."""
+    (the client names it ``rsync://127.0.0.1:<port>/data/<keep>/in/<push id>/``)."""
     return f"/{keep_name}/{STAGING}/{push_id}/"
 
 
@@ -221,20 +222,15 @@ def render_daemon_config(config: DaemonConfig) -> str:
 # --- sending side ------------------------------------------------------------------------
 
 
-def rsh_command(words: Sequence[str]) -> str:
-    """One ``--rsh`` value. rsync splits it at spaces and honours single quotes, where a
-    doubled quote stands for one (rsync(1), ``--rsh``)."""
-    return " ".join("'" + word.replace("'", "''") + "'" for word in words)
-
-
-def daemon_target(host: str, path: str = "/") -> str:
-    """``host::data/<path>`` (``path`` from the module root, starting with ``/``),
-    bracketing an IPv6 address as rsync wants."""
-    return f"[{host}]::{MODULE}{path}" if ":" in host else f"{host}::{MODULE}{path}"
+def daemon_url(port: int, path: str = "/", host: str = "127.0.0.1") -> str:
+    """``rsync://host:port/data<path>`` (``path`` from the module root, starting with
+    ``/``): the sending rsync connects to the agent's loopback listener, which relays it
+    to the peer's tunnel (``loopback``)."""
+    return f"rsync://{host}:{port}/{MODULE}{path}"
 
 
 def client_argv(
-    source: Path, host: str, rsh: str, keep_name: str, push_id: str, *, rsync: str = RSYNC
+    source: Path, port: int, keep_name: str, push_id: str, *, rsync: str = RSYNC
 ) -> list[str]:
     """The sender's whole command line; the include patterns go to its stdin."""
     return [
@@ -243,9 +239,8 @@ def client_argv(
         "--from0",
         "--include-from=-",
         "--exclude=*",
-        f"--rsh={rsh}",
         f"{str(source).rstrip('/')}/",
-        daemon_target(host, staging_dest(keep_name, push_id)),
+        daemon_url(port, staging_dest(keep_name, push_id)),
     ]
 
 
