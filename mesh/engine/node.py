@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from mesh import logs
 from mesh.adapters.fs.scanner import Scanner
 from mesh.adapters.fs.watcher import Watcher
+from mesh.adapters.lsyncd.agentwrites import AgentWrites
 from mesh.adapters.lsyncd.gate import GateServer
 from mesh.adapters.lsyncd.supervisor import LsyncdSettings, LsyncdSupervisor
 from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
@@ -134,10 +135,11 @@ class Node:
         self.tunnel = TunnelServer(creds, config.tunnel_listen.host, config.tunnel_listen.port,
                                    config.data_dir, self.keep.root,
                                    self.metrics.counting(self.admission), peers=self.links.is_peer)
-        self.lsyncd = LsyncdSupervisor(
-            config.state_dir / "lsyncd.conf.lua", [],
-            settings=LsyncdSettings(config.data_dir, config.gate_socket,
-                                    delay=config.lsyncd_delay))
+        self.agent_writes = AgentWrites(config.state_dir / "lsyncd-agent-writes")
+        self.keep.fs.changing = self.agent_writes.note  # lsyncd passes over these
+        self.lsyncd = LsyncdSupervisor(config.state_dir / "lsyncd.conf.lua", [], settings=(
+            LsyncdSettings(config.data_dir, config.gate_socket, delay=config.lsyncd_delay,
+                           agent_writes=self.agent_writes.path)))
         self.started = time.time()
         self._since_start = time.monotonic()  # the agent's start, for "caught up after"
         self.scanned: float | None = None  # when the start-up scan ended (monotonic)
@@ -253,6 +255,7 @@ class Node:
             for name, server in reversed(started):
                 await _within(deadline, name, server.stop())
             self.index.close()
+            self.agent_writes.close()
 
     async def _discover(self) -> None:
         own = {(a, self.config.listen.port) for a in local_addresses()}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from mesh.adapters.fs.beneath import Beneath
+from mesh.adapters.lsyncd.agentwrites import AgentWrites
 from mesh.adapters.lsyncd.gate import GateServer
 from mesh.adapters.lsyncd.supervisor import LsyncdSettings, LsyncdSupervisor, log_level
 from mesh.adapters.rsync import rsyncd
@@ -138,6 +140,37 @@ async def test_a_write_reaches_the_peer_and_a_delete_is_only_announced(
     assert [(p.peer, p.returncode) for p in mesh.sink.pushes] == [(SENDER, 0)] * len(
         mesh.sink.pushes
     )
+
+
+async def test_what_the_agent_writes_itself_starts_no_gate(
+    cluster_pki: Pki, tmp_path: Path
+) -> None:
+    """A change the agent notes before making it (agentwrites; a push landing: a temp
+    file renamed into place, a delete) is passed over by lsyncd: no gate starts for it.
+    A note counts for one event: a write after it, and what nobody noted, still go."""
+    notes = tmp_path / "agent-writes"
+    async with running(cluster_pki, tmp_path, agent_writes=notes) as mesh:  # type: ignore[arg-type]
+        await poke_until(mesh)
+        fs, writes = Beneath(mesh.source), AgentWrites(notes)
+        fs.changing = writes.note
+        asked = len(mesh.carrier.calls)
+
+        def land(rel: str, data: bytes) -> None:  # as the landing does
+            temp = fs.temp_name(rel)
+            fs.write_bytes(temp, data, 0o644)
+            fs.rename(temp, rel)
+
+        land("landed", b"from a peer")
+        fs.unlink("landed")
+        land("again", b"from a peer")
+        fs.changing = lambda rel: None
+        land("unnoted", b"nobody said")
+        calls = mesh.carrier.calls
+        await until(lambda: any("unnoted" in ps for _, ps in calls[asked:]), "unnoted", 10)
+        (mesh.source / "again").write_text("an operator's, after the landing")
+        await until(lambda: any("again" in ps for _, ps in calls[asked:]), "the edit", 10)
+        writes.close()
+    assert [ps for _, ps in calls[asked:] if "landed" in ps] == []
 
 
 async def test_an_empty_source_at_start_deletes_nothing(cluster_pki: Pki, tmp_path: Path) -> None:

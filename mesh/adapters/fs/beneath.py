@@ -23,7 +23,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mesh.core.paths import TEMP_CHARS, temp_name
@@ -66,6 +66,10 @@ class Beneath:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Told each path this object is about to change, before it does (an inotify
+        # watcher of the folder sees the change later): the agent tells lsyncd to pass
+        # over its own writes (mesh.adapters.lsyncd.agentwrites).
+        self.changing: Callable[[str], None] = _nobody
 
     @contextlib.contextmanager
     def parent(self, rel: str, *, create: bool = False) -> Iterator[tuple[int, str]]:
@@ -141,6 +145,7 @@ class Beneath:
     def mkdir(self, rel: str, mode: int, *, exist_ok: bool) -> None:
         """The folder ``rel`` with ``mode`` (permission bits only), its parent made."""
         with self.parent(rel, create=True) as (fd, name):
+            self.changing(rel)
             try:
                 os.mkdir(name, 0o700, dir_fd=fd)
             except FileExistsError:
@@ -183,6 +188,7 @@ class Beneath:
     def _new_file(self, rel: str) -> Iterator[int]:
         """A write descriptor of ``rel``, created here (folders on the way made)."""
         with self.parent(rel, create=True) as (fd, name):
+            self.changing(rel)
             out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600, dir_fd=fd)
             try:
@@ -195,6 +201,7 @@ class Beneath:
         (when > 0); its ``lstat``."""
         with self.parent(rel) as (fd, name):
             out = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            self.changing(rel)
             try:
                 return self._finish(out, mode, mtime_ns)
             finally:
@@ -210,6 +217,7 @@ class Beneath:
     def symlink(self, target: str, rel: str) -> os.stat_result:
         """A new symlink ``rel`` pointing at ``target`` (never followed by this module)."""
         with self.parent(rel, create=True) as (fd, name):
+            self.changing(rel)
             os.symlink(target, name, dir_fd=fd)
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
@@ -219,11 +227,14 @@ class Beneath:
         """Rename ``src`` to ``dst``, replacing what is there (not a folder)."""
         with self.parent(src) as (sfd, sname), \
                 self.parent(dst, create=create) as (dfd, dname):
+            self.changing(src)
+            self.changing(dst)
             os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
 
     def link(self, src: str, dst: str) -> None:
         """Hard-link ``src`` as the new name ``dst`` (fails if ``dst`` exists)."""
         with self.parent(src) as (sfd, sname), self.parent(dst) as (dfd, dname):
+            self.changing(dst)
             os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
 
     def exchange(self, a: str, b: str) -> bool:
@@ -232,6 +243,8 @@ class Beneath:
         if _renameat2 is None:
             return False
         with self.parent(a) as (afd, aname), self.parent(b) as (bfd, bname):
+            self.changing(a)  # once each, though inotify sees a move each way: lsyncd
+            self.changing(b)  # mostly makes one event of the two (agentwrites)
             if _renameat2(afd, os.fsencode(aname), bfd, os.fsencode(bname),
                           _RENAME_EXCHANGE) == 0:
                 return True
@@ -242,8 +255,14 @@ class Beneath:
 
     def unlink(self, rel: str) -> None:
         with self.parent(rel) as (fd, name):
+            self.changing(rel)
             os.unlink(name, dir_fd=fd)
 
     def rmdir(self, rel: str) -> None:
         with self.parent(rel) as (fd, name):
+            self.changing(rel)
             os.rmdir(name, dir_fd=fd)
+
+
+def _nobody(rel: str) -> None:
+    """No one is told of changes."""

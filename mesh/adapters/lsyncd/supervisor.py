@@ -86,6 +86,9 @@ class LsyncdSettings:
     settle_max: float = 3.0
     backoff: tuple[float, float] = (0.5, 30.0)  # first and longest wait before a restart
     stable_after: float = 60.0  # a run this long resets the backoff
+    # The paths the agent notes before it changes them (agentwrites): lsyncd passes over
+    # their events. None: it asks the gate about them too.
+    agent_writes: Path | None = None
 
 
 def lua_string(value: str) -> str:
@@ -120,6 +123,8 @@ def render_config(
         delay=repr(float(settings.delay)),
         excludes=_lua_list(excludes),
         targets=_lua_list(targets),
+        agent_writes="nil" if settings.agent_writes is None else lua_string(
+            str(settings.agent_writes)),
     )
 
 

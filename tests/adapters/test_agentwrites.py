@@ -1,0 +1,56 @@
+"""The paths the agent notes for lsyncd to pass over (``mesh.adapters.lsyncd.agentwrites``;
+lsyncd reading them: ``tests/integration/test_lsyncd.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mesh.adapters.fs.beneath import Beneath
+from mesh.adapters.lsyncd.agentwrites import AgentWrites
+from mesh.core.paths import KEEP_NAME
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_notes_what_lsyncd_would_see_and_nothing_it_excludes(tmp_path: Path) -> None:
+    writes = AgentWrites(tmp_path / "notes")
+    for rel in ["a", "d/b c", f"{KEEP_NAME}/objects/x", "d/.b.Ab12Cd", "new\nline", "é"]:
+        writes.note(rel)
+    header, *noted = lines(tmp_path / "notes")
+    assert header.startswith("meshsync agent writes ")
+    assert noted == ["a", "d/b c", "é"]
+    writes.close()
+
+
+def test_a_full_file_is_replaced_by_a_new_generation(tmp_path: Path) -> None:
+    writes = AgentWrites(tmp_path / "notes", rotate_bytes=100)
+    writes.note("first")
+    first = lines(tmp_path / "notes")[0]
+    for i in range(20):
+        writes.note(f"path{i:02d}")
+    header, *noted = lines(tmp_path / "notes")
+    assert header != first and noted[-1] == "path19" and len(noted) < 20
+    assert (tmp_path / "notes").stat().st_size <= 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+    writes.close()
+
+
+def test_beneath_tells_of_each_change_before_it_is_made(tmp_path: Path) -> None:
+    fs = Beneath(tmp_path)
+    told: list[tuple[str, bool]] = []
+    fs.changing = lambda rel: told.append((rel, (tmp_path / rel).exists()))
+    fs.mkdir("d", 0o755, exist_ok=False)
+    fs.write_bytes("d/t", b"x", 0o644)
+    fs.rename("d/t", "d/f")
+    fs.set_file("d/f", 0o600)
+    fs.link("d/f", "d/g")
+    fs.unlink("d/g")
+    fs.symlink("f", "d/l")
+    fs.unlink("d/l")
+    fs.unlink("d/f")
+    fs.rmdir("d")
+    assert told == [("d", False), ("d/t", False), ("d/t", True), ("d/f", False),
+                    ("d/f", True), ("d/g", False), ("d/g", True), ("d/l", False),
+                    ("d/l", True), ("d/f", True), ("d", True)]
