@@ -163,14 +163,17 @@ async def test_what_the_agent_writes_itself_starts_no_gate(
         land("landed", b"from a peer")
         fs.unlink("landed")
         land("again", b"from a peer")
+        (mesh.source / "mine").write_text("an operator's")  # the head of a batch, and
+        land("behind", b"from a peer")  # the agent's behind it: left out of that batch
         fs.changing = lambda rel: None
         land("unnoted", b"nobody said")
         calls = mesh.carrier.calls
-        await until(lambda: any("unnoted" in ps for _, ps in calls[asked:]), "unnoted", 10)
+        await until(lambda: any("unnoted" in ps for _, ps in calls[asked:])
+                    and any("mine" in ps for _, ps in calls[asked:]), "unnoted, mine", 10)
         (mesh.source / "again").write_text("an operator's, after the landing")
         await until(lambda: any("again" in ps for _, ps in calls[asked:]), "the edit", 10)
         writes.close()
-    assert [ps for _, ps in calls[asked:] if "landed" in ps] == []
+    assert [ps for _, ps in calls[asked:] if {"landed", "behind"} & set(ps)] == []
 
 
 async def test_an_empty_source_at_start_deletes_nothing(cluster_pki: Pki, tmp_path: Path) -> None:
