@@ -19,7 +19,7 @@ from amqtt.contexts import Action
 from amqtt.mqtt.connack import NOT_AUTHORIZED
 
 from mesh import pki
-from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker
+from mesh.adapters.mqtt.broker import BrokerSettings, EmbeddedBroker, UnackedDelivery
 from mesh.adapters.mqtt.guard import BrokerLimits
 from mesh.errors import ConfigError, PkiError
 from tests.integration.conftest import CLUSTER, ClientFiles, Pki, until
@@ -549,3 +549,27 @@ async def _raw_client(
     writer.write(connect)
     await writer.drain()
     return reader, writer
+
+
+def test_an_unacknowledged_delivery_is_one_warning_line(caplog: pytest.LogCaptureFixture) -> None:
+    """amqtt logs a subscriber's missing PUBACK as an ERROR with a traceback; the broker
+    wrapper makes it one WARNING line (a slow or hostile peer is not our failure)."""
+    logger = logging.getLogger("amqtt.broker")
+    logger.addFilter(filter_ := UnackedDelivery())
+    try:
+        with caplog.at_level(logging.WARNING, logger="amqtt.broker"):
+            try:
+                raise TimeoutError("Timeout waiting for PUBACK for packet ID 1")
+            except TimeoutError:
+                logger.exception("Task failed and will be skipped: <Task ...>")
+            try:
+                raise ValueError("something else")
+            except ValueError:
+                logger.exception("Task failed and will be skipped: <Task ...>")
+    finally:
+        logger.removeFilter(filter_)
+    first, second = caplog.records
+    assert (first.levelno, first.exc_info) == (logging.WARNING, None)
+    assert first.getMessage() == ("a subscriber did not acknowledge a delivery: "
+                                  "Timeout waiting for PUBACK for packet ID 1")
+    assert second.levelno == logging.ERROR and second.exc_info is not None

@@ -366,3 +366,20 @@ def _quiet_amqtt(level: int) -> None:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(level)
+    broker_log = logging.getLogger("amqtt.broker")
+    if not any(isinstance(f, UnackedDelivery) for f in broker_log.filters):
+        broker_log.addFilter(UnackedDelivery())
+
+
+class UnackedDelivery(logging.Filter):
+    """amqtt's broker logs a delivery that a subscriber did not acknowledge within its
+    5 s PUBACK wait (a busy or hostile peer) as an ERROR with a traceback ("Task failed
+    and will be skipped"). It is a peer's slowness, not our failure: one WARNING line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, TimeoutError) and "PUBACK" in str(error):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "a subscriber did not acknowledge a delivery: %s", (error,)
+            record.exc_info = record.exc_text = None
+        return True
