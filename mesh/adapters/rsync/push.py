@@ -224,6 +224,7 @@ async def tunnelled(
     relay.join(remote, local)
     listener: socket.socket | None = None
     child: spawn.Child | None = None
+    talk: asyncio.Future[Any] | None = None
     try:
         listener = loopback.listen()
         child = await spawn.start(argv(listener.getsockname()[1]), env=env, stdin=spawn.PIPE,
@@ -251,6 +252,8 @@ async def tunnelled(
             if child.returncode is None:
                 child.kill_group()
                 await child.wait()
+            if talk is not None:  # its stdin and stderr end with it
+                await asyncio.gather(talk, return_exceptions=True)
             child.close()
         if listener is not None:
             listener.close()
