@@ -62,6 +62,7 @@ from mesh.pki import NodeCredentials
 from mesh.store import bulk
 from mesh.store.index import Index
 from mesh.store.statcache import StatCache
+from mesh.store.waits import ContentWaitTable
 
 LOG = logging.getLogger("mesh.engine.node")
 SHUTDOWN_S = 5.0
@@ -87,20 +88,17 @@ class Node:
         purge_once(self.index, self.me, self.limits)
         self.replica = Replica(self.me, self.index, clock_at_start(self.index, self.limits),
                                horizon=int(self.index.get_meta(HORIZON_KEY, 0)))
-        self.broker = EmbeddedBroker(BrokerSettings(creds, config.listen.host,
-                                                    config.listen.port))
+        self.broker = EmbeddedBroker(BrokerSettings(creds, config.listen.host, config.listen.port))
         self.own: OwnClient | None = None
         self.scanner = Scanner(config.data_dir, cache=StatCache(self.index.db))
         self.data = DataPlane(root=config.data_dir, replica=self.replica, index=self.index,
                               keep=self.keep, scanner=self.scanner, forward=self._forward,
                               being_written=self._being_written)
-        self.links = PeerLinks(creds, on_message=self._from_peer,
-                               on_change=lambda: self._reachable.set())
+        self.links = PeerLinks(creds, on_message=self._from_peer, on_change=self._reachable.set)
         self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
                              creds=creds, data_dir=config.data_dir,
                              endpoint=self._tunnel_endpoint, catch_up=self._catch_up_events,
-                             current=self._peer_current,
-                             own_grace=config.lsyncd_delay + OWN_GRACE)
+                             current=self._peer_current, own_grace=config.lsyncd_delay + OWN_GRACE)
         self.exchange = Exchange(
             self.me, config.cluster, self.replica, self.index, self.epoch,
             publish=self._publish, request=self.links.request, on_effects=self.data.apply,
@@ -127,7 +125,9 @@ class Node:
         ops.handlers.update(VersionOps(self.me, self.data).handlers)  # issue 14
         self.control = ControlServer(socket_path(config.state_dir), ops)
         self.watcher: Watcher | None = None
-        self.stalls = Stalls(config.stalled_after)  # issue 13: what holds health down
+        # What holds health down (issue 13); the waits in SQLite: a join waits for all paths
+        self.waits = ContentWaitTable(self.index, config.stalled_after)
+        self.stalls = Stalls(config.stalled_after, self.waits)
         self.admission = PushAdmission(
             self.pushes, announced=functools.partial(bulk.peer_vectors, self.index),
             wait_applied=self.exchange.wait_applied, limits=self.limits,
@@ -297,7 +297,7 @@ class Node:
         ticks = 0
         while True:
             if ticks % WAITS_EVERY == 0:
-                self.stalls.waits.update(time.monotonic(), self.index.target_paths())
+                self.waits.update(time.monotonic())
             ticks += 1
             self.stalls.queues.update(time.monotonic(), {p: self.pushes.pending(p)
                                                          for p in self.pushes.peers()})

@@ -6,18 +6,28 @@ starts and once when it stops, and no longer counted against health."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 from mesh.core.stall import NO_HOLDER, ContentWaits, QueueWatch
 
 LOG = logging.getLogger("mesh.engine.node")
 
 
+class Waits(Protocol):
+    """What ``Stalls`` asks of the content waits (``ContentWaits``, or the agent's
+    ``mesh.store.waits.ContentWaitTable``, which its owner updates)."""
+
+    def delivered(self, peer: str, now: float) -> None: ...
+
+    def stalled(self, now: float, holders: Callable[[str], Iterable[str]]
+                ) -> tuple[dict[str, int], int]: ...
+
+
 class Stalls:
-    def __init__(self, after_s: float) -> None:
+    def __init__(self, after_s: float, waits: Waits | None = None) -> None:
         self.after_s = after_s
-        self.waits = ContentWaits(after_s)
+        self.waits: Waits = ContentWaits(after_s) if waits is None else waits
         self.queues = QueueWatch(after_s)
         self._logged: set[str] = set()
 
