@@ -59,20 +59,32 @@ class ContentWaits:
         """Stalled paths per holder (``NO_HOLDER`` for none), and how many paths that is
         (a path with two holders counts for each, once in the total). ``holders(path)``
         is asked once per path, when it has waited ``bound``."""
-        per_peer: dict[str, int] = {}
-        total = 0
+        due = []
         for path, wait in self._waits.items():
             if now - wait.since < self.bound:
                 continue
             if wait.holders is None:
                 wait.holders = tuple(sorted(holders(path))) or (NO_HOLDER,)
-            if any(now - self._delivered.get(p, -self.bound) < self.bound
-                   for p in wait.holders if p != NO_HOLDER):
-                continue
-            total += 1
-            for p in wait.holders:
-                per_peer[p] = per_peer.get(p, 0) + 1
-        return per_peer, total
+            due.append((wait.holders, 1))
+        return count_stalled(due, self._delivered, now, self.bound)
+
+
+def count_stalled(due: Iterable[tuple[Iterable[str], int]], delivered: Mapping[str, float],
+                  now: float, bound: float) -> tuple[dict[str, int], int]:
+    """``ContentWaits.stalled``'s answer from the paths that have waited ``bound``,
+    given as (their holders, how many paths): those whose holders include one that
+    delivered a push in the last ``bound`` seconds are still moving; the rest count
+    for each of their holders, and once in the total."""
+    per_peer: dict[str, int] = {}
+    total = 0
+    for group, paths in due:
+        peers = tuple(group)
+        if any(now - delivered.get(p, -bound) < bound for p in peers if p != NO_HOLDER):
+            continue
+        total += paths
+        for p in peers:
+            per_peer[p] = per_peer.get(p, 0) + paths
+    return per_peer, total
 
 
 @dataclass(frozen=True, slots=True)

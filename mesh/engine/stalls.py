@@ -9,14 +9,15 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from mesh.core.stall import NO_HOLDER, ContentWaits, QueueWatch
+from mesh.core.stall import NO_HOLDER, QueueWatch
 
 LOG = logging.getLogger("mesh.engine.node")
 
 
 class Waits(Protocol):
-    """What ``Stalls`` asks of the content waits (``ContentWaits``, or the agent's
-    ``mesh.store.waits.ContentWaitTable``, which its owner updates)."""
+    """What ``Stalls`` asks of the content waits (the agent's
+    ``mesh.store.waits.ContentWaitTable``, which its owner updates; or
+    ``mesh.core.stall.ContentWaits``)."""
 
     def delivered(self, peer: str, now: float) -> None: ...
 
@@ -25,9 +26,9 @@ class Waits(Protocol):
 
 
 class Stalls:
-    def __init__(self, after_s: float, waits: Waits | None = None) -> None:
+    def __init__(self, after_s: float, waits: Waits) -> None:
         self.after_s = after_s
-        self.waits: Waits = ContentWaits(after_s) if waits is None else waits
+        self.waits = waits
         self.queues = QueueWatch(after_s)
         self._logged: set[str] = set()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from mesh.core.stall import NO_HOLDER
+from mesh.core.stall import NO_HOLDER, count_stalled
 from mesh.store.index import Index
 
 PAGE = 4096  # paths whose holders are looked up per query
@@ -58,15 +58,7 @@ class ContentWaitTable:
             db.executemany("UPDATE temp.content_waits SET holders = ? WHERE path = ?",
                            [(_SEP.join(sorted(holders(p))), p) for (p,) in rows])
             after = rows[-1][0]
-        per_peer: dict[str, int] = {}
-        total = 0
-        for joined, n in db.execute("SELECT holders, count(*) FROM temp.content_waits "
-                                    "WHERE since <= ? GROUP BY holders", (due,)).fetchall():
-            peers = joined.split(_SEP) if joined else [NO_HOLDER]
-            if any(now - self._delivered.get(p, -self.bound) < self.bound
-                   for p in peers if p != NO_HOLDER):
-                continue
-            total += n
-            for p in peers:
-                per_peer[p] = per_peer.get(p, 0) + n
-        return per_peer, total
+        groups = db.execute("SELECT holders, count(*) FROM temp.content_waits "
+                            "WHERE since <= ? GROUP BY holders", (due,)).fetchall()
+        return count_stalled(((joined.split(_SEP) if joined else [NO_HOLDER], n)
+                              for joined, n in groups), self._delivered, now, self.bound)

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
 from mesh.core.stall import NO_HOLDER, ContentWaits, QueueWatch, StalledQueue
 
 BOUND = 300.0
 
 
+class Waits(Protocol):
+    def update(self, now: float, waiting: list[str]) -> None: ...
+
+    def stalled(self, now: float, holders: Callable[[str], Iterable[str]]
+                ) -> tuple[dict[str, int], int]: ...
+
+
 def test_content_a_peer_announced_and_never_delivers_stalls_after_the_bound() -> None:
-    waits = ContentWaits(BOUND)
+    never_delivered_stalls_after_the_bound(ContentWaits(BOUND))
+
+
+def never_delivered_stalls_after_the_bound(waits: Waits) -> None:
+    """Also run against the agent's table (tests/store/test_waits.py)."""
     forged = [f"f{i}" for i in range(8192)]
     waits.update(0.0, forged)
     asked: list[str] = []

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 
 from mesh.core.stall import NO_HOLDER, ContentWaits
 from mesh.store.index import Index
 from mesh.store.waits import ContentWaitTable
+from tests.core.test_stall import never_delivered_stalls_after_the_bound
 
 BOUND = 300.0
 
@@ -16,25 +18,25 @@ def _targets(index: Index, paths: list[str]) -> None:
     index.db.executemany("INSERT INTO targets VALUES (?, x'00')", [(p,) for p in paths])
 
 
+class _Updated:
+    """The table, updated as ``ContentWaits`` is: with the paths waited for."""
+
+    def __init__(self) -> None:
+        self.index = Index(":memory:")
+        self.table = ContentWaitTable(self.index, BOUND)
+
+    def update(self, now: float, waiting: list[str]) -> None:
+        _targets(self.index, waiting)
+        self.table.update(now)
+
+    def stalled(self, now: float, holders: Callable[[str], Iterable[str]]
+                ) -> tuple[dict[str, int], int]:
+        return self.table.stalled(now, holders)
+
+
 def test_holders_asked_once_per_path_and_only_past_the_bound() -> None:
-    index = Index(":memory:")
-    waits = ContentWaitTable(index, BOUND)
-    forged = [f"f{i}" for i in range(8192)]
-    _targets(index, forged)
-    waits.update(0.0)
-    asked: list[str] = []
-
-    def holders(path: str) -> list[str]:
-        asked.append(path)
-        return ["n9"]
-
-    assert waits.stalled(BOUND - 1, holders) == ({}, 0)
-    assert waits.stalled(BOUND, holders) == ({"n9": 8192}, 8192)
-    assert waits.stalled(BOUND + 5, holders) == ({"n9": 8192}, 8192)
-    assert len(asked) == 8192
-    _targets(index, forged[:10])
-    waits.update(BOUND + 6)
-    assert waits.stalled(BOUND + 7, holders) == ({"n9": 10}, 10)
+    """The core's scenario, over more than one page of holders (PAGE)."""
+    never_delivered_stalls_after_the_bound(_Updated())
 
 
 def test_two_holders_and_none() -> None:
