@@ -117,6 +117,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.adapters.rsync import loopback
 from mesh.core import paths
 from mesh.core.paths import KEEP_NAME
 from mesh.errors import ConfigError
@@ -222,11 +223,11 @@ def render_daemon_config(config: DaemonConfig) -> str:
 # --- sending side ------------------------------------------------------------------------
 
 
-def daemon_url(port: int, path: str = "/", host: str = "127.0.0.1") -> str:
-    """``rsync://host:port/data<path>`` (``path`` from the module root, starting with
-    ``/``): the sending rsync connects to the agent's loopback listener, which relays it
-    to the peer's tunnel (``loopback``)."""
-    return f"rsync://{host}:{port}/{MODULE}{path}"
+def daemon_url(port: int, path: str = "/") -> str:
+    """``rsync://127.0.0.1:port/data<path>`` (``path`` from the module root, starting
+    with ``/``): the sending rsync connects to the agent's loopback listener on ``port``,
+    which relays it to the peer's tunnel (``loopback``)."""
+    return f"rsync://{loopback.HOST}:{port}/{MODULE}{path}"
 
 
 def client_argv(
