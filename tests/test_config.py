@@ -52,7 +52,8 @@ def test_defaults_need_only_a_hostname() -> None:
     assert cfg.peers == ()
     assert cfg.dns_interval == 10.0
     assert cfg.metrics_listen == HostPort("127.0.0.1", 9108)
-    assert (cfg.lsyncd_delay, cfg.batch_quiet, cfg.batch_cap) == (0.0, 0.02, 0.5)
+    assert (cfg.lsyncd_delay, cfg.lsyncd_pace) == (0.0, 0.4)
+    assert (cfg.batch_quiet, cfg.batch_cap) == (0.02, 0.5)
     assert (cfg.log_format, cfg.log_level) == ("human", "info")
     assert cfg.config_file is None
     assert cfg == AgentConfig(node_id="node-1")
@@ -231,6 +232,8 @@ BAD_VALUES = [
     ("dns_interval", "3601"),
     ("metrics_listen", "on"),
     ("lsyncd_delay", "-1"),
+    ("lsyncd_pace", "-0.1"),
+    ("lsyncd_pace", "soon"),
     ("batch_quiet", "nan"),
     ("batch_cap", "-0.5"),
     ("max_clock_skew", "0"),

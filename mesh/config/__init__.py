@@ -152,6 +152,14 @@ SETTINGS: Final[Mapping[str, Setting]] = {
             "SECONDS",
         ),
         _setting(
+            "lsyncd_pace",
+            "Shortest time in seconds between the starts of two of lsyncd's pushes to one "
+            "peer: a change after a quiet spell goes at once, what changes sooner waits "
+            "and goes with the rest in one push. 0: no pacing.",
+            seconds(positive=False),
+            "SECONDS",
+        ),
+        _setting(
             "batch_quiet", "Change batch: seconds of quiet before the watcher scans.",
             seconds(positive=False), "SECONDS"
         ),
@@ -242,6 +250,9 @@ class AgentConfig:
     # lsyncd carries this node's writes (issue 12). At 0 a change goes at once, and the
     # changes made while a push to a peer runs make its next batch.
     lsyncd_delay: float = 0.0
+    # ... and a busy node's pushes to a peer start at most this often: each costs both
+    # ends processes and a TLS handshake (issue 12, docs/DESIGN.md "Who pushes").
+    lsyncd_pace: float = 0.4
     batch_quiet: float = 0.02  # inotify quiet before a scan; pushes in flight batch the rest
     batch_cap: float = 0.5
     # Issue 13: bounds on what one peer can do to this node's clock and health.

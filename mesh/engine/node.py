@@ -96,9 +96,9 @@ class Node:
                               being_written=self._being_written)
         self.links = PeerLinks(creds, on_message=self._from_peer, on_change=self._reachable.set)
         self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
-                             creds=creds, data_dir=config.data_dir,
+                             creds=creds, data_dir=config.data_dir, current=self._peer_current,
                              endpoint=self._tunnel_endpoint, catch_up=self._catch_up_events,
-                             current=self._peer_current, own_grace=config.lsyncd_delay + OWN_GRACE)
+                             own_grace=OWN_GRACE + max(config.lsyncd_delay, config.lsyncd_pace))
         self.exchange = Exchange(
             self.me, config.cluster, self.replica, self.index, self.epoch,
             publish=self._publish, request=self.links.request, on_effects=self.data.apply,
@@ -139,7 +139,7 @@ class Node:
         self.keep.fs.changing = self.agent_writes.note  # lsyncd passes over these
         self.lsyncd = LsyncdSupervisor(config.state_dir / "lsyncd.conf.lua", [], settings=(
             LsyncdSettings(config.data_dir, config.gate_socket, delay=config.lsyncd_delay,
-                           agent_writes=self.agent_writes.path)))
+                           pace=config.lsyncd_pace, agent_writes=self.agent_writes.path)))
         self.started = time.time()
         self._since_start = time.monotonic()  # the agent's start, for "caught up after"
         self.scanned: float | None = None  # when the start-up scan ended (monotonic)

@@ -55,11 +55,6 @@ TICK = 0.25  # how often the pusher looks at links coming up and timed plans
 SWEEP_PAGE = 4096  # index rows per page
 SWEEP_AHEAD = 2 * PATHS_PER_PUSH
 SWEEP_PAGES_PER_TURN = 4  # then the loop runs other tasks before the next pages
-# lsyncd's batches to one peer start at most this often: a write when the peer has had
-# no batch for that long goes at once; in a stream of writes, what comes while a batch
-# waits makes lsyncd's next one (its events queue while our gate call runs), so a busy
-# node sends fewer, larger pushes (issue 12: a push costs both ends processes and CPU).
-PACE_S = 0.2
 
 
 @dataclass
@@ -106,7 +101,6 @@ class Pushes:
         self._wake = asyncio.Event()
         self._sending: set[asyncio.Task[int]] = set()
         self._sweeps: dict[str, _Sweep] = {}
-        self.pacer = Pacer()
         self.received = 0
 
     # --- one path from a planned push to rsync's exit status -----------------------
@@ -163,15 +157,12 @@ class Pushes:
             allowed = self.plan.grantable(peer, paths, now, asked=asked)
         # A burst or a mass delete is one batch of lsyncd's: pushes of PATHS_PER_PUSH paths
         # (the announcement's bound), one after the other, each narrowed to what may
-        # still go once the one before it has run.
-        wait = self.pacer.wait(peer, now)
-        if allowed and wait > 0:  # what may go is looked at again after
-            await asyncio.sleep(wait)
+        # still go once the one before it has run. (lsyncd paces its batches: the
+        # config's `pace`.)
         for start in range(0, len(allowed), PATHS_PER_PUSH):
             chunk = allowed[start:start + PATHS_PER_PUSH]
             now = time.monotonic()
-            self.pacer.started(peer, now)
-            if start or wait > 0:
+            if start:
                 chunk = self.plan.narrow(peer, chunk, now)
             order = self._order(peer, chunk) if chunk else None
             if order is None:
@@ -290,19 +281,3 @@ class Pushes:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-
-class Pacer:
-    """lsyncd's batches to one peer start ``every`` seconds apart at most (``PACE_S``);
-    a batch that pushes nothing does not count."""
-
-    def __init__(self, every: float = PACE_S) -> None:
-        self.every = every
-        self._last: dict[str, float] = {}  # peer -> when the last push to it started
-
-    def wait(self, peer: str, now: float) -> float:
-        """How long a push to ``peer`` that would start ``now`` waits first."""
-        last = self._last.get(peer)
-        return 0.0 if last is None else max(0.0, last + self.every - now)
-
-    def started(self, peer: str, now: float) -> None:
-        self._last[peer] = now

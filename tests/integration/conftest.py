@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,11 +164,13 @@ class RecordingCarrier:
         self.gate: asyncio.Event | None = None
         self.refuse: str | None = None
         self.calls: list[tuple[str, list[str]]] = []
+        self.called_at: list[float] = []  # time.monotonic() of each call
         self.pushes: list[tuple[PushOrder, int]] = []
         self._count = 0
 
     async def carry(self, peer: str, paths: list[str]) -> None:
         self.calls.append((peer, list(paths)))
+        self.called_at.append(time.monotonic())
         if self.gate is not None:
             await self.gate.wait()
         if self.refuse is not None:

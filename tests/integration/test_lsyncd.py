@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -174,6 +175,36 @@ async def test_what_the_agent_writes_itself_starts_no_gate(
         await until(lambda: any("again" in ps for _, ps in calls[asked:]), "the edit", 10)
         writes.close()
     assert [ps for _, ps in calls[asked:] if {"landed", "behind"} & set(ps)] == []
+
+
+async def test_batches_to_a_peer_start_a_pace_apart_and_after_a_quiet_spell_at_once(
+    cluster_pki: Pki, tmp_path: Path
+) -> None:
+    """lsyncd paces its batches to a peer (the config's ``pace``; issue 12: each push
+    costs both ends processes and a handshake): the writes made right after a batch
+    started wait until ``pace`` has passed and go together; a write after a quiet spell
+    goes at once, not a pace later."""
+    pace = 2.0
+    async with running(cluster_pki, tmp_path, pace=pace) as mesh:
+        await poke_until(mesh)
+        calls, at = mesh.carrier.calls, mesh.carrier.called_at
+
+        def carried(rel: str) -> int:
+            return next(i for i, (_, ps) in enumerate(calls) if rel in ps)
+
+        (mesh.source / "a").write_text("first")
+        await until(lambda: any("a" in ps for _, ps in calls), "a's batch", 10)
+        for rel in ("b", "c"):  # at once after a's batch started: they wait, together
+            (mesh.source / rel).write_text("soon after")
+        await until(lambda: any("c" in ps for _, ps in calls), "b and c's batch", 10)
+        assert carried("b") == carried("c") > carried("a")
+        assert at[carried("b")] - at[carried("a")] >= pace
+        # A quiet spell of a pace (the cadence under test), then a write: no wait.
+        await asyncio.sleep(pace - (time.monotonic() - at[carried("b")]) + 0.1)
+        written = time.monotonic()
+        (mesh.source / "d").write_text("after a quiet spell")
+        await until(lambda: any("d" in ps for _, ps in calls), "d's batch", 10)
+        assert at[carried("d")] - written < pace
 
 
 async def test_an_empty_source_at_start_deletes_nothing(cluster_pki: Pki, tmp_path: Path) -> None:

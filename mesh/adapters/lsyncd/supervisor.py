@@ -72,6 +72,7 @@ class LsyncdSettings:
     gate_socket: Path
     keep_name: str = rsyncd.DEFAULT_KEEP_NAME
     delay: float = 0.0
+    pace: float = 0.0  # seconds between the starts of two batches to a peer, at least
     excludes: tuple[str, ...] = ()  # extra lsyncd exclude patterns
     lsyncd: str = LSYNCD
     template: Path = TEMPLATE
@@ -121,6 +122,7 @@ def render_config(
         gate=lua_string(str(gate)),
         status_file=lua_string(str(status_file)),
         delay=repr(float(settings.delay)),
+        pace=repr(float(settings.pace)),
         excludes=_lua_list(excludes),
         targets=_lua_list(targets),
         agent_writes="nil" if settings.agent_writes is None else lua_string(
