@@ -38,19 +38,31 @@ def test_a_full_file_is_replaced_by_a_new_generation(tmp_path: Path) -> None:
 
 
 def test_beneath_tells_of_each_change_before_it_is_made(tmp_path: Path) -> None:
+    """Once per change an inotify watcher sees on the name: a new folder given a mode
+    other than the one it is made with is two, a swap two on each name."""
     fs = Beneath(tmp_path)
     told: list[tuple[str, bool]] = []
     fs.changing = lambda rel: told.append((rel, (tmp_path / rel).exists()))
     fs.mkdir("d", 0o755, exist_ok=False)
+    fs.mkdir("d", 0o755, exist_ok=True)  # as it is: nothing changes
     fs.write_bytes("d/t", b"x", 0o644)
     fs.rename("d/t", "d/f")
     fs.set_file("d/f", 0o600)
+    fs.set_file("d/f", 0o600, mtime_ns=10**18)
     fs.link("d/f", "d/g")
+    assert fs.exchange("d/f", "d/g")
     fs.unlink("d/g")
     fs.symlink("f", "d/l")
     fs.unlink("d/l")
+    fs.write_bytes("d/e/n/t", b"y", 0o644)  # two folders made on the way
+    fs.unlink("d/e/n/t")
+    fs.rmdir("d/e/n")
+    fs.rmdir("d/e")
     fs.unlink("d/f")
     fs.rmdir("d")
-    assert told == [("d", False), ("d/t", False), ("d/t", True), ("d/f", False),
-                    ("d/f", True), ("d/g", False), ("d/g", True), ("d/l", False),
-                    ("d/l", True), ("d/f", True), ("d", True)]
+    assert told == [("d", False), ("d", True), ("d/t", False), ("d/t", True), ("d/f", False),
+                    ("d/f", True), ("d/f", True), ("d/f", True), ("d/g", False),
+                    ("d/f", True), ("d/f", True), ("d/g", True), ("d/g", True),
+                    ("d/g", True), ("d/l", False), ("d/l", True),
+                    ("d/e", False), ("d/e/n", False), ("d/e/n/t", False), ("d/e/n/t", True),
+                    ("d/e/n", True), ("d/e", True), ("d/f", True), ("d", True)]

@@ -147,8 +147,9 @@ async def test_what_the_agent_writes_itself_starts_no_gate(
     cluster_pki: Pki, tmp_path: Path
 ) -> None:
     """A change the agent notes before making it (agentwrites; a push landing: a temp
-    file renamed into place, a delete) is passed over by lsyncd: no gate starts for it.
-    A note counts for one event: a write after it, and what nobody noted, still go."""
+    file renamed into place, or swapped with an older version, a delete, a folder made
+    with its mode or on the way to a file) is passed over by lsyncd: no gate starts for
+    it. A note counts for one event: a write after it, and what nobody noted, still go."""
     notes = tmp_path / "agent-writes"
     async with running(cluster_pki, tmp_path, agent_writes=notes) as mesh:  # type: ignore[arg-type]
         await poke_until(mesh)
@@ -161,8 +162,18 @@ async def test_what_the_agent_writes_itself_starts_no_gate(
             fs.write_bytes(temp, data, 0o644)
             fs.rename(temp, rel)
 
+        def swap(rel: str, data: bytes) -> None:  # a newer version over an older one
+            temp = fs.temp_name(rel)
+            fs.write_bytes(temp, data, 0o644)
+            assert fs.exchange(temp, rel)
+            fs.unlink(temp)  # (the landing files it away)
+
         land("landed", b"from a peer")
         fs.unlink("landed")
+        land("swapped", b"from a peer")
+        swap("swapped", b"a newer one from a peer")
+        fs.mkdir("folder", 0o755, exist_ok=False)
+        land("new/deep/file", b"from a peer, in folders new here")
         land("again", b"from a peer")
         (mesh.source / "mine").write_text("an operator's")  # the head of a batch, and
         land("behind", b"from a peer")  # the agent's behind it: left out of that batch
@@ -174,7 +185,8 @@ async def test_what_the_agent_writes_itself_starts_no_gate(
         (mesh.source / "again").write_text("an operator's, after the landing")
         await until(lambda: any("again" in ps for _, ps in calls[asked:]), "the edit", 10)
         writes.close()
-    assert [ps for _, ps in calls[asked:] if {"landed", "behind"} & set(ps)] == []
+    theirs = {"landed", "behind", "swapped", "folder", "new", "new/deep", "new/deep/file"}
+    assert [ps for _, ps in calls[asked:] if theirs & set(ps)] == []
 
 
 async def test_batches_to_a_peer_start_a_pace_apart_and_after_a_quiet_spell_at_once(

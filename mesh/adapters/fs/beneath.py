@@ -66,9 +66,10 @@ class Beneath:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        # Told each path this object is about to change, before it does (an inotify
-        # watcher of the folder sees the change later): the agent tells lsyncd to pass
-        # over its own writes (mesh.adapters.lsyncd.agentwrites).
+        # Told each path this object is about to change, before it does, once for each
+        # change an inotify watcher of the folder will see on that name (a new folder
+        # given a mode: two; a swap: two on each name, moved out and moved in): the agent
+        # tells lsyncd to pass over its own writes (mesh.adapters.lsyncd.agentwrites).
         self.changing: Callable[[str], None] = _nobody
 
     @contextlib.contextmanager
@@ -79,12 +80,13 @@ class Beneath:
         *folders, name = _parts(rel)
         fd = os.open(self.root, _DIR)
         try:
-            for part in folders:
+            for depth, part in enumerate(folders, 1):
                 try:
                     below = os.open(part, _DIR, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
                         raise
+                    self.changing("/".join(folders[:depth]))
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(part, 0o755, dir_fd=fd)
                     below = self._enter(fd, part, rel)
@@ -144,17 +146,22 @@ class Beneath:
 
     def mkdir(self, rel: str, mode: int, *, exist_ok: bool) -> None:
         """The folder ``rel`` with ``mode`` (permission bits only), its parent made."""
+        mode = (mode or 0o755) & PERMISSIONS
         with self.parent(rel, create=True) as (fd, name):
-            self.changing(rel)
             try:
+                os.lstat(name, dir_fd=fd)
+            except FileNotFoundError:
+                self.changing(rel)
                 os.mkdir(name, 0o700, dir_fd=fd)
-            except FileExistsError:
+            else:
                 if not exist_ok:
-                    raise
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), rel)
             dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                           dir_fd=fd)
             try:
-                os.fchmod(dfd, (mode or 0o755) & PERMISSIONS)
+                if stat.S_IMODE(os.fstat(dfd).st_mode) != mode:
+                    self.changing(rel)  # a second change: its mode
+                    os.fchmod(dfd, mode)
             finally:
                 os.close(dfd)
 
@@ -201,7 +208,8 @@ class Beneath:
         (when > 0); its ``lstat``."""
         with self.parent(rel) as (fd, name):
             out = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            self.changing(rel)
+            for _ in range(2 if mtime_ns > 0 else 1):  # its mode, its time
+                self.changing(rel)
             try:
                 return self._finish(out, mode, mtime_ns)
             finally:
@@ -243,8 +251,8 @@ class Beneath:
         if _renameat2 is None:
             return False
         with self.parent(a) as (afd, aname), self.parent(b) as (bfd, bname):
-            self.changing(a)  # once each, though inotify sees a move each way: lsyncd
-            self.changing(b)  # mostly makes one event of the two (agentwrites)
+            for rel in (a, a, b, b):  # each name is moved out and moved in: two changes
+                self.changing(rel)
             if _renameat2(afd, os.fsencode(aname), bfd, os.fsencode(bname),
                           _RENAME_EXCHANGE) == 0:
                 return True
