@@ -52,7 +52,7 @@ def test_defaults_need_only_a_hostname() -> None:
     assert cfg.peers == ()
     assert cfg.dns_interval == 10.0
     assert cfg.metrics_listen == HostPort("127.0.0.1", 9108)
-    assert (cfg.lsyncd_delay, cfg.lsyncd_pace) == (0.0, 0.3)
+    assert (cfg.lsyncd_delay, cfg.lsyncd_pace) == (0.0, 0.4)
     assert (cfg.batch_quiet, cfg.batch_cap) == (0.02, 0.5)
     assert (cfg.log_format, cfg.log_level) == ("human", "info")
     assert cfg.config_file is None

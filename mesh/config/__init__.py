@@ -252,7 +252,7 @@ class AgentConfig:
     lsyncd_delay: float = 0.0
     # ... and a busy node's pushes to a peer start at most this often: each costs both
     # ends processes and a TLS handshake (issue 12, docs/DESIGN.md "Who pushes").
-    lsyncd_pace: float = 0.3
+    lsyncd_pace: float = 0.4
     batch_quiet: float = 0.02  # inotify quiet before a scan; pushes in flight batch the rest
     batch_cap: float = 0.5
     # Issue 13: bounds on what one peer can do to this node's clock and health.

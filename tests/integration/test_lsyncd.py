@@ -189,13 +189,14 @@ async def test_what_the_agent_writes_itself_starts_no_gate(
     assert [ps for _, ps in calls[asked:] if theirs & set(ps)] == []
 
 
-async def test_batches_to_a_peer_start_a_pace_apart_and_after_a_quiet_spell_at_once(
+async def test_a_busy_node_s_batches_start_a_pace_apart_and_a_sparse_one_s_at_once(
     cluster_pki: Pki, tmp_path: Path
 ) -> None:
-    """lsyncd paces its batches to a peer (the config's ``pace``; issue 12: each push
-    costs both ends processes and a handshake): the writes made right after a batch
-    started wait until ``pace`` has passed and go together; a write after a quiet spell
-    goes at once, not a pace later."""
+    """lsyncd paces its batches to a peer while the node changes more than 6 paths a
+    second (the config's ``pace``; issue 12: each push costs both ends processes and a
+    handshake): the writes made within a pace of a batch's start wait until the pace
+    has passed, not a pace from when they were made, and go together. A node writing
+    less often, and a write after a quiet spell, go at once."""
     pace = 2.0
     async with running(cluster_pki, tmp_path, pace=pace) as mesh:
         await poke_until(mesh)
@@ -204,19 +205,31 @@ async def test_batches_to_a_peer_start_a_pace_apart_and_after_a_quiet_spell_at_o
         def carried(rel: str) -> int:
             return next(i for i, (_, ps) in enumerate(calls) if rel in ps)
 
-        (mesh.source / "a").write_text("first")
-        await until(lambda: any("a" in ps for _, ps in calls), "a's batch", 10)
-        for rel in ("b", "c"):  # at once after a's batch started: they wait, together
-            (mesh.source / rel).write_text("soon after")
-        await until(lambda: any("c" in ps for _, ps in calls), "b and c's batch", 10)
-        assert carried("b") == carried("c") > carried("a")
-        assert at[carried("b")] - at[carried("a")] >= pace
-        # A quiet spell of a pace (the cadence under test), then a write: no wait.
-        await asyncio.sleep(pace - (time.monotonic() - at[carried("b")]) + 0.1)
+        def since(i: int) -> float:
+            return time.monotonic() - at[i]
+
+        async def write(rels: list[str], wait_for: str) -> int:
+            for rel in rels:
+                (mesh.source / rel).write_text(rel)
+            await until(lambda: any(wait_for in ps for _, ps in calls), wait_for, 10)
+            return carried(wait_for)
+
+        # Sparse (the cadences below are what is under test): two writes a second.
+        await asyncio.sleep(1.0)
+        first = await write(["s1"], "s1")
+        await asyncio.sleep(max(0.0, 0.5 - since(first)))
+        assert at[await write(["s2"], "s2")] - at[first] < pace
+        # Busy: 40 files at once, then two more half a pace later.
+        burst = await write([f"a{i}" for i in range(40)], "a39")
+        await asyncio.sleep(max(0.0, pace / 2 - since(burst)))
+        after = await write(["b", "c"], "c")
+        assert carried("b") == after > burst
+        # At least a pace after the burst's, and well before a pace after b was written.
+        assert pace <= at[after] - at[burst] < 1.25 * pace
+        # A quiet spell of a pace, then a write: no wait.
+        await asyncio.sleep(pace - since(after) + 0.1)
         written = time.monotonic()
-        (mesh.source / "d").write_text("after a quiet spell")
-        await until(lambda: any("d" in ps for _, ps in calls), "d's batch", 10)
-        assert at[carried("d")] - written < pace
+        assert at[await write(["d"], "d")] - written < pace
 
 
 async def test_an_empty_source_at_start_deletes_nothing(cluster_pki: Pki, tmp_path: Path) -> None:
