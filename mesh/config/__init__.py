@@ -153,9 +153,10 @@ SETTINGS: Final[Mapping[str, Setting]] = {
         ),
         _setting(
             "lsyncd_pace",
-            "Shortest time in seconds between the starts of two of lsyncd's pushes to one "
-            "peer: a change after a quiet spell goes at once, what changes sooner waits "
-            "and goes with the rest in one push. 0: no pacing.",
+            "While this node changes more than 6 paths a second, the shortest time in "
+            "seconds between the starts of two of lsyncd's pushes to one peer: what "
+            "changes sooner waits and goes with the rest in one push; a sparser node's "
+            "change goes at once. 0: no pacing.",
             seconds(positive=False),
             "SECONDS",
         ),
