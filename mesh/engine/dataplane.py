@@ -1,9 +1,8 @@
 """The node's data folder: scans feed the replica, and the replica's file effects
 (conflict copies, restores, deletes) are carried out here.
 
-Effects are processed from a work queue, not by recursion: a restore first
-rescans its path (so what it replaces is an indexed version, see
-``mesh.core.replica.Restore``), which can produce further effects.
+Effects are processed from a work queue, not by recursion: a restore first rescans
+its path (what it replaces is then an indexed version, ``mesh.core.replica.Restore``).
 
 Incoming pushes follow ``mesh.core.landing``: rsync stages a push's bytes in
 the keep area, never in the data folder; at the push's end (or at the next start,
@@ -94,31 +93,32 @@ class DataPlane:
         paths = asked
         if events_read is not None:
             paths = [p for p in paths if self.marks.since(p) < events_read]
-        if len(paths) < len(asked) and LOG.isEnabledFor(logging.DEBUG):
-            kept = set(paths)
-            skipped = [p for p in asked if p not in kept]
+        kept = set(paths) if len(paths) < len(asked) else None
+        skipped = [] if kept is None else [p for p in asked if p not in kept]
+        if skipped:  # each is in a scan under way (or over), which this one waits for
             LOG.debug("not scanning now: %d path(s): %s", len(skipped), skipped[:20])
         LOG.debug("scanning %d path(s): %s", len(paths), paths[:3])
-        # Each of these is observed after ``now``: a watcher batch of events read before
-        # it, arriving while this scan waits (on a hash, say), need not look again. A
-        # received 256 MiB file was otherwise hashed twice at once, by the push's end and
-        # by the watcher.
+        # Each of these is observed after ``now``: a watcher batch of events read before it,
+        # arriving while this scan waits (on a hash), need not look again (a received 256
+        # MiB file was hashed twice at once, by the push's end and by the watcher).
         large = self.scanner.to_prehash(paths) if prehash else []
-        # (Not all of a start-up scan's paths: a mark each, held for ScanMarks.kept_s, was a
-        # million at once. Each is marked as it is observed.)
-        for path in paths if len(paths) <= self.marks.kept else large:
-            self.marks.mark(path, now)  # no mark is later: all were taken before ``now``
-        if large:  # hashing hundreds of MB would stall every link and push of this node
-            await asyncio.to_thread(self.scanner.prehash, large)
-        batch: list[str] = []
-        for path in paths:
-            batch.append(path)
-            if len(batch) >= SCAN_BATCH:
+        # Not all of a start-up scan's paths: a mark each was a million at once.
+        done = self.marks.begin(paths if len(paths) <= self.marks.kept else large, now)
+        try:
+            if large:  # hashing hundreds of MB would stall every link and push here
+                await asyncio.to_thread(self.scanner.prehash, large)
+            batch: list[str] = []
+            for path in paths:
+                batch.append(path)
+                if len(batch) >= SCAN_BATCH:
+                    await self.apply(self._observe(batch))
+                    batch = []
+                    await asyncio.sleep(0)  # apply need not yield: links, broker, control
+            if batch:
                 await self.apply(self._observe(batch))
-                batch = []
-                await asyncio.sleep(0)  # apply need not yield: links, broker, control
-        if batch:
-            await self.apply(self._observe(batch))
+        finally:
+            self.marks.end(done)
+        await self.marks.running(skipped)
         # A restore left for its writer: scanned now, so aimed again. (Looked for only
         # while one waits: a start-up scan's million paths need not be gone through.)
         again = self._deferred.intersection(paths) if self._deferred else set()

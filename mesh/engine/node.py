@@ -285,12 +285,12 @@ class Node:
 
     async def _catch_up_events(self, paths: list[str]) -> None:
         """Before the gate answers: apply every inotify event up to now, scanning each
-        changed path once (not again if scanned since its event was read)."""
+        changed path once (not again if scanned since its event was read), and wait for
+        the scans under way of ``paths`` (the watcher's, another peer's batch's)."""
         batch = self.watcher.take_all() if self.watcher is not None else None
-        if batch is None:
-            await self.data.scan(paths)
-        else:
-            await self.data.scan(batch.paths, events_read=batch.taken)
+        await self.data.scan(paths if batch is None else batch.paths,
+                             events_read=None if batch is None else batch.taken)
+        await self.data.marks.running(paths)
 
     async def _write_status(self) -> None:
         path = self.config.status_file

@@ -1,12 +1,18 @@
 """When each path's last scan began (``DataPlane.scan``): a watcher batch whose events
 were all read before a path's mark need not scan it again, so a burst of pushed files
-is scanned once, by the push's end."""
+is scanned once, by the push's end. A scan that leaves a path out for that reason
+waits for the scan under way that marked it (``running``): the gate grants from what
+the index records once it returns (issue 12: lsyncd's batches for a 256 MiB file to
+two peers came together, one scan hashed it, and the other peer's grant, not waiting,
+found no new version; the file went to that peer 1.4 s later, by the agent's pusher).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 KEPT = 10_000  # marks kept at least, however old
 KEPT_S = 10.0  # a mark matters only to watcher events already on their way
@@ -22,6 +28,7 @@ class ScanMarks:
         # key after many deletes at its front is found by skipping their holes, which
         # made the start-up scan of a million files quadratic (the loop held 6 s).
         self._marks: OrderedDict[str, float] = OrderedDict()
+        self._running: dict[str, asyncio.Future[None]] = {}  # path -> the scan marking it
 
     def __len__(self) -> int:
         return len(self._marks)
@@ -39,6 +46,28 @@ class ScanMarks:
         end, the map stays in the order of its marks (``forget``)."""
         self._marks[path] = when
         self._marks.move_to_end(path)
+
+    def begin(self, paths: Iterable[str], when: float) -> asyncio.Future[None]:
+        """A scan of ``paths`` begins at ``when``: each is marked, and is the scan's
+        until ``end``."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for path in paths:
+            self.mark(path, when)
+            self._running[path] = done
+        return done
+
+    def end(self, done: asyncio.Future[None]) -> None:
+        """The scan ``begin`` returned ``done`` for is over."""
+        for path in [p for p, f in self._running.items() if f is done]:
+            del self._running[path]
+        done.set_result(None)
+
+    async def running(self, paths: Iterable[str]) -> None:
+        """Until the scans under way that marked any of ``paths`` are over (each began
+        before the caller's: no two wait for each other)."""
+        scans = {f for p in paths if (f := self._running.get(p)) is not None}
+        if scans:
+            await asyncio.wait(scans)
 
     def forget(self) -> None:
         """Marks matter only against events still on their way: kept briefly. The oldest
