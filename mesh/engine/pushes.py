@@ -280,4 +280,3 @@ class Pushes:
         task = asyncio.create_task(self.execute(planned, order), name=f"push-{planned.peer}")
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
-

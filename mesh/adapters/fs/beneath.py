@@ -152,7 +152,11 @@ class Beneath:
                 os.lstat(name, dir_fd=fd)
             except FileNotFoundError:
                 self.changing(rel)
-                os.mkdir(name, 0o700, dir_fd=fd)
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:  # made meanwhile, by someone else
+                    if not exist_ok:
+                        raise
             else:
                 if not exist_ok:
                     raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), rel)
