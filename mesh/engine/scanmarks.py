@@ -13,6 +13,16 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """A scan under way (``ScanMarks.begin``): over when ``done`` is."""
+
+    done: asyncio.Future[None]
+    paths: list[str]
+
 
 KEPT = 10_000  # marks kept at least, however old
 KEPT_S = 10.0  # a mark matters only to watcher events already on their way
@@ -47,20 +57,21 @@ class ScanMarks:
         self._marks[path] = when
         self._marks.move_to_end(path)
 
-    def begin(self, paths: Iterable[str], when: float) -> asyncio.Future[None]:
+    def begin(self, paths: Iterable[str], when: float) -> Scan:
         """A scan of ``paths`` begins at ``when``: each is marked, and is the scan's
         until ``end``."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for path in paths:
+        scan = Scan(asyncio.get_running_loop().create_future(), list(paths))
+        for path in scan.paths:
             self.mark(path, when)
-            self._running[path] = done
-        return done
+            self._running[path] = scan.done
+        return scan
 
-    def end(self, done: asyncio.Future[None]) -> None:
-        """The scan ``begin`` returned ``done`` for is over."""
-        for path in [p for p, f in self._running.items() if f is done]:
-            del self._running[path]
-        done.set_result(None)
+    def end(self, scan: Scan) -> None:
+        """``scan`` is over (its own paths looked at, not every scan's under way)."""
+        for path in scan.paths:
+            if self._running.get(path) is scan.done:
+                del self._running[path]
+        scan.done.set_result(None)
 
     async def running(self, paths: Iterable[str]) -> None:
         """Until the scans under way that marked any of ``paths`` are over (each began
