@@ -31,9 +31,17 @@ The steps of one push (one table; ``mesh.engine.dataplane`` and the simulation f
                      content, ``staged``); the rest is dropped  Restore, then replaced
                      then ``Replica.reaim`` on each path of X:  by the agent, which
                      a target it can now restore is restored    scans it first
+                     a file new here is adopted (``adoptable``)  renamed in, never
+                                                                over anything
     killed           staging dir and the kept content stay     untouched, or restored
     restart          every staged dir is kept as at end(X);    as above
                      then the scan; then reaim of every target
+
+A staged file whose path holds nothing here may be *adopted* instead of held for a
+restore (``adoptable``; issue 16: an empty node's join): it is moved to its path in
+one rename that never replaces anything, and recorded as on disk. A restore's scan
+first is for what the restore replaces; there is nothing, and anything that came
+there meanwhile makes the rename fail, and that path takes the restore's way.
 
 A version the push announced whose bytes did not arrive (rsync failed, or the
 sender changed the file while rsync read it) stays a target the replica
@@ -46,6 +54,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from mesh.core.effects import Observed, PathState
 from mesh.core.manifest import ContentKey, Kind
 from mesh.core.resolver import Version
 
@@ -79,3 +88,14 @@ def to_reaim(versions: Iterable[str], staged_paths: Iterable[str]) -> list[str]:
     """The paths whose target is asked for again at the end: every path the push
     announced, and what it staged (a kill may have lost the announcement)."""
     return sorted(set(versions) | set(staged_paths))
+
+
+def adoptable(state: PathState, found: Observed) -> Version | None:
+    """The version a path in ``state`` adopts the staged file ``found`` as, or None: a
+    file's, when the path has no version on our disk and converges to exactly that
+    content (its kind, hash and mode)."""
+    target = state.target
+    if (state.disk is not None or target is None or found.kind is not Kind.FILE
+            or target.winner.kind is not Kind.FILE or target.content != found.content):
+        return None
+    return target

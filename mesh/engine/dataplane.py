@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Container, Iterable
 from pathlib import Path
 
 from mesh.adapters.fs.reconcile import against_index
-from mesh.adapters.fs.scanner import PREHASH_BYTES, ScanError, Scanner, Unsettled
+from mesh.adapters.fs.scanner import ScanError, Scanner, Unsettled
 from mesh.clock import now_ms
 from mesh.core.effects import Effect, Observed, Restore, Want, WriteCopy
 from mesh.core.landing import Staged, StagedFile, staged, to_reaim
@@ -31,9 +30,10 @@ from mesh.core.paths import deepest_first, parent
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.retention import Reason
-from mesh.engine.keep import KeepArea, chunked, drop_tree, files_under, remove_empty_dirs
+from mesh.engine.keep import KeepArea, chunked, drop_tree, remove_empty_dirs
 from mesh.engine.materialize import Materializer, Superseded
 from mesh.engine.scanmarks import ScanMarks
+from mesh.engine.staged import Staging
 from mesh.errors import MeshError
 from mesh.store.index import Index
 from mesh.store.kept import KeptLog
@@ -70,6 +70,7 @@ class DataPlane:
         self.fs = keep.fs  # file operations beneath the root, no symlink followed
         self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
         self.writer = Materializer(index=index, keep=keep, kept=self.kept, scanner=scanner)
+        self.staging = Staging(index=index, replica=replica, keep=keep, scanner=scanner)
         self.wants = 0
         # Hashes of kept content that a kept row records (or may, once this apply
         # files it away): read once per ``apply``, not per restore.
@@ -319,7 +320,9 @@ class DataPlane:
     async def push_ended(self, push_id: str, announced: Iterable[str] = ()) -> None:
         """An incoming push ended, however rsync exited (``mesh.core.landing``): keep the
         staged bytes that are a version we converge to, drop the rest, and ask again
-        for what each path converges to; the restores that follow put them in place."""
+        for what each path converges to; the restores that follow put them in place.
+        A staged file whose path holds nothing here is adopted instead
+        (``mesh.engine.staged``), after the restores (they make its folder)."""
 
         def converged_to(rel: str, found: Observed) -> bool:
             st = self.index.state(rel)
@@ -328,31 +331,31 @@ class DataPlane:
                 {rel: goal}, StagedFile(rel, found.content)) is Staged.KEEP
 
         staging = self.keep.staging_dir(push_id)
-        announced = list(announced)
         passed: list[Effect] = []
         try:
             async with self._applying:  # held files are this push's until file_held
                 try:
                     # Held where rsync staged them: a restore moves each to its path in
                     # one rename (``KeepArea.hold``); what is left is filed away below.
-                    kept = await self._file_away_under(
+                    found = await self.staging.sort(
                         staging, lambda rel: self.keep.staging_rel(push_id, rel),
-                        converged_to, prefetch=True, hold=True)
+                        converged_to, prefetch=True, hold=True, adopt=True)
                     # A push that landed the way releases before issue 11 did (in place,
                     # what it replaced in ``<keep>/<push id>``), cut short by a stop:
                     # keep what it displaced.
                     backup = self.keep.push_dir(push_id)
-                    await self._file_away_under(
+                    await self.staging.sort(
                         backup, lambda rel: self.keep.push_rel(push_id, rel),
                         lambda _rel, _found: True)
                     remove_empty_dirs(backup)
-                    effects: list[Effect] = []
-                    for part in chunked(to_reaim(announced, kept), APPLY_CHUNK):
-                        with self.index.batch():
-                            self.index.prefetch(part)
-                            effects += [fx for rel in part for fx in self.replica.reaim(rel)]
-                        await asyncio.sleep(0)
-                    passed = await self._apply(effects)
+                    adopting = {f.rel for f in found.adoptable}
+                    passed = await self._apply(await self._reaim(
+                        p for p in to_reaim(announced, found.kept) if p not in adopting))
+                    effects, left = await self.staging.adopt(found.adoptable)
+                    for f in left:  # held now, so that its restore takes it
+                        self.keep.hold(f.staged, f.found.content)
+                    passed += await self._apply(
+                        effects + await self._reaim(f.rel for f in left))
                 finally:
                     for rel, err in self.keep.file_held():
                         LOG.warning("keep %s: %s", rel, err)
@@ -361,40 +364,12 @@ class DataPlane:
         if passed:
             await self.forward(passed)
 
-    async def _file_away_under(self, folder: Path, rel_of: Callable[[str], str],
-                               wanted: Callable[[str, Observed], bool],
-                               prefetch: bool = False, hold: bool = False
-                               ) -> list[str]:
-        """File into the keep area's objects each file under ``folder`` (a staging or
-        backup dir; ``rel_of`` names it from the data folder) that is ``wanted``; the
-        paths filed. Large files are hashed in a thread: hundreds of MB would stall
-        every link and push of this node. ``prefetch``: the states of the files' paths,
-        which ``wanted`` reads, are read in bulk first.
-        ``hold``: files stay where they are until ``KeepArea.file_held``."""
-        scanner = Scanner(folder, ignore=lambda _: False)
-        files = files_under(folder)
-        hashed: dict[str, Observed | None] = {}  # large ones, hashed before the batch
-        for rel in files:
-            try:
-                if os.lstat(folder / rel).st_size >= PREHASH_BYTES:
-                    hashed[rel] = await asyncio.to_thread(scanner.observe, rel)
-            except (OSError, MeshError) as err:
-                hashed[rel] = None
-                LOG.warning("keep %s: %s", rel_of(rel), err)
-        kept: list[str] = []
-        for part in chunked(files, APPLY_CHUNK):
-            # A transaction each, no await inside: another task's batch must not join it.
+    async def _reaim(self, paths: Iterable[str]) -> list[Effect]:
+        """What each of ``paths`` converges to, asked again, a transaction per chunk."""
+        effects: list[Effect] = []
+        for part in chunked(list(paths), APPLY_CHUNK):
             with self.index.batch():
-                self.index.prefetch(part if prefetch else ())
-                for rel in part:
-                    try:
-                        found = hashed[rel] if rel in hashed else scanner.observe(rel)
-                        if found is None or not wanted(rel, found):
-                            continue
-                        (self.keep.hold if hold else self.keep.file_away)(rel_of(rel),
-                                                                           found.content)
-                        kept.append(rel)
-                    except (OSError, MeshError) as err:
-                        LOG.warning("keep %s: %s", rel_of(rel), err)
-            await asyncio.sleep(0)  # the loop is served between two (issue 16)
-        return kept
+                self.index.prefetch(part)
+                effects += [fx for rel in part for fx in self.replica.reaim(rel)]
+            await asyncio.sleep(0)
+        return effects

@@ -28,11 +28,14 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from mesh.adapters.fs.beneath import Beneath
 from mesh.core.manifest import ContentKey, Kind
 from mesh.core.paths import KEEP_NAME
 from mesh.errors import MeshError
+
+_T = TypeVar("_T")
 
 
 def _subdirs(parent: Path) -> list[Path]:
@@ -208,7 +211,7 @@ def drop_tree(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
-def chunked(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+def chunked(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
     """``items`` in runs of ``size`` (an apply's transactions, a push's end's)."""
     for start in range(0, len(items), size):
         yield items[start:start + size]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from mesh.adapters.fs.beneath import Beneath, Escape
+from mesh.adapters.fs import beneath
+from mesh.adapters.fs.beneath import Beneath, Escape, OpenFolders
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def test_no_operation_passes_through_a_symlinked_folder(root: Path) -> None:
     outside = root.parent / "outside"
     (root / "real").mkdir()
     (root / "real" / "f").write_bytes(b"ours\n")
-    attempts = [
+    attempts: list[Callable[[], object]] = [
         lambda: fs.write_bytes("lure/new", b"x", 0o644),
         lambda: fs.write_file("lure/new", None, 0o644),
         lambda: fs.set_file("lure/victim", 0o777),
@@ -102,3 +104,51 @@ def test_folders_are_made_on_the_way_and_a_new_file_never_replaces(root: Path) -
     finally:
         os.close(fd)
     assert fs.read("copy") == b"1"
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_move_new_moves_one_inode_and_never_replaces(
+        root: Path, renameat2: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``renameat2(RENAME_NOREPLACE)``, and without (a link, then an unlink)."""
+    if not renameat2:
+        monkeypatch.setattr(beneath, "_renameat2", None)
+    fs = Beneath(root)
+    (root / "in" / "a").mkdir(parents=True)
+    (root / "out").mkdir()
+    (root / "in" / "a" / "f").write_bytes(b"staged\n")
+    inode = (root / "in" / "a" / "f").stat().st_ino
+    noted: list[str] = []
+    fs.changing = noted.append
+    with OpenFolders(fs) as folders:
+        assert fs.move_new("in/a/f", "out/f", folders)
+        (root / "in" / "a" / "g").write_bytes(b"another\n")
+        for there in ("out/f", "out"):  # a file, a folder: both stay
+            assert not fs.move_new("in/a/g", there, folders)
+        (root / "out" / "link").symlink_to("nowhere")
+        assert not fs.move_new("in/a/g", "out/link", folders)
+    assert (root / "out" / "f").stat().st_ino == inode
+    assert (root / "out" / "f").read_bytes() == b"staged\n"
+    assert (root / "in" / "a" / "g").read_bytes() == b"another\n"
+    assert not (root / "in" / "a" / "f").exists()
+    assert str((root / "out" / "link").readlink()) == "nowhere"
+    assert noted[0] == "out/f"  # lsyncd is told of the one change it sees
+
+
+def test_open_folders_reach_each_folder_once_and_never_through_a_symlink(root: Path) -> None:
+    fs = Beneath(root)
+    (root / "a" / "b").mkdir(parents=True)
+    with OpenFolders(fs) as folders:
+        fd, name = folders.parent("a/b/x")
+        assert name == "x" and os.path.samestat(os.fstat(fd), (root / "a" / "b").stat())
+        assert folders.parent("a/b/y")[0] == fd
+        assert folders.parent("top")[1] == "top"
+        with pytest.raises(Escape):
+            folders.parent("lure/victim")
+        with pytest.raises(FileNotFoundError):
+            folders.parent("missing/x")
+        with pytest.raises(Escape):
+            folders.parent("a/../lure/victim")
+    opened = len(list(Path("/proc/self/fd").iterdir()))
+    with OpenFolders(fs) as folders:
+        folders.parent("a/b/x")
+    assert len(list(Path("/proc/self/fd").iterdir())) == opened  # closed with the batch

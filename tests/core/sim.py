@@ -33,7 +33,7 @@ from mesh.core.effects import (
     Want,
     WriteCopy,
 )
-from mesh.core.landing import Staged, StagedFile, staged, to_reaim
+from mesh.core.landing import Staged, StagedFile, adoptable, staged, to_reaim
 from mesh.core.manifest import ContentKey, Entry, Kind, Manifest
 from mesh.core.paths import deepest_first, parent
 from mesh.core.pushplan import PushPlanner
@@ -160,6 +160,7 @@ class Transfer:
     msg: PushMsg
     order: list[str]
     phase: dict[str, str]
+    ended: bool = False  # rsync is done: the receiver's end adopts a file per step
 
     def next_path(self) -> str | None:
         return next((p for p in self.order if p not in self.phase), None)
@@ -198,6 +199,8 @@ class SimNode:
         self.sweeps: dict[str, tuple[str, float]] = {}  # peer -> (after, since)
         self.outbox: dict[str, Version] = {}
         self.out_conflicts: list[tuple[Entry, Entry]] = []
+        # A push's end under way: the files it will adopt, each still in its staging dir.
+        self.adopting: dict[str, dict[str, Version]] = {}
         # Kept on disk: each incoming push's staging dir.
         self.staging: dict[str, dict[str, Node]] = {}
         # Kept in the state database: the stat cache (path -> the file as hashed, hash).
@@ -451,18 +454,56 @@ class SimNode:
 
     def end(self, push_id: str, announced: list[str]) -> None:
         """The push ended (or, after a restart, is found cut short): keep what it staged
-        that a path converges to, then ask again for what each path converges to."""
+        that a path converges to, then ask again for what each path converges to. A
+        file a path adopts is left staged; ``adopt_one`` moves them, a step each."""
         kept = []
+        adopting: dict[str, tuple[Node, Version]] = {}
         for path, node in self.staging.pop(push_id).items():
             st = self.store.state(path)
             goal = st.target or st.disk
             found = StagedFile(path, node.observed().content)
             if goal is not None and staged({path: goal}, found) is Staged.KEEP:
                 assert node.data is not None
+                version = adoptable(st, node.observed()) if self.cluster.adopt else None
+                if version is not None:  # left where it is: ``Staging.sort``
+                    adopting[path] = (node, version)
+                    continue
                 self.store.keep[found.content] = node.data
                 kept.append(path)
         for path in to_reaim(announced, kept):
+            if path not in adopting:
+                self.apply(self.replica.reaim(path))
+        if adopting:
+            self.staging[push_id] = {p: node for p, (node, _) in adopting.items()}
+            self.adopting[push_id] = {p: version for p, (_, version) in adopting.items()}
+
+    def adopt_one(self, push_id: str) -> bool:
+        """One file of a push's end adopted (``end``); whether any is left."""
+        left = self.adopting.get(push_id, {})
+        if not left:
+            self.adopting.pop(push_id, None)
+            self.staging.pop(push_id, None)
+            return False
+        path = min(left)
+        version = left.pop(path)
+        self._adopt(path, self.staging[push_id].pop(path), version)
+        return True
+
+    def _adopt(self, path: str, node: Node, version: Version) -> None:
+        """As ``Staging.adopt``: the staged file moved to ``path`` if its path still
+        converges to it and holds nothing (the rename replaces nothing, and needs its
+        folder); if not, kept, and its path's target asked for again (a restore)."""
+        folder = parent(path)
+        up = None if folder is None else self.disk.get(folder)
+        if (adoptable(self.store.state(path), node.observed()) != version
+                or path in self.disk or (folder is not None and (up is None or not up.is_dir))):
+            assert node.data is not None
+            self.store.keep[node.observed().content] = node.data
             self.apply(self.replica.reaim(path))
+            return
+        self.disk[path] = node
+        self._cache(path, node)  # Scanner.remember
+        self.apply(self.replica.restored(path, version))
 
     def crash(self) -> None:
         self.up = False
@@ -470,6 +511,7 @@ class SimNode:
         self.sweeps.clear()
         self.outbox.clear()
         self.out_conflicts.clear()
+        self.adopting.clear()  # their files stay staged: the restart's end sorts them again
 
     def purge(self, path: str) -> None:
         """``Index.purge`` at a start (``mesh.engine.bounds``): the version we hold of
@@ -524,6 +566,9 @@ class SimNode:
         self.up = True
         for push_id in sorted(self.staging):
             self.end(push_id, [])
+            for _ in range(len(self.adopting.get(push_id, ()))):
+                self.adopt_one(push_id)
+            self.adopt_one(push_id)  # none left: the staging dir goes
         self.reconcile()
         for path, st in list(self.store.all_states().items()):
             if st.target is not None:
@@ -605,6 +650,7 @@ class Cluster:
         self.superseded: set[bytes] = set()
         self.dead: set[tuple[str, bytes, int]] = set()  # what a user replaced, having seen it
         self.old_rsync = False  # rsync deleting in the live folder, as before issue 11
+        self.adopt = True  # a push's end adopts what lands on nothing (Staging.adopt)
         self.ids = itertools.count(1)
         self.nodes = {
             name: SimNode(
@@ -652,13 +698,20 @@ class Cluster:
         dst = self.nodes[t.msg.dst]
         if not dst.up or t.msg.push_id not in dst.staging:
             self.transfers.remove(t)  # the receiver died: its staging dir is kept at restart
-            self.nodes[t.msg.src].push_done(t.msg, 255)
+            if not t.ended:
+                self.nodes[t.msg.src].push_done(t.msg, 255)
+            return
+        if t.ended:  # the end's adoptions, one a step (others' steps come between)
+            if not dst.adopt_one(t.msg.push_id):
+                self.transfers.remove(t)
             return
         path = t.next_path()
         if path is None or not self.nodes[t.msg.src].up:
-            self.transfers.remove(t)
+            t.ended = True  # the tunnel lets the sender go before the end is done
             dst.end(t.msg.push_id, sorted(t.msg.versions))
             self.nodes[t.msg.src].push_done(t.msg, 0 if path is None else 1)
+            if t.msg.push_id not in dst.staging:
+                self.transfers.remove(t)
             return
         dst.rsync_step(t, path)
 

@@ -389,3 +389,63 @@ def test_a_node_that_forgot_a_path_never_reuses_its_counter() -> None:
     cluster.quiesce()
     check_invariants(cluster)
     assert mine in {f.data for f in n2.disk.values()}
+
+
+def test_a_push_s_end_adopts_new_files_without_a_restore() -> None:
+    """Issue 16: n2 holds nothing at d/x; n1's push of it ends with the staged file
+    moved to its path (an adoption), not held and restored."""
+    cluster = Cluster(3, [0])
+    n1, n2, _ = cluster.nodes.values()
+    n1.user_write("d/x", 0o644)
+    cluster.push("n1", "n2", ["d", "d/x"])
+    cluster.deliver(0)
+    while cluster.transfers and not cluster.transfers[0].ended:
+        cluster.step(0)
+    assert n2.adopting, "the push's end should have left d/x to adopt"
+    pushed = n2.staging[next(iter(n2.adopting))]["d/x"]
+    cluster.land_all()
+    assert n2.disk["d/x"] is pushed  # the staged file itself: moved, not copied
+    assert not n2.store.keep, "an adopted file goes through the keep area"
+    cluster.quiesce()
+    check_invariants(cluster)
+
+
+@pytest.mark.parametrize("meanwhile", ["newer version", "user write", "user mkdir"])
+def test_an_adoption_waits_and_its_path_moves_on(meanwhile: str) -> None:
+    """While a push's end adopts its files one after the other, a newer version of one
+    of them arrives (it must not land the older one, which its scan would then record
+    as a new write, concurrent with the newer), or a user writes there (the rename
+    must not replace it), or makes a folder there."""
+    cluster = Cluster(3, [0])
+    n1, _, n3 = cluster.nodes.values()
+    n1.user_write("x", 0o644)
+    n1.scan("x")
+    n1.flush()
+    cluster.land_all()  # every node knows of x; n2 and n3 hold nothing yet
+    if meanwhile == "newer version":
+        pushed_first = n1.disk["x"].data
+    cluster.push("n1", "n3", ["x"])
+    cluster.deliver(0)
+    while not cluster.transfers[0].ended:
+        cluster.step(0)
+    assert n3.adopting
+    if meanwhile == "newer version":
+        cluster.time_ms += 1000
+        n1.user_write("x", 0o644)
+        n1.scan("x")
+        n1.flush()
+        for _ in range(len(cluster.network)):  # n1's announcement reaches n3 first
+            cluster.deliver(0)
+        target = n3.store.state("x").target
+        assert target is not None and target.winner.hash != hashlib.sha256(pushed_first).digest()
+    elif meanwhile == "user write":
+        n3.user_write("x", 0o600)
+    else:
+        n3.user_mkdir("x")
+    cluster.land_all()
+    cluster.quiesce()
+    check_invariants(cluster)
+    if meanwhile != "newer version":
+        assert n3.store.conflict_map(), "n3's own write must meet n1's as a conflict"
+    else:
+        assert not n3.store.conflict_map(), "the older version came back as a write"

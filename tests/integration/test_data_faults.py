@@ -515,7 +515,7 @@ async def test_a_pushed_losing_head_is_kept_not_taken_for_an_edit(tmp_path: Path
     await r.sink.end(ticket, 0)
     assert r.writes_of_mine("p") == []
     assert r.index.state("p").target == Version.of(e1, e2)  # still waiting for e2's bytes
-    assert r.keep.has(e1.content)  # for the loser's conflict copy
+    assert e1.content is not None and r.keep.has(e1.content)  # for the loser's conflict copy
 
 
 async def test_two_pushes_on_one_path_land_in_the_order_they_end(tmp_path: Path) -> None:

@@ -209,12 +209,22 @@ class Scanner:
                 os.close(parent)
         except (OSError, InvalidPath):
             return
-        if (stat.S_ISREG(st.st_mode)
-                and (st.st_ino, st.st_size, st.st_mtime_ns)
-                == (prepared.st_ino, prepared.st_size, prepared.st_mtime_ns)
-                and time.time_ns() - st.st_mtime_ns > self.racy_ns):
-            self.cache.put(rel, CachedStat(st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                           st.st_ino, digest))
+        if (st.st_ino, st.st_size, st.st_mtime_ns) == (
+                prepared.st_ino, prepared.st_size, prepared.st_mtime_ns):
+            self.remember([(rel, st, digest)])
+
+    def remember(self, files: Iterable[tuple[str, os.stat_result, bytes]]) -> None:
+        """Cache each ``(rel, its lstat now, its content's hash)`` the agent itself put
+        in place (``placed``, a push's adoption), so the scans their renames set off
+        read a ``stat`` and hash nothing: only regular files whose mtime is older than
+        the racy window, which any later write moves to now."""
+        if self.cache is None:
+            return
+        now = time.time_ns()
+        self.cache.put_many(
+            (rel, CachedStat(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest))
+            for rel, st, digest in files
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime_ns > self.racy_ns)
 
     def walk(self) -> Iterator[str]:
         """Every path under the root, directories included, sorted per directory."""
