@@ -196,6 +196,8 @@ class DataPlane:
     # --- effects ----------------------------------------------------------------------
 
     async def apply(self, effects: list[Effect]) -> None:
+        if not effects:  # (a push's begin that learned nothing new: no wait for an end)
+            return
         async with self._applying:
             passed = await self._apply(effects)
         if passed:

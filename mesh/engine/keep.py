@@ -52,6 +52,7 @@ class KeepArea:
         self.fs = Beneath(data_dir)
         self.root = data_dir / KEEP_NAME
         self.objects = self.root / "objects"
+        self._objects = str(self.objects)
         self.tmp = self.root / "tmp"
         self.incoming = self.root / "in"
         for d in (self.objects, self.tmp, self.incoming):
@@ -90,7 +91,9 @@ class KeepArea:
     def has(self, content: ContentKey) -> bool:
         if content[0] is Kind.DIR:
             return True  # a directory has no content to keep
-        return content[1] in self._held or self.object_path(content).exists()
+        # A string, not a Path joined (2.4 against 1 µs): a catch-up asks for each path.
+        return content[1] in self._held or os.path.exists(  # noqa: PTH110
+            f"{self._objects}/{content[1].hex()}")
 
     def hold(self, rel: str, content: ContentKey) -> None:
         """Keep the staged file ``rel`` (``content``) where it is until ``file_held``:

@@ -157,9 +157,10 @@ class Scanner:
         """Of ``rels``, the regular files of at least ``PREHASH_BYTES`` that the cache does
         not know as they are now: worth hashing off the event loop first."""
         out = []
+        root = str(self.root)  # (a Path joined per path was most of this, issue 16)
         for rel in rels:
             try:
-                st = os.lstat(self.root / rel)
+                st = os.lstat(f"{root}/{rel}")
             except (OSError, ValueError):
                 continue
             if not stat.S_ISREG(st.st_mode) or st.st_size < PREHASH_BYTES:
