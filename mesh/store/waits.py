@@ -47,18 +47,23 @@ class ContentWaitTable:
     def stalled(self, now: float, holders: Callable[[str], Iterable[str]]
                 ) -> tuple[dict[str, int], int]:
         """As ``ContentWaits.stalled``: ``holders(path)`` asked once per path, when it has
-        waited ``bound``; the counts per set of holders are one grouped query."""
+        waited ``bound``; the counts per set of holders are one grouped query. Only paths
+        still waited for: one whose content landed since the last ``update`` (every 5 s)
+        has no holders to find, and counted as stalled with none ("no peer holds it").
+        """
         db, due, after = self.index.db, now - self.bound, ""
         while True:  # by path, after the last page's (not from the first row each time)
             rows = db.execute("SELECT path FROM temp.content_waits WHERE path > ? AND "
-                              "since <= ? AND holders IS NULL ORDER BY path LIMIT ?",
+                              "since <= ? AND holders IS NULL AND path IN (SELECT path "
+                              "FROM main.targets) ORDER BY path LIMIT ?",
                               (after, due, PAGE)).fetchall()
             if not rows:
                 break
             db.executemany("UPDATE temp.content_waits SET holders = ? WHERE path = ?",
                            [(_SEP.join(sorted(holders(p))), p) for (p,) in rows])
             after = rows[-1][0]
-        groups = db.execute("SELECT holders, count(*) FROM temp.content_waits "
-                            "WHERE since <= ? GROUP BY holders", (due,)).fetchall()
+        groups = db.execute("SELECT holders, count(*) FROM temp.content_waits WHERE "
+                            "since <= ? AND path IN (SELECT path FROM main.targets) "
+                            "GROUP BY holders", (due,)).fetchall()
         return count_stalled(((joined.split(_SEP) if joined else [NO_HOLDER], n)
                               for joined, n in groups), self._delivered, now, self.bound)

@@ -71,3 +71,16 @@ def test_same_answers_as_content_waits() -> None:
                 ref.delivered(peer, now)
             at = now + rng.choice([0, 100, 300])
             assert table.stalled(at, held.__getitem__) == ref.stalled(at, held.__getitem__)
+
+
+def test_a_path_that_landed_since_the_update_is_not_stalled_with_no_holder() -> None:
+    """At a million files: content landed between two updates (every 5 s) left its path
+    in the table, with no target and so no holders: "content of N paths has not come
+    for 300 s (no peer holds it)" was logged for content that had just come."""
+    index = Index(":memory:")
+    waits = ContentWaitTable(index, BOUND)
+    _targets(index, ["landed", "waiting"])
+    waits.update(0.0)
+    index.db.execute("DELETE FROM targets WHERE path = 'landed'")  # its restore, no update
+    held = {"landed": [], "waiting": ["n2"]}
+    assert waits.stalled(BOUND + 1, held.__getitem__) == ({"n2": 1}, 1)
