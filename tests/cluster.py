@@ -263,6 +263,8 @@ class Cluster:
         return code
 
     def kill(self, node: Node) -> None:
+        """As a crash: its lsyncd (a process group of its own) goes on running until the
+        node's next start ends it, or ``close``."""
         self.stop(node, signal.SIGKILL)
 
     def pause(self, node: Node) -> None:
@@ -293,6 +295,7 @@ class Cluster:
             elif node.proc is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(node.proc.pid, signal.SIGKILL)
+            end_lsyncd(node)
         self.proxies.close()
 
     # --- what is on disk -------------------------------------------------------------
@@ -382,3 +385,16 @@ def walk(root: Path) -> Iterator[str]:
         dirnames[:] = [d for d in dirnames if not (rel == Path() and d == ".mesh-keep")]
         for name in [*dirnames, *filenames]:
             yield str(rel / name) if str(rel) != "." else name
+
+
+def end_lsyncd(node: Node) -> None:
+    """The lsyncd a node's agent left running when it was killed (its pid file is
+    removed when its agent stops it)."""
+    try:
+        pid = int((node.state / "lsyncd.pid").read_text().split()[0])
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return
+    if os.fsencode(node.state / "lsyncd.conf.lua") in argv.split(b"\0"):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)

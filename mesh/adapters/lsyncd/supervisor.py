@@ -44,6 +44,7 @@ import re
 import shutil
 import signal
 import string
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,9 @@ class LsyncdSupervisor:
         self.settings = settings
         self.gate_path = config_path.with_name("mesh-gate.pl")
         self.status_path = config_path.with_name("lsyncd.status")
+        # The running lsyncd's pid: an agent killed outright leaves its lsyncd running
+        # (its own process group); the next agent of this state dir ends it first.
+        self.pid_path = config_path.with_name("lsyncd.pid")
         self._peers = sorted(set(peers))
         self._changed = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -169,6 +173,7 @@ class LsyncdSupervisor:
         if self._runner is not None:
             raise LocalProtocolError("the lsyncd supervisor is already running")
         self._render()
+        self._end_stale()
         self._runner = asyncio.create_task(self._run())
 
     def update_peers(self, peers: Iterable[str]) -> None:
@@ -210,6 +215,27 @@ class LsyncdSupervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), backoff)
             backoff = min(backoff * 2, self.settings.backoff[1])
+
+    def _end_stale(self) -> None:
+        """End an lsyncd that an agent of this state dir started and never stopped (it
+        was killed): it would go on calling the gate beside ours. Only a process whose
+        command line names our config: the pid may have been given to another since.
+        SIGKILL ends it at once; the wait for it to go is bounded."""
+        try:
+            pid = int(self.pid_path.read_text().split()[0])
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            return
+        if os.fsencode(self.config_path) in argv:
+            LOG.warning("lsyncd %d, started by an agent that stopped without ending it, "
+                        "was still running: ending it", pid)
+            _signal_group(pid, signal.SIGKILL)
+            for _ in range(200):  # 2 s at most
+                if _gone(pid):
+                    break
+                time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            self.pid_path.unlink()
 
     async def _settled(self) -> None:
         """Return once the peers have not changed for ``settle`` seconds, or after
@@ -255,6 +281,10 @@ class LsyncdSupervisor:
         assert proc.stdout is not None
         self._proc = proc
         self.starts += 1
+        try:
+            self.pid_path.write_text(f"{proc.pid}\n")
+        except OSError as err:
+            LOG.warning("lsyncd pid file %s: %s", self.pid_path, err)
         LOG.info("lsyncd %d started for %s", proc.pid, ", ".join(self._peers))
         output = asyncio.create_task(_log_lines(proc.stdout))
         exited = asyncio.create_task(proc.wait())
@@ -274,6 +304,8 @@ class LsyncdSupervisor:
             output.cancel()
             await asyncio.gather(output, changed, return_exceptions=True)
             self._proc = None
+            with contextlib.suppress(OSError):
+                self.pid_path.unlink()
 
     async def _terminate(self, proc: asyncio.subprocess.Process, exited: asyncio.Task[int]) -> None:
         """SIGTERM to the group (again every ``term_again``), SIGKILL after ``stop_timeout``;
@@ -300,6 +332,14 @@ class LsyncdSupervisor:
         except asyncio.CancelledError:
             await task
             raise
+
+
+def _gone(pid: int) -> bool:
+    """No process ``pid``, or only its zombie (whose command line reads empty)."""
+    try:
+        return not Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
