@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mesh.adapters.fs.beneath import Beneath
+import pytest
+
+from mesh.adapters.fs.beneath import FRESH_S, Beneath
 from mesh.adapters.lsyncd.agentwrites import AgentWrites
 from mesh.core.paths import KEEP_NAME
 
@@ -39,7 +41,9 @@ def test_a_full_file_is_replaced_by_a_new_generation(tmp_path: Path) -> None:
 
 def test_beneath_tells_of_each_change_before_it_is_made(tmp_path: Path) -> None:
     """Once per change an inotify watcher sees on the name: a new folder given a mode
-    other than the one it is made with is two, a swap two on each name."""
+    other than the one it is made with is two, a swap two on each name. And for the
+    first change of a name, once more for each folder above it made here moments before:
+    lsyncd may report it again as it lists each new folder."""
     fs = Beneath(tmp_path)
     told: list[tuple[str, bool]] = []
     fs.changing = lambda rel: told.append((rel, (tmp_path / rel).exists()))
@@ -60,9 +64,25 @@ def test_beneath_tells_of_each_change_before_it_is_made(tmp_path: Path) -> None:
     fs.rmdir("d/e")
     fs.unlink("d/f")
     fs.rmdir("d")
-    assert told == [("d", False), ("d", True), ("d/t", False), ("d/t", True), ("d/f", False),
-                    ("d/f", True), ("d/f", True), ("d/f", True), ("d/g", False),
+    twice = [("d/t", False)] * 2  # a name's first change, below one folder made just now
+    assert told == [("d", False), ("d", True), *twice, ("d/t", True), *[("d/f", False)] * 2,
+                    ("d/f", True), ("d/f", True), ("d/f", True), *[("d/g", False)] * 2,
                     ("d/f", True), ("d/f", True), ("d/g", True), ("d/g", True),
-                    ("d/g", True), ("d/l", False), ("d/l", True),
-                    ("d/e", False), ("d/e/n", False), ("d/e/n/t", False), ("d/e/n/t", True),
-                    ("d/e/n", True), ("d/e", True), ("d/f", True), ("d", True)]
+                    ("d/g", True), *[("d/l", False)] * 2, ("d/l", True),
+                    *[("d/e", False)] * 2, *[("d/e/n", False)] * 3, *[("d/e/n/t", False)] * 4,
+                    ("d/e/n/t", True), ("d/e/n", True), ("d/e", True), ("d/f", True),
+                    ("d", True)]
+
+
+def test_a_folder_is_new_to_lsyncd_only_for_a_moment(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    fs = Beneath(tmp_path)
+    told: list[str] = []
+    fs.changing = told.append
+    clock = [100.0]
+    monkeypatch.setattr("mesh.adapters.fs.beneath.time.monotonic", lambda: clock[0])
+    fs.mkdir("d", 0o700, exist_ok=False)
+    fs.write_bytes("d/a", b"x", 0o644)
+    clock[0] += FRESH_S
+    fs.write_bytes("d/b", b"x", 0o644)
+    assert told == ["d", "d/a", "d/a", "d/b"]

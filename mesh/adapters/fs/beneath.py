@@ -23,6 +23,7 @@ import errno
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from mesh.errors import MeshError
 PERMISSIONS = 0o777  # never setuid, setgid or sticky from a peer's mode
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_NOREPLACE = 1
+FRESH_S = 2.0  # a folder made here is new to lsyncd for this long (``Beneath._note``)
+MADE_KEPT = 4096  # folders remembered before the older ones are dropped
 _RENAME_EXCHANGE = 2
 _COPY_CHUNK = 1 << 20
 
@@ -72,6 +75,14 @@ class Beneath:
         # given a mode: two; a swap: two on each name, moved out and moved in): the agent
         # tells lsyncd to pass over its own writes (mesh.adapters.lsyncd.agentwrites).
         self.changing: Callable[[str], None] = _nobody
+        # Folders this object made: when (``time.monotonic``), and the names below each
+        # told of once more. lsyncd 2.2.3 watches a new folder, then lists it (and what
+        # is in it) and reports what it finds as made: a name made below it meanwhile is
+        # reported by the kernel and by the listing of each new folder above it. Under
+        # load that was seen (1 run in 8); so the first change of a name is noted once
+        # more for each new folder above it (a note no event takes lapses after 10 s:
+        # mesh.adapters.lsyncd.agentwrites).
+        self._made: dict[str, tuple[float, set[str]]] = {}
 
     @contextlib.contextmanager
     def parent(self, rel: str, *, create: bool = False) -> Iterator[tuple[int, str]]:
@@ -87,7 +98,7 @@ class Beneath:
                 except FileNotFoundError:
                     if not create:
                         raise
-                    self.changing("/".join(folders[:depth]))
+                    self._note("/".join(folders[:depth]), made=True)
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(part, 0o755, dir_fd=fd)
                     below = self._enter(fd, part, rel)
@@ -98,6 +109,24 @@ class Beneath:
             yield fd, name
         finally:
             os.close(fd)
+
+    def _note(self, rel: str, *, made: bool = False) -> None:
+        """Tell ``changing`` of one change lsyncd will see at ``rel``, and for the first
+        change of a name, once more for each folder above it made here in the last
+        ``FRESH_S`` (see ``_made``). ``made``: ``rel`` is a folder about to be made."""
+        now = time.monotonic()
+        folder = rel
+        while folder:
+            folder = folder.rpartition("/")[0]
+            made_at, told = self._made.get(folder, (-FRESH_S, set()))
+            if now - made_at < FRESH_S and rel not in told:
+                told.add(rel)
+                self.changing(rel)
+        self.changing(rel)
+        if made:
+            if len(self._made) >= MADE_KEPT:  # the old ones are of no more use
+                self._made = {f: v for f, v in self._made.items() if now - v[0] < FRESH_S}
+            self._made[rel] = (now, set())
 
     def _enter(self, fd: int, part: str, rel: str) -> int:
         try:
@@ -152,7 +181,7 @@ class Beneath:
             try:
                 os.lstat(name, dir_fd=fd)
             except FileNotFoundError:
-                self.changing(rel)
+                self._note(rel, made=True)
                 try:
                     os.mkdir(name, 0o700, dir_fd=fd)
                 except FileExistsError:  # made meanwhile, by someone else
@@ -165,7 +194,7 @@ class Beneath:
                           dir_fd=fd)
             try:
                 if stat.S_IMODE(os.fstat(dfd).st_mode) != mode:
-                    self.changing(rel)  # a second change: its mode
+                    self._note(rel)  # a second change: its mode
                     os.fchmod(dfd, mode)
             finally:
                 os.close(dfd)
@@ -200,7 +229,7 @@ class Beneath:
     def _new_file(self, rel: str) -> Iterator[int]:
         """A write descriptor of ``rel``, created here (folders on the way made)."""
         with self.parent(rel, create=True) as (fd, name):
-            self.changing(rel)
+            self._note(rel)
             out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600, dir_fd=fd)
             try:
@@ -214,7 +243,7 @@ class Beneath:
         with self.parent(rel) as (fd, name):
             out = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             for _ in range(2 if mtime_ns > 0 else 1):  # its mode, its time
-                self.changing(rel)
+                self._note(rel)
             try:
                 return self._finish(out, mode, mtime_ns)
             finally:
@@ -230,7 +259,7 @@ class Beneath:
     def symlink(self, target: str, rel: str) -> os.stat_result:
         """A new symlink ``rel`` pointing at ``target`` (never followed by this module)."""
         with self.parent(rel, create=True) as (fd, name):
-            self.changing(rel)
+            self._note(rel)
             os.symlink(target, name, dir_fd=fd)
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
@@ -240,14 +269,14 @@ class Beneath:
         """Rename ``src`` to ``dst``, replacing what is there (not a folder)."""
         with self.parent(src) as (sfd, sname), \
                 self.parent(dst, create=create) as (dfd, dname):
-            self.changing(src)
-            self.changing(dst)
+            self._note(src)
+            self._note(dst)
             os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
 
     def link(self, src: str, dst: str) -> None:
         """Hard-link ``src`` as the new name ``dst`` (fails if ``dst`` exists)."""
         with self.parent(src) as (sfd, sname), self.parent(dst) as (dfd, dname):
-            self.changing(dst)
+            self._note(dst)
             os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
 
     def exchange(self, a: str, b: str) -> bool:
@@ -257,7 +286,7 @@ class Beneath:
             return False
         with self.parent(a) as (afd, aname), self.parent(b) as (bfd, bname):
             for rel in (a, a, b, b):  # each name is moved out and moved in: two changes
-                self.changing(rel)
+                self._note(rel)
             if _renameat2(afd, os.fsencode(aname), bfd, os.fsencode(bname),
                           _RENAME_EXCHANGE) == 0:
                 return True
@@ -272,7 +301,7 @@ class Beneath:
         something is at ``dst``. Both folders through ``folders``."""
         sfd, sname = folders.parent(src)
         dfd, dname = folders.parent(dst)
-        self.changing(dst)  # one change lsyncd sees: the name made (``src`` is excluded)
+        self._note(dst)  # one change lsyncd sees: the name made (``src`` is excluded)
         if _renameat2 is not None:
             if _renameat2(sfd, os.fsencode(sname), dfd, os.fsencode(dname),
                           _RENAME_NOREPLACE) == 0:
@@ -291,12 +320,12 @@ class Beneath:
 
     def unlink(self, rel: str) -> None:
         with self.parent(rel) as (fd, name):
-            self.changing(rel)
+            self._note(rel)
             os.unlink(name, dir_fd=fd)
 
     def rmdir(self, rel: str) -> None:
         with self.parent(rel) as (fd, name):
-            self.changing(rel)
+            self._note(rel)
             os.rmdir(name, dir_fd=fd)
 
 
