@@ -125,9 +125,7 @@ class DataPlane:
         again = self._deferred.intersection(paths) if self._deferred else set()
         if again:
             self._deferred -= again
-            with self.index.batch():
-                effects = [fx for path in sorted(again) for fx in self.replica.reaim(path)]
-            await self.apply(effects)
+            await self.apply(await self._reaim(sorted(again)))
 
     async def startup(self) -> int:
         """Keep what the pushes the last stop cut short had staged, then reconcile the
@@ -149,10 +147,9 @@ class DataPlane:
         for paths in found.to_scan():  # a run at a time (issue 16: a million at once)
             await self.scan(paths, prehash=False)
         await self.scan(deepest_first(found.gone), prehash=False)
-        pending = [v.path for v in self.index.targets()]
-        with self.index.batch():
-            effects = [fx for path in pending for fx in self.replica.reaim(path)]
-        await self.apply(effects)
+        # Every pending target, in transactions of APPLY_CHUNK (a node killed in a join
+        # has a target for each path it had not received yet).
+        await self.apply(await self._reaim(v.path for v in self.index.targets()))
         return found.on_disk
 
     def _observe(self, paths: list[str],
@@ -367,7 +364,8 @@ class DataPlane:
             await self.forward(passed)
 
     async def _reaim(self, paths: Iterable[str]) -> list[Effect]:
-        """What each of ``paths`` converges to, asked again, a transaction per chunk."""
+        """What each of ``paths`` converges to, asked again, a transaction per chunk (the
+        states read in bulk), the loop served between two."""
         effects: list[Effect] = []
         for part in chunked(list(paths), APPLY_CHUNK):
             with self.index.batch():
