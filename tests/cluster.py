@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh import pki
+from mesh.adapters.lsyncd.supervisor import end_stale
 
 BROKER_PORT = 8883
 TUNNEL_PORT = 8873
@@ -388,13 +389,5 @@ def walk(root: Path) -> Iterator[str]:
 
 
 def end_lsyncd(node: Node) -> None:
-    """The lsyncd a node's agent left running when it was killed (its pid file is
-    removed when its agent stops it)."""
-    try:
-        pid = int((node.state / "lsyncd.pid").read_text().split()[0])
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError, IndexError):
-        return
-    if os.fsencode(node.state / "lsyncd.conf.lua") in argv.split(b"\0"):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+    """The lsyncd a node's agent left running when it was killed."""
+    end_stale(node.state / "lsyncd.conf.lua")

@@ -59,6 +59,7 @@ LSYNCD = "/usr/bin/lsyncd"
 # lsyncd/lsyncd.conf.lua.tmpl and lsyncd/gate.pl, linked beside this module (the image
 # copies them here: compose/Dockerfile).
 TEMPLATE = Path(__file__).with_name("lsyncd.conf.lua.tmpl")
+PID_FILE = "lsyncd.pid"  # beside the config: the running lsyncd's pid
 GATE = Path(__file__).with_name("gate.pl")
 
 
@@ -151,7 +152,7 @@ class LsyncdSupervisor:
         self.status_path = config_path.with_name("lsyncd.status")
         # The running lsyncd's pid: an agent killed outright leaves its lsyncd running
         # (its own process group); the next agent of this state dir ends it first.
-        self.pid_path = config_path.with_name("lsyncd.pid")
+        self.pid_path = config_path.with_name(PID_FILE)
         self._peers = sorted(set(peers))
         self._changed = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -218,24 +219,11 @@ class LsyncdSupervisor:
 
     def _end_stale(self) -> None:
         """End an lsyncd that an agent of this state dir started and never stopped (it
-        was killed): it would go on calling the gate beside ours. Only a process whose
-        command line names our config: the pid may have been given to another since.
-        SIGKILL ends it at once; the wait for it to go is bounded."""
-        try:
-            pid = int(self.pid_path.read_text().split()[0])
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            return
-        if os.fsencode(self.config_path) in argv:
+        was killed): it would go on calling the gate beside ours."""
+        pid = end_stale(self.config_path)
+        if pid is not None:
             LOG.warning("lsyncd %d, started by an agent that stopped without ending it, "
                         "was still running: ending it", pid)
-            _signal_group(pid, signal.SIGKILL)
-            for _ in range(200):  # 2 s at most
-                if _gone(pid):
-                    break
-                time.sleep(0.01)
-        with contextlib.suppress(OSError):
-            self.pid_path.unlink()
 
     async def _settled(self) -> None:
         """Return once the peers have not changed for ``settle`` seconds, or after
@@ -332,6 +320,31 @@ class LsyncdSupervisor:
         except asyncio.CancelledError:
             await task
             raise
+
+
+def end_stale(config_path: Path) -> int | None:
+    """End the lsyncd named by the pid file beside ``config_path`` if it still runs on
+    that config (a supervisor killed with its agent never stopped it): its pid, or None.
+    Only a process whose command line names the config: the pid may have been given to
+    another since. SIGKILL ends it at once; the wait for it to go is bounded (2 s). The
+    pid file is removed."""
+    pid_path = config_path.with_name(PID_FILE)
+    try:
+        pid = int(pid_path.read_text().split()[0])
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return None
+    ended = None
+    if os.fsencode(config_path) in argv:
+        _signal_group(pid, signal.SIGKILL)
+        for _ in range(200):
+            if _gone(pid):
+                break
+            time.sleep(0.01)
+        ended = pid
+    with contextlib.suppress(OSError):
+        pid_path.unlink()
+    return ended
 
 
 def _gone(pid: int) -> bool:
