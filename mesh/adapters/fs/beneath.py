@@ -118,9 +118,9 @@ class Beneath:
         folder = rel
         while folder:
             folder = folder.rpartition("/")[0]
-            made_at, told = self._made.get(folder, (-FRESH_S, set()))
-            if now - made_at < FRESH_S and rel not in told:
-                told.add(rel)
+            entry = self._made.get(folder)  # (no set made for each folder not in it)
+            if entry is not None and now - entry[0] < FRESH_S and rel not in entry[1]:
+                entry[1].add(rel)
                 self.changing(rel)
         self.changing(rel)
         if made:
