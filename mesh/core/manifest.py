@@ -30,7 +30,7 @@ import enum
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -259,6 +259,27 @@ def entry_from_wire(raw: Any) -> Entry:
         raise RemoteProtocolError(str(err)) from None
 
 
+def entry_from_row(raw: Any) -> Entry:
+    """An entry the index stored: written by ``entry_to_wire`` from an entry that passed
+    every check of ``entry_from_wire`` and ``Entry``, so unpacked without them again
+    (3 us against 9 us; a join decodes each path's row four or five times). Its vector,
+    looked up as stored (``to_dict`` keeps its items sorted), is checked when it is not
+    among the vectors already checked."""
+    path, vector, digest, size, mtime_ns, mode, kind, hlc, writer = raw
+    checked = _VECTORS.get(tuple(vector.items()))
+    entry = _new_entry(Entry)
+    _set_path(entry, path)
+    _set_vector(entry, vector_from_wire(vector) if checked is None else checked)
+    _set_hash(entry, digest)
+    _set_size(entry, size)
+    _set_mtime(entry, mtime_ns)
+    _set_mode(entry, mode)
+    _set_kind(entry, _KINDS[kind])
+    _set_hlc(entry, hlc)
+    _set_writer(entry, writer)
+    return entry
+
+
 def vector_from_wire(raw: Any) -> VersionVector:
     if not isinstance(raw, dict) or not raw or len(raw) > MAX_VECTOR_NODES:
         raise RemoteProtocolError("vector is not a non-empty map of bounded size")
@@ -353,3 +374,7 @@ def _list(value: Any, what: str, limit: int) -> Sequence[Any]:
 
 
 _KINDS = {int(k): k for k in Kind}
+# entry_from_row fills an Entry's slots as __init__ would, without its checks.
+_new_entry = object.__new__
+(_set_path, _set_vector, _set_hash, _set_size, _set_mtime, _set_mode, _set_kind, _set_hlc,
+ _set_writer) = (getattr(Entry, f.name).__set__ for f in fields(Entry))

@@ -9,6 +9,7 @@ import msgpack
 from mesh.core.effects import PathState
 from mesh.core.manifest import (
     Entry,
+    entry_from_row,
     entry_from_wire,
     entry_to_wire,
     vector_from_wire,
@@ -31,6 +32,12 @@ def pack_heads(v: Version) -> bytearray:
 
 
 def unpack_heads(blob: bytes) -> Version:
+    """A version the index stored (``entry_from_row``: not checked again)."""
+    return Version(tuple([entry_from_row(raw) for raw in msgpack.unpackb(blob)]))
+
+
+def checked_heads(blob: bytes) -> Version:
+    """A version from a row that may predate a check (``mesh.store.purge``)."""
     return Version(tuple(entry_from_wire(raw) for raw in msgpack.unpackb(blob)))
 
 
@@ -38,7 +45,7 @@ NOTHING = PathState()  # a path neither held nor wanted: most of what a peer ann
 
 
 def heads_of(blob: bytes) -> tuple[Entry, ...]:
-    return unpack_heads(blob).heads
+    return checked_heads(blob).heads
 
 
 def pair_of(winner: bytes, loser: bytes) -> tuple[Entry, Entry]:

@@ -116,6 +116,24 @@ def test_the_index_reads_its_own_rows_without_the_reserved_check() -> None:
         manifest.entry_from_peer(raw)
 
 
+@given(entries())
+def test_a_stored_entry_reads_back_as_it_was_checked(entry: Entry) -> None:
+    # The index's rows skip the checks (entry_from_row): what they give back must be
+    # the entry that passed them, with the same vector object the checked path caches.
+    raw = msgpack.unpackb(msgpack.packb(manifest.entry_to_wire(entry), use_bin_type=True))
+    row = manifest.entry_from_row(raw)
+    assert row == entry == manifest.entry_from_wire(raw)
+    assert repr(row) == repr(entry) and hash(row) == hash(entry)
+    assert row.vector is manifest.entry_from_wire(raw).vector
+
+
+def test_a_stored_vector_not_seen_yet_is_checked() -> None:
+    raw = list(msgpack.unpackb(_valid())["n"][0])
+    raw[1] = {"n1": 0}  # never passed a check, so never cached
+    with pytest.raises(RemoteProtocolError, match="bad counter"):
+        manifest.entry_from_row(raw)
+
+
 def test_the_envelope_of_a_refused_manifest() -> None:
     raw = list(msgpack.unpackb(_valid())["n"][0])
     raw[0] = ".mesh-keep"
