@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mesh.core.manifest import Entry
@@ -81,12 +81,13 @@ class Plan:
     total: int  # bytes of all objects before the plan
 
 
-def needed(targets: Iterable[Version], unwritten: Iterable[Entry]) -> set[bytes]:
+def needed(targets: Iterable[Version], unwritten: Iterable[Entry],
+           among: Collection[bytes] | None = None) -> set[bytes]:
     """The hashes rule 1 keeps: every head of a pending target, every loser whose copy
-    is not written yet."""
+    is not written yet; only those ``among`` when given (what a round could remove)."""
     out = {h.hash for v in targets for h in v.heads if h.hash}
     out.update(e.hash for e in unwritten if e.hash)
-    return out
+    return out if among is None else out.intersection(among)
 
 
 def _newer(seen: VersionVector | None, kept: VersionVector) -> bool:

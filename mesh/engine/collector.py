@@ -158,11 +158,15 @@ class Collector:
         if self.index.count_targets() > MAX_TARGETS:
             self._measure(sizes, None)
             return Plan((), (), 0, 0, sum(sizes.values()))
-        need = retention.needed(self.index.targets(), self.index.unwritten_losers())
         keep_for_ms = round(self.limits.keep_for_s * 1000)
         over = cap is not None and sum(sizes.values()) > cap
         rows = {r.id: r for r in self.kept.oldest(self.batch, None if over
                                                   else now_ms - keep_for_ms)}
+        # Rule 1 is asked only about what this round could remove: nothing, most rounds
+        # of a join, which then need not read the targets (50,000 rows, 1 s a round).
+        among = {*objects, *(r.entry.hash for r in rows.values() if r.entry.hash)}
+        need = retention.needed(self.index.targets_naming(among), self.index.unwritten_losers(),
+                                among) if among else set()
         candidates = [self._judge(r, known) for r in rows.values()]
         rows_of = self.kept.rows_of(h for h in objects)
         candidates += [Candidate(None, h, size, ctime, True)

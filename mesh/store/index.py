@@ -25,7 +25,7 @@ import contextlib
 import logging
 import sqlite3
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from mesh.store.rows import (
 )
 
 LOG = logging.getLogger(__name__)
+NAMING_AT_MOST = 64  # hashes looked for in each target's row as bytes; more: rows decoded
 
 
 
@@ -244,6 +245,15 @@ class Index(ConflictLog):
         self._flush()
         for (blob,) in self.db.execute("SELECT heads FROM targets ORDER BY path"):
             yield unpack_heads(blob)
+
+    def targets_naming(self, hashes: Collection[bytes]) -> Iterator[Version]:
+        """The pending targets a head of which may hold one of ``hashes``: the rows that
+        contain one as bytes (a superset), decoded; every target when they are many."""
+        self._flush()
+        few = len(hashes) <= NAMING_AT_MOST
+        for (blob,) in self.db.execute("SELECT heads FROM targets ORDER BY path"):
+            if not few or any(h in blob for h in hashes):
+                yield unpack_heads(blob)
 
     def target_paths(self) -> list[str]:
         """The paths whose content this node waits for (no row decoded)."""

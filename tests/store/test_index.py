@@ -100,6 +100,20 @@ def test_bulk_upsert(tmp_path: Path) -> None:
     assert next(iter(idx.versions())) == versions[0]
 
 
+def test_the_targets_naming_a_hash_are_every_one_a_head_of_which_holds_it(
+        tmp_path: Path) -> None:
+    idx = Index(tmp_path / "s.db")
+    two = Version.of(e({"n1": 1}, "n1", 1, path="a"), e({"n2": 1}, "n2", 2, path="a"))
+    idx.set_state("a", PathState(None, two))  # 2 is the loser's content: a head, not the winner
+    idx.set_state("b", PathState(None, Version.of(e({"n1": 1}, "n1", 3, path="b"))))
+    idx.set_state("c", PathState(Version.of(e({"n1": 1}, "n1", 2, path="c")), None))
+    assert list(idx.targets_naming([bytes([2]) * 32])) == [two]
+    assert list(idx.targets_naming([bytes([3]) * 32, bytes([9]) * 32]))[0].path == "b"
+    assert list(idx.targets_naming([])) == []
+    many = [bytes([n]) * 32 for n in range(100, 200)]  # too many to look for: every target
+    assert [v.path for v in idx.targets_naming(many)] == ["a", "b"]
+
+
 def test_writes_held_back_in_a_batch_are_seen_by_every_query(tmp_path: Path) -> None:
     idx = Index(tmp_path / "s.db")
     old = Version.of(e({"n1": 1}, "n1", 1, path="d/a"))
