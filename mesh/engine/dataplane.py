@@ -32,6 +32,7 @@ from mesh.core.resolver import Version
 from mesh.core.retention import Reason
 from mesh.engine.keep import KeepArea, chunked, drop_tree, remove_empty_dirs
 from mesh.engine.materialize import Materializer, Superseded
+from mesh.engine.placed import PlacedFiles
 from mesh.engine.scanmarks import ScanMarks
 from mesh.engine.staged import Staging
 from mesh.errors import MeshError
@@ -70,7 +71,9 @@ class DataPlane:
         self.fs = keep.fs  # file operations beneath the root, no symlink followed
         self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
         self.writer = Materializer(index=index, keep=keep, kept=self.kept, scanner=scanner)
-        self.staging = Staging(index=index, replica=replica, keep=keep, scanner=scanner)
+        self.placed = PlacedFiles(self.fs)  # what the agent placed, as it placed it
+        self.staging = Staging(index=index, replica=replica, keep=keep, scanner=scanner,
+                               placed=self.placed)
         self.wants = 0
         # Hashes of kept content that a kept row records (or may, once this apply
         # files it away): read once per ``apply``, not per restore.
@@ -94,6 +97,12 @@ class DataPlane:
         paths = asked
         if events_read is not None:
             paths = [p for p in paths if self.marks.since(p) < events_read]
+            as_placed = self.placed.unchanged(paths)  # their renames' events: no more
+            if as_placed:
+                for path in as_placed:
+                    self.marks.mark(path, now)
+                paths = [p for p in paths if p not in as_placed]
+                asked = [p for p in asked if p not in as_placed]
         kept = set(paths) if len(paths) < len(asked) else None
         skipped = [] if kept is None else [p for p in asked if p not in kept]
         if skipped:  # each is in a scan under way (or over), which this one waits for

@@ -28,6 +28,7 @@ from mesh.core.paths import parent
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.engine.keep import KeepArea, chunked, files_under
+from mesh.engine.placed import PlacedFiles
 from mesh.errors import MeshError
 from mesh.store.index import Index
 
@@ -57,12 +58,13 @@ class Sorted:
 
 class Staging:
     def __init__(self, *, index: Index, replica: Replica, keep: KeepArea,
-                 scanner: Scanner) -> None:
+                 scanner: Scanner, placed: PlacedFiles) -> None:
         self.index = index
         self.replica = replica
         self.keep = keep
         self.fs: Beneath = keep.fs
         self.scanner = scanner  # of the data folder: its stat cache learns adopted files
+        self.placed = placed  # and the watcher's scan of each looks no further than a stat
 
     async def sort(self, folder: Path, rel_of: Callable[[str], str],
                    wanted: Callable[[str, Observed], bool], *, prefetch: bool = False,
@@ -116,33 +118,36 @@ class Staging:
                         left.append(f)  # changed since it was sorted
                         continue
                     try:
-                        self._set_mtime(f, folders)
+                        staged = self._set_mtime(f, folders)
                         if not self.fs.move_new(f.staged, f.rel, folders):
                             left.append(f)  # something came there: a restore scans it
                             continue
                         fd, name = folders.parent(f.rel)
-                        placed.append((f.rel, os.stat(name, dir_fd=fd,
-                                                      follow_symlinks=False), f.found.hash))
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     except (OSError, MeshError) as err:
                         LOG.debug("adopt %s: %s; restoring it instead", f.rel, err)
                         left.append(f)
                         continue
                     # On disk from now on: a change made right after is an edit on top.
                     effects += self.replica.restored(f.rel, f.version)
+                    if st.st_ino == staged.st_ino:  # not a file put there since the rename
+                        placed.append((f.rel, st, f.found.hash))
                 self.scanner.remember(placed)
+            self.placed.recorded((rel, st) for rel, st, _ in placed)  # committed
             await asyncio.sleep(0)
         return effects, left
 
-    def _set_mtime(self, f: Adoptable, folders: OpenFolders) -> None:
+    def _set_mtime(self, f: Adoptable, folders: OpenFolders) -> os.stat_result:
         """The version's mtime on the staged file, if rsync left another (its mode is
-        the version's: it is part of the content)."""
+        the version's: it is part of the content); the staged file's ``lstat`` then."""
+        fd, name = folders.parent(f.staged)
         mtime_ns = f.version.winner.mtime_ns
         if mtime_ns <= 0 or mtime_ns == f.found.mtime_ns:
-            return
-        fd, name = folders.parent(f.staged)
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
         out = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
         try:
             os.utime(out, ns=(mtime_ns, mtime_ns))
+            return os.fstat(out)
         finally:
             os.close(out)
 

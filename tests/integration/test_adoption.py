@@ -172,3 +172,43 @@ async def test_an_empty_file_and_a_file_rsync_gave_another_mtime(tmp_path: Path)
     assert (r.root / "empty").read_bytes() == b""
     assert (r.root / "later").stat().st_mtime_ns == OLD_NS + 5
     assert r.index.state("later") == PathState(Version.of(other), None)
+
+
+async def test_the_watcher_s_scan_of_an_adopted_file_is_one_stat_and_a_later_write_shows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The renames' events: the watcher's scan of each adopted file reads no row. A user
+    write after that (same size, so only the mtime tells) is scanned and recorded, and
+    so is a file a user moves over an adopted one (another inode, the same mtime)."""
+    r = Receiver(tmp_path / "data")
+    files = {f"d/f{i}": f"file {i}\n".encode() for i in range(4)}
+    entries = [folder("d"), *(new_file(rel, data) for rel, data in files.items())]
+    ticket = await r.begin("n1-1-1", *entries)
+    for rel, data in files.items():
+        r.stage("n1-1-1", rel, data)
+    await r.sink.end(ticket, 0)
+    assert len(r.plane.placed) == 4
+    read: list[list[str]] = []
+    real_prefetch = r.index.prefetch
+
+    def prefetch(paths: list[str]) -> None:
+        if paths:
+            read.append(list(paths))
+        real_prefetch(paths)
+
+    monkeypatch.setattr(r.index, "prefetch", prefetch)
+    await r.plane.scan(sorted(files), events_read=time.monotonic())
+    assert read == [] and len(r.plane.placed) == 0
+    assert all(r.plane.marks.since(rel) > 0 for rel in files)
+    # Placed again (as a push's end would) and then changed by our user:
+    r.plane.placed.recorded([(rel, (r.root / rel).lstat()) for rel in files])
+    (r.root / "d/f0").write_bytes(b"FILE 0\n")
+    other = tmp_path / "other"
+    other.write_bytes(b"file 1\n")  # f1's content and mtime, another inode
+    os.utime(other, ns=(OLD_NS, OLD_NS))
+    other.replace(r.root / "d/f1")
+    await r.plane.scan(["d/f0", "d/f1", "d/f2"], events_read=time.monotonic())
+    assert read == [["d/f0", "d/f1"]]
+    assert r.writes_of_mine("d/f0") != []
+    disk = r.index.state("d/f0").disk
+    assert disk is not None and disk.content is not None
+    assert disk.content[1] == hashlib.sha256(b"FILE 0\n").digest()
