@@ -20,8 +20,10 @@ Decoding is strict (DESIGN.md, wire protocol): anything malformed raises
 ``RemoteProtocolError`` naming the reason, never another exception and never
 a partial result. What a peer sends may not name a path the agent keeps for
 itself (``mesh.core.paths.reserved``: the keep area, the state dir, temp names;
-issue 13); the index, which decodes its own rows with ``entry_from_wire``,
-is not held to that.
+issue 13); the index is not held to that. The index's own rows, written from
+entries that passed every check, are read back with ``entry_from_row``, which
+does not check them again (only a vector not seen yet); ``mesh.store.purge``,
+which judges rows a newer release may refuse, reads them with ``entry_from_wire``.
 """
 
 from __future__ import annotations

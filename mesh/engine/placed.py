@@ -27,7 +27,7 @@ from mesh.adapters.fs.beneath import Beneath, OpenFolders
 from mesh.engine.keep import chunked
 from mesh.errors import MeshError
 
-LIMIT = 65_536  # identities remembered: about 150 bytes each
+LIMIT = 16_384  # identities remembered (about 250 bytes each): eight pushes behind
 CHUNK = 256  # paths looked at with one set of open folders
 RACY_NS = 1_000_000_000  # as the scanner's stat cache: a later write moves the mtime past it
 
