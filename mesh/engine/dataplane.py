@@ -101,6 +101,7 @@ class DataPlane:
             if as_placed:
                 for path in as_placed:
                     self.marks.mark(path, now)
+                self.marks.forget()  # no _observe may run to (a join's marks held every path)
                 paths = [p for p in paths if p not in as_placed]
                 asked = [p for p in asked if p not in as_placed]
         kept = set(paths) if len(paths) < len(asked) else None
