@@ -8,9 +8,14 @@ import time
 from pathlib import Path
 
 from mesh.adapters.fs.beneath import Beneath
-from mesh.engine.placed import PlacedFiles
+from mesh.adapters.fs.scanner import Scanner
+from mesh.engine.placed import LIMIT, PlacedFiles
 
 OLD_NS = (int(time.time()) - 3600) * 1_000_000_000
+
+
+def placed_files(root: Path, limit: int = LIMIT) -> PlacedFiles:
+    return PlacedFiles(Beneath(root), racy_ns=Scanner(root).racy_ns, limit=limit)
 
 
 def placed(root: Path, rel: str, data: bytes = b"placed\n") -> os.stat_result:
@@ -22,7 +27,7 @@ def placed(root: Path, rel: str, data: bytes = b"placed\n") -> os.stat_result:
 
 
 def test_the_very_file_as_placed_is_unchanged_and_looked_at_once(tmp_path: Path) -> None:
-    files = PlacedFiles(Beneath(tmp_path))
+    files = placed_files(tmp_path)
     files.recorded([(f"d/f{i}", placed(tmp_path, f"d/f{i}")) for i in range(3)])
     assert files.unchanged(["d/f0", "d/f2", "elsewhere"]) == {"d/f0", "d/f2"}
     assert files.unchanged(["d/f0"]) == set()  # forgotten once looked at
@@ -30,7 +35,7 @@ def test_the_very_file_as_placed_is_unchanged_and_looked_at_once(tmp_path: Path)
 
 
 def test_every_change_a_user_can_make_shows(tmp_path: Path) -> None:
-    files = PlacedFiles(Beneath(tmp_path))
+    files = placed_files(tmp_path)
     # (What changes the ctime alone, a touch back to the same mtime or a link, changes
     # no content; timestamps are coarse, so a test of it would fail now and then.)
     names = ["same-size", "chmod", "replaced", "removed", "truncated"]
@@ -48,7 +53,7 @@ def test_every_change_a_user_can_make_shows(tmp_path: Path) -> None:
 
 
 def test_a_file_written_in_the_racy_window_is_not_remembered(tmp_path: Path) -> None:
-    files = PlacedFiles(Beneath(tmp_path))
+    files = placed_files(tmp_path)
     (tmp_path / "fresh").write_bytes(b"just written\n")
     files.recorded([("fresh", (tmp_path / "fresh").lstat())])
     assert len(files) == 0 and files.unchanged(["fresh"]) == set()
@@ -56,7 +61,7 @@ def test_a_file_written_in_the_racy_window_is_not_remembered(tmp_path: Path) -> 
 
 def test_a_symlinked_folder_on_the_way_is_not_looked_through(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    files = PlacedFiles(Beneath(root))
+    files = placed_files(root)
     files.recorded([("d/f", placed(root, "d/f"))])
     (root / "d").rename(tmp_path / "moved")  # the same inode, reached through a symlink
     (root / "d").symlink_to(tmp_path / "moved")
@@ -64,6 +69,6 @@ def test_a_symlinked_folder_on_the_way_is_not_looked_through(tmp_path: Path) -> 
 
 
 def test_at_most_limit_are_remembered_the_oldest_forgotten_first(tmp_path: Path) -> None:
-    files = PlacedFiles(Beneath(tmp_path), limit=2)
+    files = placed_files(tmp_path, limit=2)
     files.recorded([(n, placed(tmp_path, n)) for n in ("a", "b", "c")])
     assert files.unchanged(["a", "b", "c"]) == {"b", "c"}

@@ -71,7 +71,7 @@ class DataPlane:
         self.fs = keep.fs  # file operations beneath the root, no symlink followed
         self.kept = KeptLog(index)  # what is filed into the keep area, and why (issue 14)
         self.writer = Materializer(index=index, keep=keep, kept=self.kept, scanner=scanner)
-        self.placed = PlacedFiles(self.fs)  # what the agent placed, as it placed it
+        self.placed = PlacedFiles(self.fs, racy_ns=scanner.racy_ns)  # as the agent placed them
         self.staging = Staging(index=index, replica=replica, keep=keep, scanner=scanner,
                                placed=self.placed)
         self.wants = 0

@@ -10,11 +10,11 @@ was placed: inode, size, file type and permissions, mtime and ctime. A watcher's
 of that path looks once: when the path still holds that very file, unchanged, the
 record says what is there and the scan goes no further. Any change since makes a
 difference: a write sets the mtime to now, and this only remembers files whose mtime
-is older than the racy window (the version's, set before the rename); a write, chmod,
-truncate, link or rename sets the ctime; another file there has another inode. A
-mismatch, or a path this does not know, is scanned as always. Each identity is looked
-at once and then forgotten; at most ``limit`` are remembered, the oldest forgotten
-first, and a forgotten one only costs the full scan.
+(the version's, set before the rename) is older than the scanner's racy window; a
+write, chmod, truncate, link or rename sets the ctime; another file there has another
+inode. A mismatch, or a path this does not know, is scanned as always. Each identity
+is looked at once and then forgotten; at most ``limit`` are remembered, the oldest
+forgotten first, and a forgotten one only costs the full scan.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from mesh.errors import MeshError
 
 LIMIT = 16_384  # identities remembered (about 250 bytes each): eight pushes behind
 CHUNK = 256  # paths looked at with one set of open folders
-RACY_NS = 1_000_000_000  # as the scanner's stat cache: a later write moves the mtime past it
 
 Identity = tuple[int, int, int, int, int]
 
@@ -39,8 +38,11 @@ def identity(st: os.stat_result) -> Identity:
 
 
 class PlacedFiles:
-    def __init__(self, fs: Beneath, *, limit: int = LIMIT) -> None:
+    def __init__(self, fs: Beneath, *, racy_ns: int, limit: int = LIMIT) -> None:
+        """``racy_ns``: the scanner's racy window (``Scanner.racy_ns``), which its stat
+        cache keeps to as well: a later write moves the mtime past it."""
         self.fs = fs
+        self.racy_ns = racy_ns
         self.limit = limit
         self._placed: dict[str, Identity] = {}
 
@@ -52,11 +54,9 @@ class PlacedFiles:
         record (the very content it placed) is committed. Call it after the commit."""
         now = time.time_ns()
         for rel, st in files:
-            if now - st.st_mtime_ns <= RACY_NS:
-                self._placed.pop(rel, None)  # a write in the same tick would not show
-                continue
             self._placed.pop(rel, None)  # (re-inserted last: the newest)
-            self._placed[rel] = identity(st)
+            if now - st.st_mtime_ns > self.racy_ns:  # else a write in its tick would not show
+                self._placed[rel] = identity(st)
         while len(self._placed) > self.limit:
             del self._placed[next(iter(self._placed))]
 
