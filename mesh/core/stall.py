@@ -10,7 +10,11 @@ metrics) and no longer counted against health.
 * ``ContentWaits``: a path waited for is stalled once it has waited ``bound``
   seconds and no peer that announced holding it (its *holders*) has delivered a
   push to us in the last ``bound`` seconds. A large catch-up that keeps
-  delivering is not stalled, however long it takes.
+  delivering is not stalled, however long it takes. The holders of at most
+  ``lookups`` paths are looked up per call, oldest wait first; a path due and not
+  looked up yet still counts against health. (A join waits for a million paths at
+  once, and they all fall due together: finding every holder in one status tick
+  held the agent's loop for seconds, and its links dropped.)
 * ``QueueWatch``: the queue to a peer is stalled once it has not been empty, nor
   shrunk, for ``bound`` seconds.
 * (in ``Node.stalled``) a catch-up with a peer that has run for ``bound`` seconds: a
@@ -25,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 NO_HOLDER = ""  # a waited path no peer announced holding (it went away, say)
+LOOKUPS = 2048  # paths whose holders are looked up per call, at most
 
 
 @dataclass(slots=True)
@@ -36,6 +41,7 @@ class _Wait:
 @dataclass
 class ContentWaits:
     bound: float
+    lookups: int = LOOKUPS
     _waits: dict[str, _Wait] = field(default_factory=dict)
     _delivered: dict[str, float] = field(default_factory=dict)  # peer -> last push's end
 
@@ -58,12 +64,16 @@ class ContentWaits:
                 ) -> tuple[dict[str, int], int]:
         """Stalled paths per holder (``NO_HOLDER`` for none), and how many paths that is
         (a path with two holders counts for each, once in the total). ``holders(path)``
-        is asked once per path, when it has waited ``bound``."""
-        due = []
+        is asked once per path, when it has waited ``bound``, and of at most ``lookups``
+        paths per call."""
+        due, left = [], self.lookups
         for path, wait in self._waits.items():
             if now - wait.since < self.bound:
                 continue
             if wait.holders is None:
+                if not left:
+                    continue
+                left -= 1
                 wait.holders = tuple(sorted(holders(path))) or (NO_HOLDER,)
             due.append((wait.holders, 1))
         return count_stalled(due, self._delivered, now, self.bound)

@@ -67,7 +67,6 @@ from mesh.store.waits import ContentWaitTable
 LOG = logging.getLogger("mesh.engine.node")
 SHUTDOWN_S = 5.0
 STATUS_INTERVAL = 1.0
-WAITS_EVERY = 5  # status intervals between two looks at every path waited for
 
 
 class Node:
@@ -294,11 +293,8 @@ class Node:
 
     async def _write_status(self) -> None:
         path = self.config.status_file
-        ticks = 0
         while True:
-            if ticks % WAITS_EVERY == 0:
-                self.waits.update(time.monotonic())
-            ticks += 1
+            self.waits.update(time.monotonic())
             self.stalls.queues.update(time.monotonic(), {p: self.pushes.pending(p)
                                                          for p in self.pushes.peers()})
             logs.flush_repeats()

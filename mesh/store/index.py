@@ -80,6 +80,9 @@ class Index(ConflictLog):
         self._dirty: dict[str, PathState] = {}
         self._peers: dict[tuple[str, str], VersionVector | None] = {}
         self._peers_dirty: dict[tuple[str, str], VersionVector] = {}
+        # Targets written so far (a rolled-back batch's too): whether any need a look
+        # (mesh.store.waits)
+        self.targets_written = 0
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -155,6 +158,7 @@ class Index(ConflictLog):
             db.executemany("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)", put_disk)
             db.executemany("DELETE FROM targets WHERE path = ?", drop_target)
             db.executemany("INSERT OR REPLACE INTO targets VALUES (?, ?)", put_target)
+            self.targets_written += len(put_target)
         if self._peers_dirty:
             vectors, self._peers_dirty = self._peers_dirty, {}
             self.db.executemany("INSERT OR REPLACE INTO peer_vectors VALUES (?, ?, ?)",

@@ -17,12 +17,16 @@ class Waits(Protocol):
                 ) -> tuple[dict[str, int], int]: ...
 
 
+LOOKUPS = 3000  # per call, in the scenario below
+
+
 def test_content_a_peer_announced_and_never_delivers_stalls_after_the_bound() -> None:
-    never_delivered_stalls_after_the_bound(ContentWaits(BOUND))
+    never_delivered_stalls_after_the_bound(ContentWaits(BOUND, lookups=LOOKUPS))
 
 
 def never_delivered_stalls_after_the_bound(waits: Waits) -> None:
-    """Also run against the agent's table (tests/store/test_waits.py)."""
+    """Also run against the agent's table (tests/store/test_waits.py), made with
+    ``LOOKUPS`` holders looked up per call."""
     forged = [f"f{i}" for i in range(8192)]
     waits.update(0.0, forged)
     asked: list[str] = []
@@ -32,11 +36,24 @@ def never_delivered_stalls_after_the_bound(waits: Waits) -> None:
         return ["n9"]
 
     assert waits.stalled(BOUND - 1, holders) == ({}, 0)
-    assert waits.stalled(BOUND, holders) == ({"n9": 8192}, 8192)
+    assert asked == []
+    # LOOKUPS per call: the paths not looked up yet still count against health
+    assert waits.stalled(BOUND, holders) == ({"n9": 3000}, 3000)
+    assert waits.stalled(BOUND, holders) == ({"n9": 6000}, 6000)
+    assert waits.stalled(BOUND + 1, holders) == ({"n9": 8192}, 8192)
     assert waits.stalled(BOUND + 5, holders) == ({"n9": 8192}, 8192)
-    assert len(asked) == 8192  # once per path
+    assert sorted(asked) == sorted(forged)  # once per path
     waits.update(BOUND + 6, forged[:10])  # the rest arrived (or went)
     assert waits.stalled(BOUND + 7, holders) == ({"n9": 10}, 10)
+
+
+def test_the_oldest_waits_are_looked_up_first() -> None:
+    waits = ContentWaits(BOUND, lookups=2)
+    waits.update(0.0, ["old"])
+    waits.update(10.0, ["old", "new1", "new2"])
+    asked: list[str] = []
+    waits.stalled(BOUND + 20, lambda p: asked.append(p) or [])
+    assert asked[0] == "old" and len(asked) == 2
 
 
 def test_a_long_catch_up_that_keeps_delivering_is_not_stalled() -> None:
