@@ -10,10 +10,11 @@ tree in memory (``behind`` pages by path, ``limit`` rows at a time).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from mesh.core.digest import Digest, bucket_of
+from mesh.core.digest import Digest
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
 from mesh.store.db import IN_CHUNK, connect_read_only, in_chunks
@@ -57,17 +58,20 @@ def behind(index: Index, peer: str, after: str, limit: int) -> tuple[list[str], 
 def versions_in_buckets(index: Index, wanted: set[int], page: int = IN_CHUNK
                         ) -> Iterator[Version]:
     """Our disk versions of the paths in the digest buckets ``wanted``, by path, a page
-    of ``page`` rows per query, decoded only when wanted: what a peer's catch-up fetches
-    (all 4,096 buckets for an empty node). No cursor stays open between pages: the
-    caller may publish, and the index be written, between two."""
-    after = ""
+    of ``page`` rows per query, the rows picked by their bucket column (schema 4) in
+    SQLite: what a peer's catch-up fetches (all 4,096 buckets for an empty node). No
+    cursor stays open between pages: the caller may publish, and the index be written,
+    between two. (Each request hashed every path of the tree in Python: at a million
+    paths, 2 s of the sender's loop at a time.)"""
+    after, buckets = "", json.dumps(sorted(wanted))
     while True:
         index.flush()
-        rows = index.db.execute("SELECT path, heads FROM versions WHERE path > ? "
-                                "ORDER BY path LIMIT ?", (after, page)).fetchall()
-        for path, blob in rows:
-            if bucket_of(path) in wanted:
-                yield unpack_heads(blob)
+        rows = index.db.execute(
+            "SELECT path, heads FROM versions WHERE path > ? AND bucket IN "
+            "(SELECT value FROM json_each(?)) ORDER BY path LIMIT ?",
+            (after, buckets, page)).fetchall()
+        for _, blob in rows:
+            yield unpack_heads(blob)
         if len(rows) < page:
             return
         after = rows[-1][0]

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
+from mesh.core.digest import bucket_of
 from mesh.errors import StoreError
 
 LOG = logging.getLogger("mesh.store.index")
@@ -32,6 +33,8 @@ def connect(path: Path | str) -> sqlite3.Connection:
         # 16 MiB of page cache (SQLite's default is 2 MiB): a manifest's entries
         # land all over the tables' B-trees, and each page missed is a read.
         db.execute("PRAGMA cache_size=-16384")
+        # A disk version's digest bucket, for schema 4's migration of older rows
+        db.create_function("mesh_bucket", 1, bucket_of, deterministic=True)
         _migrate(db)
         if str(path) != ":memory:":
             db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES:d}")

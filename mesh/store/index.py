@@ -44,6 +44,7 @@ from mesh.store.conflicts import ConflictLog, ConflictRow
 from mesh.store.db import Checkpointer, connect, in_chunks
 from mesh.store.purge import purge_rows
 from mesh.store.rows import (
+    PUT_VERSION,
     pack,
     pack_heads,
     state_of,
@@ -155,7 +156,7 @@ class Index(ConflictLog):
                 self._stored[path] = st
             db = self.db
             db.executemany("DELETE FROM versions WHERE path = ?", drop_disk)
-            db.executemany("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)", put_disk)
+            db.executemany(PUT_VERSION, put_disk)
             db.executemany("DELETE FROM targets WHERE path = ?", drop_target)
             db.executemany("INSERT OR REPLACE INTO targets VALUES (?, ?)", put_target)
             self.targets_written += len(put_target)
@@ -236,7 +237,7 @@ class Index(ConflictLog):
             for row in rows:  # the cached states of these paths are stale now
                 self._states.pop(row[0], None)
                 self._stored.pop(row[0], None)
-            cur = self.db.executemany("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)",
+            cur = self.db.executemany(PUT_VERSION,
                                       rows)
         return cur.rowcount
 

@@ -11,7 +11,7 @@ from mesh.core import admit
 from mesh.core.manifest import Entry
 from mesh.core.vclock import VersionVector
 from mesh.errors import MeshError
-from mesh.store.rows import heads_of, pair_of, unpack_vector, version_row
+from mesh.store.rows import PUT_VERSION, heads_of, pair_of, unpack_vector, version_row
 
 
 def purge_rows(db: sqlite3.Connection, me: str, path_refused: Callable[[str], bool],
@@ -51,7 +51,7 @@ def purge_rows(db: sqlite3.Connection, me: str, path_refused: Callable[[str], bo
     stand_ins = [admit.stand_in(path, me, (unpack_vector(blob) for (blob,) in db.execute(
                      "SELECT vector FROM peer_vectors WHERE path = ?", (path,))))
                  for path in doomed["versions"] if not path_refused(path)]
-    db.executemany("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)",
+    db.executemany(PUT_VERSION,
                    [version_row(v) for v in stand_ins if v is not None])
     conflicts = [(cid,) for cid, path, winner, loser in
                  db.execute("SELECT id, path, winner, loser FROM conflicts")

@@ -6,6 +6,7 @@ from typing import Any
 
 import msgpack
 
+from mesh.core.digest import bucket_of
 from mesh.core.effects import PathState
 from mesh.core.manifest import (
     Entry,
@@ -63,8 +64,12 @@ def unpack_vector(blob: bytes) -> VersionVector:
     return vector_from_wire(msgpack.unpackb(blob))  # through its cache of vectors
 
 
+# A disk version's row: ``version_row``'s columns, in the table's order.
+PUT_VERSION = "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?)"
+
+
 def version_row(v: Version) -> tuple[Any, ...]:
     w = v.winner
     digest = None if w.hash is None else bytearray(w.hash)
     return (v.path, pack_heads(v), pack(v.vector.to_dict()), digest, w.size, w.mode,
-            int(w.kind))
+            int(w.kind), bucket_of(v.path))

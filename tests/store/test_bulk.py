@@ -104,6 +104,19 @@ def test_a_catch_up_fetches_its_buckets_in_pages_and_replies_in_chunks(
     assert [wire.decode(b) for b in nothing] == [wire.EntriesReply(8, (), True)]
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.sets(st.integers(0, 63)), st.integers(1, 5))
+def test_the_versions_of_any_buckets_are_those_and_only_those(wanted: set[int], page: int
+                                                               ) -> None:
+    """Any buckets, over pages of any size."""
+    index = Index(":memory:")
+    fill(index, [(({"n1": 1}, True), False, None) for _ in range(40)])
+    buckets = {v.path: bucket_of(v.path) % 64 for v in index.versions()}
+    index.db.execute("UPDATE versions SET bucket = bucket % 64")  # 40 paths in 64 buckets
+    got = [v.path for v in bulk.versions_in_buckets(index, wanted, page=page)]
+    assert got == sorted(p for p, b in buckets.items() if b in wanted)
+
+
 def test_conflicts_on_many_paths_in_one_query(tmp_path: Path) -> None:
     index = Index(tmp_path / "s.db")
     logged = []

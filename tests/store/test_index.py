@@ -12,11 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mesh.core.digest import bucket_of
 from mesh.core.effects import PathState
 from mesh.core.manifest import ContentKey, Entry, Kind
 from mesh.core.resolver import Conflict, Version, resolve
 from mesh.core.vclock import VersionVector
 from mesh.store.index import Index
+from mesh.store.rows import version_row
 from tests.core.sim import Cluster
 from tests.core.test_simulation import actions, check_invariants, run
 
@@ -38,6 +40,27 @@ def test_schema_is_strict_wal_and_numbered(tmp_path: Path) -> None:
         assert "STRICT" in sql
     idx.close()
     assert _user_version(Index(tmp_path / "state.db")) == LATEST  # reopening migrates nothing
+
+
+def test_schema_4_gives_the_rows_of_an_older_index_their_buckets(tmp_path: Path) -> None:
+    """An index made by a release before schema 4: its versions get the bucket a peer's
+    catch-up reads them by, and new rows are written with theirs."""
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    folder = Path(__file__).parents[2] / "mesh/store/schema"
+    for sql in sorted(folder.glob("000[123]_*.sql")):
+        old.executescript(sql.read_text())
+    old.execute("PRAGMA user_version = 3")
+    v = Version.of(e({"n1": 1}, "n1", 1, path="old/file"))
+    old.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?)", version_row(v)[:7])
+    old.close()
+    idx = Index(path)
+    assert _user_version(idx) == LATEST
+    assert idx.state("old/file") == PathState(v, None)
+    idx.upsert_versions([Version.of(e({"n1": 1}, "n1", 2, path="new/file"))])
+    assert dict(idx.db.execute("SELECT path, bucket FROM versions")) == {
+        "old/file": bucket_of("old/file"), "new/file": bucket_of("new/file")}
+    idx.close()
 
 
 def test_state_round_trip_with_several_heads(tmp_path: Path) -> None:
