@@ -376,6 +376,8 @@ def main() -> None:
     if args.profile:
         args.profile = args.profile.absolute()
         args.profile.mkdir(parents=True, exist_ok=True)
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops all as Ctrl-C does
     base = Path(tempfile.mkdtemp(prefix="mesh-scale-", dir=args.dir)).absolute()
     cluster, prof = Cluster(base, args.nodes), Profiler(args.profile)

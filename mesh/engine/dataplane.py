@@ -20,8 +20,8 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Container, Iterable
 from pathlib import Path
 
-from mesh.adapters.fs.reconcile import against_index
 from mesh.adapters.fs.scanner import ScanError, Scanner, Unsettled
+from mesh.adapters.fs.walker import against_index
 from mesh.clock import now_ms
 from mesh.core.effects import Effect, Observed, Restore, Want, WriteCopy
 from mesh.core.landing import Staged, StagedFile, staged, to_reaim

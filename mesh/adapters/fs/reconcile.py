@@ -1,9 +1,9 @@
 """The start-up reconcile's walk (issue 16): every path under the root, one ``lstat``
 each, compared in chunks with what the index knows (``mesh.core.reconcile``); what
 is unchanged is not scanned. Blocking throughout (a walk of the whole tree, reads of
-the state database): run it in a worker thread, with a reader of its own
-(``mesh.store.known.open_reader``), so that links, the broker and the control socket
-keep being served while it runs.
+the state database): ``mesh.adapters.fs.walker`` runs it off the event loop, with a
+reader of its own (``mesh.store.known.open_reader``), so that links, the broker and
+the control socket keep being served while it runs.
 
 A path is reached by its full name here, so a folder swapped for a symlink during the
 walk could be stat'ed through it; what the walk then compares is another file's
@@ -14,19 +14,16 @@ watcher reports of the swap.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.adapters.fs.beneath import PERMISSIONS
-from mesh.adapters.fs.scanner import PREHASH_BYTES, Scanner, tree
+from mesh.adapters.fs.scanner import PREHASH_BYTES, tree
 from mesh.core.manifest import Kind
 from mesh.core.reconcile import Known, Seen, unchanged
-from mesh.store.index import Index
-from mesh.store.known import KnownPaths, open_reader
 
 CHUNK = 2048  # paths per query of the index
 
@@ -105,24 +102,3 @@ def reconcile(root: Path, ignore: Callable[[str], bool], lookup: Lookup,
         close_run()
     out.gone = [] if found is None else [p for p in held() if p not in found]
     return out
-
-
-async def against_index(scanner: Scanner, index: Index) -> Reconciled:
-    """``reconcile`` the scanner's tree with ``index``: in a worker thread with a reader
-    of its own; an index in memory (tests) has one connection, read on this thread."""
-    root, ignore = scanner.root, scanner.ignore
-    hashed = scanner.cache is not None  # no stat cache: every file is scanned
-
-    def walk(known: KnownPaths) -> Reconciled:
-        def lookup(paths: list[str]) -> dict[str, Known]:
-            rows = known.known(paths)
-            return rows if hashed else {p: replace(k, cached=None) for p, k in rows.items()}
-        return reconcile(root, ignore, lookup, known.held)
-
-    if index.path is None:
-        return walk(KnownPaths(index.db))
-
-    def in_thread(db: Path) -> Reconciled:
-        with open_reader(db) as known:
-            return walk(known)
-    return await asyncio.to_thread(in_thread, index.path)

@@ -1,0 +1,79 @@
+"""The start-up walk in a process of its own (``mesh.adapters.fs.walker``, issue 16): the
+same answer as the walk in a thread; a failure is an error that says why; a walk the
+agent stops is killed, not left running."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from mesh.adapters.fs import walker
+from mesh.adapters.fs.scanner import Scanner
+from mesh.errors import StoreError
+from mesh.store.index import Index
+from mesh.store.known import open_reader
+from mesh.store.statcache import StatCache
+from tests.integration.conftest import until
+from tests.integration.test_startup_scan import Agent, tree
+
+
+async def test_the_process_finds_what_the_thread_finds(tmp_path: Path) -> None:
+    root, db = tmp_path / "data", tmp_path / "state.db"
+    root.mkdir()
+    tree(root, 60)
+    agent = Agent(root, db)
+    await agent.plane.startup()  # indexes the tree
+    (root / "d1" / "f1").write_bytes(b"changed while down")
+    (root / "d2" / "f2").unlink()
+    (root / "new").write_bytes(b"new")
+    (root / "big").write_bytes(b"x" * (1 << 20))
+    found = await walker.against_index(agent.scanner, agent.index)  # in a process
+    with open_reader(db) as known:
+        in_thread = walker.walk(root, known, hashed=True)
+    assert found == in_thread
+    assert (found.on_disk, found.changed, found.gone) == (61 + 7, 3, ["d2/f2"])
+    assert found.large == ["big"]
+    assert sorted(p for run in found.to_scan() for p in run) == ["big", "d1/f1", "new"]
+
+
+async def test_a_walk_that_fails_says_why(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"start-up walk of .*data failed \(exit 1\): "
+                                         r"open .*missing\.db to read: unable to open"):
+        await walker.walk_in_process(tmp_path / "data", tmp_path / "missing.db", True)
+
+
+async def test_a_walk_cancelled_is_killed(tmp_path: Path) -> None:
+    """Cancelled while the child runs (it takes a while to start, and 5,000 files to
+    walk; stopped here, so that it cannot end by itself): the child is gone when the
+    cancel returns."""
+    root, db = tmp_path / "data", tmp_path / "state.db"
+    root.mkdir()
+    tree(root, 5000)
+    Index(db).close()
+    scanner = Scanner(root, cache=StatCache(Index(db).db))
+    before = _walkers()
+    task = asyncio.create_task(walker.against_index(scanner, Index(db)))
+    await until(lambda: bool(_walkers() - before), "the walker to start", 30)
+    started = _walkers() - before
+    for pid in started:
+        os.kill(pid, signal.SIGSTOP)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not (_walkers() & started)
+
+
+def _walkers() -> set[int]:
+    """Pids of the walker processes running now."""
+    out = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"mesh.adapters.fs.walker" in cmdline.read_bytes():
+                out.add(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return out
