@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from mesh import logs
 from mesh.adapters.fs.scanner import Scanner
+from mesh.adapters.fs.walker import open_watcher
 from mesh.adapters.fs.watcher import Watcher
 from mesh.adapters.lsyncd.agentwrites import AgentWrites
 from mesh.adapters.lsyncd.gate import GateServer
@@ -262,8 +263,10 @@ class Node:
         await self.links.run(self.config.peers, own, self.config.dns_interval)
 
     async def _watch(self) -> None:
-        with Watcher(self.config.data_dir, quiet=self.config.batch_quiet,
-                     cap=self.config.batch_cap, max_paths=4096) as watcher:
+        watcher = Watcher(self.config.data_dir, quiet=self.config.batch_quiet,
+                          cap=self.config.batch_cap, max_paths=4096)
+        await open_watcher(watcher)
+        with watcher:
             self.watcher = watcher
             count = await self.data.startup()
             self.scanned = time.monotonic()

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from mesh.adapters.fs import scanner as scanner_mod
-from mesh.adapters.fs.scanner import RETRIES, Scanner, Unsettled, default_ignore
+from mesh.adapters.fs.scanner import (
+    RETRIES,
+    Scanner,
+    Unsettled,
+    default_ignore,
+    folders,
+    tree,
+)
 from mesh.core.manifest import Kind
 from mesh.store.index import Index
 from mesh.store.statcache import CachedStat, StatCache
@@ -173,6 +180,23 @@ def test_walk_sorted_per_directory_with_dirs_and_odd_names(
     s = Scanner(root)
     for rel in walked:  # every walked name can be observed as is
         assert s.observe(rel) is not None
+
+
+def test_the_folders_are_the_walk_s_folders_in_its_order(root: Path) -> None:
+    """``folders`` (what the watcher watches) lists no file's name, yet yields exactly
+    the folders ``tree`` yields, in its order: odd, ignored, symlinked and not UTF-8
+    names included."""
+    for name in [*NAMES, "b", "b/c", "b/c/d", "e", ".mesh-keep/x", ".mesh-state"]:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "file").write_bytes(b"")
+    (root / "b" / "c" / "sub.txt").mkdir()  # a folder named like a file
+    (root / "b" / "link").symlink_to(root / "e")
+    (root / os.fsdecode(b"bad\xff")).mkdir()
+    (root / "e" / ".z.Q1w2E3").mkdir()  # an rsync temp name
+    walked = [rel for rel, is_dir in tree(root, "", default_ignore) if is_dir]
+    assert "b/c/sub.txt" in walked and "b/link" not in walked
+    assert list(folders(root, "", default_ignore)) == walked
+    assert list(folders(root, "b", default_ignore)) == ["b/c", "b/c/d", "b/c/sub.txt"]
 
 
 def test_file_that_keeps_changing_is_unsettled(

@@ -13,12 +13,13 @@ import pytest
 
 from mesh.adapters.fs import walker
 from mesh.adapters.fs.scanner import Scanner
+from mesh.adapters.fs.watcher import Watcher
 from mesh.errors import StoreError
 from mesh.store.index import Index
 from mesh.store.known import open_reader
 from mesh.store.statcache import StatCache
 from tests.integration.conftest import until
-from tests.integration.test_startup_scan import Agent, tree
+from tests.integration.test_startup_scan import Agent, loop_turns_during, tree
 
 
 async def test_the_process_finds_what_the_thread_finds(tmp_path: Path) -> None:
@@ -77,3 +78,15 @@ def _walkers() -> set[int]:
         except OSError:
             continue
     return out
+
+
+async def test_the_watcher_lists_its_folders_off_the_loop(tmp_path: Path) -> None:
+    """``open_watcher``: every folder watched, and the loop served meanwhile."""
+    root = tmp_path / "data"
+    for i in range(300):
+        (root / f"d{i % 30}" / f"e{i}").mkdir(parents=True)
+        (root / f"d{i % 30}" / f"e{i}" / "file").write_bytes(b"x")
+    watcher = Watcher(root)
+    assert await loop_turns_during(walker.open_watcher(watcher)) > 0
+    with watcher:
+        assert watcher.watch_count == 1 + 30 + 300

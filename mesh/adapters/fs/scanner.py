@@ -86,19 +86,45 @@ def tree(root: Path, rel: str, ignore: Callable[[str], bool]) -> Iterator[tuple[
         log.warning("cannot list %r: %s", rel or ".", err)
         return
     for name, is_dir in entries:
-        if not utf8_name(name):
-            log_bad_name(name, rel)
-            continue
-        try:
-            child = normalize(f"{rel}/{name}" if rel else name)
-        except InvalidPath as err:
-            log.warning("skipping %r in %r: %s", name, rel or ".", err)
-            continue
-        if ignore(child):
+        child = _child(rel, name, ignore)
+        if child is None:
             continue
         yield child, is_dir
         if is_dir:
             yield from tree(root, child, ignore)
+
+
+def folders(root: Path, rel: str, ignore: Callable[[str], bool]) -> Iterator[str]:
+    """The folders ``tree`` yields under directory ``rel``, in its order, without a look
+    at any file's name: what the watcher watches (a million files in a thousand folders
+    took 4.4 s of the event loop through ``tree``)."""
+    try:
+        with os.scandir(root / rel) as it:
+            names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as err:
+        log.warning("cannot list %r: %s", rel or ".", err)
+        return
+    for name in names:
+        child = _child(rel, name, ignore)
+        if child is not None:
+            yield child
+            yield from folders(root, child, ignore)
+
+
+def _child(rel: str, name: str, ignore: Callable[[str], bool]) -> str | None:
+    """The path of entry ``name`` of directory ``rel``, or None (logged) when it is not
+    synced: not UTF-8, not a valid path, or ignored."""
+    if not utf8_name(name):
+        log_bad_name(name, rel)
+        return None
+    try:
+        child = normalize(f"{rel}/{name}" if rel else name)
+    except InvalidPath as err:
+        log.warning("skipping %r in %r: %s", name, rel or ".", err)
+        return None
+    return None if ignore(child) else child
 
 
 _buffers = threading.local()  # each thread's read buffer for ``hash_fd``

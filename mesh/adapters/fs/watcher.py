@@ -39,7 +39,7 @@ from types import TracebackType
 
 from asyncinotify import Event, Inotify, Mask, Watch
 
-from mesh.adapters.fs.scanner import default_ignore, log_bad_name, tree, utf8_name
+from mesh.adapters.fs.scanner import default_ignore, folders, log_bad_name, tree, utf8_name
 from mesh.core.batcher import Batcher
 from mesh.core.paths import normalize
 from mesh.errors import InvalidPath, LocalProtocolError, MeshError
@@ -227,9 +227,8 @@ class Watcher:
         self._watches.clear()
         self._dirs.clear()
         self._watch("")
-        for rel, is_dir in tree(self.root, "", self.ignore):
-            if is_dir:
-                self._watch(rel)
+        for rel in folders(self.root, "", self.ignore):
+            self._watch(rel)
         for watch in before:
             if watch.wd not in self._dirs:
                 self._unwatch(watch)
