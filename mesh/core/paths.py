@@ -74,6 +74,22 @@ def normalize(path: str) -> str:
     return "/".join(parts)
 
 
+def child(folder: str, name: str) -> str:
+    """``normalize(folder + "/" + name)`` for a normalized ``folder`` ("" for the root):
+    the same path, or the same refusal. A walk makes a path per entry, and a name read
+    from a folder needs only its own checks (a million through ``normalize`` took 1.9 s
+    of a restart's walk)."""
+    path = f"{folder}/{name}" if folder else name
+    if not name or name in (".", "..") or "/" in name or "\x00" in name:
+        return normalize(path)
+    try:
+        too_long = (len(path.encode("utf-8")) > MAX_PATH_BYTES
+                    or len(name.encode("utf-8")) > MAX_NAME_BYTES)
+    except UnicodeEncodeError:
+        too_long = True
+    return normalize(path) if too_long else path
+
+
 def is_normalized(path: str) -> bool:
     try:
         return normalize(path) == path

@@ -18,10 +18,18 @@ from mesh.errors import StoreError
 from mesh.store.db import connect_read_only
 from mesh.store.statcache import from_sql_ino
 
-_KNOWN = (
+_LISTED = (
     "SELECT v.path, v.kind, v.hash, v.mode, s.size, s.mtime_ns, s.ctime_ns, s.ino, s.hash "
     "FROM versions v LEFT JOIN stat_cache s ON s.path = v.path "
     "WHERE v.path IN (SELECT value FROM json_each(?))")
+_RANGE = (
+    "SELECT v.path, v.kind, v.hash, v.mode, s.size, s.mtime_ns, s.ctime_ns, s.ino, s.hash "
+    "FROM versions v LEFT JOIN stat_cache s ON s.path = v.path "
+    "WHERE v.path BETWEEN ? AND ? ORDER BY v.path LIMIT ?")
+RANGE_AT_MOST = 4  # rows a range may read per path asked about; more: read them by name
+
+
+_KINDS = {k.value: k for k in Kind}  # Kind(value) took 2 s of a million-path walk
 
 
 class KnownPaths:
@@ -31,14 +39,27 @@ class KnownPaths:
         self.db = db
 
     def known(self, paths: list[str]) -> dict[str, Known]:
-        """The disk version and stat cache record of each of ``paths`` that has one."""
+        """The disk version and stat cache record of each of ``paths`` that has one.
+
+        The walk asks in chunks of its own order, mostly whole folders, so the rows
+        between the least and the greatest path are read in one range (half the time of
+        a lookup by name each, at a million paths), unless the range holds more than
+        ``RANGE_AT_MOST`` rows a path (sibling names that sort between a folder and
+        its content: "a.b" lies between "a" and "a/x")."""
         out: dict[str, Known] = {}
+        if not paths:
+            return out
+        wanted, cap = set(paths), RANGE_AT_MOST * len(paths)
         try:
-            rows = self.db.execute(_KNOWN, (json.dumps(paths),)).fetchall()
+            rows = self.db.execute(_RANGE, (min(paths), max(paths), cap + 1)).fetchall()
+            if len(rows) > cap:
+                rows = self.db.execute(_LISTED, (json.dumps(paths),)).fetchall()
         except sqlite3.Error as err:
             raise StoreError(f"read the index for {len(paths)} paths: {err}") from err
         for path, kind, digest, mode, size, mtime_ns, ctime_ns, ino, cached in rows:
-            out[path] = Known(Kind(kind), None if digest is None else bytes(digest), mode,
+            if path not in wanted:
+                continue
+            out[path] = Known(_KINDS[kind], None if digest is None else bytes(digest), mode,
                               None if cached is None else
                               ((size, mtime_ns, ctime_ns, from_sql_ino(ino)), bytes(cached)))
         return out

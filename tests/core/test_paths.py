@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
-from mesh.core.paths import MAX_NAME_BYTES, is_normalized, normalize, parent, reserved
+from mesh.core.paths import MAX_NAME_BYTES, child, is_normalized, normalize, parent, reserved
 from mesh.errors import InvalidPath
 from tests.core.strategies import paths
 
@@ -70,3 +71,26 @@ def test_names_the_agent_keeps_are_reserved(path: str, why: str) -> None:
 )
 def test_other_names_are_not(path: str) -> None:
     assert reserved(path) is None
+
+
+names = st.one_of(
+    st.sampled_from(["", ".", "..", "a/b", "/", "a\x00", "\udcff", "x" * 256, "é" * 128,
+                     "x" * 255, " ", "\n"]),
+    st.text(min_size=1, max_size=300),
+)
+
+
+@given(st.one_of(st.just(""), paths, st.just("d/" * 2040 + "d")), names)
+def test_a_child_is_what_normalize_makes_of_it(folder: str, name: str) -> None:
+    """``child(folder, name)``: the same path as ``normalize`` makes, or the same
+    refusal, whatever the name (the walk's short cut for names read from a folder)."""
+    joined = f"{folder}/{name}" if folder else name
+    try:
+        expected: str | None = normalize(joined)
+    except InvalidPath:
+        expected = None
+    try:
+        got: str | None = child(folder, name)
+    except InvalidPath:
+        got = None
+    assert got == expected

@@ -24,7 +24,7 @@ from pathlib import Path
 from mesh.adapters.fs.beneath import PERMISSIONS
 from mesh.core.effects import Observed
 from mesh.core.manifest import Kind
-from mesh.core.paths import normalize, reserved
+from mesh.core.paths import child, normalize, reserved
 from mesh.errors import InvalidPath, MeshError
 from mesh.store.statcache import CachedStat, StatCache
 
@@ -120,11 +120,11 @@ def _child(rel: str, name: str, ignore: Callable[[str], bool]) -> str | None:
         log_bad_name(name, rel)
         return None
     try:
-        child = normalize(f"{rel}/{name}" if rel else name)
+        path = child(rel, name)
     except InvalidPath as err:
         log.warning("skipping %r in %r: %s", name, rel or ".", err)
         return None
-    return None if ignore(child) else child
+    return None if ignore(path) else path
 
 
 _buffers = threading.local()  # each thread's read buffer for ``hash_fd``

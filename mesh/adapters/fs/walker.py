@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import msgpack
@@ -70,7 +70,7 @@ def walk(root: Path, known: KnownPaths, hashed: bool,
     ``hashed`` (no stat cache) every file is to scan."""
     def lookup(paths: list[str]) -> dict[str, Known]:
         rows = known.known(paths)
-        return rows if hashed else {p: replace(k, cached=None) for p, k in rows.items()}
+        return rows if hashed else {p: k._replace(cached=None) for p, k in rows.items()}
     return reconcile(root, ignore, lookup, known.held)
 
 
