@@ -20,6 +20,7 @@ from mesh.adapters.fs.scanner import (
     Unsettled,
     default_ignore,
     folders,
+    stat_tree,
     tree,
 )
 from mesh.core.manifest import Kind
@@ -197,6 +198,24 @@ def test_the_folders_are_the_walk_s_folders_in_its_order(root: Path) -> None:
     assert "b/c/sub.txt" in walked and "b/link" not in walked
     assert list(folders(root, "", default_ignore)) == walked
     assert list(folders(root, "b", default_ignore)) == ["b/c", "b/c/d", "b/c/sub.txt"]
+
+
+def test_the_stat_tree_is_the_walk_with_each_path_s_lstat(root: Path) -> None:
+    """``stat_tree`` (the start-up walk's): ``tree``'s paths in its order, each with
+    what ``lstat`` of its full name says; a symlink is stat'ed, not followed."""
+    for name in [*NAMES, "b", "b/c", ".mesh-keep/x"]:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "file").write_bytes(name.encode())
+    (root / "b" / "link").symlink_to(root / "b" / "c")
+    walked = [rel for rel, _ in tree(root, "", default_ignore)]
+    stated = list(stat_tree(root, "", default_ignore))
+    assert [rel for rel, _ in stated] == walked
+    for rel, st in stated:
+        assert st is not None
+        assert (st.st_ino, st.st_mode, st.st_size) == (
+            os.lstat(root / rel).st_ino, os.lstat(root / rel).st_mode,
+            os.lstat(root / rel).st_size)
+    assert list(stat_tree(root, "b/link", default_ignore)) == []  # not listed through
 
 
 def test_file_that_keeps_changing_is_unsettled(

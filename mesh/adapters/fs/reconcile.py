@@ -5,11 +5,10 @@ the state database): ``mesh.adapters.fs.walker`` runs it off the event loop, wit
 reader of its own (``mesh.store.known.open_reader``), so that links, the broker and
 the control socket keep being served while it runs.
 
-A path is reached by its full name here, so a folder swapped for a symlink during the
-walk could be stat'ed through it; what the walk then compares is another file's
-identity, which does not match the stat cache's record of this path (inode, ctime),
-and the path is scanned the careful way (``Scanner.observe``), as is what the
-watcher reports of the swap.
+Each path is ``lstat``'ed relative to its folder, opened without following a
+symlink (``scanner.stat_tree``): a folder swapped for a symlink during the walk is
+not listed, and what the watcher reports of the swap is scanned the careful way
+(``Scanner.observe``).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.adapters.fs.beneath import PERMISSIONS
-from mesh.adapters.fs.scanner import PREHASH_BYTES, tree
+from mesh.adapters.fs.scanner import PREHASH_BYTES, stat_tree
 from mesh.core.manifest import Kind
 from mesh.core.reconcile import Known, Seen, unchanged
 
@@ -84,15 +83,10 @@ def reconcile(root: Path, ignore: Callable[[str], bool], lookup: Lookup,
         out.runs.append("\0".join(run))
         run.clear()
 
-    base = os.fsencode(root) + b"/"  # a Path per path was half the cost of its lstat
-    for path, _ in tree(root, "", ignore):
+    for path, st in stat_tree(root, "", ignore):  # st None: the scan says why
         out.on_disk += 1
         if found is not None:
             found.add(path)
-        try:
-            st: os.stat_result | None = os.lstat(base + os.fsencode(path))
-        except OSError:
-            st = None  # gone or unreadable since it was listed: the scan says which
         batch.append((path, st))
         if len(batch) >= chunk:
             compare()

@@ -94,6 +94,44 @@ def tree(root: Path, rel: str, ignore: Callable[[str], bool]) -> Iterator[tuple[
             yield from tree(root, child, ignore)
 
 
+def stat_tree(root: Path, rel: str, ignore: Callable[[str], bool]
+              ) -> Iterator[tuple[str, os.stat_result | None]]:
+    """``tree``'s paths under directory ``rel``, in its order, each with its ``lstat``
+    (None: gone or unreadable since it was listed), taken relative to its folder's
+    descriptor: the kernel looks up one name per path, not every folder from ``/``
+    down (the start-up walk's ``lstat`` of a million paths by full name: 8 s). A folder
+    that is a symlink when it is opened is not listed."""
+    try:
+        fd = os.open(root / rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # removed or replaced since it was listed: its events tell
+    except OSError as err:
+        log.warning("cannot list %r: %s", rel or ".", err)
+        return
+    listed: list[tuple[str, bool, os.stat_result | None]] = []
+    try:
+        with os.scandir(fd) as it:
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+        for name, is_dir in entries:
+            path = _child(rel, name, ignore)
+            if path is None:
+                continue
+            try:
+                st: os.stat_result | None = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                st = None
+            listed.append((path, is_dir, st))
+    except OSError as err:
+        log.warning("cannot list %r: %s", rel or ".", err)
+        return
+    finally:
+        os.close(fd)
+    for path, is_dir, st in listed:
+        yield path, st
+        if is_dir:
+            yield from stat_tree(root, path, ignore)
+
+
 def folders(root: Path, rel: str, ignore: Callable[[str], bool]) -> Iterator[str]:
     """The folders ``tree`` yields under directory ``rel``, in its order, without a look
     at any file's name: what the watcher watches (a million files in a thousand folders
