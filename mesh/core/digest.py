@@ -75,8 +75,14 @@ class Digest:
         million paths digest in a third of the time when none is decoded)."""
         buckets = [0] * BUCKETS
         count = 0
+        # ``bucket_of`` and ``packed_item_hash``, inlined (a million paths: 4.3 s in
+        # calls, 2.7 s so; tests/core/test_digest.py holds them equal)
+        blake2b, from_bytes, shift = hashlib.blake2b, int.from_bytes, 16 - BUCKET_BITS
         for path, packed in items:
-            buckets[bucket_of(path)] ^= packed_item_hash(path, packed)
+            raw = path.encode()
+            buckets[from_bytes(blake2b(raw, digest_size=2).digest(), "big") >> shift] ^= (
+                from_bytes(blake2b(b"%b\x00%b" % (raw, packed), digest_size=8).digest(),
+                           "big"))
             count += 1
         return cls(tuple(buckets), count)
 
