@@ -155,7 +155,7 @@ class Collector:
         cap = self.limits.cap_bytes(_volume_bytes(self.keep))
         self.stats.cap_bytes = cap
         self.stats.rows = self.kept.count()
-        if self.index.count_targets() > MAX_TARGETS:
+        if self.index.targets_over(MAX_TARGETS):
             self._measure(sizes, None)
             return Plan((), (), 0, 0, sum(sizes.values()))
         keep_for_ms = round(self.limits.keep_for_s * 1000)

@@ -62,6 +62,7 @@ from mesh.engine.stalls import Stalls
 from mesh.pki import NodeCredentials
 from mesh.store import bulk
 from mesh.store.index import Index
+from mesh.store.sizes import IndexSizes
 from mesh.store.statcache import StatCache
 from mesh.store.waits import ContentWaitTable
 
@@ -125,8 +126,8 @@ class Node:
         ops.handlers.update(VersionOps(self.me, self.data).handlers)  # issue 14
         self.control = ControlServer(socket_path(config.state_dir), ops)
         self.watcher: Watcher | None = None
-        # What holds health down (issue 13); the waits in SQLite: a join waits for all paths
-        self.waits = ContentWaitTable(self.index, config.stalled_after)
+        self.sizes = IndexSizes(self.index)  # counted at most every few counts' time
+        self.waits = ContentWaitTable(self.index, config.stalled_after)  # what holds health
         self.stalls = Stalls(config.stalled_after, self.waits)
         self.admission = PushAdmission(
             self.pushes, announced=functools.partial(bulk.peer_vectors, self.index),
@@ -341,7 +342,7 @@ class Node:
                                lambda peer: self._tunnel_endpoint(peer) is not None, resyncs)
 
     def status(self) -> dict[str, Any]:
-        peers = {}
+        peers, now = {}, time.monotonic()
         for (host, port), (link, _) in self.links.links.items():
             s = link.status
             view = self.exchange.peers.get(s.peer_id) if s.peer_id else None
@@ -359,9 +360,9 @@ class Node:
             "scanning": self.scanned is None,
             "broker": "{}:{}".format(*self.broker.address),
             "data_dir": str(self.config.data_dir), "seq": self.exchange.outbox.seq,
-            "backlog": self.exchange.backlog, "index_size": self.index.count(),
+            "backlog": self.exchange.backlog, "index_size": self.sizes.versions(now),
             "wants": self.data.wants, "peers": peers,
-            "pending_content": self.index.count_targets(),
+            "pending_content": self.sizes.pending(now),
             "stalled": self.stalled(),
             "keep": self.collector.stats.doc(),
             "watches": self.watcher.watch_count if self.watcher is not None else 0,

@@ -300,6 +300,12 @@ class Index(ConflictLog):
         for (path,) in self.db.execute("SELECT path FROM versions"):
             yield path
 
+    def targets_over(self, limit: int) -> bool:
+        """Whether more than ``limit`` paths wait for content (reads at most ``limit`` + 1)."""
+        self._flush()
+        return bool(self.db.execute("SELECT count(*) > ? FROM (SELECT 1 FROM targets LIMIT ?)",
+                                    (limit, limit + 1)).fetchone()[0])
+
     def count(self) -> int:
         self._flush()
         return int(self.db.execute("SELECT count(*) FROM versions").fetchone()[0])

@@ -185,12 +185,14 @@ class _StateCollector:
             conflicts.add_metric([rule], count)
         yield conflicts
         for name, help_text, value in (
-            ("mesh_index_paths", "Paths in the index (tombstones included).", doc["index_size"]),
+            ("mesh_index_paths", "Paths in the index (tombstones included; counted again "
+             "at most every 20 counts' time).", doc["index_size"]),
             ("mesh_inotify_watches", "Directories the watcher watches.", doc["watches"]),
             ("mesh_backlog_entries", "Versions not yet published in a manifest.",
              doc["backlog"]),
             ("mesh_pending_content_paths", "Paths whose newer content this node waits for "
-             "(counted up to a cap).", doc["pending_content"]),
+             "(never fewer than there are: between two counts, each target written "
+             "adds one).", doc["pending_content"]),
             ("mesh_start_time_seconds", "When the agent started (Unix time).", doc["started"]),
         ):
             yield GaugeMetricFamily(name, help_text, value=value)
