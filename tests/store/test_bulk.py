@@ -3,6 +3,8 @@ the same answers as the per-path reads it replaces, in pages."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,37 @@ def test_a_digest_in_a_thread_is_the_index_digest(tmp_path: Path) -> None:
     assert bulk.digest_in_thread(index.path, PEER) == Digest.of(index.peer_items(PEER))
     assert bulk.digest_in_thread(index.path, "n9") == Digest.of(())
     index.close()
+
+
+async def _two_digests_at_once(index: Index) -> int:
+    """How many digests ran at once when two were asked for together."""
+    inside, most, lock = 0, 0, threading.Lock()
+    two_inside = threading.Event()
+
+    def recording(db: Path, peer: str | None = None) -> Digest:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+            if inside == 2:
+                two_inside.set()
+        two_inside.wait(1.0)  # holds on a while for a second one to come in beside it
+        with lock:
+            inside -= 1
+        return Digest.of([])
+
+    real = bulk.digest_in_thread
+    bulk.digest_in_thread = recording  # type: ignore[assignment]
+    try:
+        tasks = [asyncio.ensure_future(bulk.digest(index)),
+                 asyncio.ensure_future(bulk.digest(index, PEER))]
+        await asyncio.gather(*tasks)
+    finally:
+        bulk.digest_in_thread = real  # type: ignore[assignment]
+    return most
+
+
+def test_digests_run_one_at_a_time(tmp_path: Path) -> None:
+    """A peer's digest request and our own catch-up's digest at once (a restart) are
+    hashed one after the other, not fighting for the interpreter."""
+    assert asyncio.run(_two_digests_at_once(Index(tmp_path / "s.db"))) == 1
