@@ -152,8 +152,10 @@ class DataPlane:
         if found.large:  # hashing hundreds of MB would stall every link of this node
             await asyncio.to_thread(self.scanner.prehash, found.large)
         LOG.info("start-up reconcile: %d paths on disk, %d unchanged (not scanned), "
-                 "%d to scan, %d gone; walked in %.2f s", found.on_disk, found.unchanged,
-                 found.changed, len(found.gone), time.monotonic() - started)
+                 "%d to scan, %d gone; walked in %.2f s%s", found.on_disk, found.unchanged,
+                 found.changed, len(found.gone), time.monotonic() - started,
+                 f" (its process's peak RSS {found.peak_rss_kib / 1024:.0f} MiB)"
+                 if found.peak_rss_kib else "")
         for paths in found.to_scan():  # a run at a time (issue 16: a million at once)
             await self.scan(paths, prehash=False)
         await self.scan(deepest_first(found.gone), prehash=False)

@@ -1,9 +1,10 @@
 """The index's sizes for the status, which asks every second (issue 16): a count of a
 million rows takes 0.3 s of the event loop, so a million-file node spent a third of its
 loop counting. Each count is read again once it is older than ``STALE_BY`` times what
-it took (and at least ``MIN_AGE_S``); between two, the targets' count is the last one
-plus every target written since (``Index.targets_written``): only a target written can
-add one, so the pending count is never low, only high until the next count."""
+it took (a small index's at each status, as exact as ever); between two, the targets'
+count is the last one plus every target written since (``Index.targets_written``):
+only a target written can add one, so the pending count is never low, only high until
+the next count."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from mesh.store.index import Index
 
 STALE_BY = 20  # a count is read again when older than this many times what it took
-MIN_AGE_S = 1.0
+MIN_AGE_S = 0.0  # and at least this old
 
 
 class _Count:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -106,6 +107,7 @@ def main(argv: list[str]) -> int:
     except MeshError as err:  # said as it is; anything else is a bug: its traceback
         print(err, file=sys.stderr)
         return 1
+    found.peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sys.stdout.buffer.write(msgpack.packb(asdict(found)))
     return 0
 
