@@ -19,7 +19,6 @@ from mesh.adapters.fs.scanner import (
     Scanner,
     Unsettled,
     default_ignore,
-    folders,
     stat_tree,
     tree,
 )
@@ -184,9 +183,9 @@ def test_walk_sorted_per_directory_with_dirs_and_odd_names(
 
 
 def test_the_folders_are_the_walk_s_folders_in_its_order(root: Path) -> None:
-    """``folders`` (what the watcher watches) lists no file's name, yet yields exactly
-    the folders ``tree`` yields, in its order: odd, ignored, symlinked and not UTF-8
-    names included."""
+    """``tree`` with ``folders_only`` (what the watcher watches) lists no file's name,
+    yet yields exactly the folders ``tree`` yields, in its order: odd, ignored,
+    symlinked and not UTF-8 names included."""
     for name in [*NAMES, "b", "b/c", "b/c/d", "e", ".mesh-keep/x", ".mesh-state"]:
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name / "file").write_bytes(b"")
@@ -196,8 +195,9 @@ def test_the_folders_are_the_walk_s_folders_in_its_order(root: Path) -> None:
     (root / "e" / ".z.Q1w2E3").mkdir()  # an rsync temp name
     walked = [rel for rel, is_dir in tree(root, "", default_ignore) if is_dir]
     assert "b/c/sub.txt" in walked and "b/link" not in walked
-    assert list(folders(root, "", default_ignore)) == walked
-    assert list(folders(root, "b", default_ignore)) == ["b/c", "b/c/d", "b/c/sub.txt"]
+    assert [p for p, _ in tree(root, "", default_ignore, folders_only=True)] == walked
+    assert [p for p, _ in tree(root, "b", default_ignore, folders_only=True)] == [
+        "b/c", "b/c/d", "b/c/sub.txt"]
 
 
 def test_the_stat_tree_is_the_walk_with_each_path_s_lstat(root: Path) -> None:

@@ -69,29 +69,21 @@ def log_bad_name(name: str, where: str) -> None:
     log.warning("skipping %r in %r: name is not valid UTF-8", os.fsencode(name), where or ".")
 
 
-def tree(root: Path, rel: str, ignore: Callable[[str], bool]) -> Iterator[tuple[str, bool]]:
-    """``(path, is_dir)`` for everything under directory ``rel`` ("" is the root).
+def tree(root: Path, rel: str, ignore: Callable[[str], bool], folders_only: bool = False
+         ) -> Iterator[tuple[str, bool]]:
+    """``(path, is_dir)`` for everything under directory ``rel`` ("" is the root); with
+    ``folders_only``, for its folders alone, no file's name looked at (what the watcher
+    watches: a million files' names took 4.4 s of the event loop).
 
     Pre-order and lazy: a directory is yielded before it is listed, so a
     caller that watches it on receipt misses nothing created inside it later.
     Symlinks are not followed; ignored paths and names that are not UTF-8 are
     skipped, with their subtrees.
     """
-    try:
-        with os.scandir(root / rel) as it:
-            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
-    except (FileNotFoundError, NotADirectoryError):
-        return  # removed or replaced since it was listed: its events tell
-    except OSError as err:
-        log.warning("cannot list %r: %s", rel or ".", err)
-        return
-    for name, is_dir in entries:
-        child = _child(rel, name, ignore)
-        if child is None:
-            continue
-        yield child, is_dir
+    for _, path, is_dir in _listed(root / rel, rel, ignore, folders_only):
+        yield path, is_dir
         if is_dir:
-            yield from tree(root, child, ignore)
+            yield from tree(root, path, ignore, folders_only)
 
 
 def stat_tree(root: Path, rel: str, ignore: Callable[[str], bool]
@@ -108,22 +100,9 @@ def stat_tree(root: Path, rel: str, ignore: Callable[[str], bool]
     except OSError as err:
         log.warning("cannot list %r: %s", rel or ".", err)
         return
-    listed: list[tuple[str, bool, os.stat_result | None]] = []
     try:
-        with os.scandir(fd) as it:
-            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
-        for name, is_dir in entries:
-            path = _child(rel, name, ignore)
-            if path is None:
-                continue
-            try:
-                st: os.stat_result | None = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except OSError:
-                st = None
-            listed.append((path, is_dir, st))
-    except OSError as err:
-        log.warning("cannot list %r: %s", rel or ".", err)
-        return
+        listed = [(path, is_dir, _lstat_at(fd, name))
+                  for name, path, is_dir in _listed(fd, rel, ignore)]
     finally:
         os.close(fd)
     for path, is_dir, st in listed:
@@ -132,23 +111,32 @@ def stat_tree(root: Path, rel: str, ignore: Callable[[str], bool]
             yield from stat_tree(root, path, ignore)
 
 
-def folders(root: Path, rel: str, ignore: Callable[[str], bool]) -> Iterator[str]:
-    """The folders ``tree`` yields under directory ``rel``, in its order, without a look
-    at any file's name: what the watcher watches (a million files in a thousand folders
-    took 4.4 s of the event loop through ``tree``)."""
+def _listed(where: Path | int, rel: str, ignore: Callable[[str], bool],
+            folders_only: bool = False) -> list[tuple[str, str, bool]]:
+    """``(name, path, is_dir)`` of each synced entry of directory ``rel`` (``where``: its
+    path, or a descriptor of it), by name; none when it cannot be listed."""
     try:
-        with os.scandir(root / rel) as it:
-            names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+        with os.scandir(where) as it:
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it
+                             if not folders_only or e.is_dir(follow_symlinks=False))
     except (FileNotFoundError, NotADirectoryError):
-        return
+        return []  # removed or replaced since it was listed: its events tell
     except OSError as err:
         log.warning("cannot list %r: %s", rel or ".", err)
-        return
-    for name in names:
-        child = _child(rel, name, ignore)
-        if child is not None:
-            yield child
-            yield from folders(root, child, ignore)
+        return []
+    listed = []
+    for name, is_dir in entries:
+        path = _child(rel, name, ignore)
+        if path is not None:
+            listed.append((name, path, is_dir))
+    return listed
+
+
+def _lstat_at(fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return None
 
 
 def _child(rel: str, name: str, ignore: Callable[[str], bool]) -> str | None:

@@ -39,7 +39,7 @@ from types import TracebackType
 
 from asyncinotify import Event, Inotify, Mask, Watch
 
-from mesh.adapters.fs.scanner import default_ignore, folders, log_bad_name, tree, utf8_name
+from mesh.adapters.fs.scanner import default_ignore, log_bad_name, tree, utf8_name
 from mesh.core.batcher import Batcher
 from mesh.core.paths import normalize
 from mesh.errors import InvalidPath, LocalProtocolError, MeshError
@@ -227,7 +227,7 @@ class Watcher:
         self._watches.clear()
         self._dirs.clear()
         self._watch("")
-        for rel in folders(self.root, "", self.ignore):
+        for rel, _ in tree(self.root, "", self.ignore, folders_only=True):
             self._watch(rel)
         for watch in before:
             if watch.wd not in self._dirs:
