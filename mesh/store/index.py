@@ -237,8 +237,7 @@ class Index(ConflictLog):
             for row in rows:  # the cached states of these paths are stale now
                 self._states.pop(row[0], None)
                 self._stored.pop(row[0], None)
-            cur = self.db.executemany(PUT_VERSION,
-                                      rows)
+            cur = self.db.executemany(PUT_VERSION, rows)
         return cur.rowcount
 
     def versions(self) -> Iterator[Version]:

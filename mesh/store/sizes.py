@@ -50,6 +50,7 @@ class IndexSizes:
     def pending(self, now: float) -> int:
         """Paths waiting for content: at least as many as there are."""
         if self._targets.due(now):
+            self.index.flush()  # the targets it holds back are in the count, not added to it
             self._written = self.index.targets_written
             self._targets.refresh(now)
         return self._targets.value + self.index.targets_written - self._written

@@ -60,3 +60,11 @@ def test_a_small_index_is_counted_every_time() -> None:
     _target(index, "p")
     _landed(index, "p")
     assert (sizes.pending(0.1), sizes.versions(0.1)) == (0, 1)  # a status later
+
+
+def test_a_target_held_back_in_a_batch_is_counted_once() -> None:
+    index = Index(":memory:")
+    sizes = IndexSizes(index)
+    with index.batch():
+        index.set_state("p", PathState(None, Version.of(e({"n2": 1}, "n2", 1, path="p"))))
+        assert sizes.pending(0.0) == 1  # written at the count's flush: in it, not added
