@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import signal
 from pathlib import Path
@@ -41,6 +42,22 @@ async def test_the_process_finds_what_the_thread_finds(tmp_path: Path) -> None:
     assert (found.on_disk, found.changed, found.gone) == (61 + 7, 3, ["d2/f2"])
     assert found.large == ["big"]
     assert sorted(p for run in found.to_scan() for p in run) == ["big", "d1/f1", "new"]
+
+
+async def test_what_the_walk_s_process_says_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A name that cannot be synced is said by the walk's own process, on its stderr:
+    that went nowhere when the walk ended well. The agent logs it."""
+    root, db = tmp_path / "data", tmp_path / "state.db"
+    root.mkdir()
+    tree(root, 3)
+    (root / os.fsdecode(b"bad\xff")).write_bytes(b"x")
+    agent = Agent(root, db)
+    with caplog.at_level(logging.WARNING, logger="mesh.data"):
+        found = await walker.against_index(agent.scanner, agent.index)
+    assert not any(p.startswith("bad") for run in found.to_scan() for p in run)
+    assert any("start-up walk: skipping b'bad\\xff'" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 async def test_a_walk_that_fails_says_why(tmp_path: Path) -> None:

@@ -11,12 +11,14 @@ restart, to tell what is gone) lives in that process and goes with it.
 
 ``python -m mesh.adapters.fs.walker ROOT STATE_DB HASHED`` walks with the agent's own
 rules (``default_ignore``); stopped by its pid when the agent stops during the walk.
+What it says on stderr (a name skipped, a folder it could not list) the agent logs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import resource
 import sys
 from collections.abc import Callable
@@ -33,7 +35,10 @@ from mesh.errors import MeshError, StoreError
 from mesh.store.index import Index
 from mesh.store.known import KnownPaths, open_reader
 
+LOG = logging.getLogger("mesh.data")
+
 STDERR_TAIL = 2000  # characters of a failed walk's stderr put in the error
+SAID_LINES = 50  # lines of what a walk that ended well said (warnings) logged, at most
 
 
 async def against_index(scanner: Scanner, index: Index) -> Reconciled:
@@ -89,10 +94,15 @@ async def walk_in_process(root: Path, db: Path, hashed: bool) -> Reconciled:
             proc.kill()
         await asyncio.shield(proc.wait())
         raise
+    said = err.decode(errors="replace").strip()
     if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip()[-STDERR_TAIL:]
         raise StoreError(f"the start-up walk of {root} failed (exit {proc.returncode}): "
-                         f"{tail or 'no message'}")
+                         f"{said[-STDERR_TAIL:] or 'no message'}")
+    lines = said.splitlines()  # names skipped, folders that could not be listed
+    for line in lines[:SAID_LINES]:
+        LOG.warning("start-up walk: %s", line)
+    if len(lines) > SAID_LINES:
+        LOG.warning("start-up walk: %d more such lines", len(lines) - SAID_LINES)
     try:
         return Reconciled(**msgpack.unpackb(out))
     except (ValueError, TypeError, msgpack.UnpackException) as e:
