@@ -449,3 +449,36 @@ def test_an_adoption_waits_and_its_path_moves_on(meanwhile: str) -> None:
         assert n3.store.conflict_map(), "n3's own write must meet n1's as a conflict"
     else:
         assert not n3.store.conflict_map(), "the older version came back as a write"
+
+
+def test_a_restart_s_sweep_brings_a_peer_all_it_missed() -> None:
+    """Issue 16: after a resync, the sweep for what a peer is behind on is all that
+    queues a path our pusher's queue lost. n1 indexed 60 new files while n2 was down,
+    then crashed: its queue is gone, and its restart's reconcile finds nothing changed,
+    so only the sweep can find them. Its own pusher, with no full push by hand
+    (``quiesce`` pushes every path), brings n2 each of them."""
+    cluster = Cluster(2, [0])
+    n1, n2 = cluster.nodes.values()
+    for i in range(20):
+        n1.user_write(f"same/{i}", 0o644)
+    cluster.quiesce()
+    cluster.crash("n2")
+    for i in range(60):
+        n1.user_write(f"new/{i}", 0o644)
+    n1.scan_all()
+    n1.flush()  # announced to no one: n2 is down
+    cluster.crash("n1")
+    cluster.restart("n2")
+    cluster.restart("n1")
+    assert n1.rescanned == []
+    for _ in range(200):  # seconds: pushes, their ends, the announcements
+        cluster.time_ms += 1000
+        for node in (n1, n2):
+            node.plan_tick()
+            node.flush()
+        cluster.land_all()
+        if all(f"new/{i}" in n2.disk for i in range(60)):
+            break
+    assert {p: n2.disk[p].data for p in n2.disk if p.startswith("new/")} == {
+        p: n1.disk[p].data for p in n1.disk if p.startswith("new/")}
+    check_invariants(cluster)
