@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mesh
 from mesh.cli.reach import AgentDown, running_status
 from mesh.deploy import local
 from mesh.engine.ops.health import DEFAULT_MAX_LAG, health_problems
@@ -333,6 +334,7 @@ def phases(args: argparse.Namespace, base: Path, cluster: Cluster, prof: Profile
 
 def report(r: dict[str, Any]) -> None:
     a, s, j, c, b = r["rsync"], r["start"], r["join"], r["restart"], r.get("burst")
+    print(f"the agents ran the code in {r['code']}")
 
     def nums(xs: list[float], digits: int = 1) -> str:
         return " / ".join(f"{x:.{digits}f}" for x in xs)
@@ -366,6 +368,16 @@ def report(r: dict[str, Any]) -> None:
         print(f"  {name} when every file was there: {'; '.join(problems) or 'healthy'}")
 
 
+def run_this_code() -> Path:
+    """Have the agents (``python -m mesh``) and their walkers run the ``mesh`` this script
+    imported: by default ``python -m`` puts the current folder first, so a baseline
+    run from a worktree with ``PYTHONPATH`` ran the current folder's code instead."""
+    root = Path(mesh.__file__).resolve().parents[1]
+    os.environ["PYTHONPATH"] = str(root)
+    os.environ["PYTHONSAFEPATH"] = "1"  # Python 3.11: no current folder on the path
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=100_000)
@@ -387,10 +399,11 @@ def main() -> None:
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops all as Ctrl-C does
+    code = run_this_code()
     base = Path(tempfile.mkdtemp(prefix="mesh-scale-", dir=args.dir)).absolute()
     cluster, prof = Cluster(base, args.nodes), Profiler(args.profile)
     out: dict[str, Any] = {"files": args.files, "nodes": args.nodes, "cores": os.cpu_count(),
-                           "load_before": os.getloadavg()}
+                           "load_before": os.getloadavg(), "code": str(code)}
     try:
         phases(args, base, cluster, prof, out)
     except TimeoutError as err:  # reported with what was measured before it
