@@ -67,12 +67,18 @@ class Connections:
 
 async def close_stream(writer: asyncio.StreamWriter, within: float = 5.0) -> None:
     """Close after the last bytes went out (``abort`` would drop what is still buffered,
-    such as the daemon's final error message); abort if the peer does not take them."""
+    such as the daemon's final error message); abort if the peer does not take them, or
+    if the wait is cancelled (a server's stop): a TLS close left waiting for the peer's
+    answer would hold the socket open for the TLS shutdown's own timeout (30 s), or
+    leave it to the garbage collector once the loop is gone."""
     writer.close()
     try:
         await asyncio.wait_for(writer.wait_closed(), within)
     except (OSError, TimeoutError):
         writer.transport.abort()
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
 
 
 async def start_unix_server(

@@ -4,8 +4,10 @@ what is staged, that the live tree is untouched, who is refused and with which l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -18,7 +20,7 @@ from mesh import pki
 from mesh.adapters.rsync import push as rsync_push
 from mesh.adapters.rsync import rsyncd
 from mesh.adapters.rsync.push import PushHello, PushOrder, TunnelError, push
-from mesh.adapters.rsync.tunnel import TunnelServer
+from mesh.adapters.rsync.tunnel import TunnelLimits, TunnelServer
 from mesh.frames import encode_frame
 from tests.integration.conftest import Pki, RecordingSink, until
 
@@ -432,6 +434,53 @@ async def test_malformed_header_is_refused_naming_the_peer(
     expected = f"tunnel: refused {SENDER}: push header"
     assert all(line.startswith(expected) for line in refusals(caplog))
     assert sink.pushes == []
+
+
+def accepted_sockets(port: int) -> int:
+    """How many of this process's TCP sockets on ``port`` are connections (not the listener):
+    our file descriptors matched to the kernel's table by inode."""
+    ours = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
+            ours.add(str(fd.readlink()))
+    count = 0
+    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port, state, inode = int(fields[1].split(":")[1], 16), fields[3], fields[9]
+        if local_port == port and state != "0A" and f"socket:[{inode}]" in ours:
+            count += 1
+    return count
+
+
+async def test_a_connection_still_closing_at_stop_is_closed(
+    cluster_pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that never answers the tunnel's TLS close (it stopped reading): the stop
+    cancels that connection's handler while it waits for the answer, and the socket
+    must be closed then, not left to the TLS shutdown's own timeout (30 s) or to the
+    garbage collector (an unclosed socket, a ResourceWarning once the loop is gone)."""
+    _, target = make_dirs(tmp_path)
+    sink = RecordingSink(target)
+    files = cluster_pki.files(SENDER)
+    context = client_context(files.ca, files.cert, files.key)
+    server = TunnelServer(cluster_pki.creds(RECEIVER), "127.0.0.1", 0, target, target / KEEP,
+                          sink, limits=TunnelLimits(stop_timeout=0.2))
+
+    def connect(address: tuple[str, int]) -> ssl.SSLSocket:
+        client = context.wrap_socket(socket.create_connection(address, timeout=10))
+        client.sendall(encode_frame({"v": 2, "push": "p", "header": b""}))  # refused
+        return client  # and never read from again
+
+    async with server:
+        port = server.address[1]
+        client = await asyncio.to_thread(connect, server.address)
+        try:
+            await until(lambda: len(refusals(caplog)) == 1, "the refusal")
+            assert accepted_sockets(port) == 1
+            await server.stop()
+            await until(lambda: accepted_sockets(port) == 0, "the socket closed", within=5)
+        finally:
+            client.close()
 
 
 def foreign_bravo(cluster_pki: Pki) -> pki.NodeCredentials:
