@@ -42,17 +42,41 @@ class Known(NamedTuple):
     cached: tuple[Identity, bytes] | None = None
 
 
-def unchanged(seen: Seen, known: Known | None) -> bool:
-    """Whether a scan of the path would find the content of the disk version ``known``.
+Fingerprint = tuple[int, ...]
+"""What one ``lstat`` shows of a path that decides whether it is unchanged: a
+folder's mode; a regular file's mode and identity. The lengths differ, so a folder
+never shows a file's fingerprint, nor a file a folder's."""
+
+
+def shown(seen: Seen) -> Fingerprint | None:
+    """The fingerprint ``seen`` shows; None for what one ``lstat`` does not decide."""
+    if seen.kind is Kind.DIR:
+        return (seen.mode,)
+    if seen.kind is Kind.FILE:
+        return (seen.mode, *seen.identity)
+    return None
+
+
+def expected(known: Known | None) -> Fingerprint | None:
+    """The fingerprint a path shows when a scan of it would find the content of the disk
+    version ``known``; None when no ``lstat`` tells (it is scanned).
 
     A folder: its mode is all its content. A regular file: the very file the stat
     cache hashed (size, mtime, ctime, inode; the cache keeps no racily clean entry,
-    ``Scanner``), with the disk version's hash and mode. Anything else is scanned."""
-    if known is None or known.hash is None or seen.kind is None or seen.kind is not known.kind:
-        return False
-    if seen.kind is Kind.DIR:
-        return known.hash == b"" and known.mode == seen.mode
-    if seen.kind is Kind.FILE:
-        return (known.cached is not None and known.cached[0] == seen.identity
-                and known.cached[1] == known.hash and known.mode == seen.mode)
-    return False
+    ``Scanner``), with the disk version's hash and mode. A delete, a symlink, a file
+    the cache does not know by the disk version's hash: none. The walk reads these
+    straight from the index (``mesh.store.known``), one tuple per path."""
+    if known is None or known.hash is None:
+        return None
+    if known.kind is Kind.DIR:
+        return (known.mode,) if known.hash == b"" else None
+    if known.kind is Kind.FILE and known.cached is not None and known.cached[1] == known.hash:
+        return (known.mode, *known.cached[0])
+    return None
+
+
+def unchanged(seen: Seen, known: Known | None) -> bool:
+    """Whether a scan of the path would find the content of the disk version ``known``:
+    what ``seen`` shows is what ``known`` expects."""
+    want = expected(known)
+    return want is not None and want == shown(seen)

@@ -1,8 +1,9 @@
-"""What the index and the stat cache know of many paths at once, for the start-up
-reconcile (``mesh.core.reconcile``, issue 16): one query per chunk of paths instead of
-two rows read per path, on a read-only connection of its own so that a worker thread
-can read while the event loop's connection writes (WAL: the reader sees the last
-committed state, and what changes after it is a scan the loop makes anyway)."""
+"""What the index and the stat cache say each of many paths shows when it is unchanged,
+for the start-up reconcile (``mesh.core.reconcile``, issue 16): one query per chunk of
+paths instead of two rows read per path, on a read-only connection of its own so that
+a worker thread can read while the event loop's connection writes (WAL: the reader
+sees the last committed state, and what changes after it is a scan the loop makes
+anyway)."""
 
 from __future__ import annotations
 
@@ -13,23 +14,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mesh.core.manifest import Kind
-from mesh.core.reconcile import Known
+from mesh.core.reconcile import Fingerprint
 from mesh.errors import StoreError
 from mesh.store.db import connect_read_only
 from mesh.store.statcache import from_sql_ino
 
+# A file's stat cache record counts only if it hashed the disk version's content (the
+# join's hash), and a folder's disk version is its mode alone (an empty hash):
+# ``mesh.core.reconcile.expected``, as SQL and one tuple per path. The blobs stay in
+# SQLite: building a Known per path (two hashes as bytes) was half of reading them.
 _LISTED = (
-    "SELECT v.path, v.kind, v.hash, v.mode, s.size, s.mtime_ns, s.ctime_ns, s.ino, s.hash "
-    "FROM versions v LEFT JOIN stat_cache s ON s.path = v.path "
+    "SELECT v.path, v.kind, v.mode, length(v.hash), s.size, s.mtime_ns, s.ctime_ns, s.ino "
+    "FROM versions v LEFT JOIN stat_cache s ON s.path = v.path AND s.hash = v.hash "
     "WHERE v.path IN (SELECT value FROM json_each(?))")
 _RANGE = (
-    "SELECT v.path, v.kind, v.hash, v.mode, s.size, s.mtime_ns, s.ctime_ns, s.ino, s.hash "
-    "FROM versions v LEFT JOIN stat_cache s ON s.path = v.path "
+    "SELECT v.path, v.kind, v.mode, length(v.hash), s.size, s.mtime_ns, s.ctime_ns, s.ino "
+    "FROM versions v LEFT JOIN stat_cache s ON s.path = v.path AND s.hash = v.hash "
     "WHERE v.path BETWEEN ? AND ? ORDER BY v.path LIMIT ?")
 RANGE_AT_MOST = 4  # rows a range may read per path asked about; more: read them by name
 
-
-_KINDS = {k.value: k for k in Kind}  # Kind(value) took 2 s of a million-path walk
+_FILE, _DIR = Kind.FILE.value, Kind.DIR.value
 
 
 class KnownPaths:
@@ -38,15 +42,17 @@ class KnownPaths:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
-    def known(self, paths: list[str]) -> dict[str, Known]:
-        """The disk version and stat cache record of each of ``paths`` that has one.
+    def expected(self, paths: list[str], hashed: bool = True) -> dict[str, Fingerprint]:
+        """What an ``lstat`` shows of each of ``paths`` that is unchanged since it was
+        indexed (``mesh.core.reconcile.expected``); a path that is always scanned has
+        none. Without ``hashed`` (no stat cache), no file has one.
 
         The walk asks in chunks of its own order, mostly whole folders, so the rows
         between the least and the greatest path are read in one range (half the time of
         a lookup by name each, at a million paths), unless the range holds more than
         ``RANGE_AT_MOST`` rows a path (sibling names that sort between a folder and
         its content: "a.b" lies between "a" and "a/x")."""
-        out: dict[str, Known] = {}
+        out: dict[str, Fingerprint] = {}
         if not paths:
             return out
         wanted, cap = set(paths), RANGE_AT_MOST * len(paths)
@@ -56,12 +62,14 @@ class KnownPaths:
                 rows = self.db.execute(_LISTED, (json.dumps(paths),)).fetchall()
         except sqlite3.Error as err:
             raise StoreError(f"read the index for {len(paths)} paths: {err}") from err
-        for path, kind, digest, mode, size, mtime_ns, ctime_ns, ino, cached in rows:
+        for path, kind, mode, length, size, mtime_ns, ctime_ns, ino in rows:
             if path not in wanted:
                 continue
-            out[path] = Known(_KINDS[kind], None if digest is None else bytes(digest), mode,
-                              None if cached is None else
-                              ((size, mtime_ns, ctime_ns, from_sql_ino(ino)), bytes(cached)))
+            if kind == _DIR:
+                if length == 0:
+                    out[path] = (mode,)
+            elif kind == _FILE and size is not None and hashed:
+                out[path] = (mode, size, mtime_ns, ctime_ns, from_sql_ino(ino))
         return out
 
     def held(self) -> Iterator[str]:

@@ -3,11 +3,13 @@ it hands the scan, in runs, and what it finds gone."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from mesh.adapters.fs.reconcile import reconcile
-from mesh.core.reconcile import Known
+from mesh.adapters.fs.reconcile import reconcile, seen, shown
+from mesh.core.reconcile import Fingerprint
+from mesh.core.reconcile import shown as core_shown
 
 
 def tree(root: Path) -> list[str]:
@@ -23,7 +25,7 @@ def tree(root: Path) -> list[str]:
     return [*paths, "top"]
 
 
-def nothing_known(paths: list[str]) -> Mapping[str, Known]:
+def nothing_known(paths: list[str]) -> Mapping[str, Fingerprint]:
     return {}
 
 
@@ -46,3 +48,20 @@ def test_a_held_path_the_walk_did_not_find_is_gone(tmp_path: Path) -> None:
     assert out.gone == ["gone/file"]
     assert [p for run in out.to_scan() for p in run] == walked
     assert [len(run) for run in out.to_scan()] == [4, 4, 1]
+
+
+def test_what_a_stat_shows_is_the_core_s_fingerprint(tmp_path: Path) -> None:
+    """The walk's ``shown`` of an ``lstat`` is ``mesh.core.reconcile.shown`` of its
+    ``Seen``: a file, a folder, a symlink, a fifo, with setuid and sticky bits that
+    are never synced."""
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "file").chmod(0o4751)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir").chmod(0o1755)
+    (tmp_path / "link").symlink_to("file")
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("file", "dir", "link", "fifo"):
+        st = (tmp_path / name).lstat()
+        assert shown(st) == core_shown(seen(st)), name
+    assert shown((tmp_path / "file").lstat()) == (0o751, 1, *(
+        getattr((tmp_path / "file").lstat(), a) for a in ("st_mtime_ns", "st_ctime_ns", "st_ino")))

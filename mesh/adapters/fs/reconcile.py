@@ -22,11 +22,11 @@ from pathlib import Path
 from mesh.adapters.fs.beneath import PERMISSIONS
 from mesh.adapters.fs.scanner import PREHASH_BYTES, stat_tree
 from mesh.core.manifest import Kind
-from mesh.core.reconcile import Known, Seen, unchanged
+from mesh.core.reconcile import Fingerprint, Seen
 
 CHUNK = 2048  # paths per query of the index
 
-Lookup = Callable[[list[str]], Mapping[str, Known]]
+Lookup = Callable[[list[str]], Mapping[str, Fingerprint]]  # mesh.store.known
 
 
 @dataclass
@@ -55,10 +55,21 @@ def seen(st: os.stat_result) -> Seen:
                 (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
 
 
+def shown(st: os.stat_result) -> Fingerprint | None:
+    """``mesh.core.reconcile.shown(seen(st))``, without the ``Seen``: once per path."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return (mode & PERMISSIONS, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if stat.S_ISDIR(mode):
+        return (mode & PERMISSIONS,)
+    return None
+
+
 def reconcile(root: Path, ignore: Callable[[str], bool], lookup: Lookup,
               held: Callable[[], Iterable[str]], chunk: int = CHUNK) -> Reconciled:
-    """Walk ``root``: each path ``lookup`` (the index, in chunks) does not show
-    unchanged is to scan; each path ``held`` names that the walk did not find is gone
+    """Walk ``root``: each path that does not show what ``lookup`` (the index, in
+    chunks) expects of it unchanged (``mesh.core.reconcile``) is to scan; each path
+    ``held`` names that the walk did not find is gone
     (nothing is, when the index held nothing as the walk began: no set of the paths
     found is kept then)."""
     out = Reconciled()
@@ -67,11 +78,13 @@ def reconcile(root: Path, ignore: Callable[[str], bool], lookup: Lookup,
     run: list[str] = []
 
     def compare() -> None:
-        known = lookup([p for p, _ in batch])
+        expected = lookup([p for p, _ in batch])
         for path, st in batch:
-            if st is not None and unchanged(seen(st), known.get(path)):
-                out.unchanged += 1
-                continue
+            if st is not None:
+                want = expected.get(path)
+                if want is not None and want == shown(st):
+                    out.unchanged += 1
+                    continue
             run.append(path)
             if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= PREHASH_BYTES:
                 out.large.append(path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import resource
 import sys
@@ -30,7 +31,6 @@ import msgpack
 from mesh.adapters.fs.reconcile import Reconciled, reconcile
 from mesh.adapters.fs.scanner import Scanner, default_ignore
 from mesh.adapters.fs.watcher import Watcher
-from mesh.core.reconcile import Known
 from mesh.errors import MeshError, StoreError
 from mesh.store.index import Index
 from mesh.store.known import KnownPaths, open_reader
@@ -74,10 +74,8 @@ def walk(root: Path, known: KnownPaths, hashed: bool,
          ignore: Callable[[str], bool] = default_ignore) -> Reconciled:
     """``reconcile`` of ``root`` against what ``known`` reads of the index; without
     ``hashed`` (no stat cache) every file is to scan."""
-    def lookup(paths: list[str]) -> dict[str, Known]:
-        rows = known.known(paths)
-        return rows if hashed else {p: k._replace(cached=None) for p, k in rows.items()}
-    return reconcile(root, ignore, lookup, known.held)
+    return reconcile(root, ignore, functools.partial(known.expected, hashed=hashed),
+                     known.held)
 
 
 async def walk_in_process(root: Path, db: Path, hashed: bool) -> Reconciled:
