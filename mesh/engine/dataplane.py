@@ -20,6 +20,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Container, Iterable
 from pathlib import Path
 
+from mesh.adapters.fs.reconcile import Reconciled
 from mesh.adapters.fs.scanner import ScanError, Scanner, Unsettled
 from mesh.adapters.fs.walker import against_index
 from mesh.clock import now_ms
@@ -137,23 +138,32 @@ class DataPlane:
             self._deferred -= again
             await self.apply(await self._reaim(sorted(again)))
 
-    async def startup(self) -> int:
+    async def walk(self) -> Reconciled:
+        """The start-up walk: the index against the disk (``against_index``), timed."""
+        started = time.monotonic()
+        found = await against_index(self.scanner, self.index)
+        found.walk_s = time.monotonic() - started
+        return found
+
+    async def startup(self, found: Reconciled | None = None) -> int:
         """Keep what the pushes the last stop cut short had staged, then reconcile the
         index with the disk: what changed while we were down becomes local edits
         (unchanged files are not re-hashed); restores that were pending are asked for
-        again."""
+        again. ``found``: a walk made since the watcher opened, and before any push
+        landed (the agent begins it before its servers start, when no push was cut
+        short: ``mesh.engine.startwalk``)."""
         while self.keep.unfinished:
             push_id = self.keep.unfinished.pop()
             LOG.warning("push %s was cut short when the agent stopped: keeping what it "
                         "staged", push_id)
             await self.push_ended(push_id)
-        started = time.monotonic()
-        found = await against_index(self.scanner, self.index)
+        if found is None:
+            found = await self.walk()
         if found.large:  # hashing hundreds of MB would stall every link of this node
             await asyncio.to_thread(self.scanner.prehash, found.large)
         LOG.info("start-up reconcile: %d paths on disk, %d unchanged (not scanned), "
                  "%d to scan, %d gone; walked in %.2f s%s", found.on_disk, found.unchanged,
-                 found.changed, len(found.gone), time.monotonic() - started,
+                 found.changed, len(found.gone), found.walk_s,
                  f" (its process's peak RSS {found.peak_rss_kib / 1024:.0f} MiB)"
                  if found.peak_rss_kib else "")
         for paths in found.to_scan():  # a run at a time (issue 16: a million at once)

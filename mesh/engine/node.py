@@ -27,7 +27,6 @@ from typing import Any, Protocol
 
 from mesh import logs
 from mesh.adapters.fs.scanner import Scanner
-from mesh.adapters.fs.walker import open_watcher
 from mesh.adapters.fs.watcher import Watcher
 from mesh.adapters.lsyncd.agentwrites import AgentWrites
 from mesh.adapters.lsyncd.gate import GateServer
@@ -59,6 +58,7 @@ from mesh.engine.peerlinks import PeerLinks
 from mesh.engine.peerview import catching_up
 from mesh.engine.pushes import Pushes
 from mesh.engine.stalls import Stalls
+from mesh.engine.startwalk import StartWalk
 from mesh.pki import NodeCredentials
 from mesh.store import bulk
 from mesh.store.index import Index
@@ -126,6 +126,8 @@ class Node:
         ops.handlers.update(VersionOps(self.me, self.data).handlers)  # issue 14
         self.control = ControlServer(socket_path(config.state_dir), ops)
         self.watcher: Watcher | None = None
+        self.startwalk = StartWalk(self.data, lambda: Watcher(
+            config.data_dir, quiet=config.batch_quiet, cap=config.batch_cap, max_paths=4096))
         self.sizes = IndexSizes(self.index)  # counted at most every few counts' time
         self.waits = ContentWaitTable(self.index, config.stalled_after)  # what holds health
         self.stalls = Stalls(config.stalled_after, self.waits)
@@ -222,6 +224,7 @@ class Node:
         started: list[tuple[str, Server]] = []
         deadline: float | None = None
         try:
+            self.startwalk.begin()
             for name, server in self._servers():
                 await server.start()
                 started.append((name, server))
@@ -253,6 +256,7 @@ class Node:
             if deadline is None:  # a start failed, or a task did
                 deadline = asyncio.get_running_loop().time() + SHUTDOWN_S
             await _within(deadline, "lsyncd", self.lsyncd.stop())
+            await _within(deadline, "the start-up walk", self.startwalk.abandon())
             for name, server in reversed(started):
                 await _within(deadline, name, server.stop())
             self.index.close()
@@ -264,12 +268,10 @@ class Node:
         await self.links.run(self.config.peers, own, self.config.dns_interval)
 
     async def _watch(self) -> None:
-        watcher = Watcher(self.config.data_dir, quiet=self.config.batch_quiet,
-                          cap=self.config.batch_cap, max_paths=4096)
-        await open_watcher(watcher)
+        watcher, found = await self.startwalk.take()
         with watcher:
             self.watcher = watcher
-            count = await self.data.startup()
+            count = await self.data.startup(found)
             self.scanned = time.monotonic()
             LOG.info("start-up scan: %d paths on disk, %d indexed, in %.1f s", count,
                      self.index.count(), self.scanned - self._since_start)

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from mesh.adapters.fs import walker
+from mesh.adapters.fs.reconcile import Reconciled
 from mesh.adapters.fs.scanner import Scanner
 from mesh.adapters.fs.watcher import Watcher
-from mesh.errors import StoreError
+from mesh.engine.startwalk import StartWalk
+from mesh.errors import LocalProtocolError, StoreError
 from mesh.store.index import Index
 from mesh.store.known import open_reader
 from mesh.store.statcache import StatCache
@@ -109,3 +111,80 @@ async def test_the_watcher_lists_its_folders_off_the_loop(tmp_path: Path) -> Non
     assert await loop_turns_during(walker.open_watcher(watcher)) > 0
     with watcher:
         assert watcher.watch_count == 1 + 30 + 300
+
+
+async def test_the_walk_begun_early_is_what_startup_would_walk(tmp_path: Path) -> None:
+    """``StartWalk`` (issue 16: the walk begins before the agent's servers start): the
+    watcher is open when the walk begins, the walk is the one ``startup`` makes, and
+    ``startup`` given it does not walk again."""
+    root, db = tmp_path / "data", tmp_path / "state.db"
+    root.mkdir()
+    tree(root, 40)
+    agent = Agent(root, db)
+    await agent.plane.startup()
+    (root / "d1" / "f1").write_bytes(b"changed while down")
+    opened: list[Watcher] = []
+
+    def watcher() -> Watcher:
+        opened.append(Watcher(root))
+        return opened[-1]
+
+    walks = 0
+    walk = agent.plane.walk
+
+    async def counted() -> Reconciled:
+        nonlocal walks
+        assert opened[0].watch_count == 1 + 7  # every folder watched first
+        walks += 1
+        return await walk()
+
+    agent.plane.walk = counted  # type: ignore[method-assign]
+    early = StartWalk(agent.plane, watcher)
+    early.begin()
+    taken, found = await early.take()
+    with taken:
+        assert found is not None and walks == 1
+        assert [p for run in found.to_scan() for p in run] == ["d1/f1"]
+        agent.observed.clear()
+        assert await agent.plane.startup(found) == 40 + 7
+        assert walks == 1 and agent.observed == ["d1/f1"]
+
+
+async def test_after_a_cut_short_push_startup_walks_after_its_landing(tmp_path: Path) -> None:
+    """A push the last stop cut short lands first: the early walk is not made."""
+    root = tmp_path / "data"
+    root.mkdir()
+    tree(root, 5)
+    agent = Agent(root, tmp_path / "state.db")
+    agent.plane.keep.unfinished = ["p1"]
+    early = StartWalk(agent.plane, lambda: Watcher(root))
+    watcher, found = await early.take()
+    watcher.close()
+    assert found is None
+
+
+async def test_a_walk_begun_early_and_abandoned_leaves_nothing_running(tmp_path: Path) -> None:
+    """The agent stops (a server failed to start, say) before it took the walk: the
+    walk's process is killed and the watcher closed."""
+    root, db = tmp_path / "data", tmp_path / "state.db"
+    root.mkdir()
+    tree(root, 5000)
+    agent = Agent(root, db)
+    opened: list[Watcher] = []
+
+    def watcher() -> Watcher:
+        opened.append(Watcher(root))
+        return opened[-1]
+
+    before = _walkers()
+    early = StartWalk(agent.plane, watcher)
+    early.begin()
+    await until(lambda: bool(_walkers() - before), "the walker to start", 30)
+    started = _walkers() - before
+    for pid in started:
+        os.kill(pid, signal.SIGSTOP)  # so that it cannot end by itself
+    await early.abandon()
+    assert not (_walkers() & started)
+    assert len(opened) == 1
+    with pytest.raises(LocalProtocolError, match="closed watcher"):
+        opened[0].open()
