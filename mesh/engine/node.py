@@ -225,6 +225,7 @@ class Node:
         deadline: float | None = None
         try:
             self.startwalk.begin()
+            await self.startwalk.watching()
             for name, server in self._servers():
                 await server.start()
                 started.append((name, server))

@@ -5,7 +5,9 @@ walk runs in a process of its own (``mesh.adapters.fs.walker``), so it need not 
 for the broker, the tunnel, the gate, the control socket and the own link to come up
 first (a third of a second at 100,000 files). It begins as soon as the watcher is
 open: every folder watched before it is walked, so a change made during or after the
-walk is an event, and one made before it is found by the walk.
+walk is an event, and one made before it is found by the walk. The servers start once
+the watcher is open, not before: the watcher's listing of every folder, in a worker
+thread, took twice as long beside the servers' start (the GIL), and the walk waited.
 
 Not begun early when a push was cut short by the last stop: what that push staged
 lands first (``DataPlane.startup``), and the walk comes after it, as before.
@@ -30,9 +32,14 @@ class StartWalk:
         self._watcher = watcher
         self._task: asyncio.Task[tuple[Watcher, Reconciled | None]] | None = None
         self._taken = False
+        self._opened = asyncio.Event()  # set when the watcher is open, or failed to open
 
     def begin(self) -> None:
         self._task = asyncio.create_task(self._open_and_walk(), name="start-up walk")
+
+    async def watching(self) -> None:
+        """Until the watcher is open (a failure to open it is ``take``'s to raise)."""
+        await self._opened.wait()
 
     async def take(self) -> tuple[Watcher, Reconciled | None]:
         """The open watcher (the caller closes it) and the walk, or None when
@@ -55,7 +62,10 @@ class StartWalk:
 
     async def _open_and_walk(self) -> tuple[Watcher, Reconciled | None]:
         watcher = self._watcher()
-        await open_watcher(watcher)  # cancelled, it closes the watcher
+        try:
+            await open_watcher(watcher)  # cancelled, it closes the watcher
+        finally:
+            self._opened.set()
         if self.data.keep.unfinished:
             return watcher, None
         try:

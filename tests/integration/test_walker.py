@@ -18,7 +18,7 @@ from mesh.adapters.fs.reconcile import Reconciled
 from mesh.adapters.fs.scanner import Scanner
 from mesh.adapters.fs.watcher import Watcher
 from mesh.engine.startwalk import StartWalk
-from mesh.errors import LocalProtocolError, StoreError
+from mesh.errors import LocalProtocolError, MeshError, StoreError
 from mesh.store.index import Index
 from mesh.store.known import open_reader
 from mesh.store.statcache import StatCache
@@ -188,3 +188,32 @@ async def test_a_walk_begun_early_and_abandoned_leaves_nothing_running(tmp_path:
     assert len(opened) == 1
     with pytest.raises(LocalProtocolError, match="closed watcher"):
         opened[0].open()
+
+
+async def test_the_servers_wait_for_the_watcher_not_for_the_walk(tmp_path: Path) -> None:
+    """``watching`` returns once every folder is watched (the agent then starts its
+    servers), while the walk may still run; when the watcher cannot open, it returns
+    too, and ``take`` raises why."""
+    root, db = tmp_path / "data", tmp_path / "state.db"
+    root.mkdir()
+    tree(root, 5000)
+    agent = Agent(root, db)
+    opened: list[Watcher] = []
+
+    def watcher() -> Watcher:
+        opened.append(Watcher(root))
+        return opened[-1]
+
+    early = StartWalk(agent.plane, watcher)
+    early.begin()
+    await early.watching()
+    assert opened[0].watch_count == 1 + 7
+    taken, found = await early.take()
+    taken.close()
+    assert found is not None and found.on_disk == 5000 + 7
+
+    broken = StartWalk(agent.plane, lambda: Watcher(tmp_path / "missing"))
+    broken.begin()
+    await asyncio.wait_for(broken.watching(), 30)
+    with pytest.raises(MeshError):
+        await broken.take()
