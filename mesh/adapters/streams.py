@@ -49,12 +49,16 @@ class Connections:
             LOG.warning("%s: dropped a connection: %d open, the limit", self.what, self.limit)
             writer.transport.abort()
             return
-        self.spawn(handler)
+        self.spawn(handler).add_done_callback(lambda _: _abort_open(writer))
 
-    def spawn(self, handler: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    def spawn(self, handler: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
+        """A task for ``handler()``. Cancelled before it began (a stop right after the
+        accept), its handler never runs: what it was to close, the caller closes when
+        the task is done."""
         task = asyncio.create_task(handler())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self, grace: float = 0.0) -> None:
         """Let the handlers finish for ``grace`` seconds, then cancel the rest."""
@@ -63,6 +67,12 @@ class Connections:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _abort_open(writer: asyncio.StreamWriter) -> None:
+    """A connection whose handler is done and left it open (it never ran): abort it."""
+    if not writer.transport.is_closing():
+        writer.transport.abort()
 
 
 async def close_stream(writer: asyncio.StreamWriter, within: float = 5.0) -> None:

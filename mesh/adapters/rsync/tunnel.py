@@ -155,7 +155,10 @@ class TunnelServer(Listener):
             LOG.warning("tunnel: refused %s: %d pushes running, the limit", address,
                         len(self._connections))
             return
-        self._connections.spawn(functools.partial(self._serve, client, tls, address))
+        serving = self._connections.spawn(functools.partial(self._serve, client, tls, address))
+        # Once served, the socket is closed (by its transport, or by ``open_tls``); a
+        # handler cancelled before it began would leave it open.
+        serving.add_done_callback(lambda _: client.close())
 
     async def _serve(self, client: socket.socket, tls: ssl.SSLContext, address: str) -> None:
         opened = await open_tls(client, tls, self.limits.handshake_timeout)
