@@ -293,9 +293,11 @@ class Cluster:
                 with contextlib.suppress(Exception):
                     self.resume(node)
                 self.stop(node)
-            elif node.proc is not None:
+            elif node.proc is not None:  # it ended by itself
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(node.proc.pid, signal.SIGKILL)
+                if node.log_file is not None:
+                    node.log_file.close()
             end_lsyncd(node)
         self.proxies.close()
 

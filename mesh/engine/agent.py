@@ -9,12 +9,15 @@ import logging
 import signal
 
 from mesh import logs
+from mesh.adapters.fs.walker import against_index
+from mesh.adapters.fs.watcher import Watcher
 from mesh.config import AgentConfig
 from mesh.engine import gcpolicy
 from mesh.engine.loopwatch import LoopWatch
-from mesh.engine.node import Node
+from mesh.engine.nodestate import NodeState
+from mesh.engine.startwalk import StartWalk
 from mesh.errors import MeshError
-from mesh.pki import load_node
+from mesh.pki import NodeCredentials, load_node
 
 LOG = logging.getLogger("mesh.engine.node")
 
@@ -24,7 +27,7 @@ def run_agent(config: AgentConfig) -> int:
     logs.setup(config.node_id, config.log_format, config.log_level)
     try:
         creds = load_node(config.pki_dir, config.node_id)
-        node = Node(config, creds)
+        state = NodeState.open(config)
     except MeshError as err:
         LOG.error("cannot start: %s", err)
         return 2
@@ -36,14 +39,31 @@ def run_agent(config: AgentConfig) -> int:
         runner = asyncio.Runner()
     gcpolicy.tune()  # issue 3: the collector's passes were the latency's tail
     with runner:
-        return runner.run(_main(node))
+        return runner.run(_main(config, creds, state))
 
 
-async def _main(node: Node) -> int:
-    stop = asyncio.Event()
+async def _main(config: AgentConfig, creds: NodeCredentials, state: NodeState) -> int:
+    stop = asyncio.Event()  # a stop during the start ends the node as it begins to run
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # The start-up walk first, in its own process: the node's imports and its
+    # servers' start run beside it (mesh.engine.startwalk).
+    startwalk = StartWalk(lambda: against_index(state.scanner, state.index), state.keep,
+                          lambda: Watcher(config.data_dir, quiet=config.batch_quiet,
+                                          cap=config.batch_cap, max_paths=4096))
+    await startwalk.walking()
+    try:
+        from mesh.engine.node import Node  # the broker and the rest: the walk runs
+
+        node = Node(config, creds, state, startwalk)
+    except BaseException as failed:
+        await startwalk.abandon()
+        state.index.close()
+        if not isinstance(failed, MeshError):
+            raise
+        LOG.error("cannot start: %s", failed)
+        return 2
     failures: list[BaseException] = []
     watch = LoopWatch(loop)  # logs where the loop is, when it is held for seconds
     watch.start()

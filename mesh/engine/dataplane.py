@@ -138,13 +138,6 @@ class DataPlane:
             self._deferred -= again
             await self.apply(await self._reaim(sorted(again)))
 
-    async def walk(self) -> Reconciled:
-        """The start-up walk: the index against the disk (``against_index``), timed."""
-        started = time.monotonic()
-        found = await against_index(self.scanner, self.index)
-        found.walk_s = time.monotonic() - started
-        return found
-
     async def startup(self, found: Reconciled | None = None) -> int:
         """Keep what the pushes the last stop cut short had staged, then reconcile the
         index with the disk: what changed while we were down becomes local edits
@@ -158,7 +151,7 @@ class DataPlane:
                         "staged", push_id)
             await self.push_ended(push_id)
         if found is None:
-            found = await self.walk()
+            found = await against_index(self.scanner, self.index)
         if found.large:  # hashing hundreds of MB would stall every link of this node
             await asyncio.to_thread(self.scanner.prehash, found.large)
         LOG.info("start-up reconcile: %d paths on disk, %d unchanged (not scanned), "

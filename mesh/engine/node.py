@@ -26,7 +26,6 @@ from collections.abc import Container, Coroutine
 from typing import Any, Protocol
 
 from mesh import logs
-from mesh.adapters.fs.scanner import Scanner
 from mesh.adapters.fs.watcher import Watcher
 from mesh.adapters.lsyncd.agentwrites import AgentWrites
 from mesh.adapters.lsyncd.gate import GateServer
@@ -38,18 +37,17 @@ from mesh.adapters.mqtt.peers import local_addresses
 from mesh.adapters.mqtt.session import LinkState
 from mesh.adapters.rsync.tunnel import TunnelServer
 from mesh.config import AgentConfig
-from mesh.core import admit
 from mesh.core.effects import Effect
 from mesh.core.pushplan import OWN_GRACE
 from mesh.core.replica import Replica
 from mesh.core.resolver import Version
 from mesh.core.vclock import Ordering
 from mesh.engine.admission import PushAdmission
-from mesh.engine.bounds import clock_at_start, purge_once
+from mesh.engine.bounds import clock_at_start
 from mesh.engine.collector import HORIZON_KEY, Collector, KeepLimits, KeepMetrics
 from mesh.engine.dataplane import DataPlane
 from mesh.engine.exchange import Exchange
-from mesh.engine.keep import KeepArea
+from mesh.engine.nodestate import NodeState
 from mesh.engine.ops.control import ControlServer, Operations, socket_path
 from mesh.engine.ops.health import DEFAULT_MAX_LAG, health_problems
 from mesh.engine.ops.metrics import Metrics, MetricsServer, StalledCollector
@@ -61,9 +59,7 @@ from mesh.engine.stalls import Stalls
 from mesh.engine.startwalk import StartWalk
 from mesh.pki import NodeCredentials
 from mesh.store import bulk
-from mesh.store.index import Index
 from mesh.store.sizes import IndexSizes
-from mesh.store.statcache import StatCache
 from mesh.store.waits import ContentWaitTable
 
 LOG = logging.getLogger("mesh.engine.node")
@@ -74,24 +70,21 @@ STATUS_INTERVAL = 1.0
 class Node:
     """The parts of one node and the tasks that run them."""
 
-    def __init__(self, config: AgentConfig, creds: NodeCredentials) -> None:
+    def __init__(self, config: AgentConfig, creds: NodeCredentials, state: NodeState,
+                 startwalk: StartWalk) -> None:
+        """``state``: opened by the agent, and ``startwalk`` begun over it, before this
+        module was imported (``mesh.engine.nodestate``)."""
         self.config = config
         self.creds = creds
         self.me = config.node_id
         self._reachable = asyncio.Event()  # a link or a hello changed: which peers to push to
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.keep = KeepArea(config.data_dir)
-        self.index = Index(config.state_db, keep=self.keep.has)
-        self.epoch = int(self.index.get_meta("epoch", 0)) + 1
-        self.index.set_meta("epoch", self.epoch)
-        self.limits = admit.Limits(max_skew_ms=round(config.max_clock_skew * 1000))
-        purge_once(self.index, self.me, self.limits)
+        self.keep, self.index, self.epoch = state.keep, state.index, state.epoch
+        self.limits, self.scanner = state.limits, state.scanner
+        self.startwalk = startwalk
         self.replica = Replica(self.me, self.index, clock_at_start(self.index, self.limits),
                                horizon=int(self.index.get_meta(HORIZON_KEY, 0)))
         self.broker = EmbeddedBroker(BrokerSettings(creds, config.listen.host, config.listen.port))
         self.own: OwnClient | None = None
-        self.scanner = Scanner(config.data_dir, cache=StatCache(self.index.db))
         self.data = DataPlane(root=config.data_dir, replica=self.replica, index=self.index,
                               keep=self.keep, scanner=self.scanner, forward=self._forward,
                               being_written=self._being_written)
@@ -126,8 +119,6 @@ class Node:
         ops.handlers.update(VersionOps(self.me, self.data).handlers)  # issue 14
         self.control = ControlServer(socket_path(config.state_dir), ops)
         self.watcher: Watcher | None = None
-        self.startwalk = StartWalk(self.data, lambda: Watcher(
-            config.data_dir, quiet=config.batch_quiet, cap=config.batch_cap, max_paths=4096))
         self.sizes = IndexSizes(self.index)  # counted at most every few counts' time
         self.waits = ContentWaitTable(self.index, config.stalled_after)  # what holds health
         self.stalls = Stalls(config.stalled_after, self.waits)
@@ -224,8 +215,7 @@ class Node:
         started: list[tuple[str, Server]] = []
         deadline: float | None = None
         try:
-            self.startwalk.begin()
-            await self.startwalk.watching()
+            await self.startwalk.walking()  # begun by the agent, as a rule
             for name, server in self._servers():
                 await server.start()
                 started.append((name, server))

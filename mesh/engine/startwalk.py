@@ -1,13 +1,14 @@
-"""The start-up walk, begun before the agent's servers start (issue 16).
+"""The start-up walk, begun before the rest of the agent (issue 16).
 
 A restart on unchanged files is healthy once the walk has found nothing changed; the
 walk runs in a process of its own (``mesh.adapters.fs.walker``), so it need not wait
-for the broker, the tunnel, the gate, the control socket and the own link to come up
-first (a third of a second at 100,000 files). It begins as soon as the watcher is
-open: every folder watched before it is walked, so a change made during or after the
-walk is an event, and one made before it is found by the walk. The servers start once
-the watcher is open, not before: the watcher's listing of every folder, in a worker
-thread, took twice as long beside the servers' start (the GIL), and the walk waited.
+for the agent to import the broker and the rest of the node, nor for the broker, the
+tunnel, the gate, the control socket and the own link to come up. It begins as soon
+as the watcher is open: every folder watched before it is walked, so a change made
+during or after the walk is an event, and one made before it is found by the walk.
+The agent goes on (imports, servers) once the walk's process runs: the watcher's
+listing of every folder, in a worker thread, took twice as long beside the servers'
+start (the GIL).
 
 Not begun early when a push was cut short by the last stop: what that push staged
 lands first (``DataPlane.startup``), and the walk comes after it, as before.
@@ -16,36 +17,40 @@ lands first (``DataPlane.startup``), and the walk comes after it, as before.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from mesh.adapters.fs.reconcile import Reconciled
 from mesh.adapters.fs.walker import open_watcher
 from mesh.adapters.fs.watcher import Watcher
-from mesh.engine.dataplane import DataPlane
+from mesh.engine.keep import KeepArea
 
 
 class StartWalk:
     """Open the watcher and walk, in a task of its own; ``take`` hands both over."""
 
-    def __init__(self, data: DataPlane, watcher: Callable[[], Watcher]) -> None:
-        self.data = data
+    def __init__(self, walk: Callable[[], Awaitable[Reconciled]], keep: KeepArea,
+                 watcher: Callable[[], Watcher]) -> None:
+        self._walk = walk
+        self.keep = keep
         self._watcher = watcher
         self._task: asyncio.Task[tuple[Watcher, Reconciled | None]] | None = None
         self._taken = False
-        self._opened = asyncio.Event()  # set when the watcher is open, or failed to open
+        self._begun = asyncio.Event()  # the walk runs, or will not be made early
 
     def begin(self) -> None:
-        self._task = asyncio.create_task(self._open_and_walk(), name="start-up walk")
+        if self._task is None:
+            self._task = asyncio.create_task(self._open_and_walk(), name="start-up walk")
 
-    async def watching(self) -> None:
-        """Until the watcher is open (a failure to open it is ``take``'s to raise)."""
-        await self._opened.wait()
+    async def walking(self) -> None:
+        """Until the watcher is open and the walk has begun (or either failed, or the
+        walk is left to ``startup``): what fails is ``take``'s to raise."""
+        self.begin()
+        await self._begun.wait()
 
     async def take(self) -> tuple[Watcher, Reconciled | None]:
         """The open watcher (the caller closes it) and the walk, or None when
         ``DataPlane.startup`` is to walk (after the landing of a cut-short push)."""
-        if self._task is None:
-            self.begin()
+        self.begin()
         assert self._task is not None
         self._taken = True
         return await self._task
@@ -64,12 +69,20 @@ class StartWalk:
         watcher = self._watcher()
         try:
             await open_watcher(watcher)  # cancelled, it closes the watcher
-        finally:
-            self._opened.set()
-        if self.data.keep.unfinished:
-            return watcher, None
-        try:
-            return watcher, await self.data.walk()
+            if self.keep.unfinished:
+                return watcher, None
+            walking = asyncio.ensure_future(self._walk())
         except BaseException:
+            watcher.close()
+            raise
+        finally:
+            # Set before the walk's first step runs, the waiter resumes after it: once
+            # the walk's process is started (its first suspension).
+            self._begun.set()
+        try:
+            return watcher, await walking
+        except BaseException:
+            walking.cancel()
+            await asyncio.wait([walking])
             watcher.close()
             raise

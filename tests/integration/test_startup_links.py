@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.cluster import Node, running, wait_for
+from tests.cluster import BROKER_PORT, Node, running, wait_for
 
 NETS = ("127.0.51", "127.0.52")  # networks of this file's own (tests/cluster.py)
 # Measured (2 cores, load about 2): with the code before issue 16's fix the own link
@@ -84,3 +85,39 @@ def test_a_restart_logs_when_it_has_caught_up_and_health_agrees(tmp_path: Path) 
         wait_for(lambda: caught_up(n1) == 2, 60, "n1 caught up after its restart")
         result = health(n1)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_agent_that_cannot_listen_exits_with_one_line_and_leaves_no_walk(
+        tmp_path: Path) -> None:
+    """The start-up walk begins before the servers start (``mesh.engine.startwalk``):
+    an agent whose broker port is taken still says why in one line and exits 2, and
+    the walk's process it had started is stopped with it."""
+    with running(tmp_path, size=1, start=False, nets=NETS) as c:
+        (n1,) = c.nodes
+        fill(n1.data, 20_000)  # a walk still running when the bind fails
+        taken = socket.create_server((n1.host, BROKER_PORT))
+        try:
+            c.start(n1)
+            assert n1.proc is not None
+            code = n1.proc.wait(60)
+        finally:
+            taken.close()
+        log = n1.log.read_text(errors="replace")
+        assert code == 2, log
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and f"listen on {n1.host}:{BROKER_PORT}" in errors[0], log
+        assert "Traceback" not in log
+        assert walkers_of(n1.data) == []
+
+
+def walkers_of(data: Path) -> list[int]:
+    """Pids of the start-up walks of ``data`` running now."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mesh.adapters.fs.walker" in argv and os.fsencode(data) in argv:
+            pids.append(int(cmdline.parent.name))
+    return pids

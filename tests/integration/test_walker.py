@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -39,7 +40,8 @@ async def test_the_process_finds_what_the_thread_finds(tmp_path: Path) -> None:
     found = await walker.against_index(agent.scanner, agent.index)  # in a process
     with open_reader(db) as known:
         in_thread = walker.walk(root, known, hashed=True)
-    assert dataclasses.replace(found, peak_rss_kib=0) == in_thread
+    assert dataclasses.replace(found, peak_rss_kib=0, walk_s=0.0) == in_thread
+    assert found.walk_s > 0  # as the agent saw it, for its log
     assert found.peak_rss_kib > 0  # the walker's own, for the agent's log
     assert (found.on_disk, found.changed, found.gone) == (61 + 7, 3, ["d2/f2"])
     assert found.large == ["big"]
@@ -130,16 +132,14 @@ async def test_the_walk_begun_early_is_what_startup_would_walk(tmp_path: Path) -
         return opened[-1]
 
     walks = 0
-    walk = agent.plane.walk
 
     async def counted() -> Reconciled:
         nonlocal walks
         assert opened[0].watch_count == 1 + 7  # every folder watched first
         walks += 1
-        return await walk()
+        return await walker.against_index(agent.scanner, agent.index)
 
-    agent.plane.walk = counted  # type: ignore[method-assign]
-    early = StartWalk(agent.plane, watcher)
+    early = StartWalk(counted, agent.plane.keep, watcher)
     early.begin()
     taken, found = await early.take()
     with taken:
@@ -157,7 +157,8 @@ async def test_after_a_cut_short_push_startup_walks_after_its_landing(tmp_path: 
     tree(root, 5)
     agent = Agent(root, tmp_path / "state.db")
     agent.plane.keep.unfinished = ["p1"]
-    early = StartWalk(agent.plane, lambda: Watcher(root))
+    early = StartWalk(functools.partial(walker.against_index, agent.scanner, agent.index),
+                      agent.plane.keep, lambda: Watcher(root))
     watcher, found = await early.take()
     watcher.close()
     assert found is None
@@ -177,7 +178,8 @@ async def test_a_walk_begun_early_and_abandoned_leaves_nothing_running(tmp_path:
         return opened[-1]
 
     before = _walkers()
-    early = StartWalk(agent.plane, watcher)
+    early = StartWalk(functools.partial(walker.against_index, agent.scanner, agent.index),
+                      agent.plane.keep, watcher)
     early.begin()
     await until(lambda: bool(_walkers() - before), "the walker to start", 30)
     started = _walkers() - before
@@ -190,10 +192,10 @@ async def test_a_walk_begun_early_and_abandoned_leaves_nothing_running(tmp_path:
         opened[0].open()
 
 
-async def test_the_servers_wait_for_the_watcher_not_for_the_walk(tmp_path: Path) -> None:
-    """``watching`` returns once every folder is watched (the agent then starts its
-    servers), while the walk may still run; when the watcher cannot open, it returns
-    too, and ``take`` raises why."""
+async def test_the_agent_goes_on_once_the_walk_runs(tmp_path: Path) -> None:
+    """``walking`` returns once every folder is watched and the walk has begun (the
+    agent then imports the node and starts its servers); when the watcher cannot
+    open, it returns too, and ``take`` raises why."""
     root, db = tmp_path / "data", tmp_path / "state.db"
     root.mkdir()
     tree(root, 5000)
@@ -204,16 +206,16 @@ async def test_the_servers_wait_for_the_watcher_not_for_the_walk(tmp_path: Path)
         opened.append(Watcher(root))
         return opened[-1]
 
-    early = StartWalk(agent.plane, watcher)
-    early.begin()
-    await early.watching()
+    early = StartWalk(functools.partial(walker.against_index, agent.scanner, agent.index),
+                      agent.plane.keep, watcher)
+    await early.walking()
     assert opened[0].watch_count == 1 + 7
     taken, found = await early.take()
     taken.close()
     assert found is not None and found.on_disk == 5000 + 7
 
-    broken = StartWalk(agent.plane, lambda: Watcher(tmp_path / "missing"))
-    broken.begin()
-    await asyncio.wait_for(broken.watching(), 30)
+    broken = StartWalk(functools.partial(walker.against_index, agent.scanner, agent.index),
+                       agent.plane.keep, lambda: Watcher(tmp_path / "missing"))
+    await asyncio.wait_for(broken.walking(), 30)
     with pytest.raises(MeshError):
         await broken.take()

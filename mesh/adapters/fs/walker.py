@@ -22,6 +22,7 @@ import functools
 import logging
 import resource
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -42,9 +43,17 @@ SAID_LINES = 50  # lines of what a walk that ended well said (warnings) logged, 
 
 
 async def against_index(scanner: Scanner, index: Index) -> Reconciled:
-    """``reconcile`` the scanner's tree with ``index``: with the agent's rules
-    (``default_ignore``), in a process of its own; with others, in a worker thread; an
-    index in memory (tests) has one connection, read on this thread."""
+    """``reconcile`` the scanner's tree with ``index``, timed (``walk_s``)."""
+    started = time.monotonic()
+    found = await _against_index(scanner, index)
+    found.walk_s = time.monotonic() - started
+    return found
+
+
+async def _against_index(scanner: Scanner, index: Index) -> Reconciled:
+    """With the agent's rules (``default_ignore``), in a process of its own; with
+    others, in a worker thread; an index in memory (tests) has one connection, read
+    on this thread."""
     hashed = scanner.cache is not None  # no stat cache: every file is scanned
     if index.path is None:
         return walk(scanner.root, KnownPaths(index.db), hashed, scanner.ignore)
