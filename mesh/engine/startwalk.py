@@ -7,8 +7,7 @@ tunnel, the gate, the control socket and the own link to come up. It begins as s
 as the watcher is open: every folder watched before it is walked, so a change made
 during or after the walk is an event, and one made before it is found by the walk.
 The agent goes on (imports, servers) once the walk's process runs: the watcher's
-listing of every folder, in a worker thread, took twice as long beside the servers'
-start (the GIL).
+listing of every folder, in a worker thread, would compete with them for the GIL.
 
 Not begun early when a push was cut short by the last stop: what that push staged
 lands first (``DataPlane.startup``), and the walk comes after it, as before.
