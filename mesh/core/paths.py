@@ -115,6 +115,7 @@ def reserved(path: str) -> str | None:
     top, _, _ = path.partition("/")
     if top in RESERVED_TOP:
         return f"{top} is the agent's own"
-    if RSYNC_TEMP.fullmatch(path.rpartition("/")[2]) is not None:
+    name = path.rpartition("/")[2]
+    if name[:1] == "." and RSYNC_TEMP.fullmatch(name) is not None:  # a walk: every name
         return "an rsync temp name (.NAME.XXXXXX)"
     return None
