@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import time
+from pathlib import Path
 
 from mesh import logs
 from mesh.adapters.fs.walker import against_index
@@ -42,6 +45,17 @@ def run_agent(config: AgentConfig) -> int:
         return runner.run(_main(config, creds, state))
 
 
+def process_age() -> float:
+    """Seconds since this process started (its imports included), from the kernel's
+    record of its start; 0.0 where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        began = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, ticks
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - began)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 async def _main(config: AgentConfig, creds: NodeCredentials, state: NodeState) -> int:
     stop = asyncio.Event()  # a stop during the start ends the node as it begins to run
     loop = asyncio.get_running_loop()
@@ -56,7 +70,7 @@ async def _main(config: AgentConfig, creds: NodeCredentials, state: NodeState) -
     try:
         from mesh.engine.node import Node  # the broker and the rest: the walk runs
 
-        node = Node(config, creds, state, startwalk)
+        node = Node(config, creds, state, startwalk, started=time.monotonic() - process_age())
     except BaseException as failed:
         await startwalk.abandon()
         state.index.close()

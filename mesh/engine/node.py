@@ -71,9 +71,10 @@ class Node:
     """The parts of one node and the tasks that run them."""
 
     def __init__(self, config: AgentConfig, creds: NodeCredentials, state: NodeState,
-                 startwalk: StartWalk) -> None:
+                 startwalk: StartWalk, started: float | None = None) -> None:
         """``state``: opened by the agent, and ``startwalk`` begun over it, before this
-        module was imported (``mesh.engine.nodestate``)."""
+        module was imported (``mesh.engine.nodestate``); ``started``: when the agent's
+        process started (``time.monotonic()``), for "caught up after start"."""
         self.config = config
         self.creds = creds
         self.me = config.node_id
@@ -135,7 +136,7 @@ class Node:
             LsyncdSettings(config.data_dir, config.gate_socket, delay=config.lsyncd_delay,
                            pace=config.lsyncd_pace, agent_writes=self.agent_writes.path)))
         self.started = time.time()
-        self._since_start = time.monotonic()  # the agent's start, for "caught up after"
+        self._since_start = time.monotonic() if started is None else started
         self.scanned: float | None = None  # when the start-up scan ended (monotonic)
         self._caught_up_logged = False
         self._status_now = asyncio.Event()  # write the status without waiting the interval
