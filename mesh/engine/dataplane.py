@@ -142,9 +142,9 @@ class DataPlane:
         """Keep what the pushes the last stop cut short had staged, then reconcile the
         index with the disk: what changed while we were down becomes local edits
         (unchanged files are not re-hashed); restores that were pending are asked for
-        again. ``found``: a walk made since the watcher opened, and before any push
-        landed (the agent begins it before its servers start, when no push was cut
-        short: ``mesh.engine.startwalk``)."""
+        again. ``found``: a walk begun once the watcher was open, and after the landing
+        of any push the last stop cut short (``mesh.engine.startwalk``); what changes
+        during it is an event, or recorded by the push that lands it."""
         while self.keep.unfinished:
             push_id = self.keep.unfinished.pop()
             LOG.warning("push %s was cut short when the agent stopped: keeping what it "
