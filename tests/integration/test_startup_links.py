@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from mesh.adapters.fs import walkproc
 from tests.cluster import BROKER_PORT, Node, running, wait_for
 
 NETS = ("127.0.51", "127.0.52")  # networks of this file's own (tests/cluster.py)
@@ -118,6 +119,6 @@ def walkers_of(data: Path) -> list[int]:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"mesh.adapters.fs.walker" in argv and os.fsencode(data) in argv:
+        if walkproc.__name__.encode() in argv and os.fsencode(data) in argv:
             pids.append(int(cmdline.parent.name))
     return pids

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.adapters.fs import walker
+from mesh.adapters.fs import walker, walkproc
 from mesh.adapters.fs.reconcile import Reconciled
 from mesh.adapters.fs.scanner import Scanner
 from mesh.adapters.fs.watcher import Watcher
@@ -39,7 +39,7 @@ async def test_the_process_finds_what_the_thread_finds(tmp_path: Path) -> None:
     (root / "big").write_bytes(b"x" * (1 << 20))
     found = await walker.against_index(agent.scanner, agent.index)  # in a process
     with open_reader(db) as known:
-        in_thread = walker.walk(root, known, hashed=True)
+        in_thread = walkproc.walk(root, known, hashed=True)
     assert dataclasses.replace(found, peak_rss_kib=0, walk_s=0.0) == in_thread
     assert found.walk_s > 0  # as the agent saw it, for its log
     assert found.peak_rss_kib > 0  # the walker's own, for the agent's log
@@ -96,7 +96,7 @@ def _walkers() -> set[int]:
     out = set()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if b"mesh.adapters.fs.walker" in cmdline.read_bytes():
+            if walkproc.__name__.encode() in cmdline.read_bytes():
                 out.add(int(cmdline.parent.name))
         except OSError:
             continue

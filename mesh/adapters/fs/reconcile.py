@@ -40,7 +40,7 @@ class Reconciled:
     runs: list[str] = field(default_factory=list)
     large: list[str] = field(default_factory=list)  # of those, files worth hashing first
     gone: list[str] = field(default_factory=list)  # indexed as held, not found
-    peak_rss_kib: int = 0  # of the walk's own process (mesh.adapters.fs.walker), if any
+    peak_rss_kib: int = 0  # of the walk's own process (mesh.adapters.fs.walkproc), if any
     walk_s: float = 0.0  # how long the walk took, as the agent saw it
 
     def to_scan(self) -> Iterator[list[str]]:

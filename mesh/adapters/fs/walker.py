@@ -9,30 +9,27 @@ takes 1.9 s, and spent 8 CPU-seconds. A process shares no GIL; what it found com
 back as one msgpack document on its stdout. The set of every path found (at a
 restart, to tell what is gone) lives in that process and goes with it.
 
-``python -m mesh.adapters.fs.walker ROOT STATE_DB HASHED`` walks with the agent's own
-rules (``default_ignore``); stopped by its pid when the agent stops during the walk.
-What it says on stderr (a name skipped, a folder it could not list) the agent logs.
+The process is ``mesh.adapters.fs.walkproc``'s, stopped by its pid when the agent
+stops during the walk; what it says on stderr the agent logs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import resource
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import msgpack
 
-from mesh.adapters.fs.reconcile import Reconciled, reconcile
+from mesh.adapters.fs import walkproc
+from mesh.adapters.fs.reconcile import Reconciled
 from mesh.adapters.fs.scanner import Scanner, default_ignore
+from mesh.adapters.fs.walkproc import walk
 from mesh.adapters.fs.watcher import Watcher
-from mesh.errors import MeshError, StoreError
+from mesh.errors import StoreError
 from mesh.store.index import Index
 from mesh.store.known import KnownPaths, open_reader
 
@@ -79,19 +76,11 @@ async def open_watcher(watcher: Watcher) -> None:
         raise
 
 
-def walk(root: Path, known: KnownPaths, hashed: bool,
-         ignore: Callable[[str], bool] = default_ignore) -> Reconciled:
-    """``reconcile`` of ``root`` against what ``known`` reads of the index; without
-    ``hashed`` (no stat cache) every file is to scan."""
-    return reconcile(root, ignore, functools.partial(known.expected, hashed=hashed),
-                     known.held)
-
-
 async def walk_in_process(root: Path, db: Path, hashed: bool) -> Reconciled:
     """``walk`` in a child process; raises ``StoreError`` if it fails. Cancelled, the
     child is killed and reaped."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", __name__, str(root), str(db), "1" if hashed else "0",
+        sys.executable, "-m", walkproc.__name__, str(root), str(db), "1" if hashed else "0",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
     try:
@@ -114,20 +103,3 @@ async def walk_in_process(root: Path, db: Path, hashed: bool) -> Reconciled:
         return Reconciled(**msgpack.unpackb(out))
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise StoreError(f"the start-up walk of {root} answered garbage: {e}") from e
-
-
-def main(argv: list[str]) -> int:
-    root, db, hashed = argv
-    try:
-        with open_reader(Path(db)) as known:
-            found = walk(Path(root), known, hashed == "1")
-    except MeshError as err:  # said as it is; anything else is a bug: its traceback
-        print(err, file=sys.stderr)
-        return 1
-    found.peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    sys.stdout.buffer.write(msgpack.packb(asdict(found)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
