@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -370,3 +372,41 @@ def test_cli_help_lists_every_setting() -> None:
     for setting in config.SETTINGS.values():
         assert setting.flag in result.output
         assert setting.env in result.output
+
+
+AGENT_ALONE = """
+import atexit, sys
+atexit.register(lambda: print(sorted(m for m in sys.modules if m.startswith("mesh.cli.")),
+                              file=sys.stderr))
+sys.argv = ["mesh", *sys.argv[1:]]
+from mesh.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["agent", "--help"], 0),
+    (["agent", "--node-id", "n", "--listen", "nowhere"], 2),
+    (["agent", "--no-such-flag"], 2),
+])
+def test_mesh_agent_is_built_alone_and_says_the_same(args: list[str], code: int) -> None:
+    """``mesh agent`` (``mesh.cli.main``) builds no other command: their modules cost
+    the agent's start, a restart's critical path, 0.15 s. Its help and its errors
+    are the ones the whole app gives."""
+    env = {**os.environ, "COLUMNS": "300"}
+    alone = subprocess.run([sys.executable, "-c", AGENT_ALONE, *args], capture_output=True,
+                           text=True, env=env, timeout=60, check=False)
+    assert alone.returncode == code, alone.stderr
+    loaded = alone.stderr.strip().splitlines()[-1]
+    assert loaded == "['mesh.cli.agent']", loaded
+    whole = CliRunner(env={"COLUMNS": "300"}).invoke(cli_app(), args)
+    assert whole.exit_code == code
+    if code == 0:
+        def body(text: str) -> list[str]:  # but the usage line, which names the program
+            return [line for line in text.splitlines() if "Usage:" not in line]
+
+        assert body(alone.stdout) == body(whole.output)
+        for setting in config.SETTINGS.values():
+            assert setting.flag in alone.stdout and setting.env in alone.stdout
+    elif "nowhere" in args:
+        assert alone.stderr.splitlines()[0] == whole.stderr.strip()

@@ -1,37 +1,31 @@
-"""The ``mesh`` command."""
+"""The ``mesh`` command.
+
+``mesh agent`` is built alone: the agent's start is on every restart's critical path
+(issue 16), and the other commands' modules (the operators' clients, the local
+cluster, Swarm) cost it 0.15 s of imports before its start-up walk could begin.
+Everything else, and ``app`` for tests, is ``mesh.cli.commands``.
+"""
 
 from __future__ import annotations
 
-import typer
-
-from mesh.cli.agent import agent
-from mesh.cli.local import local_app
-from mesh.cli.ops import register as register_ops
-from mesh.cli.pki import pki_app
-from mesh.cli.swarm import register as register_swarm
-from mesh.cli.versions import register as register_versions
-
-app = typer.Typer(
-    name="mesh",
-    help="meshsync: multi-master directory sync for Docker Swarm.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-register_swarm(pki_app)
-app.add_typer(pki_app, name="pki")
-app.command("agent")(agent)
-app.add_typer(local_app, name="local")
-register_ops(app)
-register_versions(app)
-
-
-@app.command()
-def version() -> None:
-    """Print the meshsync version."""
-    from mesh import __version__
-
-    typer.echo(__version__)
+import sys
+from typing import Any
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["agent"]:
+        from mesh.cli.agent import run_alone
+
+        run_alone(sys.argv[2:])
+        return
+    from mesh.cli.commands import app
+
     app()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from mesh.cli.commands import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -91,3 +91,11 @@ def agent(
     code = run_agent(agent_config)
     if code:
         raise typer.Exit(code)
+
+
+def run_alone(args: list[str]) -> None:
+    """``mesh agent ARGS`` with no other command built (``mesh.cli.main``); the same
+    command, help and errors as through the whole ``mesh`` app."""
+    alone = typer.Typer(add_completion=False)
+    alone.command()(agent)
+    alone(args=args, prog_name="mesh agent")
