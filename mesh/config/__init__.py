@@ -45,7 +45,7 @@ from mesh.config.values import (
 from mesh.core.paths import KEEP_NAME
 from mesh.core.vclock import NODE_ID_RE
 from mesh.errors import ConfigError, LocalProtocolError
-from mesh.pki.tls import CLUSTER_PATTERN
+from mesh.names import CLUSTER_PATTERN
 
 LogFormat = Literal["human", "json"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]

@@ -20,7 +20,6 @@ from mesh.engine.loopwatch import LoopWatch
 from mesh.engine.nodestate import NodeState
 from mesh.engine.startwalk import StartWalk
 from mesh.errors import MeshError
-from mesh.pki import NodeCredentials, load_node
 
 LOG = logging.getLogger("mesh.engine.node")
 
@@ -29,7 +28,6 @@ def run_agent(config: AgentConfig) -> int:
     """Run one node until SIGTERM or SIGINT; returns the process exit code."""
     logs.setup(config.node_id, config.log_format, config.log_level)
     try:
-        creds = load_node(config.pki_dir, config.node_id)
         state = NodeState.open(config)
     except MeshError as err:
         LOG.error("cannot start: %s", err)
@@ -42,7 +40,7 @@ def run_agent(config: AgentConfig) -> int:
         runner = asyncio.Runner()
     gcpolicy.tune()  # issue 3: the collector's passes were the latency's tail
     with runner:
-        return runner.run(_main(config, creds, state))
+        return runner.run(_main(config, state))
 
 
 def process_age() -> float:
@@ -56,7 +54,7 @@ def process_age() -> float:
         return 0.0
 
 
-async def _main(config: AgentConfig, creds: NodeCredentials, state: NodeState) -> int:
+async def _main(config: AgentConfig, state: NodeState) -> int:
     stop = asyncio.Event()  # a stop during the start ends the node as it begins to run
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -68,8 +66,11 @@ async def _main(config: AgentConfig, creds: NodeCredentials, state: NodeState) -
                                           cap=config.batch_cap, max_paths=4096))
     await startwalk.walking()
     try:
-        from mesh.engine.node import Node  # the broker and the rest: the walk runs
+        # The certificates (cryptography), the broker and the rest: beside the walk.
+        from mesh.engine.node import Node
+        from mesh.pki import load_node
 
+        creds = load_node(config.pki_dir, config.node_id)
         node = Node(config, creds, state, startwalk, started=time.monotonic() - process_age())
     except BaseException as failed:
         await startwalk.abandon()

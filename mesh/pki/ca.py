@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.errors import PkiError
+from mesh.names import CLUSTER_PATTERN as _CLUSTER_PATTERN
 from mesh.pki.files import (
     CA_CERT,
     CA_KEY,
@@ -23,7 +24,6 @@ from mesh.pki.files import (
     refuse_existing,
     write_pair,
 )
-from mesh.pki.tls import CLUSTER_PATTERN as _CLUSTER_PATTERN
 from mesh.pki.tls import (
     NodeIdentity,
     check_name,

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh.errors import PkiError
-from mesh.pki.tls import CLUSTER_PATTERN as _CLUSTER_PATTERN
+from mesh.names import CLUSTER_PATTERN as _CLUSTER_PATTERN
 from mesh.pki.tls import (
     NodeIdentity,
 )

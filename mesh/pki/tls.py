@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.errors import PkiError
+from mesh.names import CLUSTER_PATTERN, NODE_PATTERN
 
-CLUSTER_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
-NODE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 NODE_URI = re.compile(rf"spiffe://({CLUSTER_PATTERN})/node/({NODE_PATTERN})")
 
 

@@ -122,3 +122,23 @@ def walkers_of(data: Path) -> list[int]:
         if walkproc.__name__.encode() in argv and os.fsencode(data) in argv:
             pids.append(int(cmdline.parent.name))
     return pids
+
+
+def test_an_agent_whose_key_is_missing_exits_with_one_line_and_leaves_no_walk(
+        tmp_path: Path) -> None:
+    """The certificates are read beside the start-up walk (``mesh.engine.agent``): a
+    node whose key is missing still says so in one line and exits 2, and its walk's
+    process is stopped with it."""
+    with running(tmp_path, size=1, start=False, nets=NETS) as c:
+        (n1,) = c.nodes
+        fill(n1.data, 20_000)
+        (c.base / "pki" / f"{n1.name}.key").unlink()
+        c.start(n1)
+        assert n1.proc is not None
+        code = n1.proc.wait(60)
+        log = n1.log.read_text(errors="replace")
+        assert code == 2, log
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "cannot start:" in errors[0], log
+        assert f"{n1.name}.key" in errors[0] and "Traceback" not in log
+        assert walkers_of(n1.data) == []
