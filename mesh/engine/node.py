@@ -71,7 +71,7 @@ class Node:
     """The parts of one node and the tasks that run them."""
 
     def __init__(self, config: AgentConfig, creds: NodeCredentials, state: NodeState,
-                 startwalk: StartWalk, started: float | None = None) -> None:
+                 startwalk: StartWalk, started: float) -> None:
         """``state``: opened by the agent, and ``startwalk`` begun over it, before this
         module was imported (``mesh.engine.nodestate``); ``started``: when the agent's
         process started (``time.monotonic()``), for "caught up after start"."""
@@ -136,7 +136,7 @@ class Node:
             LsyncdSettings(config.data_dir, config.gate_socket, delay=config.lsyncd_delay,
                            pace=config.lsyncd_pace, agent_writes=self.agent_writes.path)))
         self.started = time.time()
-        self._since_start = time.monotonic() if started is None else started
+        self._since_start = started
         self.scanned: float | None = None  # when the start-up scan ended (monotonic)
         self._caught_up_logged = False
         self._status_now = asyncio.Event()  # write the status without waiting the interval

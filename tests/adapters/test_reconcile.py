@@ -4,11 +4,14 @@ it hands the scan, in runs, and what it finds gone."""
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from mesh.adapters.fs.reconcile import reconcile, seen, shown
-from mesh.core.reconcile import Fingerprint
+from mesh.adapters.fs.beneath import PERMISSIONS
+from mesh.adapters.fs.reconcile import reconcile, shown
+from mesh.core.manifest import Kind
+from mesh.core.reconcile import Fingerprint, Seen
 from mesh.core.reconcile import shown as core_shown
 
 
@@ -48,6 +51,14 @@ def test_a_held_path_the_walk_did_not_find_is_gone(tmp_path: Path) -> None:
     assert out.gone == ["gone/file"]
     assert [p for run in out.to_scan() for p in run] == walked
     assert [len(run) for run in out.to_scan()] == [4, 4, 1]
+
+
+def seen(st: os.stat_result) -> Seen:
+    """What one ``lstat`` says, as the core takes it: the reference for ``shown``."""
+    kind = (Kind.DIR if stat.S_ISDIR(st.st_mode) else
+            Kind.FILE if stat.S_ISREG(st.st_mode) else None)
+    return Seen(kind, stat.S_IMODE(st.st_mode) & PERMISSIONS,
+                (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
 
 
 def test_what_a_stat_shows_is_the_core_s_fingerprint(tmp_path: Path) -> None:

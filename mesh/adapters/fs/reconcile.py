@@ -21,8 +21,7 @@ from pathlib import Path
 
 from mesh.adapters.fs.beneath import PERMISSIONS
 from mesh.adapters.fs.scanner import PREHASH_BYTES, stat_tree
-from mesh.core.manifest import Kind
-from mesh.core.reconcile import Fingerprint, Seen
+from mesh.core.reconcile import Fingerprint
 
 CHUNK = 2048  # paths per query of the index
 
@@ -49,15 +48,9 @@ class Reconciled:
             yield run.split("\0")
 
 
-def seen(st: os.stat_result) -> Seen:
-    kind = (Kind.DIR if stat.S_ISDIR(st.st_mode) else
-            Kind.FILE if stat.S_ISREG(st.st_mode) else None)
-    return Seen(kind, stat.S_IMODE(st.st_mode) & PERMISSIONS,
-                (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-
-
 def shown(st: os.stat_result) -> Fingerprint | None:
-    """``mesh.core.reconcile.shown(seen(st))``, without the ``Seen``: once per path."""
+    """``mesh.core.reconcile.shown`` of the ``Seen`` of ``st``, without making the
+    ``Seen``: once per path of a walk."""
     mode = st.st_mode
     if stat.S_ISREG(mode):
         return (mode & PERMISSIONS, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)

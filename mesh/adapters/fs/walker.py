@@ -27,7 +27,6 @@ import msgpack
 from mesh.adapters.fs import walkproc
 from mesh.adapters.fs.reconcile import Reconciled
 from mesh.adapters.fs.scanner import Scanner, default_ignore
-from mesh.adapters.fs.walkproc import walk
 from mesh.adapters.fs.watcher import Watcher
 from mesh.errors import StoreError
 from mesh.store.index import Index
@@ -53,13 +52,13 @@ async def _against_index(scanner: Scanner, index: Index) -> Reconciled:
     on this thread."""
     hashed = scanner.cache is not None  # no stat cache: every file is scanned
     if index.path is None:
-        return walk(scanner.root, KnownPaths(index.db), hashed, scanner.ignore)
+        return walkproc.walk(scanner.root, KnownPaths(index.db), hashed, scanner.ignore)
     if scanner.ignore is default_ignore:
         return await walk_in_process(scanner.root, index.path, hashed)
 
     def in_thread(db: Path) -> Reconciled:
         with open_reader(db) as known:
-            return walk(scanner.root, known, hashed, scanner.ignore)
+            return walkproc.walk(scanner.root, known, hashed, scanner.ignore)
     return await asyncio.to_thread(in_thread, index.path)
 
 

@@ -8,7 +8,8 @@ folder it could not list) the agent logs. Exit 1 with one line on stderr when th
 index cannot be read.
 
 It imports only what the walk needs: no asyncio, no watcher, no writer of the index.
-Its start is part of every restart's (the walker module's imports took 0.1 s more).
+Its start is part of every restart's (importing the walker module took 0.26 s here,
+this one 0.19 s).
 """
 
 from __future__ import annotations
