@@ -115,6 +115,24 @@ async def test_the_watcher_lists_its_folders_off_the_loop(tmp_path: Path) -> Non
         assert watcher.watch_count == 1 + 30 + 300
 
 
+class Watchers:
+    """A watcher maker for ``StartWalk`` that keeps what it made."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: list[Watcher] = []
+
+    def __call__(self) -> Watcher:
+        self.made.append(Watcher(self.root))
+        return self.made[-1]
+
+
+def start_walk(agent: Agent, watchers: Watchers) -> StartWalk:
+    """The early walk as the agent makes it, over ``agent``'s index."""
+    return StartWalk(functools.partial(walker.against_index, agent.scanner, agent.index),
+                     agent.plane.keep, watchers)
+
+
 async def test_the_walk_begun_early_is_what_startup_would_walk(tmp_path: Path) -> None:
     """``StartWalk`` (issue 16: the walk begins before the agent's servers start): the
     watcher is open when the walk begins, the walk is the one ``startup`` makes, and
@@ -125,21 +143,16 @@ async def test_the_walk_begun_early_is_what_startup_would_walk(tmp_path: Path) -
     agent = Agent(root, db)
     await agent.plane.startup()
     (root / "d1" / "f1").write_bytes(b"changed while down")
-    opened: list[Watcher] = []
-
-    def watcher() -> Watcher:
-        opened.append(Watcher(root))
-        return opened[-1]
-
+    watchers = Watchers(root)
     walks = 0
 
     async def counted() -> Reconciled:
         nonlocal walks
-        assert opened[0].watch_count == 1 + 7  # every folder watched first
+        assert watchers.made[0].watch_count == 1 + 7  # every folder watched first
         walks += 1
         return await walker.against_index(agent.scanner, agent.index)
 
-    early = StartWalk(counted, agent.plane.keep, watcher)
+    early = StartWalk(counted, agent.plane.keep, watchers)
     early.begin()
     taken, found = await early.take()
     with taken:
@@ -157,8 +170,7 @@ async def test_after_a_cut_short_push_startup_walks_after_its_landing(tmp_path: 
     tree(root, 5)
     agent = Agent(root, tmp_path / "state.db")
     agent.plane.keep.unfinished = ["p1"]
-    early = StartWalk(functools.partial(walker.against_index, agent.scanner, agent.index),
-                      agent.plane.keep, lambda: Watcher(root))
+    early = start_walk(agent, Watchers(root))
     watcher, found = await early.take()
     watcher.close()
     assert found is None
@@ -171,15 +183,9 @@ async def test_a_walk_begun_early_and_abandoned_leaves_nothing_running(tmp_path:
     root.mkdir()
     tree(root, 5000)
     agent = Agent(root, db)
-    opened: list[Watcher] = []
-
-    def watcher() -> Watcher:
-        opened.append(Watcher(root))
-        return opened[-1]
-
+    watchers = Watchers(root)
     before = _walkers()
-    early = StartWalk(functools.partial(walker.against_index, agent.scanner, agent.index),
-                      agent.plane.keep, watcher)
+    early = start_walk(agent, watchers)
     early.begin()
     await until(lambda: bool(_walkers() - before), "the walker to start", 30)
     started = _walkers() - before
@@ -187,9 +193,9 @@ async def test_a_walk_begun_early_and_abandoned_leaves_nothing_running(tmp_path:
         os.kill(pid, signal.SIGSTOP)  # so that it cannot end by itself
     await early.abandon()
     assert not (_walkers() & started)
-    assert len(opened) == 1
+    assert len(watchers.made) == 1
     with pytest.raises(LocalProtocolError, match="closed watcher"):
-        opened[0].open()
+        watchers.made[0].open()
 
 
 async def test_the_agent_goes_on_once_the_walk_runs(tmp_path: Path) -> None:
@@ -200,22 +206,15 @@ async def test_the_agent_goes_on_once_the_walk_runs(tmp_path: Path) -> None:
     root.mkdir()
     tree(root, 5000)
     agent = Agent(root, db)
-    opened: list[Watcher] = []
-
-    def watcher() -> Watcher:
-        opened.append(Watcher(root))
-        return opened[-1]
-
-    early = StartWalk(functools.partial(walker.against_index, agent.scanner, agent.index),
-                      agent.plane.keep, watcher)
+    watchers = Watchers(root)
+    early = start_walk(agent, watchers)
     await early.walking()
-    assert opened[0].watch_count == 1 + 7
+    assert watchers.made[0].watch_count == 1 + 7
     taken, found = await early.take()
     taken.close()
     assert found is not None and found.on_disk == 5000 + 7
 
-    broken = StartWalk(functools.partial(walker.against_index, agent.scanner, agent.index),
-                       agent.plane.keep, lambda: Watcher(tmp_path / "missing"))
+    broken = start_walk(agent, Watchers(tmp_path / "missing"))
     await asyncio.wait_for(broken.walking(), 30)
     with pytest.raises(MeshError):
         await broken.take()
