@@ -324,6 +324,21 @@ def _extra_md(b: Block) -> list[str]:
         for h in b["histories"]:
             lines += history_lines(h)
         lines.append("```")
+    if b.get("explained"):
+        lines += ["", "What each node said of them before it stopped (its status, its index's "
+                  "rows for each path, its log's warnings and lines naming one):", "", "```"]
+        for node, said in b["explained"].items():
+            lines += explained_lines(node, said)
+        lines.append("```")
+    return lines
+
+
+def explained_lines(node: str, said: dict[str, Any]) -> list[str]:
+    lines = [f"{node}:"]
+    lines += [f"  status: {s}" for s in said.get("status", [])]
+    for path, rows in said.get("index", {}).items():
+        lines.append(f"  index {path}: {json.dumps(rows, sort_keys=True)}")
+    lines += [f"  log: {line}" for line in said.get("log", [])]
     return lines
 
 

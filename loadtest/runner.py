@@ -115,6 +115,8 @@ class Runner:
             wire = await self.target.wire_bytes()
             logged = await self._conflict_logs()
             block = self._report(start, end, outcome, wire, logged)
+            if block["histories"]:  # before the agents stop: what they say of the findings
+                block["explained"] = await self._explain([h["path"] for h in block["histories"]])
             if self.plan.join:
                 self.progress.phase("an empty node joins")
                 block["join"] = await self._join(logs, outcome)
@@ -552,6 +554,20 @@ class Runner:
                         f"loser={lo.get('node')}:{lost}")
             out.append({"path": path, "why": why, "ops": ops, "final": finals,
                         "conflict_log": log})
+        return out
+
+    async def _explain(self, paths: list[str]) -> dict[str, Any]:
+        """The target's account of ``paths``, each content it names as the history does
+        (wN: made by write N)."""
+        out = await self.target.explain(paths)
+        for node in out.values():
+            for path, rows in node.get("index", {}).items():
+                for side in ("disk", "target"):
+                    for head in rows.get(side) or ():
+                        head["content"] = self._content(path, head.pop("hash"))
+                cache = rows.get("stat_cache")
+                if cache:
+                    cache["content"] = self._content(path, cache.pop("hash"))
         return out
 
     def _conflicts(self, logged: dict[int, list[tuple[str, int, str | None, str]]]

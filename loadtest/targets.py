@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from loadtest import disk, probe, procs, proxy
+from loadtest import disk, explain, probe, procs, proxy
 from loadtest.jsonl import JsonChild
 
 BROKER_PORT = 8883
@@ -122,6 +122,11 @@ class Target(ABC):
     async def join(self) -> int:
         """Start one more node, with an empty folder; its index."""
         raise TargetError(f"{self.system}: this target cannot add a node")
+
+    async def explain(self, paths: list[str]) -> dict[str, Any]:
+        """Per node, what the system says about ``paths`` (run-relative), while it runs;
+        nothing from a system that cannot say."""
+        return {}
 
 
 # The probe and the proxies run as ``python -c SOURCE``: no import path needed, and the
@@ -327,6 +332,13 @@ class MeshLocal(LocalTarget):
             return {m.name: disk.node_usage(m.data, m.state) for m in self.members[:self.size]}
 
         return await asyncio.to_thread(usage)
+
+    async def explain(self, paths: list[str]) -> dict[str, Any]:
+        def read() -> dict[str, Any]:
+            return {m.name: explain.explain(m.state, m.log, paths)
+                    for m in self.members[:self.size]}
+
+        return await asyncio.to_thread(read)
 
     def status(self, i: int) -> dict[str, Any] | None:
         try:
