@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -170,12 +171,20 @@ class Exchange:
             await self.flush()
 
     async def flush(self) -> None:
-        """Publish everything pending now."""
+        """Publish everything pending now. A path's entry is what its disk holds at this
+        moment, not the version its announcement named: a push's end passes on what it
+        recorded once all of it is done, and a write or delete recorded meanwhile must
+        not be replaced by that older version among what is still to be published.
+        Unannounced, it stayed unknown to every peer, which then refused each push of
+        it as holding what we never announced."""
         while self._pending or self._pending_conflicts:
             entries: list[Entry] = []
-            while self._pending and len(entries) < ENTRIES_PER_MANIFEST:
-                _, version = self._pending.popitem()
-                entries.extend(version.heads)
+            with self.index.batch():  # each path's disk version, read in bulk
+                self.index.prefetch(itertools.islice(reversed(self._pending),
+                                                     ENTRIES_PER_MANIFEST))
+                while self._pending and len(entries) < ENTRIES_PER_MANIFEST:
+                    path, version = self._pending.popitem()
+                    entries.extend((self.index.state(path).disk or version).heads)
             pairs: list[tuple[Entry, Entry]] = []
             while self._pending_conflicts and len(pairs) < MAX_CONFLICTS // 2:
                 _, c = self._pending_conflicts.popitem()

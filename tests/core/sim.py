@@ -201,6 +201,11 @@ class SimNode:
         self.out_conflicts: list[tuple[Entry, Entry]] = []
         # A push's end under way: the files it will adopt, each still in its staging dir.
         self.adopting: dict[str, dict[str, Version]] = {}
+        # ... and what it told the replica, passed on to the exchange and the pusher once
+        # the whole end is done (``DataPlane.push_ended`` forwards its effects last; other
+        # scans and writes run between its chunks).
+        self.held: dict[str, list[Effect]] = {}
+        self._holding: list[Effect] | None = None
         # Kept on disk: each incoming push's staging dir.
         self.staging: dict[str, dict[str, Node]] = {}
         # Kept in the state database: the stat cache (path -> the file as hashed, hash).
@@ -374,7 +379,10 @@ class SimNode:
         if not self.up or (not self.outbox and not self.out_conflicts):
             return False
         self.seq += 1
-        entries = tuple(h for v in self.outbox.values() for h in v.heads)
+        # As ``Exchange.flush``: what each path's disk holds now (an announcement passed
+        # on late names an older version).
+        entries = tuple(h for path, v in self.outbox.items()
+                        for h in (self.store.state(path).disk or v).heads)
         m = Manifest(self.name, 1, self.seq, entries, tuple(self.out_conflicts))
         payload = manifest.encode(m)
         for peer in self.peers:
@@ -458,6 +466,7 @@ class SimNode:
         file a path adopts is left staged; ``adopt_one`` moves them, a step each."""
         kept = []
         adopting: dict[str, tuple[Node, Version]] = {}
+        held = self._holding = self.held.setdefault(push_id, [])
         for path, node in self.staging.pop(push_id).items():
             st = self.store.state(path)
             goal = st.target or st.disk
@@ -473,9 +482,12 @@ class SimNode:
         for path in to_reaim(announced, kept):
             if path not in adopting:
                 self.apply(self.replica.reaim(path))
+        self._holding = None
         if adopting:
             self.staging[push_id] = {p: node for p, (node, _) in adopting.items()}
             self.adopting[push_id] = {p: version for p, (_, version) in adopting.items()}
+        else:
+            self._release(push_id, held)
 
     def adopt_one(self, push_id: str) -> bool:
         """One file of a push's end adopted (``end``); whether any is left."""
@@ -483,11 +495,21 @@ class SimNode:
         if not left:
             self.adopting.pop(push_id, None)
             self.staging.pop(push_id, None)
+            self._release(push_id, self.held.get(push_id, []))
             return False
         path = min(left)
         version = left.pop(path)
-        self._adopt(path, self.staging[push_id].pop(path), version)
+        self._holding = self.held.setdefault(push_id, [])
+        try:
+            self._adopt(path, self.staging[push_id].pop(path), version)
+        finally:
+            self._holding = None
         return True
+
+    def _release(self, push_id: str, held: list[Effect]) -> None:
+        """A push's end is done: what it told the replica goes on, late."""
+        self.held.pop(push_id, None)
+        self.apply(held)
 
     def _adopt(self, path: str, node: Node, version: Version) -> None:
         """As ``Staging.adopt``: the staged file moved to ``path`` if its path still
@@ -512,6 +534,7 @@ class SimNode:
         self.outbox.clear()
         self.out_conflicts.clear()
         self.adopting.clear()  # their files stay staged: the restart's end sorts them again
+        self.held.clear()  # never passed on: the restart announces what its disk holds
 
     def purge(self, path: str) -> None:
         """``Index.purge`` at a start (``mesh.engine.bounds``): the version we hold of
@@ -580,7 +603,9 @@ class SimNode:
 
     def apply(self, fx: list[Effect]) -> None:
         for effect in fx:
-            if isinstance(effect, Announce):
+            if self._holding is not None and isinstance(effect, (Announce, Logged)):
+                self._holding.append(effect)
+            elif isinstance(effect, Announce):
                 self.outbox[effect.version.path] = effect.version
                 self.plan.changed(effect.version.path, self.now_s)
             elif isinstance(effect, Logged):
@@ -676,7 +701,28 @@ class Cluster:
             dst.apply(dst.replica.remote(m.origin, m.entries, m.conflicts, dst.now))
             dst.plan.heard(m.origin, m.entries)  # as the exchange's ``on_heard``
         elif self.nodes[msg.src].up and not any(t.msg == msg for t in self.transfers):
+            if self._unannounced(msg):
+                return
             dst.begin(msg)  # else the sender died before rsync started, or a duplicate
+
+    def _unannounced(self, msg: PushMsg) -> bool:
+        """The receiver's admission (``mesh.engine.admission``): a header must say no
+        more than its sender announced on the manifest stream. It waits while the
+        sender's announcements are on their way: the sender's flusher publishes what is
+        pending meanwhile, and the push goes back on the network behind the manifests
+        in flight to this receiver; with none in flight, it is refused."""
+        entries = [h for v in msg.versions.values() for h in v.heads]
+        dst, src = self.nodes[msg.dst], self.nodes[msg.src]
+        if not admit.unannounced(entries, msg.conflicts,
+                                 lambda path: dst.store.peer_vector(msg.src, path)):
+            return False
+        src.flush()
+        if any(isinstance(m, ManifestMsg) and m.src == msg.src and m.dst == msg.dst
+               for m in self.network):
+            self.network.append(msg)
+        else:
+            src.push_done(msg, 255)  # the tunnel refused it
+        return True
 
     def push(self, src: str, dst: str, paths: list[str] | None = None) -> None:
         sender = self.nodes[src]

@@ -119,6 +119,15 @@ NODE_ACTIONS = {
 }
 
 
+def announce(cluster: Cluster, node: SimNode) -> None:
+    """``node``'s writes scanned, its manifest published and delivered: what a push of
+    its may hold."""
+    node.scan_all()
+    node.flush()
+    for _ in range(len(cluster.network)):
+        cluster.deliver(0)
+
+
 def check_collect(node: SimNode, known: list[str] | None = None) -> None:
     """Issue 14's safety: the collector never removes content a pending restore or an
     unwritten conflict copy needs (the invariants after quiescence then show that what
@@ -301,6 +310,7 @@ def test_a_new_file_deleted_before_a_cut_short_push_is_settled_stays_deleted() -
     cluster = Cluster(3, [0])
     n1, n2, _ = cluster.nodes.values()
     n1.user_write("d/x", 0o644)
+    announce(cluster, n1)  # the push's header says no more than n1 announced
     cluster.push("n1", "n2", ["d/x"])
     cluster.deliver(0)
     cluster.step(0)
@@ -397,6 +407,7 @@ def test_a_push_s_end_adopts_new_files_without_a_restore() -> None:
     cluster = Cluster(3, [0])
     n1, n2, _ = cluster.nodes.values()
     n1.user_write("d/x", 0o644)
+    announce(cluster, n1)
     cluster.push("n1", "n2", ["d", "d/x"])
     cluster.deliver(0)
     while cluster.transfers and not cluster.transfers[0].ended:
@@ -449,6 +460,39 @@ def test_an_adoption_waits_and_its_path_moves_on(meanwhile: str) -> None:
         assert n3.store.conflict_map(), "n3's own write must meet n1's as a conflict"
     else:
         assert not n3.store.conflict_map(), "the older version came back as a write"
+
+
+@pytest.mark.parametrize("then", ["delete", "write"])
+def test_what_a_push_s_end_announces_late_does_not_hide_a_write_made_meanwhile(
+        then: str) -> None:
+    """Found by the load harness (quick profile with lsyncd dropping every event, so that
+    the agent's pusher carries all): n2 adopts n1's new file; its user deletes it (or
+    writes it again) while the push's end is still adopting; the scan of that records
+    and announces the delete; then the end is done and passes on what it told the
+    replica, the adopted version, which took the delete's place among what n2 had
+    still to publish. n2 never announced its delete, and every push of it was refused
+    as holding what n2 never announced: n1 and n3 kept the file for good."""
+    cluster = Cluster(3, [0])
+    n1, n2, _ = cluster.nodes.values()
+    n1.user_write("x", 0o644)
+    announce(cluster, n1)
+    cluster.push("n1", "n2", ["x"])
+    cluster.deliver(0)
+    while not cluster.transfers[0].ended:
+        cluster.step(0)
+    assert n2.adopting
+    cluster.step(0)  # x adopted; the end is not over (it looks for more to adopt)
+    assert "x" in n2.disk and n2.held
+    cluster.time_ms += 1000
+    if then == "delete":
+        n2.user_delete("x")
+    else:
+        n2.user_write("x", 0o644)
+    n2.scan("x")  # n2's own change, recorded and to be announced
+    cluster.step(0)  # the end is done
+    cluster.quiesce()
+    check_invariants(cluster)
+    assert ("x" in n1.disk) is (then == "write")
 
 
 def test_a_restart_s_sweep_brings_a_peer_all_it_missed() -> None:
