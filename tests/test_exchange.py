@@ -204,6 +204,31 @@ def test_hostile_payloads_change_nothing() -> None:
     run(main())
 
 
+def test_a_manifest_holds_what_the_disk_holds_not_an_announcement_passed_on_late() -> None:
+    """A push's end passes on what it recorded once all of it is done: its version of a
+    path may come after a newer one, recorded meanwhile (the user deleted the adopted
+    file). The manifest announces the disk's version when it is published."""
+    async def main() -> None:
+        sent: list[Manifest] = []
+
+        async def publish(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+            if topic.endswith("/manifest"):
+                sent.append(manifest.decode(payload))
+
+        index = Index(":memory:")
+        ex = Exchange("n1", "test", Replica("n1", index), index, 1, publish=publish,
+                      request=_no_request, on_effects=_no_effects)
+        write(ex, "x", 2)  # on disk now, and announced
+        landed = Version((Entry("x", VersionVector.of({"n1": 1}), bytes([1]) * 32, 1, 0,
+                                0o644, Kind.FILE, 1, "n1"),))
+        ex.announce(landed)  # the older one, passed on late
+        await ex.flush()
+        assert [e.vector for m in sent for e in m.entries] == [VersionVector.of({"n1": 2})]
+        index.close()
+
+    run(main())
+
+
 class _Clock:
     """The exchange's clock, its last reading kept: in a publish, what the flusher read
     when it took the batch (it publishes with no await in between)."""
