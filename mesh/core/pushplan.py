@@ -143,6 +143,14 @@ class PushPlanner:
                 q.left[path] = now  # no event of lsyncd's will name it
         return len(q.queued)
 
+    def unasked(self, path: str, now: float) -> None:
+        """After ``changed``: lsyncd may drop the event of our write at ``path`` (noted as
+        the agent's own change moments before: ``mesh.adapters.lsyncd.agentwrites``).
+        Ours ``own_grace`` from now, not ``LSYNCD_WAIT_GRACES`` graces after."""
+        for q in self._peers.values():
+            if path in q.queued and path not in q.sending:
+                q.left.setdefault(path, now)
+
     def heard(self, peer: str, entries: Iterable[Entry]) -> None:
         """``peer`` announced these entries (a manifest, a catch-up's): a push awaiting
         the version, or one before it, is confirmed; a path only queued that the gate no

@@ -90,9 +90,12 @@ class Node:
                               keep=self.keep, scanner=self.scanner, forward=self._forward,
                               being_written=self._being_written)
         self.links = PeerLinks(creds, on_message=self._from_peer, on_change=self._reachable.set)
+        self.agent_writes = AgentWrites(config.state_dir / "lsyncd-agent-writes")
+        self.keep.fs.changing = self.agent_writes.note  # lsyncd passes over these
         self.pushes = Pushes(me=self.me, epoch=self.epoch, index=self.index, data=self.data,
                              creds=creds, data_dir=config.data_dir, current=self._peer_current,
                              endpoint=self._tunnel_endpoint, catch_up=self._catch_up_events,
+                             unasked=self.agent_writes.noted,
                              own_grace=OWN_GRACE + max(config.lsyncd_delay, config.lsyncd_pace))
         self.exchange = Exchange(
             self.me, config.cluster, self.replica, self.index, self.epoch,
@@ -130,8 +133,6 @@ class Node:
         self.tunnel = TunnelServer(creds, config.tunnel_listen.host, config.tunnel_listen.port,
                                    config.data_dir, self.keep.root,
                                    self.metrics.counting(self.admission), peers=self.links.is_peer)
-        self.agent_writes = AgentWrites(config.state_dir / "lsyncd-agent-writes")
-        self.keep.fs.changing = self.agent_writes.note  # lsyncd passes over these
         self.lsyncd = LsyncdSupervisor(config.state_dir / "lsyncd.conf.lua", [], settings=(
             LsyncdSettings(config.data_dir, config.gate_socket, delay=config.lsyncd_delay,
                            pace=config.lsyncd_pace, agent_writes=self.agent_writes.path)))

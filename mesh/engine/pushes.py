@@ -79,6 +79,7 @@ class Pushes:
                  endpoint: Callable[[str], tuple[str, int] | None],
                  catch_up: Callable[[list[str]], Awaitable[None]] | None = None,
                  current: Callable[[str], bool] = lambda peer: True,
+                 unasked: Callable[[str], bool] = lambda path: False,
                  own_grace: float = OWN_GRACE) -> None:
         self.me = me
         self.epoch = epoch
@@ -95,6 +96,9 @@ class Pushes:
         # it had published when its link came up is applied). Until then nothing goes
         # to it: a push would race the writes it made while we were apart.
         self.current = current
+        # Whether lsyncd may drop the event of a write of ours at a path (the node's: the
+        # path was noted as the agent's own change moments ago, ``AgentWrites.noted``).
+        self.unasked = unasked
         # What goes where and when; it counts lsyncd's batches and our own pushes.
         self.plan = PushPlanner(me, ReplicaView(self.replica), own_grace=own_grace)
         self._ids = itertools.count(1)
@@ -193,7 +197,10 @@ class Pushes:
 
     def changed(self, version: Version) -> None:
         """Our disk holds a new version of this path: every peer may need it."""
-        self.plan.changed(version.path, time.monotonic())
+        now = time.monotonic()
+        self.plan.changed(version.path, now)
+        if version.winner.writer == self.me and self.unasked(version.path):
+            self.plan.unasked(version.path, now)
         self._wake.set()
 
     def sweep(self, peer: str) -> None:

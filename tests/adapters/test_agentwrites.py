@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mesh.adapters.fs.beneath import FRESH_S, Beneath
+from mesh.adapters.lsyncd import agentwrites
 from mesh.adapters.lsyncd.agentwrites import AgentWrites
 from mesh.core.paths import KEEP_NAME
 
@@ -86,3 +87,26 @@ def test_a_folder_is_new_to_lsyncd_only_for_a_moment(tmp_path: Path,
     clock[0] += FRESH_S
     fs.write_bytes("d/b", b"x", 0o644)
     assert told == ["d", "d/a", "d/a", "d/b"]
+
+
+def test_a_path_counts_as_noted_while_lsyncd_may_hold_its_note(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the pusher asks (``noted``): a path noted less than ``NOTE_S`` ago, whose next
+    event lsyncd may drop; at most ``NOTED_KEPT`` paths, the oldest forgotten first."""
+    now = [1000.0]
+    monkeypatch.setattr(agentwrites.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(agentwrites, "NOTED_KEPT", 3)
+    writes = AgentWrites(tmp_path / "notes")
+    writes.note("a")
+    writes.note(f"{KEEP_NAME}/objects/x")  # excluded: lsyncd never sees it
+    assert writes.noted("a") and not writes.noted(f"{KEEP_NAME}/objects/x")
+    assert not writes.noted("b")
+    now[0] += agentwrites.NOTE_S - 0.5
+    writes.note("b")
+    assert writes.noted("a") and writes.noted("b")
+    now[0] += 1.0
+    assert not writes.noted("a") and writes.noted("b")
+    for rel in ("c", "d", "e"):
+        writes.note(rel)
+    assert [writes.noted(r) for r in "bcde"] == [False, True, True, True]
+    writes.close()

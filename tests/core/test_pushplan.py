@@ -522,6 +522,20 @@ def test_an_own_write_lsyncd_does_not_carry_goes_by_our_pusher_even_while_lsyncd
     assert [p.paths for p in r.tick()] == [["found-late"]]
 
 
+def test_an_own_write_lsyncd_may_drop_goes_by_our_pusher_after_one_grace() -> None:
+    """A write at a path the agent noted as its own change moments before (a file a peer
+    pushed in): lsyncd may drop its event (one per note), so ours after one grace while
+    lsyncd keeps pushing others, not after LSYNCD_WAIT_GRACES. Another write waits."""
+    r = Rig(own_grace=OWN_GRACE)
+    r.write("other")
+    assert r.gate(["other"]) == ["other"]  # a push of lsyncd's runs from here on
+    r.write("landed-then-edited")
+    r.plan.unasked("landed-then-edited", r.now)
+    r.write("plain")
+    r.now += OWN_GRACE
+    assert [p.paths for p in r.tick()] == [["landed-then-edited"]]
+
+
 def test_a_catch_up_is_ours_after_the_grace_even_while_lsyncd_pushes() -> None:
     """No event of lsyncd's names what a resync found a peer behind on."""
     r = Rig(own_grace=OWN_GRACE)

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 
 from mesh.core.paths import reserved
@@ -32,6 +33,8 @@ from mesh.core.paths import reserved
 LOG = logging.getLogger("mesh.lsyncd")
 
 ROTATE_BYTES = 1 << 20
+NOTE_S = 11.0  # how long lsyncd keeps a note (10 s, on its clock of whole seconds)
+NOTED_KEPT = 65_536  # paths remembered as noted (a join notes every file it adopts)
 
 
 class AgentWrites:
@@ -43,12 +46,14 @@ class AgentWrites:
         self._fd: int | None = None
         self._size = 0
         self.failed = False
+        self._noted: dict[str, float] = {}  # path -> when noted, oldest first
 
     def note(self, rel: str) -> None:
         """``rel`` (relative to the data folder) is about to change by the agent's hand.
         Names lsyncd excludes (the keep area, temp names) are not noted."""
         if "\n" in rel or "\r" in rel or reserved(rel) is not None:
             return  # excluded, or a name the file cannot hold (lsyncd asks the gate)
+        self._remember(rel, time.monotonic())
         line = (rel + "\n").encode("utf-8", "surrogateescape")
         try:
             if self._fd is None or self._size + len(line) > self.rotate_bytes:
@@ -60,6 +65,21 @@ class AgentWrites:
                 LOG.warning("cannot note the agent's writes for lsyncd in %s: %s",
                             self.path, err)
             self.failed = True
+
+    def noted(self, rel: str) -> bool:
+        """Whether lsyncd may still hold a note of ``rel``: an event of it now, a write of
+        the user's say, may be the one lsyncd drops for it."""
+        at = self._noted.get(rel)
+        return at is not None and time.monotonic() - at < NOTE_S
+
+    def _remember(self, rel: str, now: float) -> None:
+        self._noted.pop(rel, None)  # re-inserted last: the dict stays in time order
+        self._noted[rel] = now
+        while self._noted:
+            first, at = next(iter(self._noted.items()))
+            if now - at < NOTE_S and len(self._noted) <= NOTED_KEPT:
+                break
+            del self._noted[first]
 
     def _rotate(self) -> None:
         """A new generation: written beside, then renamed over the old one."""
