@@ -9,9 +9,9 @@ refuse the batch. So the agent notes each such path here just before it changes 
 lsyncd's action (``lsyncd.conf.lua.tmpl``) drops an event at the head of its queue whose
 path was noted: no gate starts for it, and a batch the gate carries for other paths
 leaves it out. A noted path counts for one event, for at most 10 seconds; an event lsyncd
-drops wrongly (an operator's write to the same path in that window, merged into the
-agent's event) is one the agent's own pusher sends (an own write lsyncd never asked about
-goes after ``OWN_GRACE`` times 5: ``mesh.core.pushplan``).
+drops wrongly (an operator's write to the same path in that window, or after a note no
+event took) is one the agent's own pusher sends: an own write at a path noted in the last
+``NOTE_S`` goes one grace after it is recorded (``noted``; ``PushPlanner.unasked``).
 
 The file: a first line naming its generation, then one path per line (NUL and newline
 cannot be in a noted path: ``mesh.core.paths`` refuses them). When it passes
