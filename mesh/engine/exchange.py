@@ -353,6 +353,7 @@ class Exchange:
             ready = view.inbox.resynced(reply.epoch, reply.seq)
             for r in ready:
                 await self._apply(peer, r.entries, r.conflicts)
+            view.caught_ups += 1
             LOG.info("caught up with %s: %d buckets differed, %d entries and %d conflicts "
                      "fetched in %.2f s", peer, len(buckets), fetched, pulled,
                      time.monotonic() - started)

@@ -347,7 +347,8 @@ class Node:
                 "error": s.last_error,
                 "catching_up": s.state is LinkState.UP and catching_up(view, s.connected_since),
                 **(view.doc() if view else {"applied_seq": None, "epoch": None,
-                                            "manifests": 0, "resyncs": 0, "inbox_pending": 0}),
+                                            "manifests": 0, "resyncs": 0, "catch_ups": 0,
+                                            "inbox_pending": 0}),
             }
         return {
             "node": self.me, "cluster": self.config.cluster, "pid": os.getpid(),

@@ -24,13 +24,15 @@ class PeerView:
     resync: asyncio.Task[None] | None = None
     resync_started: float = 0.0  # monotonic time the running (or last) resync began
     applied_manifests: int = 0
-    resyncs: int = 0
+    resyncs: int = 0  # catch-ups begun (a retry of one that failed counts again)
+    caught_ups: int = 0  # ... and completed
 
     def doc(self) -> dict[str, Any]:
         """For the status: where its stream stands with us, and its last head."""
         inbox = self.inbox
         return {"applied_seq": inbox.applied, "epoch": inbox.epoch,
                 "manifests": self.applied_manifests, "resyncs": self.resyncs,
+                "catch_ups": self.caught_ups,
                 "inbox_pending": len(inbox.pending), "resync_pending": inbox.resync_pending,
                 "head_seq": None if self.head is None else self.head[2],
                 "head_at": None if self.head is None else self.head[0]}

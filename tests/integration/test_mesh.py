@@ -243,7 +243,8 @@ def test_each_node_hears_10000_manifests_of_every_other_exactly_once_in_order(
                 for peer in node.links:
                     view, link = node.exchange.peers[peer], node.links[peer].status
                     print(f"{node.name} <- {peer}: duplicates {view.inbox.duplicates}, "
-                          f"gaps {view.inbox.gaps}, resyncs {view.resyncs}, "
+                          f"gaps {view.inbox.gaps}, resyncs {view.resyncs} "
+                          f"({view.caught_ups} completed), "
                           f"reconnects {link.reconnects}, dropped {link.dropped}")
             for node in nodes.values():
                 for peer in node.links:
@@ -256,7 +257,9 @@ def test_each_node_hears_10000_manifests_of_every_other_exactly_once_in_order(
                     view = node.exchange.peers[peer]
                     dups = view.inbox.duplicates
                     assert dups <= MANIFESTS // 100, f"{node.name} <- {peer}: {dups} duplicates"
-                    assert view.resyncs == 1, "only the catch-up on first contact"
+                    # Its attempts may time out and be retried while the loop is flooded
+                    # (CI: a DigestRequest unanswered in 10 s, 7 attempts); one completes.
+                    assert view.caught_ups == 1, "only the catch-up on first contact"
 
     run(main, 170)
 
