@@ -18,9 +18,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
+from mesh.cli.ops import stalled_notes
 from mesh.engine.ops.health import health_problems
+from mesh.store.rows import unpack_heads, unpack_vector
 
 LOG_LINES = 40  # per node: the last warnings and lines naming a path
 NOTICED = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
@@ -36,24 +36,17 @@ def status_lines(doc: dict[str, Any] | None) -> list[str]:
         lines.append(f"queued for peers: {pending}")
     for peer, counters in sorted(doc["pushes"].get("by_peer", {}).items()):
         lines.append(f"pushes to {peer}: {counters}")
-    stalled = doc.get("stalled") or {}
-    if stalled.get("content_paths") or stalled.get("queues") or stalled.get("catch_ups"):
-        lines.append(f"stalled: {stalled}")
+    lines += [f"stalled: {note}" for note in stalled_notes(doc)]  # as `mesh health` says
     if doc.get("wants"):
         lines.append(f"wants: {doc['wants']}")
     return lines
 
 
-def _heads(blob: bytes | None) -> list[dict[str, Any]] | None:
-    """A row's heads as (writer, vector, hash, size): wire entries, decoded loosely."""
-    if blob is None:
-        return None
-    out = []
-    for raw in msgpack.unpackb(blob):
-        _path, vector, digest, size, _mtime, _mode, kind, _hlc, writer = raw[:9]
-        out.append({"writer": writer, "vector": vector, "kind": kind, "size": size,
-                    "hash": digest.hex() if isinstance(digest, bytes) else None})
-    return out
+def _heads(blob: bytes) -> list[dict[str, Any]]:
+    """A row's heads (``mesh.store.rows``), each as writer, vector, kind, size, hash."""
+    return [{"writer": h.writer, "vector": h.vector.to_dict(), "kind": int(h.kind),
+             "size": h.size, "hash": None if h.hash is None else h.hash.hex()}
+            for h in unpack_heads(blob).heads]
 
 
 def index_rows(state_db: Path, paths: list[str]) -> dict[str, dict[str, Any]]:
@@ -70,7 +63,7 @@ def index_rows(state_db: Path, paths: list[str]) -> dict[str, dict[str, Any]]:
                                  (path,)).fetchone()
                 target = db.execute("SELECT heads FROM targets WHERE path = ?",
                                     (path,)).fetchone()
-                peers = {peer: msgpack.unpackb(vector) for peer, vector in db.execute(
+                peers = {peer: unpack_vector(vector).to_dict() for peer, vector in db.execute(
                     "SELECT peer, vector FROM peer_vectors WHERE path = ?", (path,))}
                 cache = db.execute("SELECT size, mtime_ns, ino, hash FROM stat_cache "
                                    "WHERE path = ?", (path,)).fetchone()
