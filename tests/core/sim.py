@@ -16,9 +16,10 @@ dirs stay) and restarted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -466,7 +467,6 @@ class SimNode:
         file a path adopts is left staged; ``adopt_one`` moves them, a step each."""
         kept = []
         adopting: dict[str, tuple[Node, Version]] = {}
-        held = self._holding = self.held.setdefault(push_id, [])
         for path, node in self.staging.pop(push_id).items():
             st = self.store.state(path)
             goal = st.target or st.disk
@@ -479,10 +479,10 @@ class SimNode:
                     continue
                 self.store.keep[found.content] = node.data
                 kept.append(path)
-        for path in to_reaim(announced, kept):
-            if path not in adopting:
-                self.apply(self.replica.reaim(path))
-        self._holding = None
+        with self._holding_for(push_id) as held:
+            for path in to_reaim(announced, kept):
+                if path not in adopting:
+                    self.apply(self.replica.reaim(path))
         if adopting:
             self.staging[push_id] = {p: node for p, (node, _) in adopting.items()}
             self.adopting[push_id] = {p: version for p, (_, version) in adopting.items()}
@@ -499,12 +499,19 @@ class SimNode:
             return False
         path = min(left)
         version = left.pop(path)
+        with self._holding_for(push_id):
+            self._adopt(path, self.staging[push_id].pop(path), version)
+        return True
+
+    @contextlib.contextmanager
+    def _holding_for(self, push_id: str) -> Iterator[list[Effect]]:
+        """While a step of the push's end runs: its announcements and conflicts are held
+        (``apply``), to be passed on once the whole end is done (``_release``)."""
         self._holding = self.held.setdefault(push_id, [])
         try:
-            self._adopt(path, self.staging[push_id].pop(path), version)
+            yield self._holding
         finally:
             self._holding = None
-        return True
 
     def _release(self, push_id: str, held: list[Effect]) -> None:
         """A push's end is done: what it told the replica goes on, late."""
