@@ -18,6 +18,7 @@ from pathlib import Path
 from mesh.core.digest import Digest
 from mesh.core.resolver import Version
 from mesh.core.vclock import VersionVector
+from mesh.store import digests
 from mesh.store.db import IN_CHUNK, connect_read_only, in_chunks
 from mesh.store.index import Index
 from mesh.store.rows import unpack_heads, unpack_vector
@@ -78,18 +79,20 @@ def versions_in_buckets(index: Index, wanted: set[int], page: int = IN_CHUNK
         after = rows[-1][0]
 
 
-# One digest at a time: two at once (a peer's request and our own catch-up, both at a
-# restart) fought for the GIL, and a million-path digest a peer waited for took over its
-# 10 s where it takes 3 s alone.
+# One digest at a time, off the event loop: a digest used to hash every row of the
+# index (a million paths: 3 s), and two at once fought for the GIL. Now each is a read of
+# 4,096 rows that the triggers keep (``mesh.store.digests``); the thread stays, as any
+# read of the index through a connection of its own does.
 _DIGESTS = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mesh-digest")
 
 
 async def digest(index: Index, peer: str | None = None) -> Digest:
-    """The digest of our disk versions, or of what ``peer`` announced to us: hashed in a
-    thread (``digest_in_thread``), one after the other; an index in memory (tests) has
-    one connection, read on the caller's."""
+    """The digest of our disk versions, or of what ``peer`` announced to us, as last
+    committed (``digest_in_thread``); an index in memory (tests) has one connection,
+    read on the caller's."""
     if index.path is None:
-        return Digest.of(index.disk_items() if peer is None else index.peer_items(peer))
+        index.flush()
+        return digests.read(index.db, digests.DISK if peer is None else peer)
     return await asyncio.get_running_loop().run_in_executor(
         _DIGESTS, digest_in_thread, index.path, peer)
 
@@ -97,12 +100,9 @@ async def digest(index: Index, peer: str | None = None) -> Digest:
 def digest_in_thread(db_path: Path, peer: str | None = None) -> Digest:
     """The digest of our disk versions (``Digest.of(Index.disk_items())``), or of what
     ``peer`` announced (``Index.peer_items``), read through a connection of its own, to
-    run in a thread: a million paths hash for seconds, which the event loop must not
-    wait for (issue 16). It reads the index as last committed (WAL)."""
+    run in a thread. It reads the index as last committed (WAL)."""
     db = connect_read_only(db_path)
     try:
-        rows = (db.execute("SELECT path, vector FROM versions") if peer is None else
-                db.execute("SELECT path, vector FROM peer_vectors WHERE peer = ?", (peer,)))
-        return Digest.of_packed(rows)  # the stored vectors are ``vector_bytes``
+        return digests.read(db, digests.DISK if peer is None else peer)
     finally:
         db.close()

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
-from mesh.core.digest import bucket_of
 from mesh.errors import StoreError
+from mesh.store import digests
 
 LOG = logging.getLogger("mesh.store.index")
 
@@ -33,8 +33,10 @@ def connect(path: Path | str) -> sqlite3.Connection:
         # 16 MiB of page cache (SQLite's default is 2 MiB): a manifest's entries
         # land all over the tables' B-trees, and each page missed is a read.
         db.execute("PRAGMA cache_size=-16384")
-        # A disk version's digest bucket, for schema 4's migration of older rows
-        db.create_function("mesh_bucket", 1, bucket_of, deterministic=True)
+        # Schema 5's triggers keep the digests: the functions they call, and a
+        # REPLACE's implicit delete firing its delete triggers (DESIGN §3)
+        digests.register(db)
+        db.execute("PRAGMA recursive_triggers=ON")
         _migrate(db)
         if str(path) != ":memory:":
             db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES:d}")
@@ -69,6 +71,18 @@ def _schema_files() -> list[tuple[int, str]]:
     return [(int(name.split("_", 1)[0]), (folder / name).read_text()) for name in files]
 
 
+def _statements(sql: str) -> Iterator[str]:
+    """The statements of a schema file, whole (a trigger's body holds several)."""
+    pending = ""
+    for line in sql.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        yield pending  # the last, its ';' left out
+
+
 def _migrate(db: sqlite3.Connection) -> None:
     current = db.execute("PRAGMA user_version").fetchone()[0]
     for number, sql in _schema_files():
@@ -76,9 +90,8 @@ def _migrate(db: sqlite3.Connection) -> None:
             continue
         db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in sql.split(";\n"):
-                if statement.strip():
-                    db.execute(statement)
+            for statement in _statements(sql):
+                db.execute(statement)
             db.execute(f"PRAGMA user_version = {number:d}")
             db.execute("COMMIT")
         except BaseException:

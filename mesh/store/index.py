@@ -44,6 +44,7 @@ from mesh.store.conflicts import ConflictLog, ConflictRow
 from mesh.store.db import Checkpointer, connect, in_chunks
 from mesh.store.purge import purge_rows
 from mesh.store.rows import (
+    PUT_PEER_VECTOR,
     PUT_VERSION,
     pack,
     pack_heads,
@@ -162,7 +163,7 @@ class Index(ConflictLog):
             self.targets_written += len(put_target)
         if self._peers_dirty:
             vectors, self._peers_dirty = self._peers_dirty, {}
-            self.db.executemany("INSERT OR REPLACE INTO peer_vectors VALUES (?, ?, ?)",
+            self.db.executemany(PUT_PEER_VECTOR,
                                 [(peer, path, pack(v.to_dict()))
                                  for (peer, path), v in vectors.items()])
 
@@ -222,7 +223,7 @@ class Index(ConflictLog):
         if self._depth:
             self._peers[(peer, path)] = self._peers_dirty[(peer, path)] = vector
             return
-        self.db.execute("INSERT OR REPLACE INTO peer_vectors VALUES (?, ?, ?)",
+        self.db.execute(PUT_PEER_VECTOR,
                         (peer, path, pack(vector.to_dict())))
 
     def kept(self, content: ContentKey) -> bool:

@@ -64,8 +64,16 @@ def unpack_vector(blob: bytes) -> VersionVector:
     return vector_from_wire(msgpack.unpackb(blob))  # through its cache of vectors
 
 
-# A disk version's row: ``version_row``'s columns, in the table's order.
-PUT_VERSION = "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?)"
+# A disk version's row: ``version_row``'s columns, in the table's order. Upserts, not
+# REPLACE: a row updated in place fires one trigger of the digests (schema 5), not a
+# delete and an insert.
+PUT_VERSION = ("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (path) DO UPDATE "
+               "SET heads = excluded.heads, vector = excluded.vector, hash = excluded.hash, "
+               "size = excluded.size, mode = excluded.mode, kind = excluded.kind, "
+               "bucket = excluded.bucket")
+# What a peer announced of a path: (peer, path, packed vector).
+PUT_PEER_VECTOR = ("INSERT INTO peer_vectors VALUES (?, ?, ?) ON CONFLICT (peer, path) "
+                   "DO UPDATE SET vector = excluded.vector")
 
 
 def version_row(v: Version) -> tuple[Any, ...]:

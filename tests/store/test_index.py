@@ -21,6 +21,7 @@ from mesh.store.index import Index
 from mesh.store.rows import version_row
 from tests.core.sim import Cluster
 from tests.core.test_simulation import actions, check_invariants, run
+from tests.store.test_digests import assert_kept
 
 
 def e(vector: dict[str, int], writer: str, content: int | None, path: str = "a/b") -> Entry:
@@ -251,6 +252,9 @@ def test_simulation_over_sqlite(n: int, script: list[tuple[object, ...]], batche
     run(cluster, script)
     cluster.quiesce()
     check_invariants(cluster)
+    for node in cluster.nodes.values():  # the digests a catch-up reads are the rows' (schema 5)
+        assert isinstance(node.store, Index)
+        assert_kept(node.store)
 
 
 def test_purge_forgets_what_a_peer_may_no_longer_send_and_stands_in_for_our_counters() -> None:
@@ -280,6 +284,7 @@ def test_purge_forgets_what_a_peer_may_no_longer_send_and_stands_in_for_our_coun
     assert idx.state("q.txt") == PathState(version({"n2": 1}, "n2", 2, "q.txt"), None)
     assert idx.state(keep) == PathState()
     assert idx.peer_vector("n9", "p.txt") is None
+    assert_kept(idx)
     idx.close()
 
 
