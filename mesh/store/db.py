@@ -37,7 +37,11 @@ def connect(path: Path | str) -> sqlite3.Connection:
         # REPLACE's implicit delete firing its delete triggers (DESIGN §3)
         digests.register(db)
         db.execute("PRAGMA recursive_triggers=ON")
-        _migrate(db)
+        try:
+            _migrate(db)
+        except StoreError:
+            db.close()
+            raise
         if str(path) != ":memory:":
             db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES:d}")
     except sqlite3.Error as err:
@@ -85,7 +89,15 @@ def _statements(sql: str) -> Iterator[str]:
 
 def _migrate(db: sqlite3.Connection) -> None:
     current = db.execute("PRAGMA user_version").fetchone()[0]
-    for number, sql in _schema_files():
+    files = _schema_files()
+    if files and current > files[-1][0]:
+        # A later release's tables and triggers: this one's writes would fail or leave
+        # what they keep (the digests) behind its rows
+        raise StoreError(f"the state database is at schema {current}, from a later "
+                         f"release; this one knows schema {files[-1][0]} at most: run "
+                         f"that release or a later one (a state database does not go "
+                         f"back to an older release)")
+    for number, sql in files:
         if number <= current:
             continue
         db.execute("BEGIN IMMEDIATE")

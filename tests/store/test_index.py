@@ -210,6 +210,23 @@ def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
         Index(tmp_path / "dir.db")
 
 
+def test_a_database_of_a_later_release_is_refused_untouched(tmp_path: Path) -> None:
+    """A state database migrated by a later release (its triggers call functions this
+    release does not register) is not opened: this release says so and writes nothing."""
+    from mesh.errors import StoreError
+
+    path = tmp_path / "state.db"
+    Index(path).close()
+    later = sqlite3.connect(path, isolation_level=None)
+    later.execute(f"PRAGMA user_version = {LATEST + 1}")
+    later.close()
+    with pytest.raises(StoreError, match=f"schema {LATEST + 1}, from a later release"):
+        Index(path)
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == LATEST + 1
+    check.close()
+
+
 class SqlSimStore(Index):
     """The real store under the simulation: the replica's laws hold over SQLite."""
 
