@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 
 from mesh.adapters.fs import scanner as scanner_mod
-from mesh.adapters.fs.scanner import (
-    RETRIES,
-    Scanner,
-    Unsettled,
-    default_ignore,
-    stat_tree,
-    tree,
-)
+from mesh.adapters.fs.listing import default_ignore, stat_tree, tree
+from mesh.adapters.fs.scanner import RETRIES, Scanner, Unsettled
 from mesh.core.manifest import Kind
 from mesh.store.index import Index
 from mesh.store.statcache import CachedStat, StatCache
@@ -168,7 +162,7 @@ def test_walk_sorted_per_directory_with_dirs_and_odd_names(
     bad = root / os.fsdecode(b"bad\xff\xfename")  # surrogate-escaped: the bytes on disk
     bad.mkdir()
     (bad / "inside").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="mesh.adapters.fs.scanner"):
+    with caplog.at_level(logging.WARNING, logger="mesh.adapters.fs.listing"):
         walked = list(Scanner(root).walk())
     expected = []
     for name in sorted([*NAMES, "b"]):

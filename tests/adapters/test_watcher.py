@@ -315,7 +315,7 @@ def test_odd_names_are_reported_exactly(root: Path, caplog: pytest.LogCaptureFix
             await seen.quiet_except(root / "sentinel")
             assert seen.since_mark() == {"sentinel"}
 
-    with caplog.at_level(logging.WARNING, logger="mesh.adapters.fs.scanner"):
+    with caplog.at_level(logging.WARNING, logger="mesh.adapters.fs.listing"):
         run(body)
     assert [r.getMessage() for r in caplog.records] == [
         "skipping b'bad\\xffname' in '.': name is not valid UTF-8"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.adapters.fs.scanner import tree
+from mesh.adapters.fs.listing import tree
 from mesh.core.manifest import Entry, Kind
 from mesh.core.reconcile import Known, expected
 from mesh.core.resolver import Version

@@ -6,7 +6,7 @@ reader of its own (``mesh.store.known.open_reader``), so that links, the broker 
 the control socket keep being served while it runs.
 
 Each path is ``lstat``'ed relative to its folder, opened without following a
-symlink (``scanner.stat_tree``): a folder swapped for a symlink during the walk is
+symlink (``listing.stat_tree``): a folder swapped for a symlink during the walk is
 not listed, and what the watcher reports of the swap is scanned the careful way
 (``Scanner.observe``).
 """
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.adapters.fs.beneath import PERMISSIONS
-from mesh.adapters.fs.scanner import PREHASH_BYTES, stat_tree
+from mesh.adapters.fs.listing import stat_tree
+from mesh.adapters.fs.scanner import PREHASH_BYTES
 from mesh.core.reconcile import Fingerprint
 
 CHUNK = 2048  # paths per query of the index

@@ -25,8 +25,9 @@ from pathlib import Path
 import msgpack
 
 from mesh.adapters.fs import walkproc
+from mesh.adapters.fs.listing import default_ignore
 from mesh.adapters.fs.reconcile import Reconciled
-from mesh.adapters.fs.scanner import Scanner, default_ignore
+from mesh.adapters.fs.scanner import Scanner
 from mesh.adapters.fs.watcher import Watcher
 from mesh.errors import StoreError
 from mesh.store.index import Index

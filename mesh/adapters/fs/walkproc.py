@@ -23,8 +23,8 @@ from pathlib import Path
 
 import msgpack
 
+from mesh.adapters.fs.listing import default_ignore
 from mesh.adapters.fs.reconcile import Reconciled, reconcile
-from mesh.adapters.fs.scanner import default_ignore
 from mesh.errors import MeshError
 from mesh.store.known import KnownPaths, open_reader
 

@@ -39,7 +39,7 @@ from types import TracebackType
 
 from asyncinotify import Event, Inotify, Mask, Watch
 
-from mesh.adapters.fs.scanner import default_ignore, log_bad_name, tree, utf8_name
+from mesh.adapters.fs.listing import default_ignore, log_bad_name, tree, utf8_name
 from mesh.core.batcher import Batcher
 from mesh.core.paths import normalize
 from mesh.errors import InvalidPath, LocalProtocolError, MeshError
