@@ -8,7 +8,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from mesh.adapters.fs.beneath import PERMISSIONS
+from mesh.adapters.fs.listing import PERMISSIONS
 from mesh.adapters.fs.reconcile import reconcile, shown
 from mesh.core.manifest import Kind
 from mesh.core.reconcile import Fingerprint, Seen

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mesh.adapters.fs.scanner import PREHASH_BYTES
+from mesh.adapters.fs.listing import PREHASH_BYTES
 from tests.cluster import Cluster, Node, running, wait_for
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from mesh.adapters.fs.scanner import PREHASH_BYTES, Scanner
+from mesh.adapters.fs.listing import PREHASH_BYTES
+from mesh.adapters.fs.scanner import Scanner
 from mesh.adapters.fs.watcher import Watcher
 from mesh.adapters.lsyncd.call import target_of
 from mesh.adapters.lsyncd.supervisor import GATE

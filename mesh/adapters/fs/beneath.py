@@ -27,10 +27,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mesh.adapters.fs.listing import PERMISSIONS
 from mesh.core.paths import TEMP_CHARS, temp_name
 from mesh.errors import MeshError
 
-PERMISSIONS = 0o777  # never setuid, setgid or sticky from a peer's mode
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_NOREPLACE = 1
 FRESH_S = 2.0  # a folder made here is new to lsyncd for this long (``Beneath._note``)

@@ -1,7 +1,8 @@
 """What is under the root, listed: the walks of the tree (the watcher's folders, the
-scanner's walk, the start-up reconcile's ``lstat`` of every path) and which names are
-synced at all (``default_ignore``, UTF-8 names). Split from ``mesh.adapters.fs.scanner``,
-which hashes what these find."""
+scanner's walk, the start-up reconcile's ``lstat`` of every path) and what is synced at
+all: which names (``default_ignore``, UTF-8 names) and mode bits (``PERMISSIONS``).
+Split from ``mesh.adapters.fs.scanner``, which hashes what these find. Light to import:
+the start-up walk's own process imports it (``mesh.adapters.fs.walkproc``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from mesh.core.paths import child, reserved
 from mesh.errors import InvalidPath
 
 log = logging.getLogger(__name__)
+
+PERMISSIONS = 0o777  # the mode bits synced: never setuid, setgid or sticky from a peer's
+PREHASH_BYTES = 1 << 20  # files this large are hashed in a worker thread first (DataPlane.scan)
 
 
 def default_ignore(rel: str) -> bool:

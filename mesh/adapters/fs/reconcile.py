@@ -19,9 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.adapters.fs.beneath import PERMISSIONS
-from mesh.adapters.fs.listing import stat_tree
-from mesh.adapters.fs.scanner import PREHASH_BYTES
+from mesh.adapters.fs.listing import PERMISSIONS, PREHASH_BYTES, stat_tree
 from mesh.core.reconcile import Fingerprint
 
 CHUNK = 2048  # paths per query of the index

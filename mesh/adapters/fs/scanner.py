@@ -21,8 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.adapters.fs.beneath import PERMISSIONS
-from mesh.adapters.fs.listing import default_ignore, tree
+from mesh.adapters.fs.listing import PERMISSIONS, PREHASH_BYTES, default_ignore, tree
 from mesh.core.effects import Observed
 from mesh.core.manifest import Kind
 from mesh.core.paths import normalize
@@ -33,7 +32,6 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 RETRIES = 5
-PREHASH_BYTES = 1 << 20  # files this large are hashed in a worker thread first (DataPlane.scan)
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Above or at the path: missing, a file, or a symlink we do not follow.
 _ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP))
