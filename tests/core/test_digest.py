@@ -1,4 +1,4 @@
-"""The digest's inlined hashing (``Digest.of_packed``) is its definition's."""
+"""A digest (``Digest.of_packed``) is its definition: each item's hash in its path's bucket."""
 
 from __future__ import annotations
 
