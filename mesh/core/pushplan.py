@@ -305,10 +305,18 @@ class PushPlanner:
         # is sending is a push's worth, the queue may be a catch-up's.
         return len(q.queued) + sum(1 for p in q.sending if p not in q.queued)
 
-    def queued(self, peer: str, limit: int) -> list[str]:
-        """The first ``limit`` paths queued for ``peer``: what its next tick looks at."""
+    def looked_at(self, peer: str, now: float, limit: int) -> list[str]:
+        """The first ``limit`` paths queued for ``peer`` that a tick at ``now`` asks the
+        view about: not on their way, not held back by a grace (issue 16: among ten
+        nodes each receiver holds every file it was sent, queued for its other peers
+        until they announce it, and read their states at every tick)."""
         q = self._peers.get(peer)
-        return [] if q is None else list(itertools.islice(q.queued, limit))
+        if q is None or (q.stage is PeerStage.BACKING_OFF and now < q.retry_at):
+            return []
+        held = q.not_before
+        return list(itertools.islice(
+            (p for p in q.queued if p not in q.sending and not now < held.get(p, now)),
+            limit))
 
     def stage(self, peer: str, path: str) -> Stage:
         return self._peers.get(peer, _NOBODY).at(path)

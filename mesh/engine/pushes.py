@@ -262,10 +262,12 @@ class Pushes:
                 # in bulk: the planner and the orders ask for each path's state several
                 # times (issue 16: a query and a decode each was a quarter of a catch-up's
                 # sender).
+                now = time.monotonic()
                 with self.index.batch():
                     for peer in up:
-                        self.index.prefetch(self.plan.queued(peer, PATHS_PER_PUSH), peer)
-                    for planned in self.plan.tick(time.monotonic(), up).pushes:
+                        self.index.prefetch(self.plan.looked_at(peer, now, PATHS_PER_PUSH),
+                                            peer)
+                    for planned in self.plan.tick(now, up).pushes:
                         self._start(planned)
                 if self._page():  # a sweep looks further at once, other tasks first
                     await asyncio.sleep(0)

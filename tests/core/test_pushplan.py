@@ -338,6 +338,43 @@ def test_a_forwarded_path_not_yet_due_is_not_looked_up_again_each_tick() -> None
     assert len(r.tick()[0].paths) == 49
 
 
+def test_looked_at_names_what_the_next_tick_asks_the_view_about() -> None:
+    """The pusher reads the states of ``looked_at`` in bulk before each tick (issue 16:
+    among ten nodes, each receiver re-read every forwarded path's state at every tick
+    while its grace ran). It names what the tick asks about, and nothing held back by a
+    grace, on its way, or to a peer backing off."""
+    r = Rig()
+    for i in range(5):
+        r.write(f"theirs-{i}", writer=OTHER)
+    asked: list[str] = []
+    real = r.view.may_push
+
+    def counting(peer: str, path: str) -> bool:
+        asked.append(path)
+        return real(peer, path)
+
+    r.view.may_push = counting  # type: ignore[method-assign]
+
+    def looked_then_asked() -> tuple[list[str], list[str]]:
+        looked = r.plan.looked_at(PEER, r.now, PATHS_PER_PUSH)
+        asked.clear()
+        r.tick()
+        return looked, list(asked)
+
+    paths = [f"theirs-{i}" for i in range(5)]
+    assert looked_then_asked() == (paths, paths)
+    assert looked_then_asked() == ([], [])  # their grace runs
+    r.write("mine")
+    assert looked_then_asked() == (["mine"], ["mine"])  # taken at once
+    assert r.plan.looked_at(PEER, r.now, PATHS_PER_PUSH) == []  # on its way
+    r.end(23)
+    assert r.plan.looked_at(PEER, r.now, PATHS_PER_PUSH) == []  # backing off
+    r.now += FORWARD_GRACE
+    looked, asked_now = looked_then_asked()
+    assert looked == [*paths, "mine"] and asked_now == looked
+    assert r.plan.looked_at(PEER, r.now, 2) == []  # all on their way
+
+
 def test_nothing_goes_to_a_peer_that_is_not_up_or_current() -> None:
     r = Rig()
     r.write("a")
