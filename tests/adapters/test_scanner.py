@@ -17,6 +17,7 @@ from mesh.adapters.fs import scanner as scanner_mod
 from mesh.adapters.fs.listing import default_ignore, stat_tree, tree
 from mesh.adapters.fs.scanner import RETRIES, Scanner, Unsettled
 from mesh.core.manifest import Kind
+from mesh.core.paths import MAX_PATH_BYTES
 from mesh.store.index import Index
 from mesh.store.statcache import CachedStat, StatCache
 
@@ -174,6 +175,35 @@ def test_walk_sorted_per_directory_with_dirs_and_odd_names(
     s = Scanner(root)
     for rel in walked:  # every walked name can be observed as is
         assert s.observe(rel) is not None
+
+
+def test_a_path_longer_than_the_wire_allows_is_skipped_with_its_subtree(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Folders nested until a name of 255 bytes in the last would make a path past
+    ``MAX_PATH_BYTES`` (the disk allows it, made relative to a folder): each walk lists
+    every path that fits, skips that one with what is in it, and says why."""
+    names = ["d" * 250] * 15 + ["e" * 120]
+    fits = ["/".join(names[:i]) for i in range(1, len(names) + 1)]
+    assert len(fits[-1]) + 1 + 255 > MAX_PATH_BYTES > len(str(root)) + 1 + len(fits[-1])
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in names:
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.mkdir("f" * 255, dir_fd=fd)
+        os.close(os.open("f" * 255 + "/file", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    with caplog.at_level(logging.WARNING, logger="mesh.adapters.fs.listing"):
+        assert [p for p, _ in tree(root, "", default_ignore)] == fits
+        assert [p for p, _ in stat_tree(root, "", default_ignore)] == fits
+        assert [p for p, _ in tree(root, "", default_ignore, folders_only=True)] == fits
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3 and all(f"path longer than {MAX_PATH_BYTES} bytes" in m
+                                  for m in said), said
 
 
 def test_the_folders_are_the_walk_s_folders_in_its_order(root: Path) -> None:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mesh.core.paths import child, reserved
+from mesh.core.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, child, reserved
 from mesh.errors import InvalidPath
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,20 @@ def _listed(where: Path | int, rel: str, ignore: Callable[[str], bool],
         log.warning("cannot list %r: %s", rel or ".", err)
         return []
     listed = []
+    prefix = f"{rel}/" if rel else ""
+    room = MAX_PATH_BYTES - len(prefix.encode("utf-8"))  # rel is a synced path: UTF-8
     for name, is_dir in entries:
-        path = _child(rel, name, ignore)
-        if path is not None:
+        # ``child``'s checks, once per name: a name read from a folder is never empty,
+        # "." or "..", and holds no "/" or NUL (a restart's walk makes a path per entry)
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            log_bad_name(name, rel)
+            continue
+        path: str | None = prefix + name
+        if size > MAX_NAME_BYTES or size > room:
+            path = _child(rel, name)
+        if path is not None and not ignore(path):
             listed.append((name, path, is_dir))
     return listed
 
@@ -109,15 +120,11 @@ def _lstat_at(fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def _child(rel: str, name: str, ignore: Callable[[str], bool]) -> str | None:
+def _child(rel: str, name: str) -> str | None:
     """The path of entry ``name`` of directory ``rel``, or None (logged) when it is not
-    synced: not UTF-8, not a valid path, or ignored."""
-    if not utf8_name(name):
-        log_bad_name(name, rel)
-        return None
+    a valid path."""
     try:
-        path = child(rel, name)
+        return child(rel, name)
     except InvalidPath as err:
         log.warning("skipping %r in %r: %s", name, rel or ".", err)
         return None
-    return None if ignore(path) else path
