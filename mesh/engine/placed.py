@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from mesh.adapters.fs.beneath import Beneath, OpenFolders
@@ -44,7 +45,8 @@ class PlacedFiles:
         self.fs = fs
         self.racy_ns = racy_ns
         self.limit = limit
-        self._placed: dict[str, Identity] = {}
+        # Oldest first; an OrderedDict, as its oldest go one by one (see AgentWrites).
+        self._placed: OrderedDict[str, Identity] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._placed)
@@ -58,7 +60,7 @@ class PlacedFiles:
             if now - st.st_mtime_ns > self.racy_ns:  # else a write in its tick would not show
                 self._placed[rel] = identity(st)
         while len(self._placed) > self.limit:
-            del self._placed[next(iter(self._placed))]
+            self._placed.popitem(last=False)
 
     def unchanged(self, rels: Sequence[str]) -> set[str]:
         """Of ``rels``, the paths that hold the very file placed there, unchanged since;

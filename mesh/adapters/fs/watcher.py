@@ -32,6 +32,7 @@ import contextlib
 import errno
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,9 @@ class Watcher:
         self._closed = False
         self._watches: dict[str, Watch] = {}  # directory ("" is the root) -> its watch
         self._dirs: dict[int, str] = {}  # watch descriptor -> directory
-        self._writing: dict[str, float] = {}  # being written -> last event, oldest first
+        # being written -> last event, oldest first (an OrderedDict: its oldest go one by
+        # one, and a dict would skip their empty slots to find the next)
+        self._writing: OrderedDict[str, float] = OrderedDict()
         self._moves: dict[int, str] = {}  # rename cookie -> directory moved away
         self._bad_names: set[tuple[str, str]] = set()  # logged once (bounded)
         self._rescan = False
@@ -339,8 +342,8 @@ class Watcher:
         self._batcher.add(rel, now)
 
     def _writing_now(self, rel: str, now: float) -> None:
-        self._writing.pop(rel, None)  # re-insert: the dict stays ordered by time
         self._writing[rel] = now
+        self._writing.move_to_end(rel)  # the map stays ordered by time
 
     def _settle(self, now: float) -> None:
         """Report files written but not closed that have been quiet for ``settle``."""
@@ -348,7 +351,7 @@ class Watcher:
             rel, last = next(iter(self._writing.items()))
             if now < last + self.settle:
                 return
-            del self._writing[rel]
+            self._writing.popitem(last=False)
             self._mark(rel, now)
 
     def _arrived(self, rel: str, now: float) -> None:

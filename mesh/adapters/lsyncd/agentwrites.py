@@ -26,6 +26,7 @@ import logging
 import os
 import secrets
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from mesh.core.paths import reserved
@@ -46,7 +47,10 @@ class AgentWrites:
         self._fd: int | None = None
         self._size = 0
         self.failed = False
-        self._noted: dict[str, float] = {}  # path -> when noted, oldest first
+        # path -> when noted, oldest first. An OrderedDict: a dict whose oldest entries are
+        # deleted one by one skips their empty slots to find the next oldest, and a join
+        # that noted 200,000 paths spent 11 CPU-s on it (0.2 s this way).
+        self._noted: OrderedDict[str, float] = OrderedDict()
 
     def note(self, rel: str) -> None:
         """``rel`` (relative to the data folder) is about to change by the agent's hand.
@@ -73,13 +77,13 @@ class AgentWrites:
         return at is not None and time.monotonic() - at < NOTE_S
 
     def _remember(self, rel: str, now: float) -> None:
-        self._noted.pop(rel, None)  # re-inserted last: the dict stays in time order
         self._noted[rel] = now
+        self._noted.move_to_end(rel)  # the map stays in time order
         while self._noted:
-            first, at = next(iter(self._noted.items()))
+            at = next(iter(self._noted.values()))
             if now - at < NOTE_S and len(self._noted) <= NOTED_KEPT:
                 break
-            del self._noted[first]
+            self._noted.popitem(last=False)
 
     def _rotate(self) -> None:
         """A new generation: written beside, then renamed over the old one."""
