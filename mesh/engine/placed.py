@@ -45,7 +45,8 @@ class PlacedFiles:
         self.fs = fs
         self.racy_ns = racy_ns
         self.limit = limit
-        # Oldest first; an OrderedDict, as its oldest go one by one (see AgentWrites).
+        # Oldest first. An OrderedDict: its oldest go one by one, and a dict would skip
+        # the empty slots its deleted front leaves at every look for the next oldest.
         self._placed: OrderedDict[str, Identity] = OrderedDict()
 
     def __len__(self) -> int:
