@@ -113,6 +113,19 @@ class Rig:
     def stage(self) -> Stage:
         return self.plan.stage(PEER, "a")
 
+    def asked(self) -> list[str]:
+        """From now on, each path the planner asks the gate's rule about (``may_push``),
+        appended to the list returned, in order."""
+        asked: list[str] = []
+        real = self.view.may_push
+
+        def counting(peer: str, path: str) -> bool:
+            asked.append(path)
+            return real(peer, path)
+
+        self.view.may_push = counting  # type: ignore[method-assign]
+        return asked
+
 
 # --- every transition of the table -------------------------------------------------------
 
@@ -318,14 +331,7 @@ def test_a_forwarded_path_not_yet_due_is_not_looked_up_again_each_tick() -> None
     r = Rig()
     for i in range(50):
         r.write(f"theirs-{i}", writer=OTHER)
-    asked: list[str] = []
-    real = r.view.may_push
-
-    def counting(peer: str, path: str) -> bool:
-        asked.append(path)
-        return real(peer, path)
-
-    r.view.may_push = counting  # type: ignore[method-assign]
+    asked = r.asked()
     assert r.tick() == [] and len(asked) == 50
     for _ in range(10):
         r.now += 0.1
@@ -346,14 +352,7 @@ def test_looked_at_names_what_the_next_tick_asks_the_view_about() -> None:
     r = Rig()
     for i in range(5):
         r.write(f"theirs-{i}", writer=OTHER)
-    asked: list[str] = []
-    real = r.view.may_push
-
-    def counting(peer: str, path: str) -> bool:
-        asked.append(path)
-        return real(peer, path)
-
-    r.view.may_push = counting  # type: ignore[method-assign]
+    asked = r.asked()
 
     def looked_then_asked() -> tuple[list[str], list[str]]:
         looked = r.plan.looked_at(PEER, r.now, PATHS_PER_PUSH)
