@@ -208,10 +208,18 @@ class DataPlane:
     # --- effects ----------------------------------------------------------------------
 
     async def apply(self, effects: list[Effect]) -> None:
-        if not effects:  # (a push's begin that learned nothing new: no wait for an end)
+        if not effects:
             return
-        async with self._applying:
-            passed = await self._apply(effects)
+        if any(isinstance(fx, (WriteCopy, Restore)) for fx in effects):
+            async with self._applying:
+                passed = await self._apply(effects)
+        else:
+            # No file work: no wait for an apply or a push's end under way. (Issue 16: a
+            # push's begin, all wants, waited for the end of the push before it, so a
+            # join moved one push at a time: rsync idle while the end ran, and the end
+            # idle while rsync did.)
+            self.wants += sum(isinstance(fx, Want) for fx in effects)
+            passed = [fx for fx in effects if not isinstance(fx, Want)]
         if passed:
             await self.forward(passed)
 
