@@ -21,7 +21,7 @@ class Inner:
         self.begun: list[str] = []
         self.ended: list[int] = []
 
-    async def begin(self, peer: str, push_id: str, header: bytes) -> object:
+    async def begin(self, peer: str, push_id: str, m: Manifest) -> object:
         self.begun.append(push_id)
         return push_id
 

@@ -176,8 +176,8 @@ class Pushes:
 
     # --- receiving ------------------------------------------------------------------
 
-    async def begin(self, peer: str, push_id: str, header: bytes) -> object:
-        m = manifest.decode_push(header, peer, push_id)
+    async def begin(self, peer: str, push_id: str, m: Manifest) -> object:
+        """A push's header (``mesh.engine.admission`` decoded and admitted it)."""
         paths = sorted(group(m.entries))
         with self.index.batch():  # learned like any announcement (mesh.core.landing)
             self.index.prefetch(paths, peer)

@@ -371,7 +371,8 @@ class Receiver:
     async def begin(self, push_id: str, *writes: Entry) -> object:
         self.keep.staging_dir(push_id).mkdir(parents=True)
         header = manifest.encode(Manifest(writes[0].writer, 1, 0, writes))
-        return await self.sink.begin(writes[0].writer, push_id, header)
+        return await self.sink.begin(writes[0].writer, push_id,
+                                     manifest.decode_push(header, writes[0].writer, push_id))
 
     def stage(self, push_id: str, rel: str, data: bytes) -> None:
         """What rsync does with one file: write it into the push's staging dir."""
