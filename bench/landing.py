@@ -24,7 +24,6 @@ import contextlib
 import cProfile
 import functools
 import hashlib
-import inspect
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from mesh.engine.admission import PushAdmission
 from mesh.engine.dataplane import DataPlane
 from mesh.engine.keep import KeepArea
 from mesh.engine.pushes import Pushes
+from mesh.store import bulk
 from mesh.store.index import Index
 
 SENDER = "n1"
@@ -75,12 +75,8 @@ async def run(files: int, root: Path, profile: str | None) -> None:
     async def applied(_timeout: float) -> bool:
         return True
 
-    extra = {}
-    if "announced_in" in inspect.signature(PushAdmission).parameters:
-        from mesh.store import bulk
-        extra["announced_in"] = functools.partial(bulk.peer_vectors, index)
-    admission = PushAdmission(sink, announced=index.peer_vector, wait_applied=applied,
-                              limits=admit.Limits(), **extra)  # type: ignore[arg-type]
+    admission = PushAdmission(sink, announced=functools.partial(bulk.peer_vectors, index),
+                              wait_applied=applied, limits=admit.Limits())
     made = [entry(i) for i in range(files)]
     t0 = time.process_time()
     for start in range(0, files, 4096):  # the exchange applies announcements in chunks
