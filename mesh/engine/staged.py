@@ -34,7 +34,10 @@ from mesh.store.index import Index
 
 LOG = logging.getLogger("mesh.data")
 
-CHUNK = 256  # staged files per transaction; the loop runs other tasks between two
+# Staged files per transaction; the loop runs other tasks between two. Among them is the
+# relay of the next push's bytes, which moves what one read brings each time it runs
+# (issue 16: with 256, a join's next push waited on this one's end).
+CHUNK = 64
 
 _Seen = Observed | OSError | MeshError | None  # a staged file as scanned, or why not
 
