@@ -14,7 +14,8 @@ shell around mesh/core/pushplan.py, which plans with the time passed in from her
   ``FORWARD_GRACE`` (its writer is down or cut off), so a partition still heals.
 * Both go through ``execute``: one code path from a planned push to rsync's exit
   status, which the planner is always told and counts.
-* ``begin``/``end`` are the tunnel's sink for incoming pushes: the sender's
+* ``begin``/``end`` are the sink for incoming pushes behind the tunnel's admission
+  (``mesh.engine.admission``, which decodes and checks the header): the sender's
   announcement (a manifest with seq 0: the versions and their conflicts) is
   registered as push intents before rsync runs; afterwards, what the push
   displaced is filed into the keep area and handed to the replica.
