@@ -5,6 +5,7 @@ never written through. The receiving side in one process, as in ``test_data_faul
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -231,3 +232,27 @@ async def test_the_scan_marks_of_adopted_files_stay_bounded(
         await r.plane.scan([rel], events_read=time.monotonic())
     assert len(r.plane.placed) == 0  # every scan was one stat
     assert len(r.plane.marks) <= 3
+
+
+async def test_a_push_begins_while_the_one_before_it_lands(tmp_path: Path) -> None:
+    """A join's pushes overlap (issue 16): the next push's begin, which only learns what
+    that push brings (a want each), does not wait for the end of the push before it,
+    which holds the data plane's applies while it lands (so rsync moves the next push's
+    bytes meanwhile). Each push still lands whole."""
+    r = Receiver(tmp_path / "data")
+    first = {f"f{i}": f"first {i}\n".encode() for i in range(3)}
+    second = {"g": b"second\n"}
+    ticket = await r.begin("n1-1-1", *(new_file(rel, data) for rel, data in first.items()))
+    for rel, data in first.items():
+        r.stage("n1-1-1", rel, data)
+    ending = asyncio.create_task(r.sink.end(ticket, 0))
+    await asyncio.sleep(0)  # the end holds the applies, its staged files listed in a thread
+    after = await r.begin("n1-1-2", *(new_file(rel, data) for rel, data in second.items()))
+    assert not any((r.root / rel).exists() for rel in first), \
+        "the next push's begin waited for the push before it to land"
+    await ending
+    r.stage("n1-1-2", "g", second["g"])
+    await r.sink.end(after, 0)
+    for rel, data in {**first, **second}.items():
+        assert (r.root / rel).read_bytes() == data
+        assert r.index.state(rel) == PathState(Version.of(new_file(rel, data)), None)
